@@ -1,0 +1,25 @@
+//! weft's gRPC protocol. The `.proto` sources live in `proto/proto/`.
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("weft.identity.v1");
+    }
+}
+
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("weft.admin.v1");
+    }
+}
+
+pub mod config {
+    pub mod v1 {
+        tonic::include_proto!("weft.config.v1");
+    }
+}
+
+/// The SPIFFE Workload API. Its proto has no package, so the service is the
+/// bare `SpiffeWorkloadAPI` and the generated code lands in `_.rs`.
+pub mod workload {
+    tonic::include_proto!("_");
+}
