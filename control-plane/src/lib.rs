@@ -1,1 +1,192 @@
+//! weft-control-plane: issues SPIFFE X.509-SVIDs and pushes discovery and
+//! config to sidecars over gRPC (mutual TLS).
+//!
+//! - [`identity`]: Attest (join token + CSR) and Renew (mTLS + CSR).
+//! - [`admin`]: operator calls: join tokens, status.
+//! - [`discovery`]: per-sidecar config watch streams and ACK/NACK.
+//! - [`registry`]: connected sidecars and the versioned snapshot.
+//! - [`store`]: what survives restarts (embedded file store; etcd later).
+//! - [`server`]: the TLS listener that tells handlers who the caller is.
 
+pub mod admin;
+pub mod discovery;
+pub mod identity;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+use weft_certs::pki;
+use weft_certs::{verify, IdMatcher, SpiffeVerifier, SvidResolver, TrustDomain};
+use weft_proto::admin::v1::admin_server::AdminServer;
+use weft_proto::config::v1::config_server::ConfigServer;
+use weft_proto::identity::v1::identity_server::IdentityServer;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("PKI: {0}")]
+    Pki(#[from] weft_certs::CertError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub pki: PathBuf,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub svid_ttl: Duration,
+    pub trust_domain: Option<TrustDomain>,
+}
+
+/// A started control plane: listeners bound, ready to serve.
+pub struct ControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    serve: tokio::task::JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Loads the PKI and store, issues the control plane's own SVID and binds
+    /// both listeners. Every failure here is a clear start-up error.
+    pub async fn start(opts: Options) -> Result<Self, StartError> {
+        let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
+        let td = authority.trust_domain().clone();
+        let store: Arc<dyn store::Store> = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
+
+        let metrics = Arc::new(Metrics::default());
+        let mut prom = prometheus_client::registry::Registry::default();
+        metrics.register(&mut prom);
+        let admin_http = weft_admin::Admin::new(prom);
+        let registry = Registry::new(metrics.clone());
+
+        // The control plane serves with an SVID it issues to itself, renewed at half-life.
+        let own_id = pki::control_plane_id(&td);
+        let resolver = SvidResolver::with_svid(&authority.issue_local(&own_id, opts.svid_ttl)?)?;
+        spawn_self_renewal(authority.clone(), resolver.clone(), opts.svid_ttl);
+
+        let bundle = verify::shared_bundle(authority.bundle().clone());
+        let verifier =
+            SpiffeVerifier::new(bundle, IdMatcher::TrustDomain(td.clone())).client_auth_optional();
+        let tls = weft_certs::tls::server_config(resolver, verifier, &[weft_certs::tls::ALPN_H2]);
+
+        let grpc = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let admin_listener =
+            weft_admin::bind(opts.admin)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: opts.admin,
+                    source,
+                })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: opts.admin,
+                source,
+            })?;
+
+        let identity = identity::IdentityService {
+            authority: authority.clone(),
+            store: store.clone(),
+            svid_ttl: opts.svid_ttl,
+            metrics: metrics.clone(),
+        };
+        let admin = admin::AdminService {
+            operator: pki::operator_id(&td),
+            trust_domain: td.clone(),
+            store,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        };
+        let discovery = discovery::DiscoveryService {
+            registry: registry.clone(),
+        };
+        let incoming = server::tls_incoming(grpc, TlsAcceptor::from(Arc::new(tls)), metrics);
+        let router = tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(identity))
+            .add_service(AdminServer::new(admin))
+            .add_service(ConfigServer::new(discovery));
+
+        let reg = registry.clone();
+        admin_http.set_config_view(move || {
+            let s = reg.snapshot();
+            format!(
+                "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
+                s.version,
+                s.services.len(),
+                if s.mesh_config_json.is_empty() {
+                    "null".to_string()
+                } else {
+                    s.mesh_config_json
+                }
+            )
+        });
+        admin_http.set_ready(true);
+        tokio::spawn(weft_admin::serve(admin_listener, admin_http));
+        let serve = tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            registry,
+            serve,
+        })
+    }
+
+    /// Runs until the server task ends.
+    pub async fn wait(self) {
+        let _ = self.serve.await;
+    }
+}
+
+fn spawn_self_renewal(
+    authority: Arc<weft_certs::Authority>,
+    resolver: Arc<SvidResolver>,
+    ttl: Duration,
+) {
+    tokio::spawn(async move {
+        let id = pki::control_plane_id(authority.trust_domain());
+        loop {
+            tokio::time::sleep(ttl / 2).await;
+            match authority
+                .issue_local(&id, ttl)
+                .and_then(|s| resolver.set(&s))
+            {
+                Ok(()) => tracing::debug!("renewed the control plane's own SVID"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not renew the control plane's own SVID")
+                }
+            }
+        }
+    });
+}

@@ -23,3 +23,5 @@ pub mod config {
 pub mod workload {
     tonic::include_proto!("_");
 }
+
+pub mod channel;

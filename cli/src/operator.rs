@@ -1,0 +1,136 @@
+//! Calls to the control plane as the operator identity (mTLS with operator.crt).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use weft_certs::{pki, verify, IdMatcher, SpiffeId, SpiffeVerifier, SvidResolver, TrustBundle};
+use weft_proto::admin::v1::admin_client::AdminClient;
+use weft_proto::admin::v1::{CreateJoinTokenRequest, CreateJoinTokenResponse, StatusRequest};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Control-plane gRPC address.
+    #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = "127.0.0.1:7443")]
+    pub control_plane: String,
+    /// PKI directory holding operator.crt, operator.key and trust-bundle.pem.
+    #[arg(long, env = "WEFT_PKI", default_value = "./pki")]
+    pub pki: PathBuf,
+}
+
+async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let op = pki::load_svid(
+        &conn.pki.join(pki::OPERATOR_CERT),
+        &conn.pki.join(pki::OPERATOR_KEY),
+    )?;
+    let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
+    let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
+    let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
+    let tls = weft_certs::tls::client_config(
+        Some(SvidResolver::with_svid(&op)?),
+        verifier,
+        &[weft_certs::tls::ALPN_H2],
+    );
+    let channel = weft_proto::channel::lazy_channel(
+        &conn.control_plane,
+        Arc::new(tls),
+        weft_certs::tls::server_name(),
+    )
+    .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
+    Ok(AdminClient::new(channel))
+}
+
+fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
+    if status.code() == tonic::Code::Unavailable {
+        anyhow::anyhow!(
+            "control plane at {} is unreachable: {}",
+            conn.control_plane,
+            status.message()
+        )
+    } else {
+        anyhow::anyhow!("{}: {}", status.code(), status.message())
+    }
+}
+
+pub async fn create_token(
+    conn: &ConnArgs,
+    id: &SpiffeId,
+    ttl: Duration,
+) -> anyhow::Result<CreateJoinTokenResponse> {
+    let mut c = client(conn).await?;
+    let resp = c
+        .create_join_token(CreateJoinTokenRequest {
+            spiffe_id: id.to_string(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(|s| rpc_error(s, conn))?;
+    Ok(resp.into_inner())
+}
+
+pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
+    let mut c = client(conn).await?;
+    let s = c
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| rpc_error(s, conn))?
+        .into_inner();
+    if json {
+        let sidecars: Vec<_> = s
+            .sidecars
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{\"spiffe_id\":{:?},\"service\":{:?},\"address\":{:?},\"svid_expires_at\":{},\"acked_version\":{},\"in_sync\":{}}}",
+                    p.spiffe_id, p.service, p.inbound_address, p.svid_expires_at, p.acked_version, p.acked_version == s.config_version
+                )
+            })
+            .collect();
+        println!(
+            "{{\"trust_domain\":{:?},\"config_version\":{},\"config_error\":{:?},\"sidecars\":[{}]}}",
+            s.trust_domain,
+            s.config_version,
+            s.config_error,
+            sidecars.join(",")
+        );
+        return Ok(());
+    }
+    println!(
+        "control plane {}: healthy, trust domain {}, config version {}",
+        conn.control_plane, s.trust_domain, s.config_version
+    );
+    if !s.config_error.is_empty() {
+        println!("last config change REJECTED: {}", s.config_error);
+    }
+    let now = weft_certs::svid::unix_secs(SystemTime::now());
+    println!(
+        "{:<48} {:<12} {:<22} {:<12} {:<8} SYNC",
+        "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION"
+    );
+    for p in &s.sidecars {
+        let sync = if p.acked_version == s.config_version {
+            "in sync".to_string()
+        } else if p.nacked_version == s.config_version {
+            format!("REJECTED: {}", p.nack_reason)
+        } else {
+            format!(
+                "stale (lag {})",
+                s.config_version.saturating_sub(p.acked_version)
+            )
+        };
+        println!(
+            "{:<48} {:<12} {:<22} {:<12} {:<8} {}",
+            p.spiffe_id,
+            p.service,
+            p.inbound_address,
+            format!("in {}s", p.svid_expires_at - now),
+            p.acked_version,
+            sync
+        );
+    }
+    if s.sidecars.is_empty() {
+        println!("(no sidecars connected)");
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `weft.config.v1.Config`: the per-sidecar watch stream (registration +
+//! versioned snapshots) and ACK/NACK.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use weft_proto::config::v1::config_server::Config;
+use weft_proto::config::v1::{AckRequest, AckResponse, Snapshot, WatchRequest};
+
+use crate::registry::{Registration, Registry};
+use crate::server::require_peer;
+
+pub struct DiscoveryService {
+    pub registry: Arc<Registry>,
+}
+
+/// A service name: a DNS label (lower-case letters, digits, '-').
+pub fn valid_service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[tonic::async_trait]
+impl Config for DiscoveryService {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (id, svid_expires) = require_peer(&req)?;
+        let req = req.into_inner();
+        if !valid_service_name(&req.service) {
+            return Err(Status::invalid_argument(format!(
+                "service {:?} is not a valid name (lower-case letters, digits and '-', at most 63)",
+                req.service
+            )));
+        }
+        // A workload may only serve as the service its identity names, or
+        // else any workload could attract another service's traffic.
+        if !id.path().ends_with(&format!("/sa/{}", req.service)) {
+            return Err(Status::permission_denied(format!(
+                "{id} may not register as service {:?}: a workload registers only for the service named by its service account (.../sa/{})",
+                req.service, req.service
+            )));
+        }
+        if req.inbound_address.parse::<SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "inbound_address {:?} is not host:port (an IP address and port)",
+                req.inbound_address
+            )));
+        }
+        let guard = self.registry.register(Registration {
+            spiffe_id: id,
+            service: req.service,
+            address: req.inbound_address,
+            labels: req.labels,
+            svid_expires,
+        });
+        let registry = self.registry.clone();
+        let mut changes = registry.subscribe();
+        let stream = async_stream::stream! {
+            // Held for the life of the stream: dropping it deregisters.
+            let _guard = guard;
+            loop {
+                changes.borrow_and_update();
+                yield Ok(registry.snapshot());
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let (id, _) = require_peer(&req)?;
+        let req = req.into_inner();
+        self.registry
+            .ack(&id, &req.inbound_address, req.version, req.error);
+        Ok(Response::new(AckResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn service_names() {
+        for ok in ["web", "db-1", "a"] {
+            assert!(super::valid_service_name(ok), "{ok}");
+        }
+        for bad in ["", "Web", "-a", "a-", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(!super::valid_service_name(bad), "{bad}");
+        }
+    }
+}
