@@ -6,12 +6,8 @@ use crate::spiffe_id::SpiffeIdError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error("{0} already exists; pass --force to overwrite it")]
@@ -40,7 +36,7 @@ impl CertError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

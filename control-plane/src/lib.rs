@@ -34,7 +34,7 @@ use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("PKI: {0}")]
+    #[error(transparent)]
     Pki(#[from] weft_certs::CertError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
