@@ -1,0 +1,207 @@
+//! The sidecar's view of the mesh: the control plane's `Config.Watch` stream,
+//! applied atomically, acknowledged, and kept when the control plane is away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::watch;
+use weft_certs::SpiffeId;
+use weft_proto::config::v1::config_client::ConfigClient;
+use weft_proto::config::v1::{AckRequest, Snapshot, WatchRequest};
+
+use crate::identity::Identity;
+use crate::metrics::{Metrics, OutcomeLabels};
+
+/// An endpoint of a service, with the identity its sidecar must prove.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    #[serde(serialize_with = "ser_id")]
+    pub spiffe_id: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn ser_id<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(id.as_str())
+}
+
+/// The applied discovery state.
+#[derive(Debug, Default, Serialize)]
+pub struct Table {
+    pub version: u64,
+    pub services: HashMap<String, Vec<Endpoint>>,
+}
+
+impl Table {
+    /// Builds a table from a snapshot; any bad entry rejects the whole
+    /// snapshot, so nothing half-applies.
+    pub fn from_snapshot(s: &Snapshot) -> Result<Self, String> {
+        let mut services = HashMap::new();
+        for svc in &s.services {
+            let mut eps = Vec::with_capacity(svc.endpoints.len());
+            for ep in &svc.endpoints {
+                let address = ep.address.parse().map_err(|e| {
+                    format!(
+                        "service {}: endpoint address {:?}: {e}",
+                        svc.name, ep.address
+                    )
+                })?;
+                let spiffe_id = SpiffeId::parse(&ep.spiffe_id).map_err(|e| {
+                    format!(
+                        "service {}: endpoint {}: SPIFFE ID: {e}",
+                        svc.name, ep.address
+                    )
+                })?;
+                eps.push(Endpoint {
+                    address,
+                    spiffe_id,
+                    labels: ep.labels.clone().into_iter().collect(),
+                });
+            }
+            services.insert(svc.name.clone(), eps);
+        }
+        Ok(Self {
+            version: s.version,
+            services,
+        })
+    }
+
+    pub fn endpoints(&self, service: &str) -> &[Endpoint] {
+        self.services
+            .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
+/// What this sidecar registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub service: String,
+    pub inbound_address: SocketAddr,
+    pub labels: HashMap<String, String>,
+}
+
+pub struct Discovery {
+    table: ArcSwap<Table>,
+    applied: watch::Sender<u64>,
+}
+
+impl Discovery {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            applied: watch::channel(0).0,
+        })
+    }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    /// Resolves once a first snapshot has been applied.
+    pub async fn first_applied(&self) {
+        let mut rx = self.applied.subscribe();
+        let _ = rx.wait_for(|v| *v > 0).await;
+    }
+
+    /// Applies a snapshot; returns the NACK reason if it was rejected.
+    pub fn apply(&self, s: &Snapshot) -> Result<(), String> {
+        let t = Table::from_snapshot(s)?;
+        self.table.store(Arc::new(t));
+        self.applied.send_replace(s.version.max(1));
+        Ok(())
+    }
+
+    /// Watches the control plane forever, reconnecting with jittered backoff.
+    pub async fn run(
+        self: Arc<Self>,
+        identity: Arc<Identity>,
+        reg: Registration,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let mut received = false;
+            match self
+                .watch_once(&identity, &reg, &metrics, &mut received)
+                .await
+            {
+                Ok(()) => tracing::warn!("config stream ended; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "config stream failed; keeping the last config")
+                }
+            }
+            if received {
+                backoff = Duration::from_millis(250);
+            }
+            let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+            tokio::time::sleep(jittered).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn watch_once(
+        &self,
+        identity: &Identity,
+        reg: &Registration,
+        metrics: &Metrics,
+        received: &mut bool,
+    ) -> Result<(), String> {
+        let channel = identity
+            .control_plane_channel(true)
+            .map_err(|e| e.to_string())?;
+        let mut client = ConfigClient::new(channel);
+        let mut stream = client
+            .watch(WatchRequest {
+                service: reg.service.clone(),
+                inbound_address: reg.inbound_address.to_string(),
+                labels: reg.labels.clone(),
+            })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        tracing::info!("config stream open");
+        while let Some(snap) = stream
+            .message()
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        {
+            *received = true;
+            let error = match self.apply(&snap) {
+                Ok(()) => {
+                    metrics
+                        .config_updates
+                        .get_or_create(&OutcomeLabels { outcome: "applied" })
+                        .inc();
+                    tracing::debug!(version = snap.version, "config applied");
+                    String::new()
+                }
+                Err(e) => {
+                    metrics
+                        .config_updates
+                        .get_or_create(&OutcomeLabels {
+                            outcome: "rejected",
+                        })
+                        .inc();
+                    tracing::warn!(version = snap.version, error = %e, "config rejected; keeping the last good one");
+                    e
+                }
+            };
+            let ack = AckRequest {
+                version: snap.version,
+                error,
+                inbound_address: reg.inbound_address.to_string(),
+            };
+            if let Err(s) = client.ack(ack).await {
+                tracing::debug!(error = %s, "ack failed");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! The sidecar's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub peer: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub outcome: &'static str,
+    pub tls_version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s: sidecar hops are sub-millisecond, app calls much longer.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub connections: Family<ConnLabels, Counter>,
+    pub open_connections: Family<ConnLabels, Gauge>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub tcp_bytes: Family<ConnLabels, Counter>,
+    pub config_updates: Family<OutcomeLabels, Counter>,
+    pub svid_renewals: Family<OutcomeLabels, Counter>,
+    pub svid_expiry: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            connections: Family::default(),
+            open_connections: Family::default(),
+            handshakes: Family::default(),
+            tcp_bytes: Family::default(),
+            config_updates: Family::default(),
+            svid_renewals: Family::default(),
+            svid_expiry: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, reg: &mut Registry) {
+        let reg = reg.sub_registry_with_prefix("weft_proxy");
+        reg.register(
+            "requests",
+            "HTTP requests by direction, service, peer SPIFFE ID and status code",
+            self.requests.clone(),
+        );
+        reg.register_with_unit(
+            "request_duration",
+            "HTTP request latency (to response headers) by direction and service",
+            prometheus_client::registry::Unit::Seconds,
+            self.latency.clone(),
+        );
+        reg.register(
+            "connections",
+            "Connections accepted (inbound) or opened (outbound)",
+            self.connections.clone(),
+        );
+        reg.register(
+            "open_connections",
+            "Connections currently open",
+            self.open_connections.clone(),
+        );
+        reg.register(
+            "tls_handshakes",
+            "mTLS handshakes by direction and outcome",
+            self.handshakes.clone(),
+        );
+        reg.register_with_unit(
+            "tcp",
+            "Bytes carried for opaque TCP, by direction",
+            prometheus_client::registry::Unit::Bytes,
+            self.tcp_bytes.clone(),
+        );
+        reg.register(
+            "config_updates",
+            "Config snapshots from the control plane by outcome",
+            self.config_updates.clone(),
+        );
+        reg.register(
+            "svid_renewals",
+            "SVID renewals by outcome",
+            self.svid_renewals.clone(),
+        );
+        reg.register(
+            "svid_expiry_timestamp_seconds",
+            "Expiry of the current SVID (Unix seconds)",
+            self.svid_expiry.clone(),
+        );
+    }
+
+    pub fn handshake(&self, direction: &'static str, outcome: &'static str) {
+        let tls_version = if outcome == "ok" { "TLSv1.3" } else { "" };
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                direction,
+                outcome,
+                tls_version,
+            })
+            .inc();
+    }
+
+    pub fn request(
+        &self,
+        direction: &'static str,
+        service: &str,
+        peer: &str,
+        code: u16,
+        secs: f64,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.to_string(),
+                peer: peer.to_string(),
+                code,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                direction,
+                service: service.to_string(),
+            })
+            .observe(secs);
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+pub struct OpenConn {
+    gauge: Gauge,
+}
+
+impl OpenConn {
+    pub fn new(m: &Metrics, direction: &'static str, protocol: &'static str) -> Self {
+        let labels = ConnLabels {
+            direction,
+            protocol,
+        };
+        m.connections.get_or_create(&labels).inc();
+        let gauge = m.open_connections.get_or_create(&labels).clone();
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
