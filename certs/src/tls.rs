@@ -26,6 +26,10 @@ pub fn server_config(
         .expect("ring supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
+    // No resumption: a resumed session would skip the SPIFFE verifier and the
+    // resolver, so rotation, bundle changes and expiry would not apply.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg
 }
@@ -46,6 +50,8 @@ pub fn client_config(
         Some(r) => builder.with_client_cert_resolver(r),
         None => builder.with_no_client_auth(),
     };
+    // See server_config: every handshake must be a full, verified one.
+    cfg.resumption = rustls::client::Resumption::disabled();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg
 }

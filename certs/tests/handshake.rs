@@ -661,21 +661,16 @@ async fn bundle_swap_makes_next_handshake_trust_new_ca() {
 
 // ------------------------------------------- session resumption (as shipped)
 //
-// `tls::server_config` and `tls::client_config` keep rustls' default TLS 1.3
-// session resumption: the server keeps a 256-entry session cache and sends
-// two tickets per handshake (24 h lifetime); the client caches them under the
-// fixed SNI "weft.mesh". A resumed handshake runs neither `SpiffeVerifier`
-// nor the resolver: it replays the peer chain of the original session. These
-// tests hold the configs as shipped to the Identity section of DESIGN.md
-// ("new handshakes use the new cert", a new bundle applies to the next
-// handshake). They fail today and are ignored until tls.rs turns resumption
-// off (or otherwise re-checks resumed peers); run them with `--ignored`.
+// A resumed TLS 1.3 handshake runs neither `SpiffeVerifier` nor the resolver:
+// it replays the peer chain of the original session. `tls::server_config` and
+// `tls::client_config` therefore turn resumption off; these tests use the
+// configs as shipped and prove that rotation, bundle changes and expiry apply
+// to the very next handshake from the same client.
 
 const RESUMPTION_BUG: &str =
     "weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers";
 
 #[tokio::test]
-#[ignore = "known bug: weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers"]
 async fn resumption_does_not_hide_a_rotated_server_svid() {
     let pki = Pki::new("example.org");
     let bundle = shared_bundle(pki.bundle());
@@ -712,7 +707,6 @@ async fn resumption_does_not_hide_a_rotated_server_svid() {
 }
 
 #[tokio::test]
-#[ignore = "known bug: weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers"]
 async fn resumption_does_not_outlive_a_bundle_swap() {
     let old_ca = Pki::new("example.org");
     let new_ca = Pki::new("example.org");
@@ -743,7 +737,6 @@ async fn resumption_does_not_outlive_a_bundle_swap() {
 }
 
 #[tokio::test]
-#[ignore = "known bug: weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers"]
 async fn resumption_does_not_outlive_client_svid_expiry() {
     let pki = Pki::new("example.org");
     let bundle = shared_bundle(pki.bundle());
