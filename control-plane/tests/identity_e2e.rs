@@ -157,6 +157,22 @@ async fn used_token_is_permission_denied() {
 }
 
 #[tokio::test]
+async fn concurrent_attests_with_one_token_yield_one_svid() {
+    let pki = Pki::new(TD);
+    let (mut cp, _state) = start(&pki, &[]);
+    let id = cp.id("/ns/default/sa/web");
+    let token = cp.create_token(&id, 600).await;
+    let attempts = (0..8).map(|_| cp.attest(&token));
+    let results = futures::future::join_all(attempts).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "exactly one attest wins: {results:?}");
+    for r in results.into_iter().filter_map(Result::err) {
+        assert_eq!(r.code(), Code::PermissionDenied, "{r:?}");
+    }
+    cp.assert_serving().await;
+}
+
+#[tokio::test]
 async fn expired_token_is_permission_denied() {
     let pki = Pki::new(TD);
     let (mut cp, _state) = start(&pki, &[]);
@@ -286,9 +302,14 @@ async fn renew_with_expired_svid_fails() {
 
     // While valid it renews...
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
-    within(cp.identity_as(&svid).renew(RenewRequest { csr }))
-        .await
-        .expect("renew while the SVID is valid");
+    match within(cp.identity_as(&svid).renew(RenewRequest { csr })).await {
+        Ok(_) => {}
+        // X.509 times are whole seconds, so a 2s SVID may live just over 1s.
+        Err(s) if SystemTime::now() >= svid.not_after => {
+            eprintln!("too slow to renew within the SVID's life; control skipped: {s:?}")
+        }
+        Err(s) => panic!("renew while the SVID is valid: {s:?}"),
+    }
 
     // ...and once expired it does not.
     let wait = svid
@@ -474,6 +495,16 @@ async fn serves_with_the_control_plane_spiffe_id() {
     let r = within(cp.admin_as(Some(&op)).status(StatusRequest {})).await;
     assert!(r.is_ok(), "{r:?}");
     cp.assert_serving().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly() {
+    let pki = Pki::new(TD);
+    let (mut cp, _state) = start(&pki, &[]);
+    cp.assert_serving().await;
+    let status = cp.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(cp.log_text().contains("SIGTERM"), "{}", cp.log_text());
 }
 
 #[test]

@@ -1,0 +1,260 @@
+//! Tests of the real `weft` binary that need no running control plane.
+//! (`weft token create` / `weft status` against a live control plane are in
+//! control-plane/tests/cli_e2e.rs, which starts one.)
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_certs::{pki, TrustDomain};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+const FILES: [&str; 7] = [
+    pki::TRUST_BUNDLE,
+    pki::TRUST_ANCHOR_CERT,
+    pki::TRUST_ANCHOR_KEY,
+    pki::ISSUER_CERT,
+    pki::ISSUER_KEY,
+    pki::OPERATOR_CERT,
+    pki::OPERATOR_KEY,
+];
+const KEYS: [&str; 3] = [pki::TRUST_ANCHOR_KEY, pki::ISSUER_KEY, pki::OPERATOR_KEY];
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `weft args...` to completion (killed after 15s), without any WEFT_* settings
+/// from the environment.
+fn weft(args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new(WEFT)
+        .args(args)
+        .env_remove("WEFT_CONTROL_PLANE")
+        .env_remove("WEFT_PKI")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn weft");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weft {args:?} did not finish in 15s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: std::fs::read_to_string(&out).unwrap(),
+        stderr: std::fs::read_to_string(&err).unwrap(),
+    }
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    FILES
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn certs_init_writes_the_pki_and_refuses_to_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let d = dir.to_str().unwrap();
+
+    let out = weft(&["certs", "init", "--trust-domain", "example.org", "--out", d]);
+    assert!(out.status.success(), "{}", out.stderr);
+    for f in FILES {
+        assert!(dir.join(f).is_file(), "{f} missing");
+        assert!(out.stdout.contains(f), "stdout names {f}: {}", out.stdout);
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        FILES.len(),
+        "exactly the 7 files (no temp files left)"
+    );
+    assert!(
+        out.stdout
+            .contains("operator identity: spiffe://example.org/weft/operator"),
+        "{}",
+        out.stdout
+    );
+    for k in KEYS {
+        let mode = std::fs::metadata(dir.join(k)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{k} mode {mode:o}");
+    }
+    // What was written is a usable PKI for the trust domain.
+    let authority = pki::load_authority(&dir, None).expect("load the PKI");
+    assert_eq!(
+        authority.trust_domain(),
+        &TrustDomain::new("example.org").unwrap()
+    );
+    let op = pki::load_svid(&dir.join(pki::OPERATOR_CERT), &dir.join(pki::OPERATOR_KEY)).unwrap();
+    assert_eq!(
+        op.spiffe_id.to_string(),
+        "spiffe://example.org/weft/operator"
+    );
+
+    // Again without --force: refused, naming an existing file, nothing changed.
+    let before = snapshot(&dir);
+    let out = weft(&["certs", "init", "--trust-domain", "example.org", "--out", d]);
+    assert!(!out.status.success(), "second init succeeded");
+    assert!(
+        FILES
+            .iter()
+            .any(|f| out.stderr.contains(&dir.join(f).display().to_string())),
+        "names an existing file: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--force"), "{}", out.stderr);
+    assert_eq!(snapshot(&dir), before, "files unchanged");
+
+    // Even if only one of the files exists.
+    let partial = tmp.path().join("partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join(pki::OPERATOR_KEY), b"keep me").unwrap();
+    let out = weft(&[
+        "certs",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        partial.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains(pki::OPERATOR_KEY), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read(partial.join(pki::OPERATOR_KEY)).unwrap(),
+        b"keep me"
+    );
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        1,
+        "nothing written"
+    );
+
+    // --force overwrites: new keys, still valid.
+    let out = weft(&[
+        "certs",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        d,
+        "--force",
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let after = snapshot(&dir);
+    for ((name, old), (_, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "{name} was not rewritten");
+    }
+    for k in KEYS {
+        let mode = std::fs::metadata(dir.join(k)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{k} after --force, mode {mode:o}");
+    }
+    pki::load_authority(&dir, None).expect("load the rewritten PKI");
+}
+
+#[test]
+fn certs_init_rejects_upper_case_trust_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let out = weft(&[
+        "certs",
+        "init",
+        "--trust-domain",
+        "Example.org",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("upper case"), "{}", out.stderr);
+    assert!(!dir.exists(), "nothing written");
+}
+
+#[test]
+fn token_create_rejects_invalid_spiffe_id_locally() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No PKI and nothing listening: the ID is checked before anything else.
+    let out = weft(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns//sa/x",
+        "--pki",
+        tmp.path().join("none").to_str().unwrap(),
+        "--control-plane",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("empty"), "{}", out.stderr);
+    assert!(out.stderr.contains("--spiffe-id"), "{}", out.stderr);
+    assert!(!out.stderr.contains("unreachable"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "no token printed: {}", out.stdout);
+}
+
+#[test]
+fn commands_report_an_unreachable_control_plane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    pki::init(&td, tmp.path(), None, false).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port()); // nothing listens there
+    let pki_dir = tmp.path().to_str().unwrap();
+
+    let out = weft(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/default/sa/web",
+        "--pki",
+        pki_dir,
+        "--control-plane",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
+    assert!(out.stderr.contains(&addr), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "no token printed: {}", out.stdout);
+
+    let out = weft(&["status", "--pki", pki_dir, "--control-plane", &addr]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
+}
+
+#[test]
+fn token_create_names_a_missing_pki_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = weft(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/default/sa/web",
+        "--pki",
+        tmp.path().to_str().unwrap(),
+        "--control-plane",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains(pki::OPERATOR_CERT), "{}", out.stderr);
+}

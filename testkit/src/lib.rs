@@ -1,0 +1,405 @@
+//! Support for weft's end-to-end tests: the real binaries as child processes
+//! (killed on drop), free loopback ports, a control plane with fresh PKI,
+//! sidecars, and small real servers (HTTP, gRPC echo, TCP echo).
+
+pub mod servers;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test (target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback address (bound and released; fine for tests on one host).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// A child process that is killed when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        Self {
+            name: name.into(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// GETs `http://addr/path` with a plain HTTP/1.1 client; (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `http://addr/path` until it answers 200, or panics after `timeout`
+/// with the process log to explain why.
+pub async fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration, proc_: Option<&Proc>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((200, _)) = http_get(addr, path).await {
+            return;
+        }
+        if Instant::now() > deadline {
+            let log = proc_.map(|p| p.log_text()).unwrap_or_default();
+            panic!("http://{addr}{path} not OK after {timeout:?}; log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running control plane with fresh PKI in a temp dir.
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    pub state: PathBuf,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub extra_args: Vec<String>,
+    pub proc_: Proc,
+}
+
+impl ControlPlane {
+    /// `weft certs init` + `weft-control-plane`, waiting until ready.
+    pub async fn start(trust_domain: &str, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        let st = Command::new(bin("weft"))
+            .args(["certs", "init", "--trust-domain", trust_domain, "--out"])
+            .arg(&pki)
+            .output()
+            .expect("run weft certs init");
+        assert!(
+            st.status.success(),
+            "weft certs init: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let state = dir.path().join("cp-state");
+        let (addr, admin) = (free_addr(), free_addr());
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let proc_ = Self::spawn(dir.path(), &pki, &state, addr, admin, &extra_args);
+        wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
+        Self {
+            dir,
+            pki,
+            state,
+            addr,
+            admin,
+            extra_args,
+            proc_,
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        pki: &Path,
+        state: &Path,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        extra: &[String],
+    ) -> Proc {
+        let mut args = vec![
+            "--pki".to_string(),
+            pki.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        Proc::spawn("control-plane", &bin("weft-control-plane"), &args, dir)
+    }
+
+    /// Starts the control plane again on the same addresses and state.
+    pub async fn restart(&mut self) {
+        self.proc_.kill();
+        self.proc_ = Self::spawn(
+            self.dir.path(),
+            &self.pki,
+            &self.state,
+            self.addr,
+            self.admin,
+            &self.extra_args,
+        );
+        wait_ok(
+            self.admin,
+            "/ready",
+            Duration::from_secs(20),
+            Some(&self.proc_),
+        )
+        .await;
+    }
+
+    /// A join token from `weft token create`, written to a file; returns the path.
+    pub fn token_file(&self, spiffe_id: &str) -> PathBuf {
+        let out = Command::new(bin("weft"))
+            .args([
+                "token",
+                "create",
+                "--spiffe-id",
+                spiffe_id,
+                "--ttl",
+                "10m",
+                "--control-plane",
+            ])
+            .arg(self.addr.to_string())
+            .arg("--pki")
+            .arg(&self.pki)
+            .output()
+            .expect("run weft token create");
+        assert!(
+            out.status.success(),
+            "weft token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).expect("utf8 token");
+        let name = spiffe_id.rsplit('/').next().unwrap_or("token");
+        let path = self
+            .dir
+            .path()
+            .join(format!("{name}-{}.token", free_addr().port()));
+        std::fs::write(&path, token.trim()).expect("write token");
+        path
+    }
+
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.pki.join("trust-bundle.pem")
+    }
+}
+
+/// A running `weft-proxy`.
+pub struct Sidecar {
+    pub service: String,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstreams: Vec<(String, SocketAddr)>,
+    pub state_dir: PathBuf,
+    pub args: Vec<String>,
+    pub proc_: Proc,
+}
+
+/// What a sidecar fronts.
+pub struct SidecarSpec<'a> {
+    pub service: &'a str,
+    pub app: SocketAddr,
+    pub upstreams: &'a [&'a str],
+    pub labels: &'a [&'a str],
+    pub extra_args: &'a [&'a str],
+}
+
+impl Sidecar {
+    /// Attests with a fresh token for `spiffe://<td>/ns/default/sa/<service>` and waits until ready.
+    pub async fn start(cp: &ControlPlane, td: &str, spec: SidecarSpec<'_>) -> Self {
+        let token = cp.token_file(&format!("spiffe://{td}/ns/default/sa/{}", spec.service));
+        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        let state_dir = cp
+            .dir
+            .path()
+            .join(format!("sidecar-{}-{}", spec.service, admin.port()));
+        let mut args = vec![
+            "--control-plane".to_string(),
+            cp.addr.to_string(),
+            "--trust-bundle".into(),
+            cp.trust_bundle().display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--service".into(),
+            spec.service.into(),
+            "--app".into(),
+            spec.app.to_string(),
+            "--inbound".into(),
+            inbound.to_string(),
+            "--outbound".into(),
+            outbound.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ];
+        let mut upstreams = Vec::new();
+        for name in spec.upstreams {
+            let addr = free_addr();
+            args.extend(["--upstream".into(), format!("{name}={addr}")]);
+            upstreams.push((name.to_string(), addr));
+        }
+        for l in spec.labels {
+            args.extend(["--label".into(), l.to_string()]);
+        }
+        args.extend(spec.extra_args.iter().map(|s| s.to_string()));
+        let name = format!("sidecar-{}-{}", spec.service, admin.port());
+        let proc_ = Proc::spawn(&name, &bin("weft-proxy"), &args, cp.dir.path());
+        wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
+        Self {
+            service: spec.service.into(),
+            inbound,
+            outbound,
+            admin,
+            upstreams,
+            state_dir,
+            args,
+            proc_,
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> SocketAddr {
+        self.upstreams
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("declared upstream")
+    }
+
+    /// The sidecar's /metrics text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Waits until this sidecar's discovery shows `n` endpoints for `service`.
+    pub async fn wait_endpoints(&self, service: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, body) = http_get(self.admin, "/config").await.unwrap_or_default();
+            let count = count_endpoints(&body, service);
+            if count == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service}: {count} endpoints, want {n}; /config:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Counts `"address"` entries under `"<service>": [...]` in a /config dump.
+fn count_endpoints(config_json: &str, service: &str) -> usize {
+    let key = format!("\"{service}\": [");
+    let Some(start) = config_json.find(&key) else {
+        return 0;
+    };
+    let rest = &config_json[start + key.len()..];
+    let end = rest.find(']').unwrap_or(rest.len());
+    rest[..end].matches("\"address\"").count()
+}
+
+/// Sums the values of every sample of `metric` whose labels contain all of `labels`.
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
