@@ -1,0 +1,184 @@
+use super::*;
+
+const HEAD: &str = "apiVersion: weft.dev/v1alpha1\n";
+
+fn svc(name: &str) -> String {
+    format!("{HEAD}kind: Service\nmetadata: {{name: {name}}}\nspec:\n  port: 80\n  subsets:\n    - name: v1\n      labels: {{version: v1}}\n    - name: v2\n      labels: {{version: v2}}\n")
+}
+
+fn route(spec: &str) -> String {
+    format!("{HEAD}kind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n{spec}")
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text)
+        .expect_err("config should be rejected")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+fn one_error(text: &str) -> String {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    errs[0].clone()
+}
+
+#[test]
+fn the_example_is_valid() {
+    let cfg = parse(include_str!("../../examples/canary.yaml")).unwrap();
+    assert_eq!(cfg.services.len(), 2);
+    assert_eq!(cfg.routes[0].spec.rules[1].backend_refs[0].weight, 90);
+    assert_eq!(cfg.policies.len(), 2);
+    // Round-trips through the JSON pushed to sidecars.
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: MeshConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        back.routes[0].spec.rules[1]
+            .timeouts
+            .as_ref()
+            .unwrap()
+            .request
+            .unwrap()
+            .0
+            .as_secs(),
+        2
+    );
+}
+
+#[test]
+fn bad_yaml() {
+    let e = one_error("kind: [unclosed");
+    assert!(
+        e.contains("document 1") && e.contains("not valid YAML"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_kind_and_field() {
+    let e = one_error(&format!(
+        "{HEAD}kind: Gateway\nmetadata: {{name: g}}\nspec: {{}}\n"
+    ));
+    assert!(
+        e.contains("Gateway \"g\" (document 1): kind: unknown kind \"Gateway\""),
+        "{e}"
+    );
+    let e = one_error(&format!(
+        "{HEAD}kind: Service\nmetadata: {{name: s}}\nspec: {{port: 80, protocl: http}}\n"
+    ));
+    assert!(
+        e.contains("Service \"s\" (document 1): spec.protocl: unknown field `protocl`"),
+        "{e}"
+    );
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b, wieght: 3}]\n")
+    );
+    let e = one_error(&text);
+    assert!(
+        e.contains("HTTPRoute \"r\" (document 2): spec.rules[0].backendRefs[0]")
+            && e.contains("wieght"),
+        "{e}"
+    );
+    let e = one_error("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n");
+    assert!(
+        e.contains("apiVersion") && e.contains("weft.dev/v1alpha1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn weights_must_make_sense() {
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b, subset: v1, weight: 0}, {name: b, subset: v2, weight: 0}]\n")
+    );
+    assert!(one_error(&text).contains("spec.rules[0].backendRefs: weights add up to 0"));
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b, weight: -5}]\n")
+    );
+    assert!(one_error(&text).contains("spec.rules[0].backendRefs[0].weight"));
+}
+
+#[test]
+fn regexes_must_compile() {
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - matches: [{path: {type: RegularExpression, value: '/a(['}}]\n      backendRefs: [{name: b}]\n")
+    );
+    let e = one_error(&text);
+    assert!(
+        e.contains("spec.rules[0].matches[0].path.value: regular expression does not compile"),
+        "{e}"
+    );
+}
+
+#[test]
+fn references_must_exist() {
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: nope}]\n  rules:\n    - backendRefs: [{name: b, subset: v3}, {name: ghost}]\n")
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].contains("spec.parentRefs[0].name: Service \"nope\" does not exist"));
+    assert!(
+        errs[1].contains("spec.rules[0].backendRefs[0].subset: Service \"b\" has no subset \"v3\"")
+    );
+    assert!(errs[2].contains("spec.rules[0].backendRefs[1].name: Service \"ghost\" does not exist"));
+    let policy = format!("{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{targetRef: {{name: ghost}}, action: DENY}}\n");
+    assert!(one_error(&policy).contains("spec.targetRef.name: Service \"ghost\" does not exist"));
+}
+
+#[test]
+fn policy_fields_are_checked() {
+    let text = format!(
+        "{}---\n{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: b}}\n  action: ALLOW\n  rules:\n    - from: [{{identities: ['spiffe://Bad/x']}}]\n      to: [{{methods: [FETCH], paths: ['api']}}]\n",
+        svc("b")
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].contains("spec.rules[0].from[0].identities[0]"));
+    assert!(errs[1].contains("spec.rules[0].to[0].paths[0]"));
+    assert!(errs[2].contains("spec.rules[0].to[0].methods[0]: \"FETCH\" is not an HTTP method"));
+    let bad_action = format!("{}---\n{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{targetRef: {{name: b}}, action: MAYBE}}\n", svc("b"));
+    assert!(one_error(&bad_action).contains("spec.action"));
+}
+
+#[test]
+fn durations_and_duplicates() {
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b}]\n      timeouts: {request: soon}\n")
+    );
+    assert!(one_error(&text).contains("spec.rules[0].timeouts.request"));
+    let dup = format!("{}---\n{}", svc("b"), svc("b"));
+    assert!(one_error(&dup).contains("another Service is already named \"b\""));
+}
+
+#[test]
+fn globs() {
+    assert!(glob_match("/api/*", "/api/x/y"));
+    assert!(!glob_match("/api/*", "/apix"));
+    assert!(glob_match(
+        "spiffe://td/ns/*/sa/web",
+        "spiffe://td/ns/prod/sa/web"
+    ));
+    assert!(!glob_match(
+        "spiffe://td/ns/*/sa/web",
+        "spiffe://td/ns/prod/sa/db"
+    ));
+    assert!(glob_match("*", "anything"));
+    assert!(glob_match("/exact", "/exact"));
+    assert!(!glob_match("/exact", "/exact/more"));
+    assert!(glob_match("*.json", "/a/b.json"));
+}
