@@ -28,6 +28,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Check a mesh config file offline; prints every error with document, field and reason.
+    Validate {
+        /// The YAML file, e.g. examples/canary.yaml.
+        file: PathBuf,
+    },
     /// The control plane's view: connected sidecars, versions, SVID expiry.
     Status {
         #[command(flatten)]
@@ -138,6 +143,18 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", resp.token);
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
+        Cmd::Validate { file } => {
+            let cfg =
+                weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "{}: valid ({} services, {} routes, {} authorization policies, {} rate limits)",
+                file.display(),
+                cfg.services.len(),
+                cfg.routes.len(),
+                cfg.policies.len(),
+                cfg.rate_limits.len()
+            );
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
+pub mod config_watch;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
@@ -38,6 +39,11 @@ pub enum StartError {
     Pki(#[from] weft_certs::CertError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("{}: {errors}", path.display())]
+    Config {
+        errors: weft_config::ConfigErrors,
+        path: PathBuf,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -53,6 +59,8 @@ pub struct Options {
     pub admin: SocketAddr,
     pub svid_ttl: Duration,
     pub trust_domain: Option<TrustDomain>,
+    /// Mesh config file (YAML), watched for changes.
+    pub config: Option<PathBuf>,
 }
 
 /// A started control plane: listeners bound, ready to serve.
@@ -76,6 +84,19 @@ impl ControlPlane {
         metrics.register(&mut prom);
         let admin_http = weft_admin::Admin::new(prom);
         let registry = Registry::new(metrics.clone());
+        if let Some(path) = &opts.config {
+            let (text, cfg) = config_watch::load(path).map_err(|e| StartError::Config {
+                errors: e,
+                path: path.clone(),
+            })?;
+            registry.set_mesh_config(config_watch::to_json(&cfg));
+            tokio::spawn(config_watch::watch(
+                path.clone(),
+                text,
+                registry.clone(),
+                metrics.clone(),
+            ));
+        }
 
         // The control plane serves with an SVID it issues to itself, renewed at half-life.
         let own_id = pki::control_plane_id(&td);

@@ -29,6 +29,9 @@ struct Args {
     /// Trust domain; by default read from the issuer certificate's spiffe:// URI SAN.
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
+    /// Mesh config (Kubernetes-shaped YAML); watched, and changes are pushed to sidecars.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
@@ -77,6 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin: args.admin,
         svid_ttl: args.svid_ttl,
         trust_domain: args.trust_domain,
+        config: args.config,
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

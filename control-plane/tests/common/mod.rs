@@ -151,7 +151,12 @@ impl ControlPlane {
                 cp.child = None;
                 return Err(format!("exited with {status}; log:\n{}", cp.log_text()));
             }
-            if http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            // Another test's process may have grabbed one of our ports (then
+            // ours exits with "cannot listen"), so first make sure that *this*
+            // child bound both, then that it says it is ready.
+            if cp.bound_both()
+                && http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
                 // Logged, not asserted: timing depends on the machine.
                 eprintln!(
                     "control plane ready in {:?} (grpc {grpc}, admin {admin})",
@@ -167,6 +172,14 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the child logged that it listens on our gRPC and admin addresses.
+    fn bound_both(&self) -> bool {
+        let (grpc, admin) = (self.grpc.to_string(), self.admin.to_string());
+        self.log_text().lines().any(|l| {
+            l.contains("control plane listening") && l.contains(&grpc) && l.contains(&admin)
+        })
     }
 
     pub fn log_text(&self) -> String {
