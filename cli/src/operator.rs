@@ -42,7 +42,13 @@ async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport:
 }
 
 fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
-    if status.code() == tonic::Code::Unavailable {
+    if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
+        anyhow::anyhow!(
+            "TLS with the control plane at {} failed (is --pki the control plane's PKI?): {}",
+            conn.control_plane,
+            status.message()
+        )
+    } else if status.code() == tonic::Code::Unavailable {
         anyhow::anyhow!(
             "control plane at {} is unreachable: {}",
             conn.control_plane,

@@ -60,6 +60,11 @@ impl Admin for AdminService {
                     self.trust_domain
                 )));
             }
+            if id.path().starts_with("/weft/") {
+                return Err(Status::invalid_argument(format!(
+                    "spiffe_id {id} is reserved for weft itself (paths under /weft/); workloads use e.g. /ns/<namespace>/sa/<service-account>"
+                )));
+            }
             if req.ttl_seconds == 0 || req.ttl_seconds > MAX_TOKEN_TTL.as_secs() {
                 return Err(Status::invalid_argument(format!(
                     "ttl must be between 1s and {}s",

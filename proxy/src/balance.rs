@@ -1,45 +1,153 @@
-//! Endpoint choice: power of two choices over the number of requests in
-//! flight, so a slow or busy endpoint gets less traffic than round robin
-//! would give it.
+//! Endpoint choice and outlier detection.
+//!
+//! Power of two choices over a cost of EWMA latency × (requests in flight +
+//! 1), so slow or busy endpoints get less traffic than round robin would give
+//! them. An endpoint failing `EJECT_AFTER` times in a row is ejected for a
+//! growing interval, then brought back; never all endpoints at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
 use crate::discovery::Endpoint;
 
-#[derive(Default)]
-pub struct Balancer {
-    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+/// Consecutive failures that eject an endpoint.
+pub const EJECT_AFTER: u32 = 5;
+/// First ejection; each later one doubles, up to `MAX_EJECTION`.
+pub const BASE_EJECTION: Duration = Duration::from_secs(2);
+pub const MAX_EJECTION: Duration = Duration::from_secs(60);
+/// EWMA time constant.
+const DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint never measured (optimistic, so it gets tried).
+const INITIAL_EWMA_SECS: f64 = 0.001;
+
+#[derive(Debug)]
+struct Ewma {
+    value: f64,
+    at: Instant,
 }
 
-/// Counts a request as in flight on its endpoint until dropped.
-pub struct InFlight(Arc<AtomicUsize>);
+#[derive(Debug)]
+pub struct EndpointStats {
+    in_flight: AtomicUsize,
+    ewma: Mutex<Ewma>,
+    failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl EndpointStats {
+    fn new(now: Instant) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            ewma: Mutex::new(Ewma {
+                value: INITIAL_EWMA_SECS,
+                at: now,
+            }),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+        }
+    }
+
+    fn cost(&self) -> f64 {
+        let ewma = self.ewma.lock().unwrap_or_else(|e| e.into_inner()).value;
+        ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t > now)
+    }
+
+    fn observe(&self, latency: Duration, ok: bool, now: Instant) -> bool {
+        {
+            let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+            let dt = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-dt / DECAY.as_secs_f64()).exp();
+            e.value = e.value * w + latency.as_secs_f64() * (1.0 - w);
+            e.at = now;
+        }
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= EJECT_AFTER {
+            self.failures.store(0, Ordering::Relaxed);
+            let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(5);
+            let d = (BASE_EJECTION * 2u32.pow(k)).min(MAX_EJECTION);
+            *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(now + d);
+            return true;
+        }
+        false
+    }
+}
+
+#[derive(Default)]
+pub struct Balancer {
+    stats: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
+}
+
+/// A request in flight on an endpoint; report its outcome with [`InFlight::done`].
+pub struct InFlight {
+    stats: Arc<EndpointStats>,
+    addr: SocketAddr,
+    start: Instant,
+}
+
+impl InFlight {
+    /// Records latency and success; returns true when this ejected the endpoint.
+    pub fn done(self, ok: bool) -> bool {
+        let now = Instant::now();
+        let ejected = self.stats.observe(now - self.start, ok, now);
+        if ejected {
+            tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures");
+        }
+        ejected
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Balancer {
-    fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
-        self.in_flight
+    fn stats(&self, addr: SocketAddr) -> Arc<EndpointStats> {
+        self.stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(addr)
-            .or_default()
+            .or_insert_with(|| Arc::new(EndpointStats::new(Instant::now())))
             .clone()
     }
 
     /// Picks an endpoint (None when there are none) and marks it busy.
-    pub fn pick<'a>(&self, endpoints: &'a [Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
-        let chosen = match endpoints.len() {
+    pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
+        let now = Instant::now();
+        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> = endpoints
+            .iter()
+            .map(|e| (*e, self.stats(e.address)))
+            .collect();
+        let healthy: Vec<&(&Endpoint, Arc<EndpointStats>)> =
+            with_stats.iter().filter(|(_, s)| !s.ejected(now)).collect();
+        // Never eject everything: with no healthy endpoint, use them all.
+        let pool: Vec<&(&Endpoint, Arc<EndpointStats>)> = if healthy.is_empty() {
+            with_stats.iter().collect()
+        } else {
+            healthy
+        };
+        let (ep, stats) = match pool.len() {
             0 => return None,
-            1 => &endpoints[0],
+            1 => pool[0],
             n => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..n);
@@ -47,19 +155,22 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let (ea, eb) = (&endpoints[a], &endpoints[b]);
-                let la = self.counter(ea.address).load(Ordering::Relaxed);
-                let lb = self.counter(eb.address).load(Ordering::Relaxed);
-                if lb < la {
-                    eb
+                if pool[b].1.cost() < pool[a].1.cost() {
+                    pool[b]
                 } else {
-                    ea
+                    pool[a]
                 }
             }
         };
-        let c = self.counter(chosen.address);
-        c.fetch_add(1, Ordering::Relaxed);
-        Some((chosen, InFlight(c)))
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((
+            *ep,
+            InFlight {
+                stats: stats.clone(),
+                addr: ep.address,
+                start: now,
+            },
+        ))
     }
 }
 
@@ -79,31 +190,87 @@ mod tests {
     #[test]
     fn prefers_the_less_busy_endpoint() {
         let b = Balancer::default();
-        let eps = vec![ep(1), ep(2)];
-        // Keep endpoint 1 busy: every later pick must go to endpoint 2.
-        for _ in 0..5 {
-            b.counter(eps[0].address).fetch_add(1, Ordering::Relaxed);
-        }
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let _busy: Vec<_> = (0..5)
+            .map(|_| {
+                b.stats(eps[0].address)
+                    .in_flight
+                    .fetch_add(1, Ordering::Relaxed)
+            })
+            .collect();
         for _ in 0..20 {
-            let (e, guard) = b.pick(&eps).unwrap();
+            let (e, _g) = b.pick(&refs).unwrap();
             assert_eq!(e.address.port(), 2);
-            drop(guard);
         }
         assert!(b.pick(&[]).is_none());
     }
 
     #[test]
+    fn prefers_the_faster_endpoint() {
+        let b = Balancer::default();
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let now = Instant::now() + Duration::from_secs(1);
+        b.stats(eps[0].address)
+            .observe(Duration::from_millis(200), true, now);
+        b.stats(eps[1].address)
+            .observe(Duration::from_millis(2), true, now);
+        let fast = (0..100)
+            .filter(|_| b.pick(&refs).unwrap().0.address.port() == 2)
+            .count();
+        assert_eq!(fast, 100, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
     fn spreads_evenly_when_idle() {
         let b = Balancer::default();
-        let eps = vec![ep(1), ep(2), ep(3)];
+        let eps = [ep(1), ep(2), ep(3)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
         let mut counts = HashMap::new();
         for _ in 0..3000 {
-            let (e, _g) = b.pick(&eps).unwrap();
+            let (e, _g) = b.pick(&refs).unwrap();
             *counts.entry(e.address.port()).or_insert(0) += 1;
         }
         for port in 1..=3 {
             let c = counts[&port];
-            assert!((800..1200).contains(&c), "endpoint {port} got {c} of 3000");
+            assert!((700..1300).contains(&c), "endpoint {port} got {c} of 3000");
         }
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_and_brings_back() {
+        let b = Balancer::default();
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let s = b.stats(eps[0].address);
+        let t0 = Instant::now();
+        for i in 1..EJECT_AFTER {
+            assert!(
+                !s.observe(Duration::from_millis(1), false, t0),
+                "not yet at failure {i}"
+            );
+        }
+        assert!(s.observe(Duration::from_millis(1), false, t0));
+        assert!(s.ejected(t0));
+        for _ in 0..50 {
+            assert_eq!(
+                b.pick(&refs).unwrap().0.address.port(),
+                2,
+                "ejected endpoint gets no traffic"
+            );
+        }
+        assert!(
+            !s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)),
+            "brought back after the interval"
+        );
+        // The second ejection lasts longer.
+        for _ in 0..EJECT_AFTER {
+            s.observe(Duration::from_millis(1), false, t0);
+        }
+        assert!(s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)));
+        // With every endpoint ejected, traffic still flows.
+        let only = [&eps[0]];
+        assert!(b.pick(&only).is_some());
     }
 }

@@ -15,7 +15,11 @@ use weft_proto::config::v1::config_client::ConfigClient;
 use weft_proto::config::v1::{AckRequest, Snapshot, WatchRequest};
 
 use crate::identity::Identity;
+use crate::inbound::policy::Authorizer;
+use crate::inbound::ratelimit::RateLimiter;
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::routing::Router;
+use weft_config::MeshConfig;
 
 /// An endpoint of a service, with the identity its sidecar must prove.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -30,17 +34,26 @@ fn ser_id<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(id.as_str())
 }
 
-/// The applied discovery state.
+/// The applied state: endpoints and the mesh config, swapped as one so a
+/// request sees one consistent version from start to end.
 #[derive(Debug, Default, Serialize)]
 pub struct Table {
     pub version: u64,
     pub services: HashMap<String, Vec<Endpoint>>,
+    /// The mesh config as applied (None: no config from the control plane).
+    pub mesh: Option<MeshConfig>,
+    #[serde(skip)]
+    pub router: Router,
+    #[serde(skip)]
+    pub authz: Authorizer,
+    #[serde(skip)]
+    pub rate_limits: Option<RateLimiter>,
 }
 
 impl Table {
     /// Builds a table from a snapshot; any bad entry rejects the whole
     /// snapshot, so nothing half-applies.
-    pub fn from_snapshot(s: &Snapshot) -> Result<Self, String> {
+    pub fn from_snapshot(s: &Snapshot, own_service: &str) -> Result<Self, String> {
         let mut services = HashMap::new();
         for svc in &s.services {
             let mut eps = Vec::with_capacity(svc.endpoints.len());
@@ -65,9 +78,27 @@ impl Table {
             }
             services.insert(svc.name.clone(), eps);
         }
+        let mesh: Option<MeshConfig> = if s.mesh_config_json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_str(&s.mesh_config_json)
+                    .map_err(|e| format!("mesh config: {e}"))?,
+            )
+        };
+        let empty = MeshConfig::default();
+        let cfg = mesh.as_ref().unwrap_or(&empty);
+        let router = Router::new(cfg)?;
+        let authz = Authorizer::new(cfg, own_service);
+        let limiter = RateLimiter::new(cfg, own_service);
+        let rate_limits = (!limiter.is_empty()).then_some(limiter);
         Ok(Self {
             version: s.version,
             services,
+            mesh,
+            router,
+            authz,
+            rate_limits,
         })
     }
 
@@ -88,20 +119,23 @@ pub struct Registration {
 }
 
 pub struct Discovery {
+    service: String,
     table: ArcSwap<Table>,
     applied: watch::Sender<u64>,
 }
 
 impl Discovery {
-    pub fn new() -> Arc<Self> {
+    pub fn new(service: &str) -> Arc<Self> {
         Arc::new(Self {
+            service: service.to_string(),
             table: ArcSwap::from_pointee(Table::default()),
             applied: watch::channel(0).0,
         })
     }
 
-    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
-        self.table.load()
+    /// The current table; holding it keeps that version for the whole request.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
     }
 
     /// Resolves once a first snapshot has been applied.
@@ -112,7 +146,7 @@ impl Discovery {
 
     /// Applies a snapshot; returns the NACK reason if it was rejected.
     pub fn apply(&self, s: &Snapshot) -> Result<(), String> {
-        let t = Table::from_snapshot(s)?;
+        let t = Table::from_snapshot(s, &self.service)?;
         self.table.store(Arc::new(t));
         self.applied.send_replace(s.version.max(1));
         Ok(())

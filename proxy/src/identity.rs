@@ -214,10 +214,16 @@ impl Identity {
         let mut backoff = Duration::from_secs(1);
         loop {
             let Some(svid) = self.current() else { return };
-            let half = svid.lifetime() / 2;
+            // Half of the validity left from now, not from not_before: the
+            // CA backdates not_before (clock skew), so with a short TTL the
+            // half-life point of [not_before, not_after] is already past at
+            // issuance and renewal would spin without pause.
+            let remaining = svid
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
             let jitter = rand::rng().random_range(0.9..1.1);
-            let due = svid.not_before + half.mul_f64(jitter);
-            let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+            let wait = (remaining / 2).mul_f64(jitter);
             tokio::time::sleep(wait).await;
             loop {
                 match self.renew().await {

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod routing;
 pub mod shutdown;
 
 use std::collections::HashMap;
@@ -136,7 +137,7 @@ impl Proxy {
         identity.bootstrap(opts.token_file.as_deref()).await?;
         tokio::spawn(identity.clone().run_renewal());
 
-        let discovery = Discovery::new();
+        let discovery = Discovery::new(&opts.service);
         let reg = Registration {
             service: opts.service.clone(),
             inbound_address: inbound_addr,
@@ -150,7 +151,7 @@ impl Proxy {
         {
             let d = discovery.clone();
             admin.set_config_view(move || {
-                serde_json::to_string_pretty(&**d.table()).unwrap_or_default()
+                serde_json::to_string_pretty(&*d.table()).unwrap_or_default()
             });
         }
 
@@ -166,6 +167,7 @@ impl Proxy {
             opts.app,
             opts.app_protocol,
             opts.service.clone(),
+            discovery.clone(),
             metrics.clone(),
         );
         tokio::spawn(inbound.serve(
@@ -182,6 +184,7 @@ impl Proxy {
                 opts.connect_timeout,
             ),
             balancer: Default::default(),
+            budgets: Default::default(),
             metrics: metrics.clone(),
         });
         tokio::spawn(

@@ -11,8 +11,38 @@ use prometheus_client::registry::Registry;
 pub struct RequestLabels {
     pub direction: &'static str,
     pub service: String,
+    /// `HTTPRoute/rule` that carried the request (outbound), or empty.
+    pub route: String,
+    /// The service subset chosen (outbound canary backend), or empty.
+    pub backend: String,
     pub peer: String,
     pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub policy: String,
+    pub outcome: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: String,
+    pub outcome: &'static str,
+}
+
+/// What a finished request is labelled with.
+#[derive(Debug, Default, Clone)]
+pub struct RequestMeta {
+    pub route: String,
+    pub backend: String,
+    pub peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +77,10 @@ fn latency_histogram() -> Histogram {
 }
 
 pub struct Metrics {
+    pub authz: Family<AuthzLabels, Counter>,
+    pub rate_limited: Family<LimitLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub ejections: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnLabels, Counter>,
@@ -61,6 +95,10 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            authz: Family::default(),
+            rate_limited: Family::default(),
+            retries: Family::default(),
+            ejections: Counter::default(),
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
@@ -141,18 +179,19 @@ impl Metrics {
         &self,
         direction: &'static str,
         service: &str,
-        peer: &str,
+        meta: &RequestMeta,
         code: u16,
         secs: f64,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                service: service.to_string(),
-                peer: peer.to_string(),
-                code,
-            })
-            .inc();
+        let labels = RequestLabels {
+            direction,
+            service: service.to_string(),
+            route: meta.route.clone(),
+            backend: meta.backend.clone(),
+            peer: meta.peer.clone(),
+            code,
+        };
+        self.requests.get_or_create(&labels).inc();
         self.latency
             .get_or_create(&LatencyLabels {
                 direction,

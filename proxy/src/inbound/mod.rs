@@ -1,7 +1,10 @@
 //! Inbound: terminate mutual TLS from peer sidecars, learn the caller's
 //! SPIFFE ID from its verified certificate, and forward to the local app in
 //! the protocol the calling app spoke (HTTP/1.1 or h2c), or as raw TCP for
-//! CONNECT tunnels.
+//! CONNECT tunnels. Authorization and rate limits apply first.
+
+pub mod policy;
+pub mod ratelimit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_certs::SpiffeId;
 
+use crate::discovery::Discovery;
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
-use crate::metrics::{ConnLabels, Metrics, OpenConn};
+use crate::metrics::{AuthzLabels, ConnLabels, LimitLabels, Metrics, OpenConn, RequestMeta};
 use crate::shutdown::Drain;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +71,7 @@ pub struct Inbound {
     pub app: SocketAddr,
     pub app_protocol: AppProtocol,
     pub service: String,
+    pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
     h1: Client<AppConnector, Body>,
     h2: Client<AppConnector, Body>,
@@ -93,6 +98,7 @@ impl Inbound {
         app: SocketAddr,
         app_protocol: AppProtocol,
         service: String,
+        discovery: Arc<Discovery>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let connector = AppConnector { app };
@@ -107,6 +113,7 @@ impl Inbound {
             app,
             app_protocol,
             service,
+            discovery,
             metrics,
             h1,
             h2,
@@ -175,15 +182,66 @@ impl Inbound {
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
-        if req.method() == Method::CONNECT {
+        let table = self.discovery.table();
+        let tcp = req.method() == Method::CONNECT;
+        let decision = table.authz.check(
+            peer,
+            &policy::Request {
+                method: (!tcp).then(|| req.method()),
+                path: (!tcp).then(|| req.uri().path()),
+                port: table.authz.port(),
+            },
+        );
+        let labels = AuthzLabels {
+            policy: decision.policy.clone(),
+            outcome: if decision.allowed { "allow" } else { "deny" },
+            protocol: if tcp { "tcp" } else { "http" },
+        };
+        self.metrics.authz.get_or_create(&labels).inc();
+        if tcp {
+            if !decision.allowed {
+                tracing::info!(%peer, policy = %decision.policy, "TCP connection denied by policy");
+                // The caller's sidecar closes the app's connection on a non-200.
+                return local_response(
+                    StatusCode::FORBIDDEN,
+                    "weft: connection denied by authorization policy",
+                );
+            }
             return self.tunnel(req, peer).await;
         }
         let start = Instant::now();
-        let resp = self.forward(req, peer).await;
+        let meta = RequestMeta {
+            peer: peer.to_string(),
+            ..Default::default()
+        };
+        let resp = if !decision.allowed {
+            // No policy details leak to the caller; they are in logs and metrics.
+            tracing::info!(%peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "request denied by policy");
+            local_response(
+                StatusCode::FORBIDDEN,
+                "weft: request denied by authorization policy",
+            )
+        } else if let Some(Err((limit, wait))) = table
+            .rate_limits
+            .as_ref()
+            .map(|rl| rl.check(peer, Some(req.uri().path()), Instant::now()))
+        {
+            self.metrics
+                .rate_limited
+                .get_or_create(&LimitLabels { limit })
+                .inc();
+            let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r
+        } else {
+            self.forward(req, peer).await
+        };
         self.metrics.request(
             "inbound",
             &self.service,
-            peer.as_str(),
+            &meta,
             resp.status().as_u16(),
             start.elapsed().as_secs_f64(),
         );

@@ -1,0 +1,557 @@
+//! Routing: which HTTPRoute rule a request takes, and which backend (service
+//! subset) by weight. Matches are ranked as the Gateway API defines: exact
+//! path, then longest prefix, then method, then most header matches, then
+//! most query matches, then route and rule order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use rand::Rng;
+use regex::Regex;
+use weft_config::{
+    BackendRef, FilterType, HeaderModifier, MeshConfig, PathMatchType, Retry, RouteMatch,
+    RouteRule, ValueMatch, ValueMatchType,
+};
+
+use crate::discovery::Endpoint;
+
+#[derive(Debug)]
+enum PathM {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum ValueM {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueM {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(want) => want == v,
+            Self::Regex(re) => re.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Match {
+    path: Option<PathM>,
+    headers: Vec<(HeaderName, ValueM)>,
+    method: Option<Method>,
+    query: Vec<(String, ValueM)>,
+}
+
+/// A backend: a service, optionally narrowed to a subset by labels.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub service: String,
+    /// Subset name (for metrics), empty for the whole service.
+    pub subset: String,
+    pub labels: BTreeMap<String, String>,
+    pub weight: u32,
+}
+
+impl Backend {
+    /// The endpoints of this backend among a service's endpoints.
+    pub fn select<'a>(&self, endpoints: &'a [Endpoint]) -> Vec<&'a Endpoint> {
+        endpoints
+            .iter()
+            .filter(|e| self.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+            .collect()
+    }
+}
+
+/// A compiled route rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// `route/rule-name` or `route/<index>`, for metrics and logs.
+    pub name: String,
+    pub backends: Vec<Backend>,
+    total_weight: u64,
+    pub request_timeout: Option<Duration>,
+    pub try_timeout: Option<Duration>,
+    pub retry: Option<Retry>,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+}
+
+impl Rule {
+    /// The default route of a service without HTTPRoutes: all its endpoints.
+    pub fn default_for(service: &str) -> Self {
+        Self {
+            name: String::new(),
+            backends: vec![Backend {
+                service: service.into(),
+                subset: String::new(),
+                labels: BTreeMap::new(),
+                weight: 1,
+            }],
+            total_weight: 1,
+            request_timeout: None,
+            try_timeout: None,
+            retry: None,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+        }
+    }
+
+    /// A backend chosen at random by weight.
+    pub fn pick_backend(&self) -> &Backend {
+        let mut n = rand::rng().random_range(0..self.total_weight.max(1));
+        for b in &self.backends {
+            if n < u64::from(b.weight) {
+                return b;
+            }
+            n -= u64::from(b.weight);
+        }
+        &self.backends[0]
+    }
+}
+
+/// What routing decided for a request.
+pub enum Decision<'a> {
+    /// The service has no routes: send to any of its endpoints.
+    Default,
+    Rule(&'a Rule),
+    /// The service has routes and none matched (404, as the Gateway API says).
+    NoMatch,
+}
+
+/// A request's routing inputs.
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    /// Per service: (match or None for "all", rule index), best first.
+    candidates: HashMap<String, Vec<(Option<Match>, usize)>>,
+    rules: Vec<Rule>,
+}
+
+type Rank = (
+    u8,
+    std::cmp::Reverse<usize>,
+    u8,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+    usize,
+    usize,
+);
+
+fn rank(m: Option<&RouteMatch>, route: usize, rule: usize) -> Rank {
+    use std::cmp::Reverse;
+    let (path_rank, prefix_len) = match m.and_then(|m| m.path.as_ref()) {
+        Some(p) if p.kind == PathMatchType::Exact => (0, p.value.len()),
+        Some(p) if p.kind == PathMatchType::PathPrefix => (1, p.value.len()),
+        Some(_) => (2, 0),
+        None => (1, 1), // no path match behaves like the prefix "/"
+    };
+    let method = u8::from(m.and_then(|m| m.method.as_ref()).is_none());
+    let headers = m.map(|m| m.headers.len()).unwrap_or(0);
+    let query = m.map(|m| m.query_params.len()).unwrap_or(0);
+    (
+        path_rank,
+        Reverse(prefix_len),
+        method,
+        Reverse(headers),
+        Reverse(query),
+        route,
+        rule,
+    )
+}
+
+fn compile_value(v: &ValueMatch) -> Result<ValueM, String> {
+    Ok(match v.kind {
+        ValueMatchType::Exact => ValueM::Exact(v.value.clone()),
+        ValueMatchType::RegularExpression => ValueM::Regex(anchored(&v.value)?),
+    })
+}
+
+/// Gateway API regex matches are full matches.
+fn anchored(re: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{re})$")).map_err(|e| e.to_string())
+}
+
+fn compile_match(m: &RouteMatch) -> Result<Match, String> {
+    let path = m
+        .path
+        .as_ref()
+        .map(|p| {
+            Ok::<_, String>(match p.kind {
+                PathMatchType::Exact => PathM::Exact(p.value.clone()),
+                PathMatchType::PathPrefix => {
+                    PathM::Prefix(p.value.trim_end_matches('/').to_string())
+                }
+                PathMatchType::RegularExpression => PathM::Regex(anchored(&p.value)?),
+            })
+        })
+        .transpose()?;
+    let headers = m
+        .headers
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|e| format!("header {:?}: {e}", h.name))?;
+            Ok((name, compile_value(h)?))
+        })
+        .collect::<Result<_, String>>()?;
+    let method = m
+        .method
+        .as_ref()
+        .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| format!("method {s:?}: {e}")))
+        .transpose()?;
+    let query = m
+        .query_params
+        .iter()
+        .map(|q| Ok((q.name.clone(), compile_value(q)?)))
+        .collect::<Result<_, String>>()?;
+    Ok(Match {
+        path,
+        headers,
+        method,
+        query,
+    })
+}
+
+fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Result<Rule, String> {
+    let backends = r
+        .backend_refs
+        .iter()
+        .map(|b: &BackendRef| {
+            let svc = cfg
+                .services
+                .get(&b.name)
+                .ok_or_else(|| format!("backend service {:?} unknown", b.name))?;
+            let labels = match &b.subset {
+                None => BTreeMap::new(),
+                Some(name) => svc
+                    .subsets
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .map(|s| s.labels.clone())
+                    .ok_or_else(|| format!("subset {name:?} unknown"))?,
+            };
+            Ok(Backend {
+                service: b.name.clone(),
+                subset: b.subset.clone().unwrap_or_default(),
+                labels,
+                weight: b.weight,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let modifier = |kind: FilterType| {
+        r.filters
+            .iter()
+            .filter(|f| f.kind == kind)
+            .filter_map(|f| match kind {
+                FilterType::RequestHeaderModifier => f.request_header_modifier.clone(),
+                FilterType::ResponseHeaderModifier => f.response_header_modifier.clone(),
+            })
+            .next()
+            .unwrap_or_default()
+    };
+    Ok(Rule {
+        name: format!(
+            "{route}/{}",
+            r.name.clone().unwrap_or_else(|| idx.to_string())
+        ),
+        total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+        backends,
+        request_timeout: r.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0),
+        try_timeout: r
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.backend_request)
+            .map(|d| d.0),
+        retry: r.retry.clone(),
+        request_headers: modifier(FilterType::RequestHeaderModifier),
+        response_headers: modifier(FilterType::ResponseHeaderModifier),
+    })
+}
+
+impl Router {
+    /// Compiles the routes of a validated config; any failure rejects it all.
+    pub fn new(cfg: &MeshConfig) -> Result<Self, String> {
+        let mut router = Router::default();
+        let mut ranked: HashMap<String, Vec<(Rank, Option<Match>, usize)>> = HashMap::new();
+        for (ri, route) in cfg.routes.iter().enumerate() {
+            for (ui, rule) in route.spec.rules.iter().enumerate() {
+                let rule_idx = router.rules.len();
+                router.rules.push(
+                    compile_rule(cfg, &route.name, ui, rule)
+                        .map_err(|e| format!("HTTPRoute {}: {e}", route.name))?,
+                );
+                for parent in &route.spec.parent_refs {
+                    let list = ranked.entry(parent.name.clone()).or_default();
+                    if rule.matches.is_empty() {
+                        list.push((rank(None, ri, ui), None, rule_idx));
+                    }
+                    for m in &rule.matches {
+                        let compiled = compile_match(m)
+                            .map_err(|e| format!("HTTPRoute {}: {e}", route.name))?;
+                        list.push((rank(Some(m), ri, ui), Some(compiled), rule_idx));
+                    }
+                }
+            }
+        }
+        for (svc, mut list) in ranked {
+            list.sort_by(|a, b| a.0.cmp(&b.0));
+            router
+                .candidates
+                .insert(svc, list.into_iter().map(|(_, m, i)| (m, i)).collect());
+        }
+        Ok(router)
+    }
+
+    pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Decision<'_> {
+        let Some(list) = self.candidates.get(service) else {
+            return Decision::Default;
+        };
+        for (m, rule) in list {
+            if m.as_ref().is_none_or(|m| matches(m, req)) {
+                return Decision::Rule(&self.rules[*rule]);
+            }
+        }
+        Decision::NoMatch
+    }
+}
+
+fn matches(m: &Match, req: &RequestInfo<'_>) -> bool {
+    let path_ok = match &m.path {
+        None => true,
+        Some(PathM::Exact(p)) => req.path == p,
+        // Prefixes match whole segments: /api matches /api and /api/x, not /apix.
+        Some(PathM::Prefix(p)) => {
+            p.is_empty()
+                || (req.path.starts_with(p.as_str())
+                    && matches!(req.path.as_bytes().get(p.len()), None | Some(b'/')))
+        }
+        Some(PathM::Regex(re)) => re.is_match(req.path),
+    };
+    path_ok
+        && m.method.as_ref().is_none_or(|want| want == req.method)
+        && m.headers.iter().all(|(name, vm)| {
+            req.headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| vm.matches(v)))
+        })
+        && m.query.iter().all(|(name, vm)| {
+            req.query
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .any(|(k, v)| k == name && vm.matches(v))
+        })
+}
+
+/// Applies a header modifier (set, add, remove) to a header map.
+pub fn modify_headers(m: &HeaderModifier, headers: &mut http::HeaderMap) {
+    for h in &m.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for h in &m.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    for name in &m.remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: b}
+spec:
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: b}]
+  rules:
+    - name: split
+      backendRefs: [{name: b, subset: v1, weight: 90}, {name: b, subset: v2, weight: 10}]
+    - name: canary
+      matches: [{headers: [{name: x-canary, value: "true"}]}]
+      backendRefs: [{name: b, subset: v2}]
+    - name: api-prefix
+      matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: b, subset: v1}]
+    - name: api-exact
+      matches: [{path: {type: Exact, value: /api/special}}]
+      backendRefs: [{name: b, subset: v2}]
+    - name: api-post
+      matches: [{path: {type: PathPrefix, value: /api}, method: POST}]
+      backendRefs: [{name: b, subset: v2}]
+    - name: query
+      matches: [{path: {type: PathPrefix, value: /q}, queryParams: [{type: RegularExpression, name: id, value: "[0-9]+"}]}]
+      backendRefs: [{name: b, subset: v2}]
+"#;
+
+    fn route_name(
+        r: &Router,
+        method: Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        match r.route(
+            "b",
+            &RequestInfo {
+                method: &method,
+                path,
+                query,
+                headers: &h,
+            },
+        ) {
+            Decision::Rule(rule) => rule.name.clone(),
+            Decision::Default => "default".into(),
+            Decision::NoMatch => "none".into(),
+        }
+    }
+
+    #[test]
+    fn precedence_follows_the_gateway_api() {
+        let cfg = weft_config::parse(CFG).unwrap();
+        let r = Router::new(&cfg).unwrap();
+        assert_eq!(route_name(&r, Method::GET, "/", None, &[]), "r/split");
+        assert_eq!(
+            route_name(&r, Method::GET, "/", None, &[("x-canary", "true")]),
+            "r/canary"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/", None, &[("x-canary", "TRUE")]),
+            "r/split",
+            "exact is exact"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/api/x", None, &[]),
+            "r/api-prefix"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/api", None, &[]),
+            "r/api-prefix"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/apix", None, &[]),
+            "r/split",
+            "prefixes match whole segments"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/api/special", None, &[]),
+            "r/api-exact",
+            "exact beats prefix"
+        );
+        assert_eq!(
+            route_name(&r, Method::POST, "/api/x", None, &[]),
+            "r/api-post",
+            "method beats none"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/q", Some("a=1&id=42"), &[]),
+            "r/query"
+        );
+        assert_eq!(
+            route_name(&r, Method::GET, "/q", Some("id=4x2"), &[]),
+            "r/split",
+            "regex is a full match"
+        );
+        let none = r.route(
+            "other",
+            &RequestInfo {
+                method: &Method::GET,
+                path: "/",
+                query: None,
+                headers: &Default::default(),
+            },
+        );
+        assert!(matches!(none, Decision::Default));
+    }
+
+    #[test]
+    fn no_match_when_routes_exist() {
+        let cfg = weft_config::parse(&CFG.replace("    - name: split\n      backendRefs: [{name: b, subset: v1, weight: 90}, {name: b, subset: v2, weight: 10}]\n", "")).unwrap();
+        let r = Router::new(&cfg).unwrap();
+        assert_eq!(route_name(&r, Method::GET, "/elsewhere", None, &[]), "none");
+    }
+
+    #[test]
+    fn weights_split_traffic() {
+        let cfg = weft_config::parse(CFG).unwrap();
+        let r = Router::new(&cfg).unwrap();
+        let Decision::Rule(rule) = r.route(
+            "b",
+            &RequestInfo {
+                method: &Method::GET,
+                path: "/",
+                query: None,
+                headers: &Default::default(),
+            },
+        ) else {
+            panic!()
+        };
+        let v2 = (0..10_000)
+            .filter(|_| rule.pick_backend().subset == "v2")
+            .count();
+        assert!((800..1200).contains(&v2), "v2 got {v2} of 10000");
+    }
+
+    #[test]
+    fn header_modifiers() {
+        let m = HeaderModifier {
+            set: vec![weft_config::Header {
+                name: "x-a".into(),
+                value: "1".into(),
+            }],
+            add: vec![weft_config::Header {
+                name: "x-b".into(),
+                value: "2".into(),
+            }],
+            remove: vec!["x-c".into()],
+        };
+        let mut h = http::HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("0"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        h.insert("x-c", HeaderValue::from_static("gone"));
+        modify_headers(&m, &mut h);
+        assert_eq!(h["x-a"], "1");
+        assert_eq!(h.get_all("x-b").iter().count(), 2);
+        assert!(h.get("x-c").is_none());
+    }
+}
