@@ -30,11 +30,7 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(registry: Registry) -> Arc<Self> {
-        Arc::new(Self {
-            ready: AtomicBool::new(false),
-            registry: Mutex::new(registry),
-            config: Mutex::new(None),
-        })
+        Arc::new(Self { ready: AtomicBool::new(false), registry: Mutex::new(registry), config: Mutex::new(None) })
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -68,35 +64,21 @@ impl Admin {
                 .expect("static response parts are valid")
         };
         if req.method() != Method::GET {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET\n".into(),
-                "text/plain",
-            );
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into(), "text/plain");
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
             "/ready" if self.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            "/ready" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready\n".into(),
-                "text/plain",
-            ),
-            "/metrics" => text(
-                StatusCode::OK,
-                self.metrics_text(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
+            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain"),
+            "/metrics" => {
+                text(StatusCode::OK, self.metrics_text(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            }
             "/config" => {
                 let view = self.config.lock().unwrap_or_else(|e| e.into_inner());
                 let body = view.as_ref().map(|f| f()).unwrap_or_else(|| "{}".into());
                 text(StatusCode::OK, body, "application/json")
             }
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /metrics, /config\n".into(),
-                "text/plain",
-            ),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, /config\n".into(), "text/plain"),
         }
     }
 }

@@ -27,11 +27,8 @@ fn authority() -> Authority {
     let td = TrustDomain::new("example.org").expect("valid trust domain");
     let anchor = ca::make_trust_anchor(&td, Duration::from_secs(86400)).expect("anchor");
     let issuer = ca::make_issuer(&td, &anchor, Duration::from_secs(86400)).expect("issuer");
-    let bundle =
-        TrustBundle::from_pem(anchor.cert_pem.as_bytes(), Path::new("anchor")).expect("bundle");
-    let issuer_der = parse_pem_certs(issuer.cert_pem.as_bytes(), Path::new("issuer"))
-        .expect("issuer PEM")
-        .remove(0);
+    let bundle = TrustBundle::from_pem(anchor.cert_pem.as_bytes(), Path::new("anchor")).expect("bundle");
+    let issuer_der = parse_pem_certs(issuer.cert_pem.as_bytes(), Path::new("issuer")).expect("issuer PEM").remove(0);
     Authority::new(td, issuer_der, &issuer.key_pem, bundle).expect("authority")
 }
 
@@ -44,12 +41,7 @@ fn max_length_id() -> String {
         // "/" plus a segment; the last one takes whatever room is left.
         let seg_len = if room > 17 + 1 { 16 } else { room - 1 };
         id.push('/');
-        id.extend(
-            format!("seg-{n:012}")
-                .chars()
-                .chain(std::iter::repeat('x'))
-                .take(seg_len),
-        );
+        id.extend(format!("seg-{n:012}").chars().chain(std::iter::repeat('x')).take(seg_len));
         n += 1;
     }
     id
@@ -60,33 +52,18 @@ fn svid_issuance(c: &mut Criterion) {
     let id = SpiffeId::parse(TYPICAL_ID).expect("valid ID");
     let (csr, _key) = make_csr().expect("CSR");
     // Check once that the measured path really issues an SVID for `id`.
-    let chain = authority
-        .sign(
-            &verify_csr(&csr).expect("CSR verifies"),
-            &id,
-            DEFAULT_SVID_TTL,
-        )
-        .expect("signs");
-    assert_eq!(
-        weft_certs::svid::spiffe_id_of(&chain[0]).expect("leaf is an SVID"),
-        id
-    );
+    let chain = authority.sign(&verify_csr(&csr).expect("CSR verifies"), &id, DEFAULT_SVID_TTL).expect("signs");
+    assert_eq!(weft_certs::svid::spiffe_id_of(&chain[0]).expect("leaf is an SVID"), id);
 
     let mut g = c.benchmark_group("svid_issuance");
-    g.throughput(Throughput::Elements(1))
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(1)).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     g.bench_function("verify_csr+sign", |b| {
         b.iter(|| {
             let verified = verify_csr(black_box(&csr)).expect("CSR verifies");
-            authority
-                .sign(&verified, black_box(&id), DEFAULT_SVID_TTL)
-                .expect("signs")
+            authority.sign(&verified, black_box(&id), DEFAULT_SVID_TTL).expect("signs")
         })
     });
-    g.bench_function("verify_csr", |b| {
-        b.iter(|| verify_csr(black_box(&csr)).expect("CSR verifies"))
-    });
+    g.bench_function("verify_csr", |b| b.iter(|| verify_csr(black_box(&csr)).expect("CSR verifies")));
     g.bench_function("make_csr", |b| b.iter(|| make_csr().expect("CSR")));
     g.finish();
 }
@@ -99,18 +76,10 @@ fn spiffe_id_parse(c: &mut Criterion) {
     assert!(SpiffeId::parse(INVALID_ID).is_err());
 
     let mut g = c.benchmark_group("spiffe_id_parse");
-    g.throughput(Throughput::Elements(1))
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
-    g.bench_function("typical", |b| {
-        b.iter(|| SpiffeId::parse(black_box(TYPICAL_ID)))
-    });
-    g.bench_function("max_length_2048", |b| {
-        b.iter(|| SpiffeId::parse(black_box(max.as_str())))
-    });
-    g.bench_function("invalid", |b| {
-        b.iter(|| SpiffeId::parse(black_box(INVALID_ID)))
-    });
+    g.throughput(Throughput::Elements(1)).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.bench_function("typical", |b| b.iter(|| SpiffeId::parse(black_box(TYPICAL_ID))));
+    g.bench_function("max_length_2048", |b| b.iter(|| SpiffeId::parse(black_box(max.as_str()))));
+    g.bench_function("invalid", |b| b.iter(|| SpiffeId::parse(black_box(INVALID_ID))));
     g.finish();
 }
 

@@ -16,16 +16,11 @@ pub struct TrustBundle {
 impl TrustBundle {
     pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self> {
         if roots.is_empty() {
-            return Err(CertError::NotSvid(
-                "trust bundle holds no certificates".into(),
-            ));
+            return Err(CertError::NotSvid("trust bundle holds no certificates".into()));
         }
         for r in &roots {
-            webpki::anchor_from_trusted_cert(r).map_err(|e| {
-                CertError::NotSvid(format!(
-                    "trust bundle entry is not a usable trust anchor: {e:?}"
-                ))
-            })?;
+            webpki::anchor_from_trusted_cert(r)
+                .map_err(|e| CertError::NotSvid(format!("trust bundle entry is not a usable trust anchor: {e:?}")))?;
         }
         Ok(Self { roots })
     }
@@ -45,10 +40,7 @@ impl TrustBundle {
     }
 
     pub fn to_pem(&self) -> String {
-        self.roots
-            .iter()
-            .map(|c| der_to_pem("CERTIFICATE", c))
-            .collect()
+        self.roots.iter().map(|c| der_to_pem("CERTIFICATE", c)).collect()
     }
 
     /// Concatenated DER, the Workload API's bundle encoding.
@@ -70,8 +62,5 @@ pub fn parse_pem_certs(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'
 
 pub fn der_to_pem(label: &str, der: &[u8]) -> String {
     let block = pem::Pem::new(label, der.to_vec());
-    pem::encode_config(
-        &block,
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    pem::encode_config(&block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }

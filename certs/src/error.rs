@@ -34,16 +34,10 @@ pub enum CertError {
 
 impl CertError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            err: source,
-        }
+        Self::Io { path: path.into(), err: source }
     }
     pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::BadFile {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Self::BadFile { path: path.into(), reason: reason.into() }
     }
 }
 

@@ -47,19 +47,8 @@ pub struct ExternalIssuer {
 
 /// Writes a new PKI directory. Refuses to overwrite any existing file unless
 /// `force`, and checks that before writing anything. Returns the files written.
-pub fn init(
-    td: &TrustDomain,
-    out: &Path,
-    from_issuer: Option<&ExternalIssuer>,
-    force: bool,
-) -> Result<Vec<PathBuf>> {
-    let mut names = vec![
-        TRUST_BUNDLE,
-        ISSUER_CERT,
-        ISSUER_KEY,
-        OPERATOR_CERT,
-        OPERATOR_KEY,
-    ];
+pub fn init(td: &TrustDomain, out: &Path, from_issuer: Option<&ExternalIssuer>, force: bool) -> Result<Vec<PathBuf>> {
+    let mut names = vec![TRUST_BUNDLE, ISSUER_CERT, ISSUER_KEY, OPERATOR_CERT, OPERATOR_KEY];
     if from_issuer.is_none() {
         names.extend([TRUST_ANCHOR_CERT, TRUST_ANCHOR_KEY]);
     }
@@ -81,13 +70,7 @@ pub fn init(
         }
         Some(ext) => {
             let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| CertError::io(p, e));
-            (
-                read(&ext.bundle)?,
-                PemPair {
-                    cert_pem: read(&ext.cert)?,
-                    key_pem: read(&ext.key)?,
-                },
-            )
+            (read(&ext.bundle)?, PemPair { cert_pem: read(&ext.cert)?, key_pem: read(&ext.key)? })
         }
     };
     let authority = authority_from_pem(
@@ -101,11 +84,7 @@ pub fn init(
     files.push((ISSUER_CERT, issuer.cert_pem, false));
     files.push((ISSUER_KEY, issuer.key_pem, true));
     files.push((OPERATOR_CERT, chain_pem(&operator), false));
-    files.push((
-        OPERATOR_KEY,
-        der_to_pem("PRIVATE KEY", &operator.key_pkcs8),
-        true,
-    ));
+    files.push((OPERATOR_KEY, der_to_pem("PRIVATE KEY", &operator.key_pkcs8), true));
 
     let mut written = Vec::new();
     for (name, content, secret) in files {
@@ -118,24 +97,16 @@ pub fn init(
 
 /// PEM of an SVID's chain, leaf first.
 pub fn chain_pem(svid: &Svid) -> String {
-    svid.chain
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect()
+    svid.chain.iter().map(|c| der_to_pem("CERTIFICATE", c)).collect()
 }
 
 /// Writes a file, 0600 for secrets, replacing it atomically (write + rename).
 pub fn write_file(path: &Path, content: &[u8], secret: bool) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 });
+    opts.write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 });
     let mut f = opts.open(&tmp).map_err(|e| CertError::io(&tmp, e))?;
-    f.write_all(content)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| CertError::io(&tmp, e))?;
+    f.write_all(content).and_then(|_| f.sync_all()).map_err(|e| CertError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| CertError::io(path, e))
 }
 
@@ -147,8 +118,7 @@ fn authority_from_pem(
 ) -> Result<Authority> {
     let bundle = TrustBundle::from_pem(bundle_pem.as_bytes(), bundle_path)?;
     let issuer_der = parse_pem_certs(issuer_pem.as_bytes(), issuer_path)?.remove(0);
-    Authority::new(td.clone(), issuer_der, key_pem, bundle)
-        .map_err(|e| CertError::bad_file(issuer_path, e.to_string()))
+    Authority::new(td.clone(), issuer_der, key_pem, bundle).map_err(|e| CertError::bad_file(issuer_path, e.to_string()))
 }
 
 /// Loads the control plane's signing authority from a PKI directory; every
@@ -156,31 +126,22 @@ fn authority_from_pem(
 pub fn load_authority(dir: &Path, td: Option<&TrustDomain>) -> Result<Authority> {
     let read = |name: &str| {
         let p = dir.join(name);
-        std::fs::read_to_string(&p)
-            .map_err(|e| CertError::io(&p, e))
-            .map(|s| (s, p))
+        std::fs::read_to_string(&p).map_err(|e| CertError::io(&p, e)).map(|s| (s, p))
     };
     let (bundle_pem, bundle_path) = read(TRUST_BUNDLE)?;
     let (issuer_pem, issuer_path) = read(ISSUER_CERT)?;
     let (key_pem, key_path) = read(ISSUER_KEY)?;
-    KeyPair::from_pem(&key_pem)
-        .map_err(|e| CertError::bad_file(&key_path, format!("not a PEM private key: {e}")))?;
+    KeyPair::from_pem(&key_pem).map_err(|e| CertError::bad_file(&key_path, format!("not a PEM private key: {e}")))?;
     let issuer_der = parse_pem_certs(issuer_pem.as_bytes(), &issuer_path)?.remove(0);
     let td = match td {
         Some(td) => td.clone(),
         None => trust_domain_of(&issuer_der).ok_or_else(|| {
-            CertError::bad_file(
-                &issuer_path,
-                "has no spiffe://<trust-domain> URI SAN; pass --trust-domain",
-            )
+            CertError::bad_file(&issuer_path, "has no spiffe://<trust-domain> URI SAN; pass --trust-domain")
         })?,
     };
     let bundle = TrustBundle::from_pem(bundle_pem.as_bytes(), &bundle_path)?;
     Authority::new(td, issuer_der, &key_pem, bundle).map_err(|e| match e {
-        CertError::KeyMismatch => CertError::bad_file(
-            &key_path,
-            format!("does not match {}", issuer_path.display()),
-        ),
+        CertError::KeyMismatch => CertError::bad_file(&key_path, format!("does not match {}", issuer_path.display())),
         e => CertError::bad_file(&issuer_path, e.to_string()),
     })
 }
@@ -203,12 +164,7 @@ pub fn load_svid(cert: &Path, key: &Path) -> Result<Svid> {
     let key_pem = std::fs::read(key).map_err(|e| CertError::io(key, e))?;
     let key_der = match PrivateKeyDer::from_pem_slice(&key_pem) {
         Ok(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
-        Ok(_) => {
-            return Err(CertError::bad_file(
-                key,
-                "expected a PKCS#8 \"PRIVATE KEY\"",
-            ))
-        }
+        Ok(_) => return Err(CertError::bad_file(key, "expected a PKCS#8 \"PRIVATE KEY\"")),
         Err(e) => return Err(CertError::bad_file(key, format!("bad PEM key: {e}"))),
     };
     Svid::new(chain, key_der).map_err(|e| CertError::bad_file(cert, e.to_string()))
@@ -216,11 +172,7 @@ pub fn load_svid(cert: &Path, key: &Path) -> Result<Svid> {
 
 /// Saves an SVID as PEM chain + 0600 PKCS#8 key.
 pub fn save_svid(svid: &Svid, cert: &Path, key: &Path) -> Result<()> {
-    write_file(
-        key,
-        der_to_pem("PRIVATE KEY", &svid.key_pkcs8).as_bytes(),
-        true,
-    )?;
+    write_file(key, der_to_pem("PRIVATE KEY", &svid.key_pkcs8).as_bytes(), true)?;
     write_file(cert, chain_pem(svid).as_bytes(), false)
 }
 
@@ -236,30 +188,19 @@ mod tests {
         let files = init(&td, dir.path(), None, false).unwrap();
         assert_eq!(files.len(), 7);
         for key in [TRUST_ANCHOR_KEY, ISSUER_KEY, OPERATOR_KEY] {
-            let mode = std::fs::metadata(dir.path().join(key))
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
         let before = std::fs::read(dir.path().join(ISSUER_KEY)).unwrap();
         let err = init(&td, dir.path(), None, false).unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join(ISSUER_KEY)).unwrap(),
-            before,
-            "nothing overwritten"
-        );
+        assert_eq!(std::fs::read(dir.path().join(ISSUER_KEY)).unwrap(), before, "nothing overwritten");
         init(&td, dir.path(), None, true).unwrap();
         assert_ne!(std::fs::read(dir.path().join(ISSUER_KEY)).unwrap(), before);
 
         let authority = load_authority(dir.path(), None).unwrap();
         assert_eq!(authority.trust_domain(), &td);
-        let op = load_svid(
-            &dir.path().join(OPERATOR_CERT),
-            &dir.path().join(OPERATOR_KEY),
-        )
-        .unwrap();
+        let op = load_svid(&dir.path().join(OPERATOR_CERT), &dir.path().join(OPERATOR_KEY)).unwrap();
         assert_eq!(op.spiffe_id, operator_id(&td));
     }
 
@@ -279,21 +220,13 @@ mod tests {
         std::fs::write(&e.bundle, &anchor.cert_pem).unwrap();
         let out = tempfile::tempdir().unwrap();
         init(&td, out.path(), Some(&e), false).unwrap();
-        assert!(
-            !out.path().join(TRUST_ANCHOR_KEY).exists(),
-            "root key is never copied"
-        );
+        assert!(!out.path().join(TRUST_ANCHOR_KEY).exists(), "root key is never copied");
         load_authority(out.path(), None).unwrap();
         // A mismatched key is refused, naming the file.
         std::fs::write(&e.key, &anchor.key_pem).unwrap();
         let out2 = tempfile::tempdir().unwrap();
-        let err = init(&td, out2.path(), Some(&e), false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(ISSUER_CERT) && err.contains("does not match"),
-            "{err}"
-        );
+        let err = init(&td, out2.path(), Some(&e), false).unwrap_err().to_string();
+        assert!(err.contains(ISSUER_CERT) && err.contains("does not match"), "{err}");
     }
 
     #[test]
@@ -309,9 +242,6 @@ mod tests {
         init(&td, other.path(), None, false).unwrap();
         std::fs::copy(other.path().join(ISSUER_KEY), dir.path().join(ISSUER_KEY)).unwrap();
         let err = load_authority(dir.path(), None).unwrap_err().to_string();
-        assert!(
-            err.contains(ISSUER_KEY) && err.contains("does not match"),
-            "{err}"
-        );
+        assert!(err.contains(ISSUER_KEY) && err.contains("does not match"), "{err}");
     }
 }

@@ -72,11 +72,7 @@ impl TrustDomain {
     }
 
     /// The workload ID of a Kubernetes-style namespace and service account.
-    pub fn workload_id(
-        &self,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<SpiffeId, SpiffeIdError> {
+    pub fn workload_id(&self, namespace: &str, service_account: &str) -> Result<SpiffeId, SpiffeIdError> {
         self.id(&format!("/ns/{namespace}/sa/{service_account}"))
     }
 }
@@ -116,10 +112,7 @@ impl SpiffeId {
         };
         validate_trust_domain(td)?;
         validate_path(path)?;
-        Ok(Self {
-            full: s.to_string(),
-            trust_domain: TrustDomain(td.to_string()),
-        })
+        Ok(Self { full: s.to_string(), trust_domain: TrustDomain(td.to_string()) })
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -165,10 +158,7 @@ fn validate_trust_domain(td: &str) -> Result<(), SpiffeIdError> {
     if td.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(SpiffeIdError::TrustDomainTooLong(td.len()));
     }
-    match td
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
-    {
+    match td.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))) {
         Some(c) => Err(SpiffeIdError::BadTrustDomainChar(c)),
         None => Ok(()),
     }
@@ -186,10 +176,7 @@ fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
         if seg == "." || seg == ".." {
             return Err(SpiffeIdError::DotSegment(i, seg.to_string()));
         }
-        if let Some(c) = seg
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-        {
+        if let Some(c) = seg.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))) {
             return Err(SpiffeIdError::BadPathChar(c));
         }
     }
@@ -205,11 +192,7 @@ mod tests {
     fn valid_ids() {
         for (s, td, path) in [
             ("spiffe://example.org", "example.org", ""),
-            (
-                "spiffe://example.org/ns/default/sa/web",
-                "example.org",
-                "/ns/default/sa/web",
-            ),
+            ("spiffe://example.org/ns/default/sa/web", "example.org", "/ns/default/sa/web"),
             ("spiffe://a-b_c.0/x", "a-b_c.0", "/x"),
             ("spiffe://td/A.b-C_9/...x/..a", "td", "/A.b-C_9/...x/..a"),
             ("spiffe://1.2.3.4/p", "1.2.3.4", "/p"),
@@ -257,38 +240,20 @@ mod tests {
         // Exactly at the limits is fine.
         let max_td = format!("spiffe://{}", "a".repeat(255));
         assert!(SpiffeId::parse(&max_td).is_ok());
-        let max_id = format!(
-            "spiffe://td/{}",
-            "a".repeat(MAX_ID_LEN - "spiffe://td/".len())
-        );
+        let max_id = format!("spiffe://td/{}", "a".repeat(MAX_ID_LEN - "spiffe://td/".len()));
         assert!(SpiffeId::parse(&max_id).is_ok());
     }
 
     #[test]
     fn trust_domain_forms() {
-        assert_eq!(
-            TrustDomain::new("example.org").unwrap().as_str(),
-            "example.org"
-        );
-        assert_eq!(
-            TrustDomain::new("spiffe://example.org").unwrap().as_str(),
-            "example.org"
-        );
+        assert_eq!(TrustDomain::new("example.org").unwrap().as_str(), "example.org");
+        assert_eq!(TrustDomain::new("spiffe://example.org").unwrap().as_str(), "example.org");
         assert!(TrustDomain::new("spiffe://example.org/x").is_err());
-        assert_eq!(
-            TrustDomain::new("EXAMPLE.org"),
-            Err(BadTrustDomainChar('E'))
-        );
+        assert_eq!(TrustDomain::new("EXAMPLE.org"), Err(BadTrustDomainChar('E')));
         assert_eq!(TrustDomain::new(""), Err(MissingTrustDomain));
         let td = TrustDomain::new("example.org").unwrap();
-        assert_eq!(
-            td.workload_id("default", "web").unwrap().as_str(),
-            "spiffe://example.org/ns/default/sa/web"
-        );
-        assert_eq!(
-            td.workload_id("default", "web").unwrap().namespace(),
-            Some("default")
-        );
+        assert_eq!(td.workload_id("default", "web").unwrap().as_str(), "spiffe://example.org/ns/default/sa/web");
+        assert_eq!(td.workload_id("default", "web").unwrap().namespace(), Some("default"));
         assert_eq!(td.id_string(), "spiffe://example.org");
     }
 }

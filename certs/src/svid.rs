@@ -34,17 +34,9 @@ impl std::fmt::Debug for Svid {
 impl Svid {
     /// Builds an SVID from a chain (leaf first) and key, checking the leaf's profile.
     pub fn new(chain: Vec<CertificateDer<'static>>, key_pkcs8: Vec<u8>) -> Result<Self> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| CertError::NotSvid("empty certificate chain".into()))?;
+        let leaf = chain.first().ok_or_else(|| CertError::NotSvid("empty certificate chain".into()))?;
         let info = LeafInfo::parse(leaf)?;
-        Ok(Self {
-            spiffe_id: info.spiffe_id,
-            chain,
-            key_pkcs8,
-            not_after: info.not_after,
-            not_before: info.not_before,
-        })
+        Ok(Self { spiffe_id: info.spiffe_id, chain, key_pkcs8, not_after: info.not_after, not_before: info.not_before })
     }
 
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
@@ -52,9 +44,7 @@ impl Svid {
     }
 
     pub fn lifetime(&self) -> Duration {
-        self.not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
+        self.not_after.duration_since(self.not_before).unwrap_or_default()
     }
 
     /// Seconds since the epoch at which the leaf expires.
@@ -64,9 +54,7 @@ impl Svid {
 }
 
 pub fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// What weft needs to know of a leaf SVID.
@@ -81,14 +69,10 @@ impl LeafInfo {
     /// Parses a leaf and checks the X.509-SVID leaf profile: exactly one URI
     /// SAN holding a valid SPIFFE ID, not a CA, no certificate/CRL signing.
     pub fn parse(der: &[u8]) -> Result<Self> {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| CertError::NotSvid(format!("not X.509: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::NotSvid(format!("not X.509: {e}")))?;
         let uris = uri_sans(&cert)?;
         let [uri] = uris.as_slice() else {
-            return Err(CertError::NotSvid(format!(
-                "expected exactly one URI SAN, found {}",
-                uris.len()
-            )));
+            return Err(CertError::NotSvid(format!("expected exactly one URI SAN, found {}", uris.len())));
         };
         let spiffe_id = SpiffeId::parse(uri)?;
         if cert.is_ca() {
@@ -96,9 +80,7 @@ impl LeafInfo {
         }
         if let Ok(Some(ku)) = cert.key_usage() {
             if ku.value.key_cert_sign() || ku.value.crl_sign() {
-                return Err(CertError::NotSvid(
-                    "leaf may not have keyCertSign or cRLSign".into(),
-                ));
+                return Err(CertError::NotSvid("leaf may not have keyCertSign or cRLSign".into()));
             }
         }
         Ok(Self {
@@ -138,7 +120,6 @@ fn to_system_time(ts: i64) -> SystemTime {
 
 /// Not-after of any certificate.
 pub fn not_after(der: &[u8]) -> Result<SystemTime> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| CertError::NotSvid(format!("not X.509: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::NotSvid(format!("not X.509: {e}")))?;
     Ok(to_system_time(cert.validity().not_after.timestamp()))
 }

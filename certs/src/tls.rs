@@ -16,11 +16,7 @@ pub fn provider() -> CryptoProvider {
 }
 
 /// A TLS 1.3-only server config presenting `resolver`'s SVID and verifying clients with `verifier`.
-pub fn server_config(
-    resolver: Arc<SvidResolver>,
-    verifier: SpiffeVerifier,
-    alpn: &[&[u8]],
-) -> ServerConfig {
+pub fn server_config(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier, alpn: &[&[u8]]) -> ServerConfig {
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
@@ -36,11 +32,7 @@ pub fn server_config(
 
 /// A TLS 1.3-only client config verifying the server with `verifier`, and
 /// presenting `resolver`'s SVID when given (mutual TLS).
-pub fn client_config(
-    resolver: Option<Arc<SvidResolver>>,
-    verifier: SpiffeVerifier,
-    alpn: &[&[u8]],
-) -> ClientConfig {
+pub fn client_config(resolver: Option<Arc<SvidResolver>>, verifier: SpiffeVerifier, alpn: &[&[u8]]) -> ClientConfig {
     let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")

@@ -10,9 +10,7 @@ use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 
 use crate::bundle::TrustBundle;
@@ -74,11 +72,7 @@ impl Anchors {
         let anchors = bundle
             .roots()
             .iter()
-            .filter_map(|r| {
-                webpki::anchor_from_trusted_cert(r)
-                    .ok()
-                    .map(|a| a.to_owned())
-            })
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| a.to_owned()))
             .collect();
         Self { bundle, anchors }
     }
@@ -105,9 +99,7 @@ pub struct SpiffeVerifier {
 
 impl std::fmt::Debug for SpiffeVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SpiffeVerifier")
-            .field("matcher", &self.matcher)
-            .finish_non_exhaustive()
+        f.debug_struct("SpiffeVerifier").field("matcher", &self.matcher).finish_non_exhaustive()
     }
 }
 
@@ -138,23 +130,11 @@ impl SpiffeVerifier {
     ) -> Result<SpiffeId, rustls::Error> {
         let anchors = self.bundle.load();
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        ee.verify_for_usage(
-            self.algs.all,
-            &anchors.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(pki_error)?;
-        let id =
-            spiffe_id_of(end_entity).map_err(|e| other(PeerRejected::NotSvid(e.to_string())))?;
+        ee.verify_for_usage(self.algs.all, &anchors.anchors, intermediates, now, usage, None, None)
+            .map_err(pki_error)?;
+        let id = spiffe_id_of(end_entity).map_err(|e| other(PeerRejected::NotSvid(e.to_string())))?;
         if !self.matcher.matches(&id) {
-            return Err(other(PeerRejected::WrongId {
-                got: id,
-                want: format!("{:?}", self.matcher),
-            }));
+            return Err(other(PeerRejected::WrongId { got: id, want: format!("{:?}", self.matcher) }));
         }
         Ok(id)
     }
@@ -189,12 +169,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-        )?;
+        self.verify_peer(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -236,12 +211,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        )?;
+        self.verify_peer(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
         Ok(ClientCertVerified::assertion())
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
 };
 use rustls::client::Resumption;
 use rustls::{CertificateError, ClientConfig, HandshakeKind, ServerConfig};
@@ -25,8 +25,7 @@ use weft_certs::svid::spiffe_id_of;
 use weft_certs::tls::{client_config, server_config, server_name, ALPN_H2};
 use weft_certs::verify::{shared_bundle, Anchors, PeerRejected};
 use weft_certs::{
-    Authority, IdMatcher, SharedBundle, SpiffeId, SpiffeVerifier, Svid, SvidResolver, TrustBundle,
-    TrustDomain,
+    Authority, IdMatcher, SharedBundle, SpiffeId, SpiffeVerifier, Svid, SvidResolver, TrustBundle, TrustDomain,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -46,19 +45,12 @@ impl Pki {
         let anchor = ca::make_trust_anchor(&td, Duration::from_secs(86400)).unwrap();
         let issuer = ca::make_issuer(&td, &anchor, Duration::from_secs(86400)).unwrap();
         let issuer_der = der_of(&issuer.cert_pem);
-        let authority =
-            Authority::new(td, issuer_der, &issuer.key_pem, bundle_of(&[&anchor])).unwrap();
-        Self {
-            issuer,
-            anchor_pem: anchor.cert_pem,
-            authority,
-        }
+        let authority = Authority::new(td, issuer_der, &issuer.key_pem, bundle_of(&[&anchor])).unwrap();
+        Self { issuer, anchor_pem: anchor.cert_pem, authority }
     }
 
     fn svid(&self, id: &str) -> Svid {
-        self.authority
-            .issue_local(&SpiffeId::parse(id).unwrap(), DEFAULT_SVID_TTL)
-            .unwrap()
+        self.authority.issue_local(&SpiffeId::parse(id).unwrap(), DEFAULT_SVID_TTL).unwrap()
     }
 
     fn bundle(&self) -> TrustBundle {
@@ -69,11 +61,8 @@ impl Pki {
     /// ago, signed by this PKI's issuer with rcgen directly (the authority
     /// refuses to make such a thing).
     fn expired_svid(&self, id: &str) -> Svid {
-        let issuer = Issuer::from_ca_cert_pem(
-            &self.issuer.cert_pem,
-            KeyPair::from_pem(&self.issuer.key_pem).unwrap(),
-        )
-        .unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&self.issuer.cert_pem, KeyPair::from_pem(&self.issuer.key_pem).unwrap()).unwrap();
         let key = ca::generate_key().unwrap();
         let now = SystemTime::now();
         let mut p = CertificateParams::default();
@@ -85,10 +74,7 @@ impl Pki {
         p.serial_number = Some(SerialNumber::from_slice(&[0x42; 16]));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
         p.use_authority_key_identifier_extension = true;
         let leaf = p.signed_by(&key, &issuer).unwrap();
@@ -100,9 +86,7 @@ impl Pki {
 }
 
 fn der_of(pem: &str) -> CertificateDer<'static> {
-    weft_certs::bundle::parse_pem_certs(pem.as_bytes(), Path::new("test"))
-        .unwrap()
-        .remove(0)
+    weft_certs::bundle::parse_pem_certs(pem.as_bytes(), Path::new("test")).unwrap().remove(0)
 }
 
 fn bundle_of(anchors: &[&PemPair]) -> TrustBundle {
@@ -164,19 +148,11 @@ impl EchoServer {
                         }
                     };
                     let (_, conn) = tls.get_ref();
-                    let client_leaf = conn
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| c.clone().into_owned());
-                    let client_id = client_leaf
-                        .as_ref()
-                        .map(|leaf| spiffe_id_of(leaf).expect("verified peer has a SPIFFE ID"));
+                    let client_leaf = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+                    let client_id =
+                        client_leaf.as_ref().map(|leaf| spiffe_id_of(leaf).expect("verified peer has a SPIFFE ID"));
                     let kind = conn.handshake_kind();
-                    let _ = tx.send(Ok(ServerSeen {
-                        client_leaf,
-                        client_id,
-                        kind,
-                    }));
+                    let _ = tx.send(Ok(ServerSeen { client_leaf, client_id, kind }));
                     let mut buf = [0u8; 1024];
                     loop {
                         match tls.read(&mut buf).await {
@@ -197,10 +173,7 @@ impl EchoServer {
 
     /// The outcome of the next accepted handshake.
     async fn next(&mut self) -> io::Result<ServerSeen> {
-        timeout(LIMIT, self.seen.recv())
-            .await
-            .expect("server saw no handshake in time")
-            .expect("server task ended")
+        timeout(LIMIT, self.seen.recv()).await.expect("server saw no handshake in time").expect("server task ended")
     }
 }
 
@@ -208,12 +181,9 @@ type ClientStream = client::TlsStream<TcpStream>;
 
 async fn connect(addr: std::net::SocketAddr, cfg: &Arc<ClientConfig>) -> io::Result<ClientStream> {
     let tcp = TcpStream::connect(addr).await?;
-    timeout(
-        LIMIT,
-        TlsConnector::from(cfg.clone()).connect(server_name(), tcp),
-    )
-    .await
-    .expect("client handshake timed out")
+    timeout(LIMIT, TlsConnector::from(cfg.clone()).connect(server_name(), tcp))
+        .await
+        .expect("client handshake timed out")
 }
 
 /// Sends `msg` and reads the echo; checks the bytes came back unchanged.
@@ -239,12 +209,7 @@ async fn talk(addr: std::net::SocketAddr, cfg: &Arc<ClientConfig>) -> io::Result
 }
 
 fn server_leaf(s: &ClientStream) -> CertificateDer<'static> {
-    s.get_ref()
-        .1
-        .peer_certificates()
-        .expect("server presented certificates")[0]
-        .clone()
-        .into_owned()
+    s.get_ref().1.peer_certificates().expect("server presented certificates")[0].clone().into_owned()
 }
 
 /// The rustls error inside an io::Error from tokio-rustls.
@@ -257,10 +222,9 @@ fn tls_error(e: &io::Error) -> &rustls::Error {
 /// The `PeerRejected` reason a `SpiffeVerifier` put into the error.
 fn rejection(e: &io::Error) -> &PeerRejected {
     match tls_error(e) {
-        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other
-            .0
-            .downcast_ref::<PeerRejected>()
-            .unwrap_or_else(|| panic!("not a SPIFFE rejection: {e:?}")),
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            other.0.downcast_ref::<PeerRejected>().unwrap_or_else(|| panic!("not a SPIFFE rejection: {e:?}"))
+        }
         other => panic!("expected a SPIFFE rejection, got {other:?}"),
     }
 }
@@ -271,10 +235,7 @@ fn rejection(e: &io::Error) -> &PeerRejected {
 /// report `UnknownIssuer`. Either is a refusal of the chain itself.
 fn assert_untrusted_chain(e: &io::Error) {
     assert!(
-        matches!(
-            cert_error(e),
-            CertificateError::UnknownIssuer | CertificateError::BadSignature
-        ),
+        matches!(cert_error(e), CertificateError::UnknownIssuer | CertificateError::BadSignature),
         "expected an untrusted-chain error, got {e:?}"
     );
 }
@@ -299,9 +260,7 @@ async fn assert_client_cut_off(addr: std::net::SocketAddr, cfg: &Arc<ClientConfi
                 Some(rustls::Error::AlertReceived(_))
             ) || matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
             );
             assert!(ok, "unexpected client error: {e:?}");
         }
@@ -313,11 +272,7 @@ fn verifier(bundle: &SharedBundle, m: IdMatcher) -> SpiffeVerifier {
 }
 
 fn server_cfg(svid: &Svid, bundle: &SharedBundle, m: IdMatcher) -> ServerConfig {
-    server_config(
-        SvidResolver::with_svid(svid).unwrap(),
-        verifier(bundle, m),
-        &[ALPN_H2],
-    )
+    server_config(SvidResolver::with_svid(svid).unwrap(), verifier(bundle, m), &[ALPN_H2])
 }
 
 /// weft's client config, with TLS session resumption turned off so that every
@@ -331,11 +286,7 @@ fn client_cfg(svid: Option<&Svid>, bundle: &SharedBundle, m: IdMatcher) -> Arc<C
 
 /// `tls::client_config` exactly as the proxy gets it.
 fn shipped_client_cfg(svid: Option<&Svid>, bundle: &SharedBundle, m: IdMatcher) -> ClientConfig {
-    client_config(
-        svid.map(|s| SvidResolver::with_svid(s).unwrap()),
-        verifier(bundle, m),
-        &[ALPN_H2],
-    )
+    client_config(svid.map(|s| SvidResolver::with_svid(s).unwrap()), verifier(bundle, m), &[ALPN_H2])
 }
 
 // ------------------------------------------------------------------- cases
@@ -346,12 +297,8 @@ async fn mutual_tls_succeeds_and_server_reads_client_id() {
     let bundle = shared_bundle(pki.bundle());
     let server_svid = pki.svid(WEB);
     let client_svid = pki.svid(DB);
-    let mut server = EchoServer::start(server_cfg(
-        &server_svid,
-        &bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut server =
+        EchoServer::start(server_cfg(&server_svid, &bundle, IdMatcher::TrustDomain(td("example.org")))).await;
     let client = client_cfg(Some(&client_svid), &bundle, IdMatcher::Exact(id(WEB)));
 
     let stream = talk(server.addr, &client).await.expect("mTLS handshake");
@@ -364,10 +311,7 @@ async fn mutual_tls_succeeds_and_server_reads_client_id() {
     assert_eq!(chain, server_svid.chain.as_slice());
     assert_eq!(spiffe_id_of(&chain[0]).unwrap(), id(WEB));
     assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
-    assert_eq!(
-        conn.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
 }
 
 #[tokio::test]
@@ -375,29 +319,17 @@ async fn client_refuses_impostor_server() {
     let pki = Pki::new("example.org");
     let bundle = shared_bundle(pki.bundle());
     // A perfectly valid SVID of the same trust domain, but not the ID asked for.
-    let mut server = EchoServer::start(server_cfg(
-        &pki.svid(WEB),
-        &bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut server =
+        EchoServer::start(server_cfg(&pki.svid(WEB), &bundle, IdMatcher::TrustDomain(td("example.org")))).await;
     let client = client_cfg(Some(&pki.svid(DB)), &bundle, IdMatcher::Exact(id(DB)));
 
-    let err = talk(server.addr, &client)
-        .await
-        .expect_err("impostor accepted");
+    let err = talk(server.addr, &client).await.expect_err("impostor accepted");
     match rejection(&err) {
         PeerRejected::WrongId { got, .. } => assert_eq!(got, &id(WEB)),
         other => panic!("expected WrongId, got {other:?}"),
     }
-    let server_err = server
-        .next()
-        .await
-        .expect_err("server should see the client abort");
-    assert!(
-        matches!(tls_error(&server_err), rustls::Error::AlertReceived(_)),
-        "{server_err:?}"
-    );
+    let server_err = server.next().await.expect_err("server should see the client abort");
+    assert!(matches!(tls_error(&server_err), rustls::Error::AlertReceived(_)), "{server_err:?}");
 
     // Control: the same client asking for the right ID gets through.
     let honest = client_cfg(Some(&pki.svid(DB)), &bundle, IdMatcher::Exact(id(WEB)));
@@ -412,17 +344,9 @@ async fn server_refuses_client_from_another_ca_of_same_trust_domain() {
     let server_bundle = shared_bundle(ours.bundle());
     // The client trusts both CAs, so only the server's check can stop it.
     let client_bundle = shared_bundle(bundle_pems(&[&ours.anchor_pem, &rogue.anchor_pem]));
-    let mut server = EchoServer::start(server_cfg(
-        &ours.svid(WEB),
-        &server_bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
-    let client = client_cfg(
-        Some(&rogue.svid(DB)),
-        &client_bundle,
-        IdMatcher::Exact(id(WEB)),
-    );
+    let mut server =
+        EchoServer::start(server_cfg(&ours.svid(WEB), &server_bundle, IdMatcher::TrustDomain(td("example.org")))).await;
+    let client = client_cfg(Some(&rogue.svid(DB)), &client_bundle, IdMatcher::Exact(id(WEB)));
 
     assert_client_cut_off(server.addr, &client).await;
     let err = server.next().await.expect_err("rogue CA accepted");
@@ -436,20 +360,13 @@ async fn server_refuses_valid_svid_of_another_trust_domain() {
     // The server trusts both trust domains' anchors: the chain validates, and
     // the trust-domain matcher alone must refuse.
     let bundle = shared_bundle(bundle_pems(&[&ours.anchor_pem, &theirs.anchor_pem]));
-    let mut server = EchoServer::start(server_cfg(
-        &ours.svid(WEB),
-        &bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut server =
+        EchoServer::start(server_cfg(&ours.svid(WEB), &bundle, IdMatcher::TrustDomain(td("example.org")))).await;
     let foreign = theirs.svid("spiffe://other.org/ns/default/sa/db");
     let client = client_cfg(Some(&foreign), &bundle, IdMatcher::Exact(id(WEB)));
 
     assert_client_cut_off(server.addr, &client).await;
-    let err = server
-        .next()
-        .await
-        .expect_err("foreign trust domain accepted");
+    let err = server.next().await.expect_err("foreign trust domain accepted");
     match rejection(&err) {
         PeerRejected::WrongId { got, .. } => {
             assert_eq!(got, &id("spiffe://other.org/ns/default/sa/db"))
@@ -471,18 +388,11 @@ async fn client_certificate_mandatory_unless_optional() {
     let anonymous = client_cfg(None, &bundle, IdMatcher::Exact(id(WEB)));
 
     // Mandatory (the default): no certificate, no connection.
-    let mut strict = EchoServer::start(server_cfg(
-        &server_svid,
-        &bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut strict =
+        EchoServer::start(server_cfg(&server_svid, &bundle, IdMatcher::TrustDomain(td("example.org")))).await;
     assert_client_cut_off(strict.addr, &anonymous).await;
     let err = strict.next().await.expect_err("anonymous client accepted");
-    assert!(
-        matches!(tls_error(&err), rustls::Error::NoCertificatesPresented),
-        "{err:?}"
-    );
+    assert!(matches!(tls_error(&err), rustls::Error::NoCertificatesPresented), "{err:?}");
 
     // Optional: the anonymous client gets through, and the server knows it has no ID.
     let optional = server_config(
@@ -491,25 +401,16 @@ async fn client_certificate_mandatory_unless_optional() {
         &[ALPN_H2],
     );
     let mut lenient = EchoServer::start(optional).await;
-    talk(lenient.addr, &anonymous)
-        .await
-        .expect("optional client auth");
+    talk(lenient.addr, &anonymous).await.expect("optional client auth");
     let seen = lenient.next().await.unwrap();
     assert!(seen.client_id.is_none() && seen.client_leaf.is_none());
 
     // Optional still verifies a certificate that is presented.
     let rogue = Pki::new("example.org");
     let client_bundle = shared_bundle(bundle_pems(&[&pki.anchor_pem, &rogue.anchor_pem]));
-    let bad = client_cfg(
-        Some(&rogue.svid(DB)),
-        &client_bundle,
-        IdMatcher::Exact(id(WEB)),
-    );
+    let bad = client_cfg(Some(&rogue.svid(DB)), &client_bundle, IdMatcher::Exact(id(WEB)));
     assert_client_cut_off(lenient.addr, &bad).await;
-    let err = lenient
-        .next()
-        .await
-        .expect_err("bad optional cert accepted");
+    let err = lenient.next().await.expect_err("bad optional cert accepted");
     assert_untrusted_chain(&err);
 
     // And an optional server still identifies a good client.
@@ -525,37 +426,23 @@ async fn expired_svid_is_refused_both_ways() {
     let matcher = IdMatcher::TrustDomain(td("example.org"));
 
     // A server presenting an expired SVID: the client refuses it.
-    let mut server =
-        EchoServer::start(server_cfg(&pki.expired_svid(WEB), &bundle, matcher.clone())).await;
+    let mut server = EchoServer::start(server_cfg(&pki.expired_svid(WEB), &bundle, matcher.clone())).await;
     let client = client_cfg(Some(&pki.svid(DB)), &bundle, IdMatcher::Exact(id(WEB)));
-    let err = talk(server.addr, &client)
-        .await
-        .expect_err("expired server SVID accepted");
+    let err = talk(server.addr, &client).await.expect_err("expired server SVID accepted");
     assert_eq!(cert_error(&err), &CertificateError::Expired, "{err:?}");
     server.next().await.expect_err("server sees the abort");
 
     // A client presenting an expired SVID: the server refuses it.
     let mut server = EchoServer::start(server_cfg(&pki.svid(WEB), &bundle, matcher)).await;
-    let client = client_cfg(
-        Some(&pki.expired_svid(DB)),
-        &bundle,
-        IdMatcher::Exact(id(WEB)),
-    );
+    let client = client_cfg(Some(&pki.expired_svid(DB)), &bundle, IdMatcher::Exact(id(WEB)));
     assert_client_cut_off(server.addr, &client).await;
-    let err = server
-        .next()
-        .await
-        .expect_err("expired client SVID accepted");
+    let err = server.next().await.expect_err("expired client SVID accepted");
     assert_eq!(cert_error(&err), &CertificateError::Expired, "{err:?}");
 }
 
 fn serial(der: &[u8]) -> Vec<u8> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    X509Certificate::from_der(der)
-        .unwrap()
-        .1
-        .raw_serial()
-        .to_vec()
+    X509Certificate::from_der(der).unwrap().1.raw_serial().to_vec()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -593,17 +480,12 @@ async fn rotation_changes_next_handshake_and_spares_open_connections() {
     assert_eq!(kind(&after), Some(HandshakeKind::Full));
     assert_eq!(server.next().await.unwrap().kind, Some(HandshakeKind::Full));
     let presented = server_leaf(&after);
-    assert_eq!(
-        presented, new.chain[0],
-        "next handshake presents the new leaf"
-    );
+    assert_eq!(presented, new.chain[0], "next handshake presents the new leaf");
     assert_eq!(serial(&presented), serial(&new.chain[0]));
     assert_ne!(serial(&presented), serial(&old.chain[0]));
 
     // The connection opened before the swap still carries traffic, on the old leaf.
-    ping(&mut before, b"still here after rotation")
-        .await
-        .expect("pre-rotation connection keeps working");
+    ping(&mut before, b"still here after rotation").await.expect("pre-rotation connection keeps working");
     assert_eq!(server_leaf(&before), old.chain[0]);
     ping(&mut after, b"and the new one too").await.unwrap();
 }
@@ -614,47 +496,29 @@ async fn bundle_swap_makes_next_handshake_trust_new_ca() {
     let new_ca = Pki::new("example.org");
     // The client's trust, shared through the ArcSwap: the old CA only.
     let client_bundle = shared_bundle(old_ca.bundle());
-    let client = client_cfg(
-        Some(&old_ca.svid(DB)),
-        &client_bundle,
-        IdMatcher::Exact(id(WEB)),
-    );
+    let client = client_cfg(Some(&old_ca.svid(DB)), &client_bundle, IdMatcher::Exact(id(WEB)));
     // Servers on the old and the new CA, both trusting both for their clients.
     let server_bundle = shared_bundle(bundle_pems(&[&old_ca.anchor_pem, &new_ca.anchor_pem]));
-    let mut new_server = EchoServer::start(server_cfg(
-        &new_ca.svid(WEB),
-        &server_bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
-    let mut old_server = EchoServer::start(server_cfg(
-        &old_ca.svid(WEB),
-        &server_bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut new_server =
+        EchoServer::start(server_cfg(&new_ca.svid(WEB), &server_bundle, IdMatcher::TrustDomain(td("example.org"))))
+            .await;
+    let mut old_server =
+        EchoServer::start(server_cfg(&old_ca.svid(WEB), &server_bundle, IdMatcher::TrustDomain(td("example.org"))))
+            .await;
 
-    let err = talk(new_server.addr, &client)
-        .await
-        .expect_err("new CA trusted before the swap");
+    let err = talk(new_server.addr, &client).await.expect_err("new CA trusted before the swap");
     assert_untrusted_chain(&err);
     new_server.next().await.expect_err("server sees the abort");
-    talk(old_server.addr, &client)
-        .await
-        .expect("old CA trusted");
+    talk(old_server.addr, &client).await.expect("old CA trusted");
     old_server.next().await.unwrap();
 
     // Swap in a bundle holding only the new CA; the same client config follows.
     client_bundle.store(Arc::new(Anchors::new(new_ca.bundle())));
 
-    let s = talk(new_server.addr, &client)
-        .await
-        .expect("new CA trusted after the swap");
+    let s = talk(new_server.addr, &client).await.expect("new CA trusted after the swap");
     assert_eq!(kind(&s), Some(HandshakeKind::Full));
     assert_eq!(new_server.next().await.unwrap().client_id, Some(id(DB)));
-    let err = talk(old_server.addr, &client)
-        .await
-        .expect_err("old CA still trusted after the swap");
+    let err = talk(old_server.addr, &client).await.expect_err("old CA still trusted after the swap");
     assert_untrusted_chain(&err);
     old_server.next().await.expect_err("server sees the abort");
 }
@@ -667,8 +531,7 @@ async fn bundle_swap_makes_next_handshake_trust_new_ca() {
 // configs as shipped and prove that rotation, bundle changes and expiry apply
 // to the very next handshake from the same client.
 
-const RESUMPTION_BUG: &str =
-    "weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers";
+const RESUMPTION_BUG: &str = "weft_certs::tls configs resume TLS sessions, skipping the SPIFFE verifiers";
 
 #[tokio::test]
 async fn resumption_does_not_hide_a_rotated_server_svid() {
@@ -683,11 +546,7 @@ async fn resumption_does_not_hide_a_rotated_server_svid() {
         &[ALPN_H2],
     ))
     .await;
-    let client = Arc::new(shipped_client_cfg(
-        Some(&pki.svid(DB)),
-        &bundle,
-        IdMatcher::Exact(id(WEB)),
-    ));
+    let client = Arc::new(shipped_client_cfg(Some(&pki.svid(DB)), &bundle, IdMatcher::Exact(id(WEB))));
     let first = talk(server.addr, &client).await.unwrap();
     server.next().await.unwrap();
     assert_eq!(server_leaf(&first), old.chain[0]);
@@ -712,12 +571,9 @@ async fn resumption_does_not_outlive_a_bundle_swap() {
     let new_ca = Pki::new("example.org");
     // The server trusts the old CA for clients, then drops it.
     let server_bundle = shared_bundle(bundle_pems(&[&old_ca.anchor_pem, &new_ca.anchor_pem]));
-    let mut server = EchoServer::start(server_cfg(
-        &new_ca.svid(WEB),
-        &server_bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut server =
+        EchoServer::start(server_cfg(&new_ca.svid(WEB), &server_bundle, IdMatcher::TrustDomain(td("example.org"))))
+            .await;
     let client = Arc::new(shipped_client_cfg(
         Some(&old_ca.svid(DB)),
         &shared_bundle(new_ca.bundle()),
@@ -740,29 +596,15 @@ async fn resumption_does_not_outlive_a_bundle_swap() {
 async fn resumption_does_not_outlive_client_svid_expiry() {
     let pki = Pki::new("example.org");
     let bundle = shared_bundle(pki.bundle());
-    let mut server = EchoServer::start(server_cfg(
-        &pki.svid(WEB),
-        &bundle,
-        IdMatcher::TrustDomain(td("example.org")),
-    ))
-    .await;
+    let mut server =
+        EchoServer::start(server_cfg(&pki.svid(WEB), &bundle, IdMatcher::TrustDomain(td("example.org")))).await;
     // An SVID valid for two more seconds.
-    let short = pki
-        .authority
-        .issue_local(&id(DB), Duration::from_secs(2))
-        .unwrap();
-    let client = Arc::new(shipped_client_cfg(
-        Some(&short),
-        &bundle,
-        IdMatcher::Exact(id(WEB)),
-    ));
+    let short = pki.authority.issue_local(&id(DB), Duration::from_secs(2)).unwrap();
+    let client = Arc::new(shipped_client_cfg(Some(&short), &bundle, IdMatcher::Exact(id(WEB))));
     talk(server.addr, &client).await.expect("still valid");
     server.next().await.unwrap();
 
-    let wait = short
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let wait = short.not_after.duration_since(SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(1500)).await;
     assert!(SystemTime::now() > short.not_after);
 

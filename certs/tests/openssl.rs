@@ -39,11 +39,7 @@ fn openssl(args: &[&str]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 fn path_str(p: &Path) -> &str {
@@ -72,10 +68,7 @@ impl PkiDir {
 
     /// Issues a leaf for `id` and writes it alone (no chain) as PEM; returns its path.
     fn write_leaf(&self, id: &str, name: &str) -> PathBuf {
-        let svid = self
-            .authority
-            .issue_local(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600))
-            .unwrap();
+        let svid = self.authority.issue_local(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600)).unwrap();
         assert_eq!(svid.spiffe_id.as_str(), id);
         let path = self.file(name);
         std::fs::write(&path, der_to_pem("CERTIFICATE", &svid.chain[0])).unwrap();
@@ -88,13 +81,7 @@ impl PkiDir {
         let issuer = self.file(ISSUER_CERT);
         let mut args = vec!["verify"];
         args.extend_from_slice(extra);
-        args.extend([
-            "-CAfile",
-            path_str(&bundle),
-            "-untrusted",
-            path_str(&issuer),
-            path_str(leaf),
-        ]);
+        args.extend(["-CAfile", path_str(&bundle), "-untrusted", path_str(&issuer), path_str(leaf)]);
         openssl(&args)
     }
 }
@@ -110,11 +97,7 @@ const IDS: [&str; 4] = [
 fn openssl_binary_is_present() {
     let out = openssl(&["version"]);
     assert!(out.status.success(), "openssl version: {}", text(&out));
-    assert!(
-        text(&out).starts_with("OpenSSL"),
-        "unexpected `openssl version` output: {}",
-        text(&out)
-    );
+    assert!(text(&out).starts_with("OpenSSL"), "unexpected `openssl version` output: {}", text(&out));
 }
 
 #[test]
@@ -123,16 +106,8 @@ fn openssl_verifies_issued_leaves() {
     for (i, id) in IDS.iter().enumerate() {
         let leaf = pki.write_leaf(id, &format!("leaf{i}.pem"));
         let out = pki.verify(&leaf, &[]);
-        assert!(
-            out.status.success(),
-            "openssl verify refused the leaf for {id}: {}",
-            text(&out)
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains(&format!("{}: OK", leaf.display())),
-            "{}",
-            text(&out)
-        );
+        assert!(out.status.success(), "openssl verify refused the leaf for {id}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{}: OK", leaf.display())), "{}", text(&out));
         // The leaf is good for both ends of mutual TLS, as openssl reads its purposes.
         for purpose in ["sslserver", "sslclient"] {
             let out = pki.verify(&leaf, &["-purpose", purpose, "-x509_strict"]);
@@ -155,34 +130,18 @@ fn openssl_refuses_leaf_of_another_pki() {
     assert!(out.status.success(), "{}", text(&out));
 
     let out = ours.verify(&foreign, &[]);
-    assert!(
-        !out.status.success(),
-        "openssl accepted a leaf of another PKI: {}",
-        text(&out)
-    );
+    assert!(!out.status.success(), "openssl accepted a leaf of another PKI: {}", text(&out));
     let t = text(&out);
     assert!(
-        t.contains("unable to get local issuer certificate")
-            || t.contains("certificate signature failure"),
+        t.contains("unable to get local issuer certificate") || t.contains("certificate signature failure"),
         "unexpected openssl error: {t}"
     );
 
     // Even when handed the other PKI's issuer as an untrusted intermediate.
     let bundle = ours.file(TRUST_BUNDLE);
     let issuer = theirs.file(ISSUER_CERT);
-    let out = openssl(&[
-        "verify",
-        "-CAfile",
-        path_str(&bundle),
-        "-untrusted",
-        path_str(&issuer),
-        path_str(&foreign),
-    ]);
-    assert!(
-        !out.status.success(),
-        "openssl accepted a foreign chain: {}",
-        text(&out)
-    );
+    let out = openssl(&["verify", "-CAfile", path_str(&bundle), "-untrusted", path_str(&issuer), path_str(&foreign)]);
+    assert!(!out.status.success(), "openssl accepted a foreign chain: {}", text(&out));
 }
 
 /// One extension of `openssl x509 -text`: its header line (name and
@@ -196,9 +155,7 @@ struct Ext {
 
 /// Parses the "X509v3 extensions:" block of `openssl x509 -noout -text`.
 fn extensions(dump: &str) -> Vec<Ext> {
-    let mut lines = dump
-        .lines()
-        .skip_while(|l| l.trim() != "X509v3 extensions:");
+    let mut lines = dump.lines().skip_while(|l| l.trim() != "X509v3 extensions:");
     assert!(lines.next().is_some(), "no X509v3 extensions in:\n{dump}");
     let mut exts: Vec<Ext> = Vec::new();
     let mut header_indent = None;
@@ -217,16 +174,9 @@ fn extensions(dump: &str) -> Vec<Ext> {
                 Some(n) => (n, true),
                 None => (trimmed.trim_end_matches(':'), false),
             };
-            exts.push(Ext {
-                name: name.to_string(),
-                critical,
-                values: Vec::new(),
-            });
+            exts.push(Ext { name: name.to_string(), critical, values: Vec::new() });
         } else {
-            exts.last_mut()
-                .expect("value before any extension header")
-                .values
-                .push(trimmed.to_string());
+            exts.last_mut().expect("value before any extension header").values.push(trimmed.to_string());
         }
     }
     exts
@@ -255,25 +205,15 @@ fn leaf_profile_as_openssl_reads_it() {
         let bc = ext(&exts, "X509v3 Basic Constraints");
         assert!(bc.critical, "basicConstraints must be critical: {bc:?}");
         assert_eq!(bc.values, ["CA:FALSE"], "{bc:?}");
-        assert!(
-            d.contains("X509v3 Basic Constraints: critical\n                CA:FALSE"),
-            "{d}"
-        );
+        assert!(d.contains("X509v3 Basic Constraints: critical\n                CA:FALSE"), "{d}");
 
         let ku = ext(&exts, "X509v3 Key Usage");
         assert!(ku.critical, "keyUsage must be critical: {ku:?}");
         assert_eq!(ku.values, ["Digital Signature"], "{ku:?}");
-        assert!(
-            !d.contains("Certificate Sign") && !d.contains("CRL Sign"),
-            "{d}"
-        );
+        assert!(!d.contains("Certificate Sign") && !d.contains("CRL Sign"), "{d}");
 
         let eku = ext(&exts, "X509v3 Extended Key Usage");
-        assert_eq!(
-            eku.values,
-            ["TLS Web Server Authentication, TLS Web Client Authentication"],
-            "{eku:?}"
-        );
+        assert_eq!(eku.values, ["TLS Web Server Authentication, TLS Web Client Authentication"], "{eku:?}");
 
         let san = ext(&exts, "X509v3 Subject Alternative Name");
         assert_eq!(san.values, [format!("URI:{id}")], "{san:?}");
@@ -295,23 +235,14 @@ fn signing_cert_profiles_as_openssl_reads_them() {
         let exts = extensions(&d);
 
         let bc = ext(&exts, "X509v3 Basic Constraints");
-        assert!(
-            bc.critical,
-            "{name}: basicConstraints must be critical: {bc:?}"
-        );
-        assert!(
-            bc.values.len() == 1 && bc.values[0].starts_with("CA:TRUE"),
-            "{name}: {bc:?}"
-        );
+        assert!(bc.critical, "{name}: basicConstraints must be critical: {bc:?}");
+        assert!(bc.values.len() == 1 && bc.values[0].starts_with("CA:TRUE"), "{name}: {bc:?}");
 
         let ku = ext(&exts, "X509v3 Key Usage");
         assert!(ku.critical, "{name}: keyUsage must be critical: {ku:?}");
         let usages: Vec<&str> = ku.values[0].split(", ").collect();
         assert!(usages.contains(&"Certificate Sign"), "{name}: {ku:?}");
-        assert!(
-            !usages.contains(&"Digital Signature"),
-            "{name}: a signing cert has no leaf-only use: {ku:?}"
-        );
+        assert!(!usages.contains(&"Digital Signature"), "{name}: a signing cert has no leaf-only use: {ku:?}");
         assert!(
             !exts.iter().any(|e| e.name == "X509v3 Extended Key Usage"),
             "{name}: a signing cert has no extendedKeyUsage: {exts:#?}"

@@ -99,23 +99,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Certs {
-            cmd:
-                CertsCmd::Init {
-                    trust_domain,
-                    out,
-                    force,
-                    from_issuer,
-                    issuer_key,
-                    trust_bundle,
-                },
-        } => {
+        Cmd::Certs { cmd: CertsCmd::Init { trust_domain, out, force, from_issuer, issuer_key, trust_bundle } } => {
             let ext = from_issuer.map(|cert| pki::ExternalIssuer {
                 cert,
                 key: issuer_key.expect("clap requires --issuer-key"),
@@ -127,25 +115,16 @@ async fn run() -> anyhow::Result<()> {
             }
             println!("operator identity: {}", pki::operator_id(&trust_domain));
         }
-        Cmd::Token {
-            cmd:
-                TokenCmd::Create {
-                    conn,
-                    spiffe_id,
-                    ttl,
-                },
-        } => {
+        Cmd::Token { cmd: TokenCmd::Create { conn, spiffe_id, ttl } } => {
             // Validate locally first so the message names the rule broken.
-            let id = SpiffeId::parse(&spiffe_id)
-                .with_context(|| format!("--spiffe-id {spiffe_id:?}"))?;
+            let id = SpiffeId::parse(&spiffe_id).with_context(|| format!("--spiffe-id {spiffe_id:?}"))?;
             let resp = operator::create_token(&conn, &id, ttl).await?;
             eprintln!("token for {id}, expires at {} (unix)", resp.expires_at);
             println!("{}", resp.token);
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Validate { file } => {
-            let cfg =
-                weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let cfg = weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!(
                 "{}: valid ({} services, {} routes, {} authorization policies, {} rate limits)",
                 file.display(),

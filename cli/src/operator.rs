@@ -20,24 +20,14 @@ pub struct ConnArgs {
 }
 
 async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    let op = pki::load_svid(
-        &conn.pki.join(pki::OPERATOR_CERT),
-        &conn.pki.join(pki::OPERATOR_KEY),
-    )?;
+    let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
     let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
     let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
     let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
-    let tls = weft_certs::tls::client_config(
-        Some(SvidResolver::with_svid(&op)?),
-        verifier,
-        &[weft_certs::tls::ALPN_H2],
-    );
-    let channel = weft_proto::channel::lazy_channel(
-        &conn.control_plane,
-        Arc::new(tls),
-        weft_certs::tls::server_name(),
-    )
-    .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
+    let tls =
+        weft_certs::tls::client_config(Some(SvidResolver::with_svid(&op)?), verifier, &[weft_certs::tls::ALPN_H2]);
+    let channel = weft_proto::channel::lazy_channel(&conn.control_plane, Arc::new(tls), weft_certs::tls::server_name())
+        .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
     Ok(AdminClient::new(channel))
 }
 
@@ -49,27 +39,16 @@ fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
             status.message()
         )
     } else if status.code() == tonic::Code::Unavailable {
-        anyhow::anyhow!(
-            "control plane at {} is unreachable: {}",
-            conn.control_plane,
-            status.message()
-        )
+        anyhow::anyhow!("control plane at {} is unreachable: {}", conn.control_plane, status.message())
     } else {
         anyhow::anyhow!("{}: {}", status.code(), status.message())
     }
 }
 
-pub async fn create_token(
-    conn: &ConnArgs,
-    id: &SpiffeId,
-    ttl: Duration,
-) -> anyhow::Result<CreateJoinTokenResponse> {
+pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyhow::Result<CreateJoinTokenResponse> {
     let mut c = client(conn).await?;
     let resp = c
-        .create_join_token(CreateJoinTokenRequest {
-            spiffe_id: id.to_string(),
-            ttl_seconds: ttl.as_secs(),
-        })
+        .create_join_token(CreateJoinTokenRequest { spiffe_id: id.to_string(), ttl_seconds: ttl.as_secs() })
         .await
         .map_err(|s| rpc_error(s, conn))?;
     Ok(resp.into_inner())
@@ -77,11 +56,7 @@ pub async fn create_token(
 
 pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
-    let s = c
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| rpc_error(s, conn))?
-        .into_inner();
+    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
     if json {
         let sidecars: Vec<_> = s
             .sidecars
@@ -110,20 +85,14 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
         println!("last config change REJECTED: {}", s.config_error);
     }
     let now = weft_certs::svid::unix_secs(SystemTime::now());
-    println!(
-        "{:<48} {:<12} {:<22} {:<12} {:<8} SYNC",
-        "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION"
-    );
+    println!("{:<48} {:<12} {:<22} {:<12} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION");
     for p in &s.sidecars {
         let sync = if p.acked_version == s.config_version {
             "in sync".to_string()
         } else if p.nacked_version == s.config_version {
             format!("REJECTED: {}", p.nack_reason)
         } else {
-            format!(
-                "stale (lag {})",
-                s.config_version.saturating_sub(p.acked_version)
-            )
+            format!("stale (lag {})", s.config_version.saturating_sub(p.acked_version))
         };
         println!(
             "{:<48} {:<12} {:<22} {:<12} {:<8} {}",

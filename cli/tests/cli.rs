@@ -55,26 +55,15 @@ fn weft(args: &[&str]) -> Output {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output {
-        status,
-        stdout: std::fs::read_to_string(&out).unwrap(),
-        stderr: std::fs::read_to_string(&err).unwrap(),
-    }
+    Output { status, stdout: std::fs::read_to_string(&out).unwrap(), stderr: std::fs::read_to_string(&err).unwrap() }
 }
 
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    FILES
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
-        .collect()
+    FILES.iter().map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap())).collect()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -89,41 +78,24 @@ fn certs_init_writes_the_pki_and_refuses_to_overwrite() {
         assert!(dir.join(f).is_file(), "{f} missing");
         assert!(out.stdout.contains(f), "stdout names {f}: {}", out.stdout);
     }
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        FILES.len(),
-        "exactly the 7 files (no temp files left)"
-    );
-    assert!(
-        out.stdout
-            .contains("operator identity: spiffe://example.org/weft/operator"),
-        "{}",
-        out.stdout
-    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), FILES.len(), "exactly the 7 files (no temp files left)");
+    assert!(out.stdout.contains("operator identity: spiffe://example.org/weft/operator"), "{}", out.stdout);
     for k in KEYS {
         let mode = std::fs::metadata(dir.join(k)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{k} mode {mode:o}");
     }
     // What was written is a usable PKI for the trust domain.
     let authority = pki::load_authority(&dir, None).expect("load the PKI");
-    assert_eq!(
-        authority.trust_domain(),
-        &TrustDomain::new("example.org").unwrap()
-    );
+    assert_eq!(authority.trust_domain(), &TrustDomain::new("example.org").unwrap());
     let op = pki::load_svid(&dir.join(pki::OPERATOR_CERT), &dir.join(pki::OPERATOR_KEY)).unwrap();
-    assert_eq!(
-        op.spiffe_id.to_string(),
-        "spiffe://example.org/weft/operator"
-    );
+    assert_eq!(op.spiffe_id.to_string(), "spiffe://example.org/weft/operator");
 
     // Again without --force: refused, naming an existing file, nothing changed.
     let before = snapshot(&dir);
     let out = weft(&["certs", "init", "--trust-domain", "example.org", "--out", d]);
     assert!(!out.status.success(), "second init succeeded");
     assert!(
-        FILES
-            .iter()
-            .any(|f| out.stderr.contains(&dir.join(f).display().to_string())),
+        FILES.iter().any(|f| out.stderr.contains(&dir.join(f).display().to_string())),
         "names an existing file: {}",
         out.stderr
     );
@@ -134,36 +106,14 @@ fn certs_init_writes_the_pki_and_refuses_to_overwrite() {
     let partial = tmp.path().join("partial");
     std::fs::create_dir(&partial).unwrap();
     std::fs::write(partial.join(pki::OPERATOR_KEY), b"keep me").unwrap();
-    let out = weft(&[
-        "certs",
-        "init",
-        "--trust-domain",
-        "example.org",
-        "--out",
-        partial.to_str().unwrap(),
-    ]);
+    let out = weft(&["certs", "init", "--trust-domain", "example.org", "--out", partial.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(out.stderr.contains(pki::OPERATOR_KEY), "{}", out.stderr);
-    assert_eq!(
-        std::fs::read(partial.join(pki::OPERATOR_KEY)).unwrap(),
-        b"keep me"
-    );
-    assert_eq!(
-        std::fs::read_dir(&partial).unwrap().count(),
-        1,
-        "nothing written"
-    );
+    assert_eq!(std::fs::read(partial.join(pki::OPERATOR_KEY)).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(&partial).unwrap().count(), 1, "nothing written");
 
     // --force overwrites: new keys, still valid.
-    let out = weft(&[
-        "certs",
-        "init",
-        "--trust-domain",
-        "example.org",
-        "--out",
-        d,
-        "--force",
-    ]);
+    let out = weft(&["certs", "init", "--trust-domain", "example.org", "--out", d, "--force"]);
     assert!(out.status.success(), "{}", out.stderr);
     let after = snapshot(&dir);
     for ((name, old), (_, new)) in before.iter().zip(&after) {
@@ -180,14 +130,7 @@ fn certs_init_writes_the_pki_and_refuses_to_overwrite() {
 fn certs_init_rejects_upper_case_trust_domain() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
-    let out = weft(&[
-        "certs",
-        "init",
-        "--trust-domain",
-        "Example.org",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    let out = weft(&["certs", "init", "--trust-domain", "Example.org", "--out", dir.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(out.stderr.contains("upper case"), "{}", out.stderr);
     assert!(!dir.exists(), "nothing written");

@@ -41,11 +41,7 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(
-            f,
-            "config rejected ({n} error{}):",
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "config rejected ({n} error{}):", if n == 1 { "" } else { "s" })?;
         for e in &self.0 {
             write!(f, "\n  - {e}")?;
         }
@@ -69,12 +65,12 @@ pub struct MeshConfig {
     pub routes: Vec<Named<HttpRouteSpec>>,
     pub policies: Vec<Named<AuthorizationPolicySpec>>,
     pub rate_limits: Vec<Named<RateLimitSpec>>,
+    #[serde(default)]
+    pub workloads: Vec<Named<WorkloadSpec>>,
 }
 
-const KINDS: &str = "Mesh, Service, HTTPRoute, AuthorizationPolicy, RateLimit";
-const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
+const KINDS: &str = "Mesh, Service, HTTPRoute, AuthorizationPolicy, RateLimit, Workload";
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
 struct Ctx {
     errors: Vec<ConfigError>,
@@ -82,11 +78,7 @@ struct Ctx {
 
 impl Ctx {
     fn err(&mut self, document: &str, field: impl Into<String>, reason: impl Into<String>) {
-        self.errors.push(ConfigError {
-            document: document.into(),
-            field: field.into(),
-            reason: reason.into(),
-        });
+        self.errors.push(ConfigError { document: document.into(), field: field.into(), reason: reason.into() });
     }
 }
 
@@ -107,11 +99,7 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                cx.err(
-                    &format!("document {index}"),
-                    "",
-                    format!("not valid YAML: {e}"),
-                );
+                cx.err(&format!("document {index}"), "", format!("not valid YAML: {e}"));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -122,57 +110,30 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
         let doc: Document = match serde_path_to_error::deserialize(value) {
             Ok(d) => d,
             Err(e) => {
-                cx.err(
-                    &format!("document {index}"),
-                    e.path().to_string(),
-                    e.inner().to_string(),
-                );
+                cx.err(&format!("document {index}"), e.path().to_string(), e.inner().to_string());
                 continue;
             }
         };
         let lbl = label(&doc.kind, &doc.metadata.name, index);
         if doc.api_version != API_VERSION {
-            cx.err(
-                &lbl,
-                "apiVersion",
-                format!("{:?} is not supported; use {API_VERSION}", doc.api_version),
-            );
+            cx.err(&lbl, "apiVersion", format!("{:?} is not supported; use {API_VERSION}", doc.api_version));
         }
         if !valid_name(&doc.metadata.name) {
-            cx.err(
-                &lbl,
-                "metadata.name",
-                "must be lower-case letters, digits, '-' or '.', at most 63 characters",
-            );
+            cx.err(&lbl, "metadata.name", "must be lower-case letters, digits, '-' or '.', at most 63 characters");
         }
         if !names.insert((doc.kind.clone(), doc.metadata.name.clone())) {
-            cx.err(
-                &lbl,
-                "metadata.name",
-                format!(
-                    "another {} is already named {:?}",
-                    doc.kind, doc.metadata.name
-                ),
-            );
+            cx.err(&lbl, "metadata.name", format!("another {} is already named {:?}", doc.kind, doc.metadata.name));
         }
         docs.push((lbl, doc));
     }
 
     // First pass: decode specs (services are needed to check references).
-    fn spec<T: serde::de::DeserializeOwned>(
-        cx: &mut Ctx,
-        lbl: &str,
-        v: serde_yaml::Value,
-    ) -> Option<T> {
+    fn spec<T: serde::de::DeserializeOwned>(cx: &mut Ctx, lbl: &str, v: serde_yaml::Value) -> Option<T> {
         match serde_path_to_error::deserialize(v) {
             Ok(s) => Some(s),
             Err(e) => {
                 let path = e.path().to_string();
-                let field = if path == "." {
-                    "spec".to_string()
-                } else {
-                    format!("spec.{path}")
-                };
+                let field = if path == "." { "spec".to_string() } else { format!("spec.{path}") };
                 cx.err(lbl, field, e.inner().to_string());
                 None
             }
@@ -215,11 +176,13 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
                     cfg.rate_limits.push(Named { name, spec: s });
                 }
             }
-            other => cx.err(
-                &lbl,
-                "kind",
-                format!("unknown kind {other:?}; expected one of {KINDS}"),
-            ),
+            "Workload" => {
+                if let Some(s) = spec(&mut cx, &lbl, doc.spec) {
+                    labels.insert(("Workload", name.clone()), lbl);
+                    cfg.workloads.push(Named { name, spec: s });
+                }
+            }
+            other => cx.err(&lbl, "kind", format!("unknown kind {other:?}; expected one of {KINDS}")),
         }
     }
 
@@ -240,14 +203,28 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
         let lbl = labels[&("RateLimit", r.name.clone())].clone();
         validate_target(&mut cx, &lbl, &r.spec.target_ref, &cfg.services);
         if !(r.spec.requests_per_second.is_finite() && r.spec.requests_per_second > 0.0) {
-            cx.err(
-                &lbl,
-                "spec.requestsPerSecond",
-                "must be a number greater than 0",
-            );
+            cx.err(&lbl, "spec.requestsPerSecond", "must be a number greater than 0");
         }
         for (i, p) in r.spec.paths.iter().enumerate() {
             check_path_glob(&mut cx, &lbl, &format!("spec.paths[{i}]"), p);
+        }
+    }
+
+    for w in &cfg.workloads {
+        let lbl = labels[&("Workload", w.name.clone())].clone();
+        if !cfg.services.contains_key(&w.spec.service) {
+            cx.err(&lbl, "spec.service", format!("Service {:?} does not exist", w.spec.service));
+        }
+        for (i, c) in w.spec.calls.iter().enumerate() {
+            if !cfg.services.contains_key(c) {
+                cx.err(&lbl, format!("spec.calls[{i}]"), format!("Service {c:?} does not exist"));
+            }
+        }
+        if !(1..=20).contains(&w.spec.replicas) {
+            cx.err(&lbl, "spec.replicas", "must be between 1 and 20");
+        }
+        if !(w.spec.load.is_finite() && (0.0..=5000.0).contains(&w.spec.load)) {
+            cx.err(&lbl, "spec.load", "must be between 0 and 5000 requests per second");
         }
     }
 
@@ -273,8 +250,7 @@ pub fn load(path: &std::path::Path) -> Result<MeshConfig, ConfigErrors> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
@@ -286,73 +262,34 @@ fn validate_service(cx: &mut Ctx, lbl: &str, svc: &ServiceSpec) {
     let mut seen = BTreeSet::new();
     for (i, s) in svc.subsets.iter().enumerate() {
         if !valid_name(&s.name) {
-            cx.err(
-                lbl,
-                format!("spec.subsets[{i}].name"),
-                "must be lower-case letters, digits, '-' or '.'",
-            );
+            cx.err(lbl, format!("spec.subsets[{i}].name"), "must be lower-case letters, digits, '-' or '.'");
         }
         if !seen.insert(&s.name) {
-            cx.err(
-                lbl,
-                format!("spec.subsets[{i}].name"),
-                format!("subset {:?} is defined twice", s.name),
-            );
+            cx.err(lbl, format!("spec.subsets[{i}].name"), format!("subset {:?} is defined twice", s.name));
         }
         if s.labels.is_empty() {
-            cx.err(
-                lbl,
-                format!("spec.subsets[{i}].labels"),
-                "a subset needs at least one label to select workloads",
-            );
+            cx.err(lbl, format!("spec.subsets[{i}].labels"), "a subset needs at least one label to select workloads");
         }
     }
 }
 
-fn validate_target(
-    cx: &mut Ctx,
-    lbl: &str,
-    t: &TargetRef,
-    services: &BTreeMap<String, ServiceSpec>,
-) {
+fn validate_target(cx: &mut Ctx, lbl: &str, t: &TargetRef, services: &BTreeMap<String, ServiceSpec>) {
     if t.kind != "Service" {
-        cx.err(
-            lbl,
-            "spec.targetRef.kind",
-            format!("{:?} is not supported; only Service", t.kind),
-        );
+        cx.err(lbl, "spec.targetRef.kind", format!("{:?} is not supported; only Service", t.kind));
     } else if !services.contains_key(&t.name) {
-        cx.err(
-            lbl,
-            "spec.targetRef.name",
-            format!("Service {:?} does not exist", t.name),
-        );
+        cx.err(lbl, "spec.targetRef.name", format!("Service {:?} does not exist", t.name));
     }
 }
 
 fn check_regex(cx: &mut Ctx, lbl: &str, field: &str, re: &str) {
     if let Err(e) = regex::Regex::new(re) {
-        cx.err(
-            lbl,
-            field,
-            format!(
-                "regular expression does not compile: {}",
-                e.to_string().replace('\n', " ")
-            ),
-        );
+        cx.err(lbl, field, format!("regular expression does not compile: {}", e.to_string().replace('\n', " ")));
     }
 }
 
 fn check_method(cx: &mut Ctx, lbl: &str, field: &str, m: &str) {
     if !METHODS.contains(&m) {
-        cx.err(
-            lbl,
-            field,
-            format!(
-                "{m:?} is not an HTTP method; expected one of {}",
-                METHODS.join(", ")
-            ),
-        );
+        cx.err(lbl, field, format!("{m:?} is not an HTTP method; expected one of {}", METHODS.join(", ")));
     }
 }
 
@@ -365,37 +302,22 @@ fn check_header_name(cx: &mut Ctx, lbl: &str, field: &str, name: &str) {
 
 fn check_path_glob(cx: &mut Ctx, lbl: &str, field: &str, p: &str) {
     if !(p.starts_with('/') || p.starts_with('*')) {
-        cx.err(
-            lbl,
-            field,
-            format!("{p:?} must start with '/' (or be a '*' glob)"),
-        );
+        cx.err(lbl, field, format!("{p:?} must start with '/' (or be a '*' glob)"));
     }
 }
 
-fn validate_route(
-    cx: &mut Ctx,
-    lbl: &str,
-    r: &HttpRouteSpec,
-    services: &BTreeMap<String, ServiceSpec>,
-) {
+fn validate_route(cx: &mut Ctx, lbl: &str, r: &HttpRouteSpec, services: &BTreeMap<String, ServiceSpec>) {
     if r.parent_refs.is_empty() {
         cx.err(lbl, "spec.parentRefs", "needs at least one parent Service");
     }
     for (i, p) in r.parent_refs.iter().enumerate() {
         if p.kind != "Service" {
-            cx.err(
-                lbl,
-                format!("spec.parentRefs[{i}].kind"),
-                format!("{:?} is not supported; only Service", p.kind),
-            );
+            cx.err(lbl, format!("spec.parentRefs[{i}].kind"), format!("{:?} is not supported; only Service", p.kind));
         } else {
             match services.get(&p.name) {
-                None => cx.err(
-                    lbl,
-                    format!("spec.parentRefs[{i}].name"),
-                    format!("Service {:?} does not exist", p.name),
-                ),
+                None => {
+                    cx.err(lbl, format!("spec.parentRefs[{i}].name"), format!("Service {:?} does not exist", p.name))
+                }
                 Some(s) if matches!(s.protocol, Protocol::Tcp | Protocol::Opaque) => cx.err(
                     lbl,
                     format!("spec.parentRefs[{i}].name"),
@@ -417,14 +339,10 @@ fn validate_route(
             let at = |f: &str| format!("spec.rules[{ri}].matches[{mi}].{f}");
             if let Some(p) = &m.path {
                 match p.kind {
-                    PathMatchType::RegularExpression => {
-                        check_regex(cx, lbl, &at("path.value"), &p.value)
+                    PathMatchType::RegularExpression => check_regex(cx, lbl, &at("path.value"), &p.value),
+                    _ if !p.value.starts_with('/') => {
+                        cx.err(lbl, at("path.value"), format!("{:?} must start with '/'", p.value))
                     }
-                    _ if !p.value.starts_with('/') => cx.err(
-                        lbl,
-                        at("path.value"),
-                        format!("{:?} must start with '/'", p.value),
-                    ),
                     _ => {}
                 }
             }
@@ -450,18 +368,12 @@ fn validate_route(
         for (bi, b) in rule.backend_refs.iter().enumerate() {
             total += u64::from(b.weight);
             if b.weight > 1_000_000 {
-                cx.err(
-                    lbl,
-                    at(&format!("backendRefs[{bi}].weight")),
-                    "must be at most 1000000",
-                );
+                cx.err(lbl, at(&format!("backendRefs[{bi}].weight")), "must be at most 1000000");
             }
             match services.get(&b.name) {
-                None => cx.err(
-                    lbl,
-                    at(&format!("backendRefs[{bi}].name")),
-                    format!("Service {:?} does not exist", b.name),
-                ),
+                None => {
+                    cx.err(lbl, at(&format!("backendRefs[{bi}].name")), format!("Service {:?} does not exist", b.name))
+                }
                 Some(svc) => {
                     if let Some(sub) = &b.subset {
                         if !svc.subsets.iter().any(|s| &s.name == sub) {
@@ -476,17 +388,10 @@ fn validate_route(
             }
         }
         if !rule.backend_refs.is_empty() && total == 0 {
-            cx.err(
-                lbl,
-                at("backendRefs"),
-                "weights add up to 0, so no backend would receive traffic",
-            );
+            cx.err(lbl, at("backendRefs"), "weights add up to 0, so no backend would receive traffic");
         }
         if let Some(t) = &rule.timeouts {
-            for (f, d) in [
-                ("request", t.request),
-                ("backendRequest", t.backend_request),
-            ] {
+            for (f, d) in [("request", t.request), ("backendRequest", t.backend_request)] {
                 if d.is_some_and(|d| d.0.is_zero()) {
                     cx.err(lbl, at(&format!("timeouts.{f}")), "must be greater than 0");
                 }
@@ -507,11 +412,7 @@ fn validate_route(
             }
             for (ci, c) in rt.codes.iter().enumerate() {
                 if !(500..=599).contains(c) {
-                    cx.err(
-                        lbl,
-                        at(&format!("retry.codes[{ci}]")),
-                        format!("{c} is not a 5xx status"),
-                    );
+                    cx.err(lbl, at(&format!("retry.codes[{ci}]")), format!("{c} is not a 5xx status"));
                 }
             }
             if !(0.0..=100.0).contains(&rt.budget.percent) {
@@ -520,36 +421,17 @@ fn validate_route(
         }
         for (fi, f) in rule.filters.iter().enumerate() {
             let (want, present) = match f.kind {
-                FilterType::RequestHeaderModifier => {
-                    ("requestHeaderModifier", f.request_header_modifier.as_ref())
-                }
-                FilterType::ResponseHeaderModifier => (
-                    "responseHeaderModifier",
-                    f.response_header_modifier.as_ref(),
-                ),
+                FilterType::RequestHeaderModifier => ("requestHeaderModifier", f.request_header_modifier.as_ref()),
+                FilterType::ResponseHeaderModifier => ("responseHeaderModifier", f.response_header_modifier.as_ref()),
             };
             match present {
-                None => cx.err(
-                    lbl,
-                    at(&format!("filters[{fi}].{want}")),
-                    format!("required for type {:?}", f.kind),
-                ),
+                None => cx.err(lbl, at(&format!("filters[{fi}].{want}")), format!("required for type {:?}", f.kind)),
                 Some(m) => {
                     for (hi, h) in m.set.iter().chain(&m.add).enumerate() {
-                        check_header_name(
-                            cx,
-                            lbl,
-                            &at(&format!("filters[{fi}].{want}.set/add[{hi}].name")),
-                            &h.name,
-                        );
+                        check_header_name(cx, lbl, &at(&format!("filters[{fi}].{want}.set/add[{hi}].name")), &h.name);
                     }
                     for (hi, h) in m.remove.iter().enumerate() {
-                        check_header_name(
-                            cx,
-                            lbl,
-                            &at(&format!("filters[{fi}].{want}.remove[{hi}]")),
-                            h,
-                        );
+                        check_header_name(cx, lbl, &at(&format!("filters[{fi}].{want}.remove[{hi}]")), h);
                     }
                 }
             }
@@ -568,10 +450,7 @@ fn validate_policy(cx: &mut Ctx, lbl: &str, p: &AuthorizationPolicySpec) {
                     weft_certs::SpiffeId::parse(id).is_ok()
                 };
                 if !ok {
-                    let why = weft_certs::SpiffeId::parse(id)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
+                    let why = weft_certs::SpiffeId::parse(id).err().map(|e| e.to_string()).unwrap_or_default();
                     cx.err(
                         lbl,
                         at(&format!("identities[{ii}]")),

@@ -36,11 +36,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration ({e}); use e.g. 500ms, 2s, 1m"
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e}); use e.g. 500ms, 2s, 1m")))
     }
 }
 
@@ -248,10 +246,7 @@ pub struct RetryBudget {
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        Self {
-            percent: 20.0,
-            min_retries_per_second: 10,
-        }
+        Self { percent: 20.0, min_retries_per_second: 10 }
     }
 }
 
@@ -387,4 +382,24 @@ pub struct RateLimitSpec {
     /// Only requests whose path matches one of these (`*` globs); none = all.
     #[serde(default)]
     pub paths: Vec<String>,
+}
+
+// ---------------------------------------------------------------- Workload
+
+/// A workload for `weft up` to run: a demo app with its sidecar. The control
+/// plane itself does not act on these (real workloads register themselves).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub service: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Services the demo app calls (through its sidecar) for each request.
+    #[serde(default)]
+    pub calls: Vec<String>,
+    /// Requests per second `weft up`'s load generator sends to this workload.
+    #[serde(default)]
+    pub load: f64,
 }

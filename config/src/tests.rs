@@ -11,12 +11,7 @@ fn route(spec: &str) -> String {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    parse(text)
-        .expect_err("config should be rejected")
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect()
+    parse(text).expect_err("config should be rejected").0.iter().map(|e| e.to_string()).collect()
 }
 
 fn one_error(text: &str) -> String {
@@ -28,66 +23,37 @@ fn one_error(text: &str) -> String {
 #[test]
 fn the_example_is_valid() {
     let cfg = parse(include_str!("../../examples/canary.yaml")).unwrap();
-    assert_eq!(cfg.services.len(), 2);
+    assert_eq!(cfg.services.len(), 3);
+    assert_eq!(cfg.workloads.len(), 4);
     assert_eq!(cfg.routes[0].spec.rules[1].backend_refs[0].weight, 90);
     assert_eq!(cfg.policies.len(), 2);
     // Round-trips through the JSON pushed to sidecars.
     let json = serde_json::to_string(&cfg).unwrap();
     let back: MeshConfig = serde_json::from_str(&json).unwrap();
-    assert_eq!(
-        back.routes[0].spec.rules[1]
-            .timeouts
-            .as_ref()
-            .unwrap()
-            .request
-            .unwrap()
-            .0
-            .as_secs(),
-        2
-    );
+    assert_eq!(back.routes[0].spec.rules[1].timeouts.as_ref().unwrap().request.unwrap().0.as_secs(), 2);
 }
 
 #[test]
 fn bad_yaml() {
     let e = one_error("kind: [unclosed");
-    assert!(
-        e.contains("document 1") && e.contains("not valid YAML"),
-        "{e}"
-    );
+    assert!(e.contains("document 1") && e.contains("not valid YAML"), "{e}");
 }
 
 #[test]
 fn unknown_kind_and_field() {
-    let e = one_error(&format!(
-        "{HEAD}kind: Gateway\nmetadata: {{name: g}}\nspec: {{}}\n"
-    ));
-    assert!(
-        e.contains("Gateway \"g\" (document 1): kind: unknown kind \"Gateway\""),
-        "{e}"
-    );
-    let e = one_error(&format!(
-        "{HEAD}kind: Service\nmetadata: {{name: s}}\nspec: {{port: 80, protocl: http}}\n"
-    ));
-    assert!(
-        e.contains("Service \"s\" (document 1): spec.protocl: unknown field `protocl`"),
-        "{e}"
-    );
+    let e = one_error(&format!("{HEAD}kind: Gateway\nmetadata: {{name: g}}\nspec: {{}}\n"));
+    assert!(e.contains("Gateway \"g\" (document 1): kind: unknown kind \"Gateway\""), "{e}");
+    let e = one_error(&format!("{HEAD}kind: Service\nmetadata: {{name: s}}\nspec: {{port: 80, protocl: http}}\n"));
+    assert!(e.contains("Service \"s\" (document 1): spec.protocl: unknown field `protocl`"), "{e}");
     let text = format!(
         "{}---\n{}",
         svc("b"),
         route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b, wieght: 3}]\n")
     );
     let e = one_error(&text);
-    assert!(
-        e.contains("HTTPRoute \"r\" (document 2): spec.rules[0].backendRefs[0]")
-            && e.contains("wieght"),
-        "{e}"
-    );
+    assert!(e.contains("HTTPRoute \"r\" (document 2): spec.rules[0].backendRefs[0]") && e.contains("wieght"), "{e}");
     let e = one_error("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n");
-    assert!(
-        e.contains("apiVersion") && e.contains("weft.dev/v1alpha1"),
-        "{e}"
-    );
+    assert!(e.contains("apiVersion") && e.contains("weft.dev/v1alpha1"), "{e}");
 }
 
 #[test]
@@ -114,10 +80,7 @@ fn regexes_must_compile() {
         route("  parentRefs: [{name: b}]\n  rules:\n    - matches: [{path: {type: RegularExpression, value: '/a(['}}]\n      backendRefs: [{name: b}]\n")
     );
     let e = one_error(&text);
-    assert!(
-        e.contains("spec.rules[0].matches[0].path.value: regular expression does not compile"),
-        "{e}"
-    );
+    assert!(e.contains("spec.rules[0].matches[0].path.value: regular expression does not compile"), "{e}");
 }
 
 #[test]
@@ -130,11 +93,11 @@ fn references_must_exist() {
     let errs = errors(&text);
     assert_eq!(errs.len(), 3, "{errs:#?}");
     assert!(errs[0].contains("spec.parentRefs[0].name: Service \"nope\" does not exist"));
-    assert!(
-        errs[1].contains("spec.rules[0].backendRefs[0].subset: Service \"b\" has no subset \"v3\"")
-    );
+    assert!(errs[1].contains("spec.rules[0].backendRefs[0].subset: Service \"b\" has no subset \"v3\""));
     assert!(errs[2].contains("spec.rules[0].backendRefs[1].name: Service \"ghost\" does not exist"));
-    let policy = format!("{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{targetRef: {{name: ghost}}, action: DENY}}\n");
+    let policy = format!(
+        "{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{targetRef: {{name: ghost}}, action: DENY}}\n"
+    );
     assert!(one_error(&policy).contains("spec.targetRef.name: Service \"ghost\" does not exist"));
 }
 
@@ -169,14 +132,8 @@ fn durations_and_duplicates() {
 fn globs() {
     assert!(glob_match("/api/*", "/api/x/y"));
     assert!(!glob_match("/api/*", "/apix"));
-    assert!(glob_match(
-        "spiffe://td/ns/*/sa/web",
-        "spiffe://td/ns/prod/sa/web"
-    ));
-    assert!(!glob_match(
-        "spiffe://td/ns/*/sa/web",
-        "spiffe://td/ns/prod/sa/db"
-    ));
+    assert!(glob_match("spiffe://td/ns/*/sa/web", "spiffe://td/ns/prod/sa/web"));
+    assert!(!glob_match("spiffe://td/ns/*/sa/web", "spiffe://td/ns/prod/sa/db"));
     assert!(glob_match("*", "anything"));
     assert!(glob_match("/exact", "/exact"));
     assert!(!glob_match("/exact", "/exact/more"));

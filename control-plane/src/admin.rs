@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 use weft_certs::{SpiffeId, TrustDomain};
 use weft_proto::admin::v1::admin_server::Admin;
-use weft_proto::admin::v1::{
-    CreateJoinTokenRequest, CreateJoinTokenResponse, StatusRequest, StatusResponse,
-};
+use weft_proto::admin::v1::{CreateJoinTokenRequest, CreateJoinTokenResponse, StatusRequest, StatusResponse};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -33,10 +31,7 @@ impl AdminService {
     fn require_operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let (id, _) = require_peer(req)?;
         if id != self.operator {
-            return Err(Status::permission_denied(format!(
-                "{id} is not the operator identity {}",
-                self.operator
-            )));
+            return Err(Status::permission_denied(format!("{id} is not the operator identity {}", self.operator)));
         }
         Ok(())
     }
@@ -87,19 +82,11 @@ impl Admin for AdminService {
             Ok(CreateJoinTokenResponse { token, expires_at })
         }
         .await;
-        self.metrics.rpc(
-            "CreateJoinToken",
-            r.as_ref()
-                .map(|_| tonic::Code::Ok)
-                .unwrap_or_else(|s| s.code()),
-        );
+        self.metrics.rpc("CreateJoinToken", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r.map(Response::new)
     }
 
-    async fn status(
-        &self,
-        req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         self.require_operator(&req)?;
         Ok(Response::new(self.registry.status(&self.trust_domain)))
     }

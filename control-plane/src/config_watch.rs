@@ -27,12 +27,7 @@ pub fn load(path: &std::path::Path) -> Result<(String, MeshConfig), ConfigErrors
 }
 
 /// Polls the file for changes forever.
-pub async fn watch(
-    path: PathBuf,
-    mut last_text: String,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-) {
+pub async fn watch(path: PathBuf, mut last_text: String, registry: Arc<Registry>, metrics: Arc<Metrics>) {
     let mut missing = 0;
     loop {
         tokio::time::sleep(POLL).await;

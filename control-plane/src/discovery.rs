@@ -21,8 +21,7 @@ pub struct DiscoveryService {
 pub fn valid_service_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -31,10 +30,7 @@ pub fn valid_service_name(s: &str) -> bool {
 impl Config for DiscoveryService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
 
-    async fn watch(
-        &self,
-        req: Request<WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let (id, svid_expires) = require_peer(&req)?;
         let req = req.into_inner();
         if !valid_service_name(&req.service) {
@@ -61,6 +57,7 @@ impl Config for DiscoveryService {
             spiffe_id: id,
             service: req.service,
             address: req.inbound_address,
+            admin_address: req.admin_address,
             labels: req.labels,
             svid_expires,
         });
@@ -83,8 +80,7 @@ impl Config for DiscoveryService {
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let (id, _) = require_peer(&req)?;
         let req = req.into_inner();
-        self.registry
-            .ack(&id, &req.inbound_address, req.version, req.error);
+        self.registry.ack(&id, &req.inbound_address, req.version, req.error);
         Ok(Response::new(AckResponse {}))
     }
 }

@@ -29,46 +29,27 @@ fn csr_or_invalid(der: &[u8]) -> Result<VerifiedCsr, Status> {
 impl IdentityService {
     #[allow(clippy::result_large_err)]
     fn issue(&self, csr: &VerifiedCsr, id: &SpiffeId) -> Result<X509SvidResponse, Status> {
-        let chain = self
-            .authority
-            .sign(csr, id, self.svid_ttl)
-            .map_err(|e| match e {
-                CertError::Issuer(m) => Status::permission_denied(m),
-                e => Status::internal(e.to_string()),
-            })?;
-        let expires_at = weft_certs::svid::not_after(&chain[0])
-            .map(weft_certs::svid::unix_secs)
-            .unwrap_or(0);
+        let chain = self.authority.sign(csr, id, self.svid_ttl).map_err(|e| match e {
+            CertError::Issuer(m) => Status::permission_denied(m),
+            e => Status::internal(e.to_string()),
+        })?;
+        let expires_at = weft_certs::svid::not_after(&chain[0]).map(weft_certs::svid::unix_secs).unwrap_or(0);
         Ok(X509SvidResponse {
             spiffe_id: id.to_string(),
             cert_chain: chain.into_iter().map(|c| c.to_vec()).collect(),
-            trust_bundle: self
-                .authority
-                .bundle()
-                .roots()
-                .iter()
-                .map(|c| c.to_vec())
-                .collect(),
+            trust_bundle: self.authority.bundle().roots().iter().map(|c| c.to_vec()).collect(),
             expires_at,
         })
     }
 
     fn record<T>(&self, rpc: &str, r: &Result<T, Status>) {
-        self.metrics.rpc(
-            rpc,
-            r.as_ref()
-                .map(|_| tonic::Code::Ok)
-                .unwrap_or_else(|s| s.code()),
-        );
+        self.metrics.rpc(rpc, r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
     }
 }
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn attest(
-        &self,
-        req: Request<AttestRequest>,
-    ) -> Result<Response<X509SvidResponse>, Status> {
+    async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<X509SvidResponse>, Status> {
         let r = async {
             let req = req.into_inner();
             if req.join_token.trim().is_empty() {
@@ -77,19 +58,12 @@ impl Identity for IdentityService {
             // Check the CSR before spending the token, so a bad CSR loses nothing.
             let csr = csr_or_invalid(&req.csr)?;
             let now = weft_certs::svid::unix_secs(SystemTime::now());
-            let rec = self
-                .store
-                .consume_token(&tokens::hash(&req.join_token), now)
-                .await
-                .map_err(|e| match e {
-                    StoreError::UnknownToken => Status::unauthenticated(e.to_string()),
-                    StoreError::ExpiredToken | StoreError::UsedToken => {
-                        Status::permission_denied(e.to_string())
-                    }
-                    StoreError::Backend { .. } => Status::unavailable(e.to_string()),
-                })?;
-            let id = SpiffeId::parse(&rec.spiffe_id)
-                .map_err(|e| Status::internal(format!("stored token ID: {e}")))?;
+            let rec = self.store.consume_token(&tokens::hash(&req.join_token), now).await.map_err(|e| match e {
+                StoreError::UnknownToken => Status::unauthenticated(e.to_string()),
+                StoreError::ExpiredToken | StoreError::UsedToken => Status::permission_denied(e.to_string()),
+                StoreError::Backend { .. } => Status::unavailable(e.to_string()),
+            })?;
+            let id = SpiffeId::parse(&rec.spiffe_id).map_err(|e| Status::internal(format!("stored token ID: {e}")))?;
             let resp = self.issue(&csr, &id)?;
             tracing::info!(spiffe_id = %id, "attested with join token");
             self.metrics.issued("join_token");
@@ -100,10 +74,7 @@ impl Identity for IdentityService {
         r.map(Response::new)
     }
 
-    async fn renew(
-        &self,
-        req: Request<RenewRequest>,
-    ) -> Result<Response<X509SvidResponse>, Status> {
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<X509SvidResponse>, Status> {
         let r = async {
             // The identity comes from the verified client certificate only.
             let (id, _) = require_peer(&req)?;

@@ -40,15 +40,9 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("{}: {errors}", path.display())]
-    Config {
-        errors: weft_config::ConfigErrors,
-        path: PathBuf,
-    },
+    Config { errors: weft_config::ConfigErrors, path: PathBuf },
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 #[derive(Debug, Clone)]
@@ -85,17 +79,10 @@ impl ControlPlane {
         let admin_http = weft_admin::Admin::new(prom);
         let registry = Registry::new(metrics.clone());
         if let Some(path) = &opts.config {
-            let (text, cfg) = config_watch::load(path).map_err(|e| StartError::Config {
-                errors: e,
-                path: path.clone(),
-            })?;
+            let (text, cfg) =
+                config_watch::load(path).map_err(|e| StartError::Config { errors: e, path: path.clone() })?;
             registry.set_mesh_config(config_watch::to_json(&cfg));
-            tokio::spawn(config_watch::watch(
-                path.clone(),
-                text,
-                registry.clone(),
-                metrics.clone(),
-            ));
+            tokio::spawn(config_watch::watch(path.clone(), text, registry.clone(), metrics.clone()));
         }
 
         // The control plane serves with an SVID it issues to itself, renewed at half-life.
@@ -104,33 +91,16 @@ impl ControlPlane {
         spawn_self_renewal(authority.clone(), resolver.clone(), opts.svid_ttl);
 
         let bundle = verify::shared_bundle(authority.bundle().clone());
-        let verifier =
-            SpiffeVerifier::new(bundle, IdMatcher::TrustDomain(td.clone())).client_auth_optional();
+        let verifier = SpiffeVerifier::new(bundle, IdMatcher::TrustDomain(td.clone())).client_auth_optional();
         let tls = weft_certs::tls::server_config(resolver, verifier, &[weft_certs::tls::ALPN_H2]);
 
         let grpc = tokio::net::TcpListener::bind(opts.listen)
             .await
-            .map_err(|source| StartError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+            .map_err(|source| StartError::Bind { addr: opts.listen, source })?;
         let admin_listener =
-            weft_admin::bind(opts.admin)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: opts.admin,
-                    source,
-                })?;
-        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
-            addr: opts.listen,
-            source,
-        })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: opts.admin,
-                source,
-            })?;
+            weft_admin::bind(opts.admin).await.map_err(|source| StartError::Bind { addr: opts.admin, source })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: opts.listen, source })?;
+        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: opts.admin, source })?;
 
         let identity = identity::IdentityService {
             authority: authority.clone(),
@@ -145,9 +115,7 @@ impl ControlPlane {
             registry: registry.clone(),
             metrics: metrics.clone(),
         };
-        let discovery = discovery::DiscoveryService {
-            registry: registry.clone(),
-        };
+        let discovery = discovery::DiscoveryService { registry: registry.clone() };
         let incoming = server::tls_incoming(grpc, TlsAcceptor::from(Arc::new(tls)), metrics);
         let router = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity))
@@ -161,11 +129,7 @@ impl ControlPlane {
                 "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
                 s.version,
                 s.services.len(),
-                if s.mesh_config_json.is_empty() {
-                    "null".to_string()
-                } else {
-                    s.mesh_config_json
-                }
+                if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
             )
         });
         admin_http.set_ready(true);
@@ -176,12 +140,7 @@ impl ControlPlane {
             }
         });
         tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
-        Ok(Self {
-            grpc_addr,
-            admin_addr,
-            registry,
-            serve,
-        })
+        Ok(Self { grpc_addr, admin_addr, registry, serve })
     }
 
     /// Runs until the server task ends.
@@ -190,19 +149,12 @@ impl ControlPlane {
     }
 }
 
-fn spawn_self_renewal(
-    authority: Arc<weft_certs::Authority>,
-    resolver: Arc<SvidResolver>,
-    ttl: Duration,
-) {
+fn spawn_self_renewal(authority: Arc<weft_certs::Authority>, resolver: Arc<SvidResolver>, ttl: Duration) {
     tokio::spawn(async move {
         let id = pki::control_plane_id(authority.trust_domain());
         loop {
             tokio::time::sleep(ttl / 2).await;
-            match authority
-                .issue_local(&id, ttl)
-                .and_then(|s| resolver.set(&s))
-            {
+            match authority.issue_local(&id, ttl).and_then(|s| resolver.set(&s)) {
                 Ok(()) => tracing::debug!("renewed the control plane's own SVID"),
                 Err(e) => {
                     tracing::error!(error = %e, "could not renew the control plane's own SVID")

@@ -30,69 +30,32 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(&self, reg: &mut Registry) {
         let reg = reg.sub_registry_with_prefix("weft_control_plane");
-        reg.register(
-            "tls_handshakes",
-            "TLS handshakes on the gRPC port by outcome",
-            self.handshakes.clone(),
-        );
-        reg.register(
-            "rpcs",
-            "gRPC calls by method and status code",
-            self.rpcs.clone(),
-        );
+        reg.register("tls_handshakes", "TLS handshakes on the gRPC port by outcome", self.handshakes.clone());
+        reg.register("rpcs", "gRPC calls by method and status code", self.rpcs.clone());
         reg.register(
             "svids_issued",
             "X.509-SVIDs issued, by how the caller proved its identity",
             self.svids_issued.clone(),
         );
-        reg.register(
-            "sidecars_connected",
-            "Sidecars with an open config watch",
-            self.sidecars_connected.clone(),
-        );
-        reg.register(
-            "config_version",
-            "Version of the config being served",
-            self.config_version.clone(),
-        );
-        reg.register(
-            "config_reloads",
-            "Mesh config reloads by outcome",
-            self.config_reloads.clone(),
-        );
+        reg.register("sidecars_connected", "Sidecars with an open config watch", self.sidecars_connected.clone());
+        reg.register("config_version", "Version of the config being served", self.config_version.clone());
+        reg.register("config_reloads", "Mesh config reloads by outcome", self.config_reloads.clone());
     }
 
     pub fn handshake(&self, outcome: &str) {
-        self.handshakes
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.handshakes.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
     }
 
     pub fn rpc(&self, rpc: &str, code: tonic::Code) {
         let code = format!("{code:?}");
-        self.rpcs
-            .get_or_create(&RpcLabels {
-                rpc: rpc.into(),
-                code,
-            })
-            .inc();
+        self.rpcs.get_or_create(&RpcLabels { rpc: rpc.into(), code }).inc();
     }
 
     pub fn issued(&self, how: &str) {
-        self.svids_issued
-            .get_or_create(&OutcomeLabels {
-                outcome: how.into(),
-            })
-            .inc();
+        self.svids_issued.get_or_create(&OutcomeLabels { outcome: how.into() }).inc();
     }
 
     pub fn config_reload(&self, outcome: &str) {
-        self.config_reloads
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.config_reloads.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
     }
 }

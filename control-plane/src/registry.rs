@@ -18,6 +18,7 @@ pub struct Registration {
     pub spiffe_id: SpiffeId,
     pub service: String,
     pub address: String,
+    pub admin_address: String,
     pub labels: HashMap<String, String>,
     pub svid_expires: Option<SystemTime>,
 }
@@ -61,11 +62,7 @@ impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
         let (version, _) = watch::channel(1);
         metrics.config_version.set(1);
-        Arc::new(Self {
-            inner: Mutex::new(Inner::default()),
-            version,
-            metrics,
-        })
+        Arc::new(Self { inner: Mutex::new(Inner::default()), version, metrics })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -76,9 +73,7 @@ impl Registry {
     /// snapshot never pairs new contents with an old version.
     fn bump(&self, _held: &mut Inner) {
         self.version.send_modify(|v| *v += 1);
-        self.metrics
-            .config_version
-            .set(*self.version.borrow() as i64);
+        self.metrics.config_version.set(*self.version.borrow() as i64);
     }
 
     pub fn register(self: &Arc<Self>, reg: Registration) -> RegistrationGuard {
@@ -86,24 +81,12 @@ impl Registry {
         let key = inner.next_key;
         inner.next_key += 1;
         tracing::info!(spiffe_id = %reg.spiffe_id, service = %reg.service, address = %reg.address, "sidecar registered");
-        inner.sidecars.insert(
-            key,
-            Entry {
-                reg,
-                connected: Instant::now(),
-                acked: 0,
-                nacked: 0,
-                nack_reason: String::new(),
-            },
-        );
-        self.metrics
-            .sidecars_connected
-            .set(inner.sidecars.len() as i64);
+        inner
+            .sidecars
+            .insert(key, Entry { reg, connected: Instant::now(), acked: 0, nacked: 0, nack_reason: String::new() });
+        self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         self.bump(&mut inner);
-        RegistrationGuard {
-            registry: self.clone(),
-            key,
-        }
+        RegistrationGuard { registry: self.clone(), key }
     }
 
     fn deregister(&self, key: u64) {
@@ -111,9 +94,7 @@ impl Registry {
         if let Some(e) = inner.sidecars.remove(&key) {
             tracing::info!(spiffe_id = %e.reg.spiffe_id, service = %e.reg.service, "sidecar deregistered");
         }
-        self.metrics
-            .sidecars_connected
-            .set(inner.sidecars.len() as i64);
+        self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         self.bump(&mut inner);
     }
 
@@ -150,10 +131,7 @@ impl Registry {
             version: *self.version.borrow(),
             services: services
                 .into_iter()
-                .map(|(name, endpoints)| Service {
-                    name: name.to_string(),
-                    endpoints,
-                })
+                .map(|(name, endpoints)| Service { name: name.to_string(), endpoints })
                 .collect(),
             mesh_config_json: inner.mesh_config_json.clone(),
         }
@@ -162,11 +140,7 @@ impl Registry {
     /// Records a sidecar's ACK (`error` empty) or NACK of a version.
     pub fn ack(&self, id: &SpiffeId, address: &str, version: u64, error: String) {
         let mut inner = self.lock();
-        for e in inner
-            .sidecars
-            .values_mut()
-            .filter(|e| &e.reg.spiffe_id == id && e.reg.address == address)
-        {
+        for e in inner.sidecars.values_mut().filter(|e| &e.reg.spiffe_id == id && e.reg.address == address) {
             if error.is_empty() {
                 e.acked = e.acked.max(version);
             } else {
@@ -191,15 +165,12 @@ impl Registry {
                     service: e.reg.service.clone(),
                     inbound_address: e.reg.address.clone(),
                     labels: e.reg.labels.clone(),
-                    svid_expires_at: e
-                        .reg
-                        .svid_expires
-                        .map(weft_certs::svid::unix_secs)
-                        .unwrap_or(0),
+                    svid_expires_at: e.reg.svid_expires.map(weft_certs::svid::unix_secs).unwrap_or(0),
                     acked_version: e.acked,
                     nacked_version: e.nacked,
                     nack_reason: e.nack_reason.clone(),
                     connected_seconds: e.connected.elapsed().as_secs(),
+                    admin_address: e.reg.admin_address.clone(),
                 })
                 .collect(),
         }
@@ -215,6 +186,7 @@ mod tests {
             spiffe_id: SpiffeId::parse(id).unwrap(),
             service: service.into(),
             address: addr.into(),
+            admin_address: String::new(),
             labels: HashMap::new(),
             svid_expires: None,
         }
@@ -232,19 +204,8 @@ mod tests {
         drop(g1);
         let s2 = r.snapshot();
         assert!(s2.version > s.version);
-        assert_eq!(
-            s2.services
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>(),
-            vec!["db"]
-        );
-        r.ack(
-            &SpiffeId::parse("spiffe://td/ns/a/sa/db").unwrap(),
-            "127.0.0.1:2",
-            s2.version,
-            String::new(),
-        );
+        assert_eq!(s2.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["db"]);
+        r.ack(&SpiffeId::parse("spiffe://td/ns/a/sa/db").unwrap(), "127.0.0.1:2", s2.version, String::new());
         let st = r.status(&TrustDomain::new("td").unwrap());
         assert_eq!(st.sidecars[0].acked_version, s2.version);
         drop(g2);

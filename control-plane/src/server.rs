@@ -45,21 +45,13 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -105,12 +97,7 @@ pub fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let leaf = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .cloned();
+                        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
                         let info = leaf.and_then(|l| LeafInfo::parse(&l).ok());
                         let peer = PeerInfo {
                             remote,
@@ -137,15 +124,8 @@ pub fn tls_incoming(
 
 /// The verified caller of a request, or UNAUTHENTICATED.
 #[allow(clippy::result_large_err)]
-pub fn require_peer<T>(
-    req: &tonic::Request<T>,
-) -> Result<(SpiffeId, Option<SystemTime>), tonic::Status> {
-    req.extensions()
-        .get::<PeerInfo>()
-        .and_then(|p| p.spiffe_id.clone().map(|id| (id, p.svid_expires)))
-        .ok_or_else(|| {
-            tonic::Status::unauthenticated(
-                "this call requires mutual TLS with a valid SVID of this trust domain",
-            )
-        })
+pub fn require_peer<T>(req: &tonic::Request<T>) -> Result<(SpiffeId, Option<SystemTime>), tonic::Status> {
+    req.extensions().get::<PeerInfo>().and_then(|p| p.spiffe_id.clone().map(|id| (id, p.svid_expires))).ok_or_else(
+        || tonic::Status::unauthenticated("this call requires mutual TLS with a valid SVID of this trust domain"),
+    )
 }

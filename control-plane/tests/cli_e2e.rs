@@ -14,8 +14,7 @@ use common::{run, ControlPlane, Output, Pki, CONTROL_PLANE_BIN};
 const TD: &str = "example.org";
 
 fn weft_bin() -> PathBuf {
-    let p = PathBuf::from(CONTROL_PLANE_BIN)
-        .with_file_name(format!("weft{}", std::env::consts::EXE_SUFFIX));
+    let p = PathBuf::from(CONTROL_PLANE_BIN).with_file_name(format!("weft{}", std::env::consts::EXE_SUFFIX));
     assert!(
         p.is_file(),
         "{} not found: build the CLI first (`cargo build -p weft`, or run the tests with \
@@ -49,12 +48,7 @@ async fn token_create_prints_a_token_that_attests() {
     let out = weft(&cp, &["token", "create", "--spiffe-id", id, "--ttl", "5m"]);
     assert!(out.status.success(), "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one line on stdout: {:?}",
-        out.stdout
-    );
+    assert_eq!(lines.len(), 1, "exactly one line on stdout: {:?}", out.stdout);
     let token = lines[0];
     assert!(token.starts_with("weft-jt-"), "{token}");
     assert!(out.stderr.contains(id), "{}", out.stderr);
@@ -62,10 +56,7 @@ async fn token_create_prints_a_token_that_attests() {
     let (svid, _) = cp.attest(token).await.expect("attest with the CLI's token");
     assert_eq!(svid.spiffe_id.to_string(), id);
     // It is a join token like any other: single use.
-    assert_eq!(
-        cp.attest(token).await.unwrap_err().code(),
-        tonic::Code::PermissionDenied
-    );
+    assert_eq!(cp.attest(token).await.unwrap_err().code(), tonic::Code::PermissionDenied);
 
     // WEFT_CONTROL_PLANE / WEFT_PKI stand in for the flags.
     let out = run(Command::new(weft_bin())
@@ -73,22 +64,11 @@ async fn token_create_prints_a_token_that_attests() {
         .env("WEFT_CONTROL_PLANE", cp.grpc.to_string())
         .env("WEFT_PKI", &cp.pki_dir));
     assert!(out.status.success(), "{}", out.stderr);
-    let (svid, _) = cp
-        .attest(out.stdout.trim())
-        .await
-        .expect("attest with a token made via env settings");
+    let (svid, _) = cp.attest(out.stdout.trim()).await.expect("attest with a token made via env settings");
     assert_eq!(svid.spiffe_id.to_string(), id);
 
     // The control plane refuses IDs outside its trust domain; the CLI says why.
-    let out = weft(
-        &cp,
-        &[
-            "token",
-            "create",
-            "--spiffe-id",
-            "spiffe://other.org/ns/a/sa/b",
-        ],
-    );
+    let out = weft(&cp, &["token", "create", "--spiffe-id", "spiffe://other.org/ns/a/sa/b"]);
     assert!(!out.status.success());
     assert!(out.stderr.contains("trust domain"), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "{}", out.stdout);
@@ -103,19 +83,11 @@ async fn status_prints_the_trust_domain() {
 
     let out = weft(&cp, &["status"]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(
-        out.stdout.contains(&format!("trust domain {TD}")),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains(&format!("trust domain {TD}")), "{}", out.stdout);
 
     let out = weft(&cp, &["status", "--json"]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(
-        out.stdout.contains(&format!("\"trust_domain\":\"{TD}\"")),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains(&format!("\"trust_domain\":\"{TD}\"")), "{}", out.stdout);
     cp.assert_serving().await;
 }
 
@@ -125,19 +97,8 @@ async fn token_create_against_a_stopped_control_plane_is_unreachable() {
     let state = tempfile::tempdir().unwrap();
     let mut cp = ControlPlane::start(&pki, state.path(), &[]);
     cp.stop();
-    let out = weft(
-        &cp,
-        &[
-            "token",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/ns/default/sa/web",
-        ],
-    );
-    assert!(
-        !out.status.success(),
-        "made a token with the control plane down"
-    );
+    let out = weft(&cp, &["token", "create", "--spiffe-id", "spiffe://example.org/ns/default/sa/web"]);
+    assert!(!out.status.success(), "made a token with the control plane down");
     assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "{}", out.stdout);
 }

@@ -71,10 +71,7 @@ async fn attest_then_renew() {
 
     // Renew over mTLS with the new SVID: a new leaf with the same ID.
     let (csr, key) = weft_certs::ca::make_csr().unwrap();
-    let renewed = within(cp.identity_as(&svid).renew(RenewRequest { csr }))
-        .await
-        .expect("renew")
-        .into_inner();
+    let renewed = within(cp.identity_as(&svid).renew(RenewRequest { csr })).await.expect("renew").into_inner();
     assert_eq!(renewed.spiffe_id, id.to_string());
     assert_eq!(renewed.cert_chain.len(), 2);
     assert_eq!(spiffe_id_of(&renewed.cert_chain[0]).unwrap(), id);
@@ -101,23 +98,15 @@ async fn csr_cannot_choose_the_spiffe_id() {
     // Attest with a CSR asking for the operator identity.
     let token = cp.create_token(&id, 600).await;
     let (csr, key) = csr_asking_for(&operator);
-    let resp = within(cp.identity().attest(AttestRequest {
-        join_token: token,
-        csr,
-    }))
-    .await
-    .expect("attest")
-    .into_inner();
+    let resp =
+        within(cp.identity().attest(AttestRequest { join_token: token, csr })).await.expect("attest").into_inner();
     assert_eq!(resp.spiffe_id, id.to_string());
     assert_eq!(spiffe_id_of(&resp.cert_chain[0]).unwrap(), id);
 
     // Renew likewise: the ID comes from the client certificate only.
     let svid = common::svid_from(&resp, key.serialize_der());
     let (csr, _) = csr_asking_for(&operator);
-    let renewed = within(cp.identity_as(&svid).renew(RenewRequest { csr }))
-        .await
-        .expect("renew")
-        .into_inner();
+    let renewed = within(cp.identity_as(&svid).renew(RenewRequest { csr })).await.expect("renew").into_inner();
     assert_eq!(spiffe_id_of(&renewed.cert_chain[0]).unwrap(), id);
     cp.assert_serving().await;
 }
@@ -140,19 +129,11 @@ async fn used_token_is_permission_denied() {
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
     cp.attest(&token).await.expect("first use");
-    let msg = expect_code(
-        cp.attest(&token).await,
-        Code::PermissionDenied,
-        "second use",
-    );
+    let msg = expect_code(cp.attest(&token).await, Code::PermissionDenied, "second use");
     assert!(msg.contains("used"), "{msg}");
     expect_code(cp.attest(&token).await, Code::PermissionDenied, "third use");
     // Trailing whitespace (as pasted from a terminal) is the same token.
-    expect_code(
-        cp.attest(&format!("{token}\n")).await,
-        Code::PermissionDenied,
-        "same token with a newline",
-    );
+    expect_code(cp.attest(&format!("{token}\n")).await, Code::PermissionDenied, "same token with a newline");
     cp.assert_serving().await;
 }
 
@@ -197,11 +178,7 @@ async fn bad_csrs_are_invalid_argument_and_keep_the_token() {
     *bad_sig.last_mut().unwrap() ^= 0x01;
     let p384 = {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec()
+        rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec()
     };
     let cases: [(&str, Vec<u8>, &str); 4] = [
         ("garbage", b"not a CSR at all".to_vec(), "PKCS#10"),
@@ -210,23 +187,16 @@ async fn bad_csrs_are_invalid_argument_and_keep_the_token() {
         ("P-384 key", p384, "P-256"),
     ];
     for (what, csr, needle) in &cases {
-        let r = within(cp.identity().attest(AttestRequest {
-            join_token: token.clone(),
-            csr: csr.clone(),
-        }))
-        .await;
+        let r = within(cp.identity().attest(AttestRequest { join_token: token.clone(), csr: csr.clone() })).await;
         let msg = expect_code(r, Code::InvalidArgument, what);
         assert!(msg.contains(needle), "{what}: {msg}");
     }
 
     // None of that spent the token.
-    let resp = within(cp.identity().attest(AttestRequest {
-        join_token: token.clone(),
-        csr: good,
-    }))
-    .await
-    .expect("the token still works after bad CSRs")
-    .into_inner();
+    let resp = within(cp.identity().attest(AttestRequest { join_token: token.clone(), csr: good }))
+        .await
+        .expect("the token still works after bad CSRs")
+        .into_inner();
     assert_eq!(spiffe_id_of(&resp.cert_chain[0]).unwrap(), id);
 
     // Renew checks the CSR too.
@@ -265,17 +235,10 @@ async fn renew_with_svid_from_another_ca_fails() {
         Ok(v) => panic!("renew with another CA's SVID succeeded: {v:?}"),
         Err(s) => {
             eprintln!("renew with another CA's SVID: {s:?}");
-            assert!(
-                s.code() == Code::Unauthenticated || is_transport_error(&s),
-                "{s:?}"
-            );
+            assert!(s.code() == Code::Unauthenticated || is_transport_error(&s), "{s:?}");
         }
     }
-    assert!(
-        cp.wait_for_log("TLS handshake refused"),
-        "the server refused the handshake; log:\n{}",
-        cp.log_text()
-    );
+    assert!(cp.wait_for_log("TLS handshake refused"), "the server refused the handshake; log:\n{}", cp.log_text());
     // The same, own-CA identity renews fine (so the failure was the CA).
     let own = pki.issue_local(&id, Duration::from_secs(3600));
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
@@ -295,10 +258,7 @@ async fn renew_with_expired_svid_fails() {
     let token = cp.create_token(&id, 600).await;
     let (svid, _) = cp.attest(&token).await.expect("attest");
     let life = svid.not_after.duration_since(svid.not_before).unwrap();
-    assert!(
-        life <= Duration::from_secs(33),
-        "2s TTL + 30s backdate: {life:?}"
-    );
+    assert!(life <= Duration::from_secs(33), "2s TTL + 30s backdate: {life:?}");
 
     // While valid it renews...
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
@@ -312,11 +272,7 @@ async fn renew_with_expired_svid_fails() {
     }
 
     // ...and once expired it does not.
-    let wait = svid
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        + Duration::from_millis(1500);
+    let wait = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(1500);
     tokio::time::sleep(wait).await;
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
     let r = within(cp.identity_as(&svid).renew(RenewRequest { csr })).await;
@@ -324,17 +280,10 @@ async fn renew_with_expired_svid_fails() {
         Ok(v) => panic!("renew with an expired SVID succeeded: {v:?}"),
         Err(s) => {
             eprintln!("renew with an expired SVID: {s:?}");
-            assert!(
-                s.code() == Code::Unauthenticated || is_transport_error(&s),
-                "{s:?}"
-            );
+            assert!(s.code() == Code::Unauthenticated || is_transport_error(&s), "{s:?}");
         }
     }
-    assert!(
-        cp.wait_for_log("TLS handshake refused"),
-        "the server refused the handshake; log:\n{}",
-        cp.log_text()
-    );
+    assert!(cp.wait_for_log("TLS handshake refused"), "the server refused the handshake; log:\n{}", cp.log_text());
     // The control plane renewed its own short-lived SVID meanwhile and still serves.
     cp.assert_serving().await;
 }
@@ -344,10 +293,7 @@ async fn admin_calls_require_the_operator() {
     let pki = Pki::new(TD);
     let other = Pki::new(TD);
     let (mut cp, _state) = start(&pki, &[]);
-    let req = |id: &str| CreateJoinTokenRequest {
-        spiffe_id: id.to_string(),
-        ttl_seconds: 60,
-    };
+    let req = |id: &str| CreateJoinTokenRequest { spiffe_id: id.to_string(), ttl_seconds: 60 };
     let web = cp.id("/ns/default/sa/web").to_string();
 
     // A workload SVID of this trust domain (as a sidecar would have).
@@ -361,11 +307,7 @@ async fn admin_calls_require_the_operator() {
 
     // No client certificate at all.
     let r = within(cp.admin_as(None).create_join_token(req(&web))).await;
-    expect_code(
-        r,
-        Code::Unauthenticated,
-        "CreateJoinToken without a client SVID",
-    );
+    expect_code(r, Code::Unauthenticated, "CreateJoinToken without a client SVID");
 
     // The operator identity, but signed by another CA.
     let forged = other.operator();
@@ -374,32 +316,18 @@ async fn admin_calls_require_the_operator() {
 
     // The operator's own requests are still validated.
     let op = cp.operator().clone();
-    let r = within(
-        cp.admin_as(Some(&op))
-            .create_join_token(req("spiffe://other.org/ns/default/sa/web")),
-    )
-    .await;
+    let r = within(cp.admin_as(Some(&op)).create_join_token(req("spiffe://other.org/ns/default/sa/web"))).await;
     expect_code(r, Code::InvalidArgument, "token for another trust domain");
     let r = within(
-        cp.admin_as(Some(&op))
-            .create_join_token(CreateJoinTokenRequest {
-                spiffe_id: web.clone(),
-                ttl_seconds: 0,
-            }),
+        cp.admin_as(Some(&op)).create_join_token(CreateJoinTokenRequest { spiffe_id: web.clone(), ttl_seconds: 0 }),
     )
     .await;
     expect_code(r, Code::InvalidArgument, "ttl 0");
-    let r = within(
-        cp.admin_as(Some(&op))
-            .create_join_token(req("spiffe://example.org/a//b")),
-    )
-    .await;
+    let r = within(cp.admin_as(Some(&op)).create_join_token(req("spiffe://example.org/a//b"))).await;
     expect_code(r, Code::InvalidArgument, "invalid SPIFFE ID");
 
-    let status = within(cp.admin_as(Some(&op)).status(StatusRequest {}))
-        .await
-        .expect("Status as operator")
-        .into_inner();
+    let status =
+        within(cp.admin_as(Some(&op)).status(StatusRequest {})).await.expect("Status as operator").into_inner();
     assert_eq!(status.trust_domain, TD);
     cp.assert_serving().await;
 }
@@ -419,27 +347,13 @@ async fn token_store_survives_restart() {
     assert!(!cp.is_running());
 
     let store = std::fs::read_to_string(state.path().join("store.json")).expect("store.json");
-    assert!(
-        !store.contains(&fresh) && !store.contains(&used),
-        "the store keeps hashes, never tokens"
-    );
+    assert!(!store.contains(&fresh) && !store.contains(&used), "the store keeps hashes, never tokens");
 
     let mut cp = ControlPlane::start(&pki, state.path(), &[]);
-    let (svid, _) = cp
-        .attest(&fresh)
-        .await
-        .expect("token made before the restart");
+    let (svid, _) = cp.attest(&fresh).await.expect("token made before the restart");
     assert_eq!(svid.spiffe_id, id);
-    expect_code(
-        cp.attest(&used).await,
-        Code::PermissionDenied,
-        "token used before the restart",
-    );
-    expect_code(
-        cp.attest(&fresh).await,
-        Code::PermissionDenied,
-        "token used after the restart",
-    );
+    expect_code(cp.attest(&used).await, Code::PermissionDenied, "token used before the restart");
+    expect_code(cp.attest(&fresh).await, Code::PermissionDenied, "token used after the restart");
     cp.assert_serving().await;
 }
 
@@ -453,10 +367,9 @@ async fn serves_with_the_control_plane_spiffe_id() {
     // Look at the certificate the server presents.
     let tls = cp.tls(None, IdMatcher::TrustDomain(cp.td.clone()));
     let tcp = tokio::net::TcpStream::connect(cp.grpc).await.unwrap();
-    let conn =
-        within(tokio_rustls::TlsConnector::from(tls).connect(weft_certs::tls::server_name(), tcp))
-            .await
-            .expect("TLS handshake");
+    let conn = within(tokio_rustls::TlsConnector::from(tls).connect(weft_certs::tls::server_name(), tcp))
+        .await
+        .expect("TLS handshake");
     let (_, session) = conn.get_ref();
     let leaf = &session.peer_certificates().expect("server certificate")[0];
     assert_eq!(spiffe_id_of(leaf).unwrap(), cp_id);
@@ -467,10 +380,7 @@ async fn serves_with_the_control_plane_spiffe_id() {
     let op = cp.operator().clone();
     for want in [pki::operator_id(&cp.td), cp.id("/weft/control-plane/x")] {
         let ch = cp.channel(Some(&op), IdMatcher::Exact(want.clone()));
-        let r = within(
-            weft_proto::admin::v1::admin_client::AdminClient::new(ch).status(StatusRequest {}),
-        )
-        .await;
+        let r = within(weft_proto::admin::v1::admin_client::AdminClient::new(ch).status(StatusRequest {})).await;
         assert!(r.is_err(), "client expecting {want} accepted the server");
     }
     // A client trusting another CA of the same trust domain refuses it too.
@@ -483,10 +393,8 @@ async fn serves_with_the_control_plane_spiffe_id() {
     .unwrap();
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
     let r = within(
-        weft_proto::identity::v1::identity_client::IdentityClient::new(ch).attest(AttestRequest {
-            join_token: "weft-jt-x".into(),
-            csr,
-        }),
+        weft_proto::identity::v1::identity_client::IdentityClient::new(ch)
+            .attest(AttestRequest { join_token: "weft-jt-x".into(), csr }),
     )
     .await;
     assert!(r.is_err(), "client with another bundle accepted the server");
@@ -525,11 +433,7 @@ fn start_fails_without_pki() {
 fn start_fails_with_another_pkis_issuer_key() {
     let pki = Pki::new(TD);
     let other = Pki::new(TD);
-    std::fs::copy(
-        other.path().join(pki::ISSUER_KEY),
-        pki.path().join(pki::ISSUER_KEY),
-    )
-    .unwrap();
+    std::fs::copy(other.path().join(pki::ISSUER_KEY), pki.path().join(pki::ISSUER_KEY)).unwrap();
     let state = tempfile::tempdir().unwrap();
     let out = run(std::process::Command::new(CONTROL_PLANE_BIN)
         .arg("--pki")
@@ -537,10 +441,7 @@ fn start_fails_with_another_pkis_issuer_key() {
         .arg("--state-dir")
         .arg(state.path())
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]));
-    assert!(
-        !out.status.success(),
-        "started with a mismatched issuer key"
-    );
+    assert!(!out.status.success(), "started with a mismatched issuer key");
     assert!(out.stderr.contains(pki::ISSUER_KEY), "{}", out.stderr);
     assert!(out.stderr.contains("does not match"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);

@@ -24,25 +24,20 @@ pub fn lazy_channel(
         .http2_keep_alive_interval(std::time::Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
-    Ok(
-        endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            async move {
-                let authority = uri
-                    .authority()
-                    .ok_or_else(|| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidInput,
-                            "control-plane address has no host:port",
-                        )
-                    })?
-                    .to_string();
-                let tcp = TcpStream::connect(authority).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        })),
-    )
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        async move {
+            let authority = uri
+                .authority()
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "control-plane address has no host:port")
+                })?
+                .to_string();
+            let tcp = TcpStream::connect(authority).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    })))
 }

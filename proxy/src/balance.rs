@@ -44,10 +44,7 @@ impl EndpointStats {
     fn new(now: Instant) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            ewma: Mutex::new(Ewma {
-                value: INITIAL_EWMA_SECS,
-                at: now,
-            }),
+            ewma: Mutex::new(Ewma { value: INITIAL_EWMA_SECS, at: now }),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: Mutex::new(None),
@@ -60,10 +57,7 @@ impl EndpointStats {
     }
 
     fn ejected(&self, now: Instant) -> bool {
-        self.ejected_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|t| t > now)
+        self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t > now)
     }
 
     fn observe(&self, latency: Duration, ok: bool, now: Instant) -> bool {
@@ -133,18 +127,13 @@ impl Balancer {
     /// Picks an endpoint (None when there are none) and marks it busy.
     pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
         let now = Instant::now();
-        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> = endpoints
-            .iter()
-            .map(|e| (*e, self.stats(e.address)))
-            .collect();
+        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> =
+            endpoints.iter().map(|e| (*e, self.stats(e.address))).collect();
         let healthy: Vec<&(&Endpoint, Arc<EndpointStats>)> =
             with_stats.iter().filter(|(_, s)| !s.ejected(now)).collect();
         // Never eject everything: with no healthy endpoint, use them all.
-        let pool: Vec<&(&Endpoint, Arc<EndpointStats>)> = if healthy.is_empty() {
-            with_stats.iter().collect()
-        } else {
-            healthy
-        };
+        let pool: Vec<&(&Endpoint, Arc<EndpointStats>)> =
+            if healthy.is_empty() { with_stats.iter().collect() } else { healthy };
         let (ep, stats) = match pool.len() {
             0 => return None,
             1 => pool[0],
@@ -163,14 +152,7 @@ impl Balancer {
             }
         };
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((
-            *ep,
-            InFlight {
-                stats: stats.clone(),
-                addr: ep.address,
-                start: now,
-            },
-        ))
+        Some((*ep, InFlight { stats: stats.clone(), addr: ep.address, start: now }))
     }
 }
 
@@ -192,13 +174,7 @@ mod tests {
         let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let _busy: Vec<_> = (0..5)
-            .map(|_| {
-                b.stats(eps[0].address)
-                    .in_flight
-                    .fetch_add(1, Ordering::Relaxed)
-            })
-            .collect();
+        let _busy: Vec<_> = (0..5).map(|_| b.stats(eps[0].address).in_flight.fetch_add(1, Ordering::Relaxed)).collect();
         for _ in 0..20 {
             let (e, _g) = b.pick(&refs).unwrap();
             assert_eq!(e.address.port(), 2);
@@ -212,13 +188,9 @@ mod tests {
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let now = Instant::now() + Duration::from_secs(1);
-        b.stats(eps[0].address)
-            .observe(Duration::from_millis(200), true, now);
-        b.stats(eps[1].address)
-            .observe(Duration::from_millis(2), true, now);
-        let fast = (0..100)
-            .filter(|_| b.pick(&refs).unwrap().0.address.port() == 2)
-            .count();
+        b.stats(eps[0].address).observe(Duration::from_millis(200), true, now);
+        b.stats(eps[1].address).observe(Duration::from_millis(2), true, now);
+        let fast = (0..100).filter(|_| b.pick(&refs).unwrap().0.address.port() == 2).count();
         assert_eq!(fast, 100, "with two endpoints P2C always compares both");
     }
 
@@ -246,24 +218,14 @@ mod tests {
         let s = b.stats(eps[0].address);
         let t0 = Instant::now();
         for i in 1..EJECT_AFTER {
-            assert!(
-                !s.observe(Duration::from_millis(1), false, t0),
-                "not yet at failure {i}"
-            );
+            assert!(!s.observe(Duration::from_millis(1), false, t0), "not yet at failure {i}");
         }
         assert!(s.observe(Duration::from_millis(1), false, t0));
         assert!(s.ejected(t0));
         for _ in 0..50 {
-            assert_eq!(
-                b.pick(&refs).unwrap().0.address.port(),
-                2,
-                "ejected endpoint gets no traffic"
-            );
+            assert_eq!(b.pick(&refs).unwrap().0.address.port(), 2, "ejected endpoint gets no traffic");
         }
-        assert!(
-            !s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)),
-            "brought back after the interval"
-        );
+        assert!(!s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)), "brought back after the interval");
         // The second ejection lasts longer.
         for _ in 0..EJECT_AFTER {
             s.observe(Duration::from_millis(1), false, t0);

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weft_certs::SpiffeId;
 use weft_proto::config::v1::config_client::ConfigClient;
-use weft_proto::config::v1::{AckRequest, Snapshot, WatchRequest};
+use weft_proto::config::v1::{AckRequest, Service, Snapshot, WatchRequest};
 
 use crate::identity::Identity;
 use crate::inbound::policy::Authorizer;
@@ -58,33 +58,20 @@ impl Table {
         for svc in &s.services {
             let mut eps = Vec::with_capacity(svc.endpoints.len());
             for ep in &svc.endpoints {
-                let address = ep.address.parse().map_err(|e| {
-                    format!(
-                        "service {}: endpoint address {:?}: {e}",
-                        svc.name, ep.address
-                    )
-                })?;
-                let spiffe_id = SpiffeId::parse(&ep.spiffe_id).map_err(|e| {
-                    format!(
-                        "service {}: endpoint {}: SPIFFE ID: {e}",
-                        svc.name, ep.address
-                    )
-                })?;
-                eps.push(Endpoint {
-                    address,
-                    spiffe_id,
-                    labels: ep.labels.clone().into_iter().collect(),
-                });
+                let address = ep
+                    .address
+                    .parse()
+                    .map_err(|e| format!("service {}: endpoint address {:?}: {e}", svc.name, ep.address))?;
+                let spiffe_id = SpiffeId::parse(&ep.spiffe_id)
+                    .map_err(|e| format!("service {}: endpoint {}: SPIFFE ID: {e}", svc.name, ep.address))?;
+                eps.push(Endpoint { address, spiffe_id, labels: ep.labels.clone().into_iter().collect() });
             }
             services.insert(svc.name.clone(), eps);
         }
         let mesh: Option<MeshConfig> = if s.mesh_config_json.is_empty() {
             None
         } else {
-            Some(
-                serde_json::from_str(&s.mesh_config_json)
-                    .map_err(|e| format!("mesh config: {e}"))?,
-            )
+            Some(serde_json::from_str(&s.mesh_config_json).map_err(|e| format!("mesh config: {e}"))?)
         };
         let empty = MeshConfig::default();
         let cfg = mesh.as_ref().unwrap_or(&empty);
@@ -92,22 +79,42 @@ impl Table {
         let authz = Authorizer::new(cfg, own_service);
         let limiter = RateLimiter::new(cfg, own_service);
         let rate_limits = (!limiter.is_empty()).then_some(limiter);
-        Ok(Self {
-            version: s.version,
-            services,
-            mesh,
-            router,
-            authz,
-            rate_limits,
-        })
+        Ok(Self { version: s.version, services, mesh, router, authz, rate_limits })
     }
 
     pub fn endpoints(&self, service: &str) -> &[Endpoint] {
-        self.services
-            .get(service)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        self.services.get(service).map(Vec::as_slice).unwrap_or_default()
     }
+}
+
+/// After the config stream reconnects, endpoints that the new session does
+/// not list yet are kept this long. A restarted control plane knows an
+/// endpoint only once that endpoint's own sidecar has reconnected (each
+/// retries with up to ~7.5 s of jittered backoff), so its first snapshots are
+/// incomplete rather than removals; applying them as they are would drop
+/// endpoints that the last good config still serves and fail requests.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
+
+/// `fresh` plus every endpoint of `previous` that `fresh` does not list (by
+/// address); version and mesh config are `fresh`'s.
+fn with_missing_endpoints(fresh: &Snapshot, previous: &Snapshot) -> Snapshot {
+    let mut merged = fresh.clone();
+    for old in &previous.services {
+        let i = match merged.services.iter().position(|s| s.name == old.name) {
+            Some(i) => i,
+            None => {
+                merged.services.push(Service { name: old.name.clone(), endpoints: Vec::new() });
+                merged.services.len() - 1
+            }
+        };
+        let svc = &mut merged.services[i];
+        for ep in &old.endpoints {
+            if !svc.endpoints.iter().any(|e| e.address == ep.address) {
+                svc.endpoints.push(ep.clone());
+            }
+        }
+    }
+    merged
 }
 
 /// What this sidecar registers.
@@ -115,6 +122,7 @@ impl Table {
 pub struct Registration {
     pub service: String,
     pub inbound_address: SocketAddr,
+    pub admin_address: SocketAddr,
     pub labels: HashMap<String, String>,
 }
 
@@ -153,19 +161,13 @@ impl Discovery {
     }
 
     /// Watches the control plane forever, reconnecting with jittered backoff.
-    pub async fn run(
-        self: Arc<Self>,
-        identity: Arc<Identity>,
-        reg: Registration,
-        metrics: Arc<Metrics>,
-    ) {
+    pub async fn run(self: Arc<Self>, identity: Arc<Identity>, reg: Registration, metrics: Arc<Metrics>) {
         let mut backoff = Duration::from_millis(250);
+        // The snapshot in effect (possibly merged, see RECONNECT_GRACE).
+        let mut applied: Option<Snapshot> = None;
         loop {
             let mut received = false;
-            match self
-                .watch_once(&identity, &reg, &metrics, &mut received)
-                .await
-            {
+            match self.watch_once(&identity, &reg, &metrics, &mut received, &mut applied).await {
                 Ok(()) => tracing::warn!("config stream ended; reconnecting"),
                 Err(e) => {
                     tracing::warn!(error = %e, "config stream failed; keeping the last config")
@@ -186,52 +188,68 @@ impl Discovery {
         reg: &Registration,
         metrics: &Metrics,
         received: &mut bool,
+        applied: &mut Option<Snapshot>,
     ) -> Result<(), String> {
-        let channel = identity
-            .control_plane_channel(true)
-            .map_err(|e| e.to_string())?;
+        let channel = identity.control_plane_channel(true).map_err(|e| e.to_string())?;
         let mut client = ConfigClient::new(channel);
         let mut stream = client
             .watch(WatchRequest {
                 service: reg.service.clone(),
                 inbound_address: reg.inbound_address.to_string(),
                 labels: reg.labels.clone(),
+                admin_address: reg.admin_address.to_string(),
             })
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
         tracing::info!("config stream open");
-        while let Some(snap) = stream
-            .message()
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        {
+        // After a reconnect, keep what the previous session listed until this
+        // one has had time to hear from every sidecar again.
+        let previous = applied.clone();
+        let mut grace = previous.is_some();
+        let grace_end = tokio::time::Instant::now() + RECONNECT_GRACE;
+        let mut latest: Option<Snapshot> = None;
+        loop {
+            let (snap, effective, ack) = tokio::select! {
+                m = stream.message() => {
+                    let Some(snap) = m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? else {
+                        break;
+                    };
+                    let effective = match (&previous, grace) {
+                        (Some(p), true) => with_missing_endpoints(&snap, p),
+                        _ => snap.clone(),
+                    };
+                    (snap, effective, true)
+                }
+                _ = tokio::time::sleep_until(grace_end), if grace => {
+                    grace = false;
+                    // From now on the control plane's view is the whole truth.
+                    match &latest {
+                        Some(l) if applied.as_ref() != Some(l) => (l.clone(), l.clone(), false),
+                        _ => continue,
+                    }
+                }
+            };
             *received = true;
-            let error = match self.apply(&snap) {
+            let error = match self.apply(&effective) {
                 Ok(()) => {
-                    metrics
-                        .config_updates
-                        .get_or_create(&OutcomeLabels { outcome: "applied" })
-                        .inc();
+                    *applied = Some(effective);
+                    metrics.config_updates.get_or_create(&OutcomeLabels { outcome: "applied" }).inc();
                     tracing::debug!(version = snap.version, "config applied");
                     String::new()
                 }
                 Err(e) => {
-                    metrics
-                        .config_updates
-                        .get_or_create(&OutcomeLabels {
-                            outcome: "rejected",
-                        })
-                        .inc();
+                    metrics.config_updates.get_or_create(&OutcomeLabels { outcome: "rejected" }).inc();
                     tracing::warn!(version = snap.version, error = %e, "config rejected; keeping the last good one");
                     e
                 }
             };
-            let ack = AckRequest {
-                version: snap.version,
-                error,
-                inbound_address: reg.inbound_address.to_string(),
-            };
+            let version = snap.version;
+            latest = Some(snap);
+            if !ack {
+                continue;
+            }
+            let ack = AckRequest { version, error, inbound_address: reg.inbound_address.to_string() };
             if let Err(s) = client.ack(ack).await {
                 tracing::debug!(error = %s, "ack failed");
             }

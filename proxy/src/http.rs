@@ -59,12 +59,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .map(str::to_ascii_lowercase)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| v.split(',').map(str::trim).map(str::to_ascii_lowercase).collect::<Vec<_>>())
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
@@ -80,12 +75,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(n);
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| v != HeaderValue::from_static("trailers"))
-    {
+    if headers.get(header::TE).is_some_and(|v| v != HeaderValue::from_static("trailers")) {
         headers.remove(header::TE);
     }
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    boxed(Empty::<Bytes>::new())
 }
 
 #[cfg(test)]
@@ -95,16 +92,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
@@ -115,9 +106,4 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h[header::TE], "trailers");
     }
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    boxed(Empty::<Bytes>::new())
 }

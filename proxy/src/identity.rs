@@ -57,10 +57,7 @@ impl Identity {
         state_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, IdentityError> {
-        std::fs::create_dir_all(&state_dir).map_err(|err| IdentityError::State {
-            path: state_dir.clone(),
-            err,
-        })?;
+        std::fs::create_dir_all(&state_dir).map_err(|err| IdentityError::State { path: state_dir.clone(), err })?;
         let bundle = match TrustBundle::load(&state_dir.join(BUNDLE)) {
             Ok(saved) => saved,
             Err(_) => bootstrap_bundle,
@@ -91,19 +88,11 @@ impl Identity {
     /// A rustls client config that verifies the control plane's SPIFFE ID and
     /// presents our SVID when we have one.
     pub fn control_plane_tls(&self, with_svid: bool) -> rustls::ClientConfig {
-        let verifier =
-            SpiffeVerifier::new(self.bundle.clone(), IdMatcher::Exact(self.cp_id.clone()));
-        weft_certs::tls::client_config(
-            with_svid.then(|| self.resolver.clone()),
-            verifier,
-            &[weft_certs::tls::ALPN_H2],
-        )
+        let verifier = SpiffeVerifier::new(self.bundle.clone(), IdMatcher::Exact(self.cp_id.clone()));
+        weft_certs::tls::client_config(with_svid.then(|| self.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2])
     }
 
-    pub fn control_plane_channel(
-        &self,
-        with_svid: bool,
-    ) -> Result<tonic::transport::Channel, IdentityError> {
+    pub fn control_plane_channel(&self, with_svid: bool) -> Result<tonic::transport::Channel, IdentityError> {
         weft_proto::channel::lazy_channel(
             &self.control_plane,
             Arc::new(self.control_plane_tls(with_svid)),
@@ -131,32 +120,20 @@ impl Identity {
             }
             tracing::warn!(spiffe_id = %saved.spiffe_id, "saved SVID has expired; attesting again");
         }
-        let token_file = token_file.ok_or_else(|| IdentityError::NoToken {
-            state_dir: self.state_dir.clone(),
-        })?;
-        let token = std::fs::read_to_string(token_file).map_err(|e| IdentityError::TokenFile {
-            path: token_file.into(),
-            reason: e.to_string(),
-        })?;
+        let token_file = token_file.ok_or_else(|| IdentityError::NoToken { state_dir: self.state_dir.clone() })?;
+        let token = std::fs::read_to_string(token_file)
+            .map_err(|e| IdentityError::TokenFile { path: token_file.into(), reason: e.to_string() })?;
         let token = token.trim();
         if token.is_empty() {
-            return Err(IdentityError::TokenFile {
-                path: token_file.into(),
-                reason: "is empty".into(),
-            });
+            return Err(IdentityError::TokenFile { path: token_file.into(), reason: "is empty".into() });
         }
         let (csr, key_pair) = make_csr()?;
         let mut client = IdentityClient::new(self.control_plane_channel(false)?);
         let resp = client
-            .attest(AttestRequest {
-                join_token: token.to_string(),
-                csr,
-            })
+            .attest(AttestRequest { join_token: token.to_string(), csr })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => {
-                    IdentityError::Unreachable(s.message().to_string())
-                }
+                tonic::Code::Unavailable | tonic::Code::Unknown => IdentityError::Unreachable(s.message().to_string()),
                 code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
             })?
             .into_inner();
@@ -185,18 +162,10 @@ impl Identity {
         let roots = resp.trust_bundle.into_iter().map(Into::into).collect();
         let bundle = TrustBundle::new(roots)?;
         if self.bundle.load().bundle() != &bundle {
-            pki::write_file(
-                &self.state_dir.join(BUNDLE),
-                bundle.to_pem().as_bytes(),
-                false,
-            )?;
+            pki::write_file(&self.state_dir.join(BUNDLE), bundle.to_pem().as_bytes(), false)?;
             self.bundle.store(Arc::new(Anchors::new(bundle)));
         }
-        save_svid(
-            &svid,
-            &self.state_dir.join(SVID_CERT),
-            &self.state_dir.join(SVID_KEY),
-        )?;
+        save_svid(&svid, &self.state_dir.join(SVID_CERT), &self.state_dir.join(SVID_KEY))?;
         self.install(svid.clone())?;
         Ok(svid)
     }
@@ -218,10 +187,7 @@ impl Identity {
             // CA backdates not_before (clock skew), so with a short TTL the
             // half-life point of [not_before, not_after] is already past at
             // issuance and renewal would spin without pause.
-            let remaining = svid
-                .not_after
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
+            let remaining = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default();
             let jitter = rand::rng().random_range(0.9..1.1);
             let wait = (remaining / 2).mul_f64(jitter);
             tokio::time::sleep(wait).await;

@@ -56,19 +56,13 @@ pub enum StartError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("cannot listen on {addr} ({what}): {err}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        err: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, err: std::io::Error },
     #[error("{0}")]
     Config(String),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|err| StartError::Bind { what, addr, err })
+    TcpListener::bind(addr).await.map_err(|err| StartError::Bind { what, addr, err })
 }
 
 /// A running sidecar.
@@ -87,16 +81,12 @@ impl Proxy {
         let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle)?;
         let td = match &opts.trust_domain {
             Some(td) => td.clone(),
-            None => bootstrap_bundle
-                .roots()
-                .iter()
-                .find_map(|r| pki::trust_domain_of(r))
-                .ok_or_else(|| {
-                    StartError::Config(format!(
-                        "{}: no spiffe:// URI SAN names the trust domain; pass --trust-domain",
-                        opts.trust_bundle.display()
-                    ))
-                })?,
+            None => bootstrap_bundle.roots().iter().find_map(|r| pki::trust_domain_of(r)).ok_or_else(|| {
+                StartError::Config(format!(
+                    "{}: no spiffe:// URI SAN names the trust domain; pass --trust-domain",
+                    opts.trust_bundle.display()
+                ))
+            })?,
         };
         let metrics = Arc::new(Metrics::default());
         let mut prom = prometheus_client::registry::Registry::default();
@@ -111,13 +101,8 @@ impl Proxy {
         for (name, addr) in &opts.upstreams {
             upstream_listeners.push((name.clone(), bind("--upstream", *addr).await?));
         }
-        let local = |l: &TcpListener, what| {
-            l.local_addr().map_err(|err| StartError::Bind {
-                what,
-                addr: opts.inbound,
-                err,
-            })
-        };
+        let local =
+            |l: &TcpListener, what| l.local_addr().map_err(|err| StartError::Bind { what, addr: opts.inbound, err });
         let admin_addr = local(&admin_listener, "--admin")?;
         let inbound_addr = local(&inbound_listener, "--inbound")?;
         let outbound_addr = local(&outbound_listener, "--outbound")?;
@@ -141,28 +126,19 @@ impl Proxy {
         let reg = Registration {
             service: opts.service.clone(),
             inbound_address: inbound_addr,
+            admin_address: admin_addr,
             labels: opts.labels.clone(),
         };
-        tokio::spawn(
-            discovery
-                .clone()
-                .run(identity.clone(), reg, metrics.clone()),
-        );
+        tokio::spawn(discovery.clone().run(identity.clone(), reg, metrics.clone()));
         {
             let d = discovery.clone();
-            admin.set_config_view(move || {
-                serde_json::to_string_pretty(&*d.table()).unwrap_or_default()
-            });
+            admin.set_config_view(move || serde_json::to_string_pretty(&*d.table()).unwrap_or_default());
         }
 
         let (drain_trigger, drain) = shutdown::channel();
-        let verifier =
-            SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
-        let server_tls = weft_certs::tls::server_config(
-            identity.resolver.clone(),
-            verifier,
-            &[weft_certs::tls::ALPN_H2],
-        );
+        let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
+        let server_tls =
+            weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);
         let inbound = inbound::Inbound::new(
             opts.app,
             opts.app_protocol,
@@ -170,28 +146,16 @@ impl Proxy {
             discovery.clone(),
             metrics.clone(),
         );
-        tokio::spawn(inbound.serve(
-            inbound_listener,
-            TlsAcceptor::from(Arc::new(server_tls)),
-            drain.clone(),
-        ));
+        tokio::spawn(inbound.serve(inbound_listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
 
         let outbound = Arc::new(outbound::Outbound {
             discovery: discovery.clone(),
-            pool: outbound::pool::Pool::new(
-                identity.clone(),
-                metrics.clone(),
-                opts.connect_timeout,
-            ),
+            pool: outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout),
             balancer: Default::default(),
             budgets: Default::default(),
             metrics: metrics.clone(),
         });
-        tokio::spawn(
-            outbound
-                .clone()
-                .serve_http(outbound_listener, drain.clone()),
-        );
+        tokio::spawn(outbound.clone().serve_http(outbound_listener, drain.clone()));
         for (name, l) in upstream_listeners {
             tokio::spawn(outbound.clone().serve_tcp(l, name, drain.clone()));
         }
@@ -210,13 +174,7 @@ impl Proxy {
             "sidecar listening"
         );
         drop(drain);
-        Ok(Self {
-            inbound_addr,
-            outbound_addr,
-            admin_addr,
-            upstream_addrs,
-            drain: drain_trigger,
-        })
+        Ok(Self { inbound_addr, outbound_addr, admin_addr, upstream_addrs, drain: drain_trigger })
     }
 
     /// Stops accepting, lets open connections finish (bounded by `timeout`).

@@ -49,6 +49,7 @@ pub struct RequestMeta {
 pub struct LatencyLabels {
     pub direction: &'static str,
     pub service: String,
+    pub backend: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,9 +72,7 @@ pub struct OutcomeLabels {
 
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s: sidecar hops are sub-millisecond, app calls much longer.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.0005, 2.0, 16,
-    ))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16))
 }
 
 pub struct Metrics {
@@ -126,21 +125,9 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             self.latency.clone(),
         );
-        reg.register(
-            "connections",
-            "Connections accepted (inbound) or opened (outbound)",
-            self.connections.clone(),
-        );
-        reg.register(
-            "open_connections",
-            "Connections currently open",
-            self.open_connections.clone(),
-        );
-        reg.register(
-            "tls_handshakes",
-            "mTLS handshakes by direction and outcome",
-            self.handshakes.clone(),
-        );
+        reg.register("connections", "Connections accepted (inbound) or opened (outbound)", self.connections.clone());
+        reg.register("open_connections", "Connections currently open", self.open_connections.clone());
+        reg.register("tls_handshakes", "mTLS handshakes by direction and outcome", self.handshakes.clone());
         reg.register_with_unit(
             "tcp",
             "Bytes carried for opaque TCP, by direction",
@@ -152,11 +139,7 @@ impl Metrics {
             "Config snapshots from the control plane by outcome",
             self.config_updates.clone(),
         );
-        reg.register(
-            "svid_renewals",
-            "SVID renewals by outcome",
-            self.svid_renewals.clone(),
-        );
+        reg.register("svid_renewals", "SVID renewals by outcome", self.svid_renewals.clone());
         reg.register(
             "svid_expiry_timestamp_seconds",
             "Expiry of the current SVID (Unix seconds)",
@@ -166,23 +149,10 @@ impl Metrics {
 
     pub fn handshake(&self, direction: &'static str, outcome: &'static str) {
         let tls_version = if outcome == "ok" { "TLSv1.3" } else { "" };
-        self.handshakes
-            .get_or_create(&HandshakeLabels {
-                direction,
-                outcome,
-                tls_version,
-            })
-            .inc();
+        self.handshakes.get_or_create(&HandshakeLabels { direction, outcome, tls_version }).inc();
     }
 
-    pub fn request(
-        &self,
-        direction: &'static str,
-        service: &str,
-        meta: &RequestMeta,
-        code: u16,
-        secs: f64,
-    ) {
+    pub fn request(&self, direction: &'static str, service: &str, meta: &RequestMeta, code: u16, secs: f64) {
         let labels = RequestLabels {
             direction,
             service: service.to_string(),
@@ -193,10 +163,7 @@ impl Metrics {
         };
         self.requests.get_or_create(&labels).inc();
         self.latency
-            .get_or_create(&LatencyLabels {
-                direction,
-                service: service.to_string(),
-            })
+            .get_or_create(&LatencyLabels { direction, service: service.to_string(), backend: meta.backend.clone() })
             .observe(secs);
     }
 }
@@ -208,10 +175,7 @@ pub struct OpenConn {
 
 impl OpenConn {
     pub fn new(m: &Metrics, direction: &'static str, protocol: &'static str) -> Self {
-        let labels = ConnLabels {
-            direction,
-            protocol,
-        };
+        let labels = ConnLabels { direction, protocol };
         m.connections.get_or_create(&labels).inc();
         let gauge = m.open_connections.get_or_create(&labels).clone();
         gauge.inc();

@@ -10,8 +10,8 @@ use http::{HeaderName, HeaderValue, Method};
 use rand::Rng;
 use regex::Regex;
 use weft_config::{
-    BackendRef, FilterType, HeaderModifier, MeshConfig, PathMatchType, Retry, RouteMatch,
-    RouteRule, ValueMatch, ValueMatchType,
+    BackendRef, FilterType, HeaderModifier, MeshConfig, PathMatchType, Retry, RouteMatch, RouteRule, ValueMatch,
+    ValueMatchType,
 };
 
 use crate::discovery::Endpoint;
@@ -59,10 +59,7 @@ pub struct Backend {
 impl Backend {
     /// The endpoints of this backend among a service's endpoints.
     pub fn select<'a>(&self, endpoints: &'a [Endpoint]) -> Vec<&'a Endpoint> {
-        endpoints
-            .iter()
-            .filter(|e| self.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-            .collect()
+        endpoints.iter().filter(|e| self.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))).collect()
     }
 }
 
@@ -137,15 +134,7 @@ pub struct Router {
     rules: Vec<Rule>,
 }
 
-type Rank = (
-    u8,
-    std::cmp::Reverse<usize>,
-    u8,
-    std::cmp::Reverse<usize>,
-    std::cmp::Reverse<usize>,
-    usize,
-    usize,
-);
+type Rank = (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, usize, usize);
 
 fn rank(m: Option<&RouteMatch>, route: usize, rule: usize) -> Rank {
     use std::cmp::Reverse;
@@ -158,15 +147,7 @@ fn rank(m: Option<&RouteMatch>, route: usize, rule: usize) -> Rank {
     let method = u8::from(m.and_then(|m| m.method.as_ref()).is_none());
     let headers = m.map(|m| m.headers.len()).unwrap_or(0);
     let query = m.map(|m| m.query_params.len()).unwrap_or(0);
-    (
-        path_rank,
-        Reverse(prefix_len),
-        method,
-        Reverse(headers),
-        Reverse(query),
-        route,
-        rule,
-    )
+    (path_rank, Reverse(prefix_len), method, Reverse(headers), Reverse(query), route, rule)
 }
 
 fn compile_value(v: &ValueMatch) -> Result<ValueM, String> {
@@ -188,9 +169,7 @@ fn compile_match(m: &RouteMatch) -> Result<Match, String> {
         .map(|p| {
             Ok::<_, String>(match p.kind {
                 PathMatchType::Exact => PathM::Exact(p.value.clone()),
-                PathMatchType::PathPrefix => {
-                    PathM::Prefix(p.value.trim_end_matches('/').to_string())
-                }
+                PathMatchType::PathPrefix => PathM::Prefix(p.value.trim_end_matches('/').to_string()),
                 PathMatchType::RegularExpression => PathM::Regex(anchored(&p.value)?),
             })
         })
@@ -199,8 +178,7 @@ fn compile_match(m: &RouteMatch) -> Result<Match, String> {
         .headers
         .iter()
         .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|e| format!("header {:?}: {e}", h.name))?;
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| format!("header {:?}: {e}", h.name))?;
             Ok((name, compile_value(h)?))
         })
         .collect::<Result<_, String>>()?;
@@ -209,17 +187,9 @@ fn compile_match(m: &RouteMatch) -> Result<Match, String> {
         .as_ref()
         .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| format!("method {s:?}: {e}")))
         .transpose()?;
-    let query = m
-        .query_params
-        .iter()
-        .map(|q| Ok((q.name.clone(), compile_value(q)?)))
-        .collect::<Result<_, String>>()?;
-    Ok(Match {
-        path,
-        headers,
-        method,
-        query,
-    })
+    let query =
+        m.query_params.iter().map(|q| Ok((q.name.clone(), compile_value(q)?))).collect::<Result<_, String>>()?;
+    Ok(Match { path, headers, method, query })
 }
 
 fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Result<Rule, String> {
@@ -227,10 +197,7 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
         .backend_refs
         .iter()
         .map(|b: &BackendRef| {
-            let svc = cfg
-                .services
-                .get(&b.name)
-                .ok_or_else(|| format!("backend service {:?} unknown", b.name))?;
+            let svc = cfg.services.get(&b.name).ok_or_else(|| format!("backend service {:?} unknown", b.name))?;
             let labels = match &b.subset {
                 None => BTreeMap::new(),
                 Some(name) => svc
@@ -260,18 +227,11 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
             .unwrap_or_default()
     };
     Ok(Rule {
-        name: format!(
-            "{route}/{}",
-            r.name.clone().unwrap_or_else(|| idx.to_string())
-        ),
+        name: format!("{route}/{}", r.name.clone().unwrap_or_else(|| idx.to_string())),
         total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
         backends,
         request_timeout: r.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0),
-        try_timeout: r
-            .timeouts
-            .as_ref()
-            .and_then(|t| t.backend_request)
-            .map(|d| d.0),
+        try_timeout: r.timeouts.as_ref().and_then(|t| t.backend_request).map(|d| d.0),
         retry: r.retry.clone(),
         request_headers: modifier(FilterType::RequestHeaderModifier),
         response_headers: modifier(FilterType::ResponseHeaderModifier),
@@ -287,8 +247,7 @@ impl Router {
             for (ui, rule) in route.spec.rules.iter().enumerate() {
                 let rule_idx = router.rules.len();
                 router.rules.push(
-                    compile_rule(cfg, &route.name, ui, rule)
-                        .map_err(|e| format!("HTTPRoute {}: {e}", route.name))?,
+                    compile_rule(cfg, &route.name, ui, rule).map_err(|e| format!("HTTPRoute {}: {e}", route.name))?,
                 );
                 for parent in &route.spec.parent_refs {
                     let list = ranked.entry(parent.name.clone()).or_default();
@@ -296,18 +255,15 @@ impl Router {
                         list.push((rank(None, ri, ui), None, rule_idx));
                     }
                     for m in &rule.matches {
-                        let compiled = compile_match(m)
-                            .map_err(|e| format!("HTTPRoute {}: {e}", route.name))?;
+                        let compiled = compile_match(m).map_err(|e| format!("HTTPRoute {}: {e}", route.name))?;
                         list.push((rank(Some(m), ri, ui), Some(compiled), rule_idx));
                     }
                 }
             }
         }
         for (svc, mut list) in ranked {
-            list.sort_by(|a, b| a.0.cmp(&b.0));
-            router
-                .candidates
-                .insert(svc, list.into_iter().map(|(_, m, i)| (m, i)).collect());
+            list.sort_by_key(|c| c.0);
+            router.candidates.insert(svc, list.into_iter().map(|(_, m, i)| (m, i)).collect());
         }
         Ok(router)
     }
@@ -332,19 +288,15 @@ fn matches(m: &Match, req: &RequestInfo<'_>) -> bool {
         // Prefixes match whole segments: /api matches /api and /api/x, not /apix.
         Some(PathM::Prefix(p)) => {
             p.is_empty()
-                || (req.path.starts_with(p.as_str())
-                    && matches!(req.path.as_bytes().get(p.len()), None | Some(b'/')))
+                || (req.path.starts_with(p.as_str()) && matches!(req.path.as_bytes().get(p.len()), None | Some(b'/')))
         }
         Some(PathM::Regex(re)) => re.is_match(req.path),
     };
     path_ok
         && m.method.as_ref().is_none_or(|want| want == req.method)
-        && m.headers.iter().all(|(name, vm)| {
-            req.headers
-                .get_all(name)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| vm.matches(v)))
-        })
+        && m.headers
+            .iter()
+            .all(|(name, vm)| req.headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| vm.matches(v))))
         && m.query.iter().all(|(name, vm)| {
             req.query
                 .unwrap_or("")
@@ -357,18 +309,12 @@ fn matches(m: &Match, req: &RequestInfo<'_>) -> bool {
 /// Applies a header modifier (set, add, remove) to a header map.
 pub fn modify_headers(m: &HeaderModifier, headers: &mut http::HeaderMap) {
     for h in &m.set {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_str(&h.value),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
             headers.insert(n, v);
         }
     }
     for h in &m.add {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_str(&h.value),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
             headers.append(n, v);
         }
     }
@@ -417,29 +363,12 @@ spec:
       backendRefs: [{name: b, subset: v2}]
 "#;
 
-    fn route_name(
-        r: &Router,
-        method: Method,
-        path: &str,
-        query: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> String {
+    fn route_name(r: &Router, method: Method, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> String {
         let mut h = http::HeaderMap::new();
         for (k, v) in headers {
-            h.insert(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
-        match r.route(
-            "b",
-            &RequestInfo {
-                method: &method,
-                path,
-                query,
-                headers: &h,
-            },
-        ) {
+        match r.route("b", &RequestInfo { method: &method, path, query, headers: &h }) {
             Decision::Rule(rule) => rule.name.clone(),
             Decision::Default => "default".into(),
             Decision::NoMatch => "none".into(),
@@ -451,55 +380,18 @@ spec:
         let cfg = weft_config::parse(CFG).unwrap();
         let r = Router::new(&cfg).unwrap();
         assert_eq!(route_name(&r, Method::GET, "/", None, &[]), "r/split");
-        assert_eq!(
-            route_name(&r, Method::GET, "/", None, &[("x-canary", "true")]),
-            "r/canary"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/", None, &[("x-canary", "TRUE")]),
-            "r/split",
-            "exact is exact"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/api/x", None, &[]),
-            "r/api-prefix"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/api", None, &[]),
-            "r/api-prefix"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/apix", None, &[]),
-            "r/split",
-            "prefixes match whole segments"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/api/special", None, &[]),
-            "r/api-exact",
-            "exact beats prefix"
-        );
-        assert_eq!(
-            route_name(&r, Method::POST, "/api/x", None, &[]),
-            "r/api-post",
-            "method beats none"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/q", Some("a=1&id=42"), &[]),
-            "r/query"
-        );
-        assert_eq!(
-            route_name(&r, Method::GET, "/q", Some("id=4x2"), &[]),
-            "r/split",
-            "regex is a full match"
-        );
+        assert_eq!(route_name(&r, Method::GET, "/", None, &[("x-canary", "true")]), "r/canary");
+        assert_eq!(route_name(&r, Method::GET, "/", None, &[("x-canary", "TRUE")]), "r/split", "exact is exact");
+        assert_eq!(route_name(&r, Method::GET, "/api/x", None, &[]), "r/api-prefix");
+        assert_eq!(route_name(&r, Method::GET, "/api", None, &[]), "r/api-prefix");
+        assert_eq!(route_name(&r, Method::GET, "/apix", None, &[]), "r/split", "prefixes match whole segments");
+        assert_eq!(route_name(&r, Method::GET, "/api/special", None, &[]), "r/api-exact", "exact beats prefix");
+        assert_eq!(route_name(&r, Method::POST, "/api/x", None, &[]), "r/api-post", "method beats none");
+        assert_eq!(route_name(&r, Method::GET, "/q", Some("a=1&id=42"), &[]), "r/query");
+        assert_eq!(route_name(&r, Method::GET, "/q", Some("id=4x2"), &[]), "r/split", "regex is a full match");
         let none = r.route(
             "other",
-            &RequestInfo {
-                method: &Method::GET,
-                path: "/",
-                query: None,
-                headers: &Default::default(),
-            },
+            &RequestInfo { method: &Method::GET, path: "/", query: None, headers: &Default::default() },
         );
         assert!(matches!(none, Decision::Default));
     }
@@ -515,34 +407,20 @@ spec:
     fn weights_split_traffic() {
         let cfg = weft_config::parse(CFG).unwrap();
         let r = Router::new(&cfg).unwrap();
-        let Decision::Rule(rule) = r.route(
-            "b",
-            &RequestInfo {
-                method: &Method::GET,
-                path: "/",
-                query: None,
-                headers: &Default::default(),
-            },
-        ) else {
+        let Decision::Rule(rule) =
+            r.route("b", &RequestInfo { method: &Method::GET, path: "/", query: None, headers: &Default::default() })
+        else {
             panic!()
         };
-        let v2 = (0..10_000)
-            .filter(|_| rule.pick_backend().subset == "v2")
-            .count();
+        let v2 = (0..10_000).filter(|_| rule.pick_backend().subset == "v2").count();
         assert!((800..1200).contains(&v2), "v2 got {v2} of 10000");
     }
 
     #[test]
     fn header_modifiers() {
         let m = HeaderModifier {
-            set: vec![weft_config::Header {
-                name: "x-a".into(),
-                value: "1".into(),
-            }],
-            add: vec![weft_config::Header {
-                name: "x-b".into(),
-                value: "2".into(),
-            }],
+            set: vec![weft_config::Header { name: "x-a".into(), value: "1".into() }],
+            add: vec![weft_config::Header { name: "x-b".into(), value: "2".into() }],
             remove: vec!["x-c".into()],
         };
         let mut h = http::HeaderMap::new();

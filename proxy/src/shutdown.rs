@@ -49,8 +49,6 @@ impl DrainTrigger {
     /// timeout passes. Returns whether everything finished in time.
     pub async fn drain(self, timeout: Duration) -> bool {
         let _ = self.tx.send(true);
-        tokio::time::timeout(timeout, self.tx.closed())
-            .await
-            .is_ok()
+        tokio::time::timeout(timeout, self.tx.closed()).await.is_ok()
     }
 }

@@ -37,36 +37,16 @@ async fn mesh(app: servers::Server, app_protocol: &str, upstreams: &[&str]) -> M
     let client = Sidecar::start(
         &cp,
         TD,
-        SidecarSpec {
-            service: "web",
-            app: web_app.addr,
-            upstreams,
-            labels: &[],
-            extra_args: &[],
-        },
+        SidecarSpec { service: "web", app: web_app.addr, upstreams, labels: &[], extra_args: &[] },
     )
     .await;
-    client
-        .wait_endpoints("api", 1, Duration::from_secs(10))
-        .await;
-    Mesh {
-        cp,
-        client,
-        server,
-        _servers: vec![app, web_app],
-    }
+    client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+    Mesh { cp, client, server, _servers: vec![app, web_app] }
 }
 
 fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl is installed");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,42 +55,19 @@ async fn http1_and_h2c_through_two_sidecars() {
     let outbound = format!("http://{}/echo-headers", m.client.outbound);
 
     // HTTP/1.1 from the app arrives as HTTP/1.1, with the caller's verified identity.
-    let (body, err) = curl(&[
-        "--http1.1",
-        "-H",
-        "Host: api",
-        "-H",
-        "x-weft-peer-id: spiffe://example.org/forged",
-        &outbound,
-    ]);
-    assert!(
-        body.contains("version: HTTP/1.1"),
-        "body: {body}\nstderr: {err}"
-    );
-    assert!(
-        body.contains("x-weft-peer-id: spiffe://example.org/ns/default/sa/web"),
-        "{body}"
-    );
-    assert!(
-        !body.contains("forged"),
-        "a caller-supplied identity header must be stripped: {body}"
-    );
-    assert!(
-        !body.contains("weft-app-protocol"),
-        "internal header leaked to the app: {body}"
-    );
+    let (body, err) =
+        curl(&["--http1.1", "-H", "Host: api", "-H", "x-weft-peer-id: spiffe://example.org/forged", &outbound]);
+    assert!(body.contains("version: HTTP/1.1"), "body: {body}\nstderr: {err}");
+    assert!(body.contains("x-weft-peer-id: spiffe://example.org/ns/default/sa/web"), "{body}");
+    assert!(!body.contains("forged"), "a caller-supplied identity header must be stripped: {body}");
+    assert!(!body.contains("weft-app-protocol"), "internal header leaked to the app: {body}");
 
     // h2c (prior knowledge) arrives as HTTP/2; the authority may carry a port.
     let (body, err) = curl(&["--http2-prior-knowledge", "-H", "Host: api:9080", &outbound]);
-    assert!(
-        body.contains("version: HTTP/2.0"),
-        "body: {body}\nstderr: {err}"
-    );
+    assert!(body.contains("version: HTTP/2.0"), "body: {body}\nstderr: {err}");
 
     // A request body is streamed through and back byte-exact.
-    let payload: String = (0..200_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let payload: String = (0..200_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let file = m.cp.dir.path().join("payload.txt");
     std::fs::write(&file, &payload).unwrap();
     let (body, err) = curl(&[
@@ -125,50 +82,24 @@ async fn http1_and_h2c_through_two_sidecars() {
     assert!(body == payload, "echoed body differs");
 
     // Unknown service: a clear 503 from the sidecar.
-    let (body, _) = curl(&[
-        "-H",
-        "Host: nowhere",
-        &format!("http://{}/", m.client.outbound),
-    ]);
-    assert!(
-        body.contains("no endpoints for service \"nowhere\""),
-        "{body}"
-    );
+    let (body, _) = curl(&["-H", "Host: nowhere", &format!("http://{}/", m.client.outbound)]);
+    assert!(body.contains("no endpoints for service \"nowhere\""), "{body}");
 
     let metrics = m.client.metrics().await;
-    assert!(
-        metric_sum(
-            &metrics,
-            "weft_proxy_requests_total",
-            &["direction=\"outbound\"", "service=\"api\""]
-        ) >= 3.0
-    );
-    assert!(
-        metric_sum(
-            &metrics,
-            "weft_proxy_request_duration_seconds_count",
-            &["service=\"api\""]
-        ) >= 3.0
-    );
+    assert!(metric_sum(&metrics, "weft_proxy_requests_total", &["direction=\"outbound\"", "service=\"api\""]) >= 3.0);
+    assert!(metric_sum(&metrics, "weft_proxy_request_duration_seconds_count", &["service=\"api\""]) >= 3.0);
     let server_metrics = m.server.metrics().await;
     assert!(
         metric_sum(
             &server_metrics,
             "weft_proxy_requests_total",
-            &[
-                "direction=\"inbound\"",
-                "peer=\"spiffe://example.org/ns/default/sa/web\""
-            ]
+            &["direction=\"inbound\"", "peer=\"spiffe://example.org/ns/default/sa/web\""]
         ) >= 3.0,
         "{server_metrics}"
     );
     // One pooled connection carried every request.
     assert_eq!(
-        metric_sum(
-            &metrics,
-            "weft_proxy_connections_total",
-            &["direction=\"outbound\"", "protocol=\"mtls\""]
-        ),
+        metric_sum(&metrics, "weft_proxy_connections_total", &["direction=\"outbound\"", "protocol=\"mtls\""]),
         1.0
     );
 }
@@ -176,12 +107,8 @@ async fn http1_and_h2c_through_two_sidecars() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_10mib_byte_exact() {
     let m = mesh(servers::tcp_echo().await, "auto", &["api"]).await;
-    let mut tcp = tokio::net::TcpStream::connect(m.client.upstream("api"))
-        .await
-        .unwrap();
-    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-        .collect();
+    let mut tcp = tokio::net::TcpStream::connect(m.client.upstream("api")).await.unwrap();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let (mut rd, mut wr) = tcp.split();
     let send = async {
         wr.write_all(&data).await.unwrap();
@@ -191,10 +118,8 @@ async fn tcp_10mib_byte_exact() {
     let recv = async {
         while got.len() < data.len() {
             let mut buf = vec![0u8; 65536];
-            let n = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf))
-                .await
-                .expect("echo stalled")
-                .unwrap();
+            let n =
+                tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await.expect("echo stalled").unwrap();
             if n == 0 {
                 break;
             }
@@ -217,23 +142,11 @@ async fn grpc_unary_and_bidi_stream_with_trailers() {
         .await
         .unwrap();
     let mut client = echo::echo_client::EchoClient::new(channel);
-    let resp = client
-        .unary(echo::Msg {
-            seq: 7,
-            payload: b"hello".to_vec(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.metadata().get("x-echo-caller").unwrap(),
-        "spiffe://example.org/ns/default/sa/web"
-    );
+    let resp = client.unary(echo::Msg { seq: 7, payload: b"hello".to_vec() }).await.unwrap();
+    assert_eq!(resp.metadata().get("x-echo-caller").unwrap(), "spiffe://example.org/ns/default/sa/web");
     assert_eq!(resp.into_inner().seq, 7);
 
-    let outbound = futures::stream::iter((0..1000u64).map(|i| echo::Msg {
-        seq: i,
-        payload: vec![i as u8; 100],
-    }));
+    let outbound = futures::stream::iter((0..1000u64).map(|i| echo::Msg { seq: i, payload: vec![i as u8; 100] }));
     let mut inbound = client.bidi(outbound).await.unwrap().into_inner();
     let mut seen = 0u64;
     let status = loop {

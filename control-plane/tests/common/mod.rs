@@ -29,10 +29,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A free port on 127.0.0.1: bind port 0, read the port, release it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
 
 /// A PKI directory made by `weft_certs::pki::init`.
@@ -58,19 +55,13 @@ impl Pki {
     }
 
     pub fn operator(&self) -> Svid {
-        pki::load_svid(
-            &self.path().join(pki::OPERATOR_CERT),
-            &self.path().join(pki::OPERATOR_KEY),
-        )
-        .expect("operator SVID")
+        pki::load_svid(&self.path().join(pki::OPERATOR_CERT), &self.path().join(pki::OPERATOR_KEY))
+            .expect("operator SVID")
     }
 
     /// An SVID for `id` signed directly by this PKI's issuer (not via a control plane).
     pub fn issue_local(&self, id: &SpiffeId, ttl: Duration) -> Svid {
-        pki::load_authority(self.path(), None)
-            .expect("authority")
-            .issue_local(id, ttl)
-            .expect("issue_local")
+        pki::load_authority(self.path(), None).expect("authority").issue_local(id, ttl).expect("issue_local")
     }
 
     pub fn id(&self, path: &str) -> SpiffeId {
@@ -154,21 +145,13 @@ impl ControlPlane {
             // Another test's process may have grabbed one of our ports (then
             // ours exits with "cannot listen"), so first make sure that *this*
             // child bound both, then that it says it is ready.
-            if cp.bound_both()
-                && http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-            {
+            if cp.bound_both() && http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
                 // Logged, not asserted: timing depends on the machine.
-                eprintln!(
-                    "control plane ready in {:?} (grpc {grpc}, admin {admin})",
-                    started.elapsed()
-                );
+                eprintln!("control plane ready in {:?} (grpc {grpc}, admin {admin})", started.elapsed());
                 return Ok(cp);
             }
             if started.elapsed() > READY_TIMEOUT {
-                return Err(format!(
-                    "not ready after {READY_TIMEOUT:?}; log:\n{}",
-                    cp.log_text()
-                ));
+                return Err(format!("not ready after {READY_TIMEOUT:?}; log:\n{}", cp.log_text()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -177,9 +160,9 @@ impl ControlPlane {
     /// Whether the child logged that it listens on our gRPC and admin addresses.
     fn bound_both(&self) -> bool {
         let (grpc, admin) = (self.grpc.to_string(), self.admin.to_string());
-        self.log_text().lines().any(|l| {
-            l.contains("control plane listening") && l.contains(&grpc) && l.contains(&admin)
-        })
+        self.log_text()
+            .lines()
+            .any(|l| l.contains("control plane listening") && l.contains(&grpc) && l.contains(&admin))
     }
 
     pub fn log_text(&self) -> String {
@@ -212,10 +195,7 @@ impl ControlPlane {
     /// [`CALL_TIMEOUT`] for it to exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("control plane is running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
         assert!(sent.success(), "kill -TERM failed");
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
@@ -225,10 +205,7 @@ impl ControlPlane {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "no exit {CALL_TIMEOUT:?} after SIGTERM; log:\n{}",
-                    self.log_text()
-                );
+                panic!("no exit {CALL_TIMEOUT:?} after SIGTERM; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -283,12 +260,10 @@ impl ControlPlane {
 
     /// A join token for `id`, created by the operator over the Admin API.
     pub async fn create_token(&self, id: &SpiffeId, ttl_seconds: u64) -> String {
-        let resp = within(self.admin_as(Some(&self.operator)).create_join_token(
-            CreateJoinTokenRequest {
-                spiffe_id: id.to_string(),
-                ttl_seconds,
-            },
-        ))
+        let resp = within(
+            self.admin_as(Some(&self.operator))
+                .create_join_token(CreateJoinTokenRequest { spiffe_id: id.to_string(), ttl_seconds }),
+        )
         .await
         .unwrap_or_else(|s| panic!("CreateJoinToken as operator: {s:?}"))
         .into_inner();
@@ -299,29 +274,18 @@ impl ControlPlane {
     /// Attest with `token` and a fresh P-256 CSR; returns the SVID (with its key) and the raw response.
     pub async fn attest(&self, token: &str) -> Result<(Svid, X509SvidResponse), tonic::Status> {
         let (csr, key) = weft_certs::ca::make_csr().expect("make_csr");
-        let resp = within(self.identity().attest(AttestRequest {
-            join_token: token.to_string(),
-            csr,
-        }))
-        .await?
-        .into_inner();
+        let resp =
+            within(self.identity().attest(AttestRequest { join_token: token.to_string(), csr })).await?.into_inner();
         Ok((svid_from(&resp, key.serialize_der()), resp))
     }
 
     /// Asserts the control plane still serves: the operator makes a token and
     /// a workload attests with it.
     pub async fn assert_serving(&mut self) {
-        assert!(
-            self.is_running(),
-            "control plane exited; log:\n{}",
-            self.log_text()
-        );
+        assert!(self.is_running(), "control plane exited; log:\n{}", self.log_text());
         let id = self.id("/ns/health/sa/check");
         let token = self.create_token(&id, 60).await;
-        let (svid, _) = self
-            .attest(&token)
-            .await
-            .unwrap_or_else(|s| panic!("attest after the failure case: {s:?}"));
+        let (svid, _) = self.attest(&token).await.unwrap_or_else(|s| panic!("attest after the failure case: {s:?}"));
         assert_eq!(svid.spiffe_id, id);
     }
 }
@@ -332,35 +296,21 @@ impl Drop for ControlPlane {
     }
 }
 
-pub fn client_tls(
-    bundle: &TrustBundle,
-    client: Option<&Svid>,
-    server: IdMatcher,
-) -> Arc<rustls::ClientConfig> {
+pub fn client_tls(bundle: &TrustBundle, client: Option<&Svid>, server: IdMatcher) -> Arc<rustls::ClientConfig> {
     let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle.clone()), server);
     let resolver = client.map(|s| SvidResolver::with_svid(s).expect("resolver"));
-    Arc::new(weft_certs::tls::client_config(
-        resolver,
-        verifier,
-        &[weft_certs::tls::ALPN_H2],
-    ))
+    Arc::new(weft_certs::tls::client_config(resolver, verifier, &[weft_certs::tls::ALPN_H2]))
 }
 
 /// The SVID a response carries, with the key its CSR was made from.
 pub fn svid_from(resp: &X509SvidResponse, key_pkcs8: Vec<u8>) -> Svid {
-    let chain = resp
-        .cert_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
+    let chain = resp.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
     Svid::new(chain, key_pkcs8).expect("response chain is an X.509-SVID")
 }
 
 /// Runs a future with [`CALL_TIMEOUT`], so a hang fails the test instead of stalling it.
 pub async fn within<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .expect("call did not finish in time")
+    tokio::time::timeout(CALL_TIMEOUT, f).await.expect("call did not finish in time")
 }
 
 /// `GET path` over plain HTTP/1.1; the raw response, or None if not reachable.
@@ -368,11 +318,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)

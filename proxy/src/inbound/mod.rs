@@ -35,14 +35,9 @@ pub struct AppConnector {
 impl tower::Service<http::Uri> for AppConnector {
     type Response = TokioIo<TcpStream>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -83,9 +78,7 @@ fn refusal_reason(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(E::NoCertificatesPresented) => "no_client_certificate",
         Some(E::InvalidCertificate(_)) => "bad_certificate",
-        Some(E::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired)) => {
-            "tls_version"
-        }
+        Some(E::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired)) => "tls_version",
         Some(E::PeerIncompatible(_)) => "incompatible",
         Some(E::InvalidMessage(_)) | Some(E::InappropriateMessage { .. }) => "not_tls",
         Some(_) => "tls_error",
@@ -102,30 +95,13 @@ impl Inbound {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let connector = AppConnector { app };
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .build(connector);
-        Arc::new(Self {
-            app,
-            app_protocol,
-            service,
-            discovery,
-            metrics,
-            h1,
-            h2,
-        })
+        let h1 =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
+        Arc::new(Self { app, app_protocol, service, discovery, metrics, h1, h2 })
     }
 
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        acceptor: TlsAcceptor,
-        drain: Drain,
-    ) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, drain: Drain) {
         loop {
             let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
@@ -139,8 +115,7 @@ impl Inbound {
             let acceptor = acceptor.clone();
             let drain = drain.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         let reason = refusal_reason(&e);
@@ -202,58 +177,34 @@ impl Inbound {
             if !decision.allowed {
                 tracing::info!(%peer, policy = %decision.policy, "TCP connection denied by policy");
                 // The caller's sidecar closes the app's connection on a non-200.
-                return local_response(
-                    StatusCode::FORBIDDEN,
-                    "weft: connection denied by authorization policy",
-                );
+                return local_response(StatusCode::FORBIDDEN, "weft: connection denied by authorization policy");
             }
             return self.tunnel(req, peer).await;
         }
         let start = Instant::now();
-        let meta = RequestMeta {
-            peer: peer.to_string(),
-            ..Default::default()
-        };
+        let meta = RequestMeta { peer: peer.to_string(), ..Default::default() };
         let resp = if !decision.allowed {
             // No policy details leak to the caller; they are in logs and metrics.
             tracing::info!(%peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "request denied by policy");
-            local_response(
-                StatusCode::FORBIDDEN,
-                "weft: request denied by authorization policy",
-            )
-        } else if let Some(Err((limit, wait))) = table
-            .rate_limits
-            .as_ref()
-            .map(|rl| rl.check(peer, Some(req.uri().path()), Instant::now()))
+            local_response(StatusCode::FORBIDDEN, "weft: request denied by authorization policy")
+        } else if let Some(Err((limit, wait))) =
+            table.rate_limits.as_ref().map(|rl| rl.check(peer, Some(req.uri().path()), Instant::now()))
         {
-            self.metrics
-                .rate_limited
-                .get_or_create(&LimitLabels { limit })
-                .inc();
+            self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
             let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             r
         } else {
             self.forward(req, peer).await
         };
-        self.metrics.request(
-            "inbound",
-            &self.service,
-            &meta,
-            resp.status().as_u16(),
-            start.elapsed().as_secs_f64(),
-        );
+        self.metrics.request("inbound", &self.service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
         resp
     }
 
     async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        let caller_h2 = parts
-            .headers
-            .remove(APP_PROTOCOL)
-            .is_some_and(|v| v == "h2");
+        let caller_h2 = parts.headers.remove(APP_PROTOCOL).is_some_and(|v| v == "h2");
         let app_h2 = match self.app_protocol {
             AppProtocol::Auto => caller_h2,
             AppProtocol::Http1 => false,
@@ -270,19 +221,12 @@ impl Inbound {
             &self.h2
         } else {
             parts.version = Version::HTTP_11;
-            if let Some(host) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
+            if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
                 parts.headers.insert(header::HOST, host);
             }
             &self.h1
         };
-        match client
-            .request(Request::from_parts(parts, boxed(body)))
-            .await
-        {
+        match client.request(Request::from_parts(parts, boxed(body))).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -291,10 +235,7 @@ impl Inbound {
             }
             Err(e) => {
                 tracing::warn!(app = %self.app, error = %e, "local app request failed");
-                local_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("weft: local app at {} failed: {e}", self.app),
-                )
+                local_response(StatusCode::BAD_GATEWAY, format!("weft: local app at {} failed: {e}", self.app))
             }
         }
     }
@@ -303,10 +244,7 @@ impl Inbound {
         let app = match TcpStream::connect(self.app).await {
             Ok(s) => s,
             Err(e) => {
-                return local_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("weft: local app at {}: {e}", self.app),
-                );
+                return local_response(StatusCode::BAD_GATEWAY, format!("weft: local app at {}: {e}", self.app));
             }
         };
         let _ = app.set_nodelay(true);
@@ -317,13 +255,9 @@ impl Inbound {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let mut app = app;
-                    match tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app).await
-                    {
+                    match tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app).await {
                         Ok((a, b)) => {
-                            let labels = ConnLabels {
-                                direction: "inbound",
-                                protocol: "tcp",
-                            };
+                            let labels = ConnLabels { direction: "inbound", protocol: "tcp" };
                             metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
                         }
                         Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with error"),

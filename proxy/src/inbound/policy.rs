@@ -5,8 +5,7 @@
 use http::Method;
 use weft_certs::SpiffeId;
 use weft_config::{
-    glob_match, Action, AuthorizationPolicySpec, AuthzRule, DefaultPolicy, MeshConfig, Named,
-    Operation, Source,
+    glob_match, Action, AuthorizationPolicySpec, AuthzRule, DefaultPolicy, MeshConfig, Named, Operation, Source,
 };
 
 /// What a request looks like to policy; TCP has no method or path.
@@ -34,26 +33,14 @@ pub struct Authorizer {
 
 fn source_matches(s: &Source, peer: &SpiffeId) -> bool {
     (s.identities.is_empty() || s.identities.iter().any(|p| glob_match(p, peer.as_str())))
-        && (s.namespaces.is_empty()
-            || peer
-                .namespace()
-                .is_some_and(|ns| s.namespaces.iter().any(|n| n == ns)))
-        && (s.trust_domains.is_empty()
-            || s.trust_domains
-                .iter()
-                .any(|td| td == peer.trust_domain().as_str()))
+        && (s.namespaces.is_empty() || peer.namespace().is_some_and(|ns| s.namespaces.iter().any(|n| n == ns)))
+        && (s.trust_domains.is_empty() || s.trust_domains.iter().any(|td| td == peer.trust_domain().as_str()))
 }
 
 fn operation_matches(o: &Operation, req: &Request<'_>) -> bool {
     // An operation about paths or methods never matches opaque TCP.
-    let paths = o.paths.is_empty()
-        || req
-            .path
-            .is_some_and(|p| o.paths.iter().any(|g| glob_match(g, p)));
-    let methods = o.methods.is_empty()
-        || req
-            .method
-            .is_some_and(|m| o.methods.iter().any(|x| x == m.as_str()));
+    let paths = o.paths.is_empty() || req.path.is_some_and(|p| o.paths.iter().any(|g| glob_match(g, p)));
+    let methods = o.methods.is_empty() || req.method.is_some_and(|m| o.methods.iter().any(|x| x == m.as_str()));
     let ports = o.ports.is_empty() || o.ports.contains(&req.port);
     paths && methods && ports
 }
@@ -66,11 +53,7 @@ fn rule_matches(r: &AuthzRule, peer: &SpiffeId, req: &Request<'_>) -> bool {
 impl Authorizer {
     pub fn new(cfg: &MeshConfig, service: &str) -> Self {
         let mine = |a: Action| {
-            cfg.policies
-                .iter()
-                .filter(|p| p.spec.target_ref.name == service && p.spec.action == a)
-                .cloned()
-                .collect()
+            cfg.policies.iter().filter(|p| p.spec.target_ref.name == service && p.spec.action == a).cloned().collect()
         };
         Self {
             default_deny: cfg.mesh.default_policy == DefaultPolicy::Deny,
@@ -86,36 +69,16 @@ impl Authorizer {
     }
 
     pub fn check(&self, peer: &SpiffeId, req: &Request<'_>) -> Decision {
-        if let Some(p) = self
-            .deny
-            .iter()
-            .find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req)))
-        {
-            return Decision {
-                allowed: false,
-                policy: p.name.clone(),
-            };
+        if let Some(p) = self.deny.iter().find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req))) {
+            return Decision { allowed: false, policy: p.name.clone() };
         }
-        if let Some(p) = self
-            .allow
-            .iter()
-            .find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req)))
-        {
-            return Decision {
-                allowed: true,
-                policy: p.name.clone(),
-            };
+        if let Some(p) = self.allow.iter().find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req))) {
+            return Decision { allowed: true, policy: p.name.clone() };
         }
         if !self.allow.is_empty() {
-            return Decision {
-                allowed: false,
-                policy: "no-allow-match".into(),
-            };
+            return Decision { allowed: false, policy: "no-allow-match".into() };
         }
-        Decision {
-            allowed: !self.default_deny,
-            policy: "default".into(),
-        }
+        Decision { allowed: !self.default_deny, policy: "default".into() }
     }
 }
 
@@ -159,123 +122,34 @@ spec:
         let a = Authorizer::new(&cfg(POLICIES), "api");
         let (get, post) = (Method::GET, Method::POST);
         let cases = [
-            (
-                "spiffe://td/ns/default/sa/web",
-                &get,
-                "/api/items",
-                true,
-                "allow-web",
-            ),
-            (
-                "spiffe://td/ns/default/sa/web",
-                &post,
-                "/api/items",
-                false,
-                "no-allow-match",
-            ),
-            (
-                "spiffe://td/ns/default/sa/web",
-                &get,
-                "/other",
-                false,
-                "no-allow-match",
-            ),
-            (
-                "spiffe://td/ns/default/sa/web",
-                &get,
-                "/api/admin/x",
-                false,
-                "deny-admin",
-            ),
-            (
-                "spiffe://td/ns/default/sa/evil",
-                &get,
-                "/api/items",
-                false,
-                "no-allow-match",
-            ),
-            (
-                "spiffe://td/ns/ops/sa/anything",
-                &post,
-                "/whatever",
-                true,
-                "allow-web",
-            ),
-            (
-                "spiffe://td/ns/ops/sa/anything",
-                &get,
-                "/api/admin",
-                false,
-                "deny-admin",
-            ),
+            ("spiffe://td/ns/default/sa/web", &get, "/api/items", true, "allow-web"),
+            ("spiffe://td/ns/default/sa/web", &post, "/api/items", false, "no-allow-match"),
+            ("spiffe://td/ns/default/sa/web", &get, "/other", false, "no-allow-match"),
+            ("spiffe://td/ns/default/sa/web", &get, "/api/admin/x", false, "deny-admin"),
+            ("spiffe://td/ns/default/sa/evil", &get, "/api/items", false, "no-allow-match"),
+            ("spiffe://td/ns/ops/sa/anything", &post, "/whatever", true, "allow-web"),
+            ("spiffe://td/ns/ops/sa/anything", &get, "/api/admin", false, "deny-admin"),
         ];
         for (peer, method, path, allowed, policy) in cases {
-            let d = a.check(
-                &id(peer),
-                &Request {
-                    method: Some(method),
-                    path: Some(path),
-                    port: 8080,
-                },
-            );
-            assert_eq!(
-                d,
-                Decision {
-                    allowed,
-                    policy: policy.into()
-                },
-                "{peer} {method} {path}"
-            );
+            let d = a.check(&id(peer), &Request { method: Some(method), path: Some(path), port: 8080 });
+            assert_eq!(d, Decision { allowed, policy: policy.into() }, "{peer} {method} {path}");
         }
         // TCP: path/method rules do not match; the namespace rule does.
         assert!(
-            !a.check(
-                &id("spiffe://td/ns/default/sa/web"),
-                &Request {
-                    method: None,
-                    path: None,
-                    port: 8080
-                }
-            )
-            .allowed
+            !a.check(&id("spiffe://td/ns/default/sa/web"), &Request { method: None, path: None, port: 8080 }).allowed
         );
-        assert!(
-            a.check(
-                &id("spiffe://td/ns/ops/sa/x"),
-                &Request {
-                    method: None,
-                    path: None,
-                    port: 8080
-                }
-            )
-            .allowed
-        );
+        assert!(a.check(&id("spiffe://td/ns/ops/sa/x"), &Request { method: None, path: None, port: 8080 }).allowed);
     }
 
     #[test]
     fn default_policy() {
-        let req = Request {
-            method: Some(&Method::GET),
-            path: Some("/"),
-            port: 8080,
-        };
+        let req = Request { method: Some(&Method::GET), path: Some("/"), port: 8080 };
         let open = Authorizer::new(&cfg(""), "api");
-        assert_eq!(
-            open.check(&id("spiffe://td/x"), &req),
-            Decision {
-                allowed: true,
-                policy: "default".into()
-            }
-        );
-        let closed = cfg("---\napiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {defaultPolicy: deny}\n");
+        assert_eq!(open.check(&id("spiffe://td/x"), &req), Decision { allowed: true, policy: "default".into() });
+        let closed =
+            cfg("---\napiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {defaultPolicy: deny}\n");
         let closed = Authorizer::new(&closed, "api");
-        assert_eq!(
-            closed.check(&id("spiffe://td/x"), &req),
-            Decision {
-                allowed: false,
-                policy: "default".into()
-            }
-        );
+        assert_eq!(closed.check(&id("spiffe://td/x"), &req), Decision { allowed: false, policy: "default".into() });
         // A deny-only policy with an open mesh leaves everything else allowed.
         let deny_only = POLICIES.split("---").nth(2).unwrap();
         let a = Authorizer::new(&cfg(&format!("---{deny_only}")), "api");
@@ -283,11 +157,7 @@ spec:
         assert!(
             !a.check(
                 &id("spiffe://td/x"),
-                &Request {
-                    method: Some(&Method::GET),
-                    path: Some("/api/admin"),
-                    port: 8080
-                }
+                &Request { method: Some(&Method::GET), path: Some("/api/admin"), port: 8080 }
             )
             .allowed
         );
@@ -307,38 +177,8 @@ spec:
       to: [{ports: [8080]}]
 "#;
         let a = Authorizer::new(&cfg(p), "api");
-        assert!(
-            a.check(
-                &id("spiffe://td/a"),
-                &Request {
-                    method: None,
-                    path: None,
-                    port: a.port()
-                }
-            )
-            .allowed
-        );
-        assert!(
-            !a.check(
-                &id("spiffe://other/a"),
-                &Request {
-                    method: None,
-                    path: None,
-                    port: a.port()
-                }
-            )
-            .allowed
-        );
-        assert!(
-            !a.check(
-                &id("spiffe://td/a"),
-                &Request {
-                    method: None,
-                    path: None,
-                    port: 9090
-                }
-            )
-            .allowed
-        );
+        assert!(a.check(&id("spiffe://td/a"), &Request { method: None, path: None, port: a.port() }).allowed);
+        assert!(!a.check(&id("spiffe://other/a"), &Request { method: None, path: None, port: a.port() }).allowed);
+        assert!(!a.check(&id("spiffe://td/a"), &Request { method: None, path: None, port: 9090 }).allowed);
     }
 }

@@ -22,16 +22,8 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(cfg: &MeshConfig, service: &str) -> Self {
-        let limits = cfg
-            .rate_limits
-            .iter()
-            .filter(|r| r.spec.target_ref.name == service)
-            .cloned()
-            .collect();
-        Self {
-            limits,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        let limits = cfg.rate_limits.iter().filter(|r| r.spec.target_ref.name == service).cloned().collect();
+        Self { limits, buckets: Mutex::new(HashMap::new()) }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -40,33 +32,19 @@ impl RateLimiter {
 
     /// Takes a token from every limit that applies; on refusal returns the
     /// limit's name and how long until a token is available.
-    pub fn check(
-        &self,
-        peer: &SpiffeId,
-        path: Option<&str>,
-        now: Instant,
-    ) -> Result<(), (String, Duration)> {
+    pub fn check(&self, peer: &SpiffeId, path: Option<&str>, now: Instant) -> Result<(), (String, Duration)> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         for (i, l) in self.limits.iter().enumerate() {
             let s = &l.spec;
-            if !s.paths.is_empty()
-                && !path.is_some_and(|p| s.paths.iter().any(|g| glob_match(g, p)))
-            {
+            if !s.paths.is_empty() && !path.is_some_and(|p| s.paths.iter().any(|g| glob_match(g, p))) {
                 continue;
             }
             let key = match s.per {
                 RateLimitKey::Service => String::new(),
                 RateLimitKey::Identity => peer.to_string(),
             };
-            let capacity = if s.burst == 0 {
-                s.requests_per_second.ceil().max(1.0)
-            } else {
-                f64::from(s.burst)
-            };
-            let b = buckets.entry((i, key)).or_insert(Bucket {
-                tokens: capacity,
-                last: now,
-            });
+            let capacity = if s.burst == 0 { s.requests_per_second.ceil().max(1.0) } else { f64::from(s.burst) };
+            let b = buckets.entry((i, key)).or_insert(Bucket { tokens: capacity, last: now });
             let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
             b.tokens = (b.tokens + elapsed * s.requests_per_second).min(capacity);
             b.last = now;
@@ -103,10 +81,7 @@ mod tests {
         }
         let (name, wait) = l.check(&peer, Some("/limited/x"), t0).unwrap_err();
         assert_eq!(name, "rl");
-        assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(100),
-            "{wait:?}"
-        );
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
         // Other paths are not limited.
         assert!(l.check(&peer, Some("/free"), t0).is_ok());
         // After 200ms at 10/s two tokens are back.
@@ -119,18 +94,12 @@ mod tests {
     #[test]
     fn per_identity_buckets() {
         let l = limiter("identity");
-        let (a, b) = (
-            SpiffeId::parse("spiffe://td/a").unwrap(),
-            SpiffeId::parse("spiffe://td/b").unwrap(),
-        );
+        let (a, b) = (SpiffeId::parse("spiffe://td/a").unwrap(), SpiffeId::parse("spiffe://td/b").unwrap());
         let t0 = Instant::now();
         for _ in 0..5 {
             assert!(l.check(&a, Some("/limited/x"), t0).is_ok());
         }
         assert!(l.check(&a, Some("/limited/x"), t0).is_err());
-        assert!(
-            l.check(&b, Some("/limited/x"), t0).is_ok(),
-            "b has its own bucket"
-        );
+        assert!(l.check(&b, Some("/limited/x"), t0).is_ok(), "b has its own bucket");
     }
 }

@@ -83,12 +83,11 @@ impl Outbound {
 
     async fn route_http(&self, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
         let Some(authority) = authority else {
             return local_response(
                 StatusCode::BAD_REQUEST,
@@ -97,16 +96,8 @@ impl Outbound {
         };
         let service = service_of(&authority).to_string();
         let mut meta = RequestMeta::default();
-        let resp = self
-            .forward_http(req, &authority, &service, &mut meta)
-            .await;
-        self.metrics.request(
-            "outbound",
-            &service,
-            &meta,
-            resp.status().as_u16(),
-            start.elapsed().as_secs_f64(),
-        );
+        let resp = self.forward_http(req, &authority, &service, &mut meta).await;
+        self.metrics.request("outbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
         resp
     }
 
@@ -136,11 +127,8 @@ impl Outbound {
                 &default_rule
             }
             Decision::NoMatch => {
-                let msg = format!(
-                    "weft: no route of service {service:?} matches {} {}",
-                    parts.method,
-                    parts.uri.path()
-                );
+                let msg =
+                    format!("weft: no route of service {service:?} matches {} {}", parts.method, parts.uri.path());
                 return local_response(StatusCode::NOT_FOUND, msg);
             }
         };
@@ -148,43 +136,20 @@ impl Outbound {
         meta.route = rule.name.clone();
         meta.backend = backend.subset.clone();
 
-        let app_protocol = if parts.version == Version::HTTP_2 {
-            "h2"
-        } else {
-            "h1"
-        };
+        let app_protocol = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        parts
-            .headers
-            .insert(APP_PROTOCOL, http::HeaderValue::from_static(app_protocol));
+        parts.headers.insert(APP_PROTOCOL, http::HeaderValue::from_static(app_protocol));
         modify_headers(&rule.request_headers, &mut parts.headers);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-        {
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
             Ok(u) => u,
-            Err(e) => {
-                return local_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("weft: bad request target: {e}"),
-                )
-            }
+            Err(e) => return local_response(StatusCode::BAD_REQUEST, format!("weft: bad request target: {e}")),
         };
         parts.version = Version::HTTP_2;
 
         // Only requests that are safe to repeat and have no body to replay are retried.
-        let retry = rule
-            .retry
-            .as_ref()
-            .filter(|_| idempotent(&parts.method) && body.is_end_stream());
+        let retry = rule.retry.as_ref().filter(|_| idempotent(&parts.method) && body.is_end_stream());
         let attempts = self.attempts(&table, rule, backend, parts, body, retry, meta);
         let mut resp = match rule.request_timeout {
             None => attempts.await,
@@ -192,9 +157,7 @@ impl Outbound {
                 Ok(r) => r,
                 Err(_) => local_response(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "weft: {service} did not answer within the route's {t:?} request timeout"
-                    ),
+                    format!("weft: {service} did not answer within the route's {t:?} request timeout"),
                 ),
             },
         };
@@ -224,15 +187,9 @@ impl Outbound {
             attempt += 1;
             let endpoints = backend.select(table.endpoints(&backend.service));
             let Some((ep, in_flight)) = self.balancer.pick(&endpoints) else {
-                let subset = if backend.subset.is_empty() {
-                    String::new()
-                } else {
-                    format!(" subset {:?}", backend.subset)
-                };
-                let msg = format!(
-                    "weft: no endpoints for service {:?}{subset}",
-                    backend.service
-                );
+                let subset =
+                    if backend.subset.is_empty() { String::new() } else { format!(" subset {:?}", backend.subset) };
+                let msg = format!("weft: no endpoints for service {:?}{subset}", backend.service);
                 return local_response(StatusCode::SERVICE_UNAVAILABLE, msg);
             };
             meta.peer = ep.spiffe_id.to_string();
@@ -242,9 +199,7 @@ impl Outbound {
                 None => body.take().map(boxed).unwrap_or_else(empty),
             };
             let req = Request::from_parts(clone_head(&parts), req_body);
-            let result = self
-                .send(ep.address, &ep.spiffe_id, req, rule.try_timeout)
-                .await;
+            let result = self.send(ep.address, &ep.spiffe_id, req, rule.try_timeout).await;
             let failed = match &result {
                 Ok(r) => r.status().is_server_error(),
                 Err(_) => true,
@@ -260,18 +215,9 @@ impl Outbound {
             if retryable && attempt < tries {
                 let allowed = budget.as_ref().is_some_and(|b| b.withdraw(Instant::now()));
                 let outcome = if allowed { "sent" } else { "budget_exhausted" };
-                self.metrics
-                    .retries
-                    .get_or_create(&RetryLabels {
-                        route: rule.name.clone(),
-                        outcome,
-                    })
-                    .inc();
+                self.metrics.retries.get_or_create(&RetryLabels { route: rule.name.clone(), outcome }).inc();
                 if allowed {
-                    let backoff = retry
-                        .and_then(|r| r.backoff)
-                        .map(|d| d.0)
-                        .unwrap_or(Duration::from_millis(25));
+                    let backoff = retry.and_then(|r| r.backoff).map(|d| d.0).unwrap_or(Duration::from_millis(25));
                     tokio::time::sleep(backoff).await;
                     continue;
                 }
@@ -299,10 +245,7 @@ impl Outbound {
         let resp = match try_timeout {
             None => call.await,
             Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
-                local_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("weft: attempt timed out after {t:?}"),
-                )
+                local_response(StatusCode::GATEWAY_TIMEOUT, format!("weft: attempt timed out after {t:?}"))
             })?,
         };
         match resp {
@@ -313,20 +256,14 @@ impl Outbound {
             }
             Err(e) => {
                 tracing::warn!(endpoint = %addr, error = %e, "request to endpoint failed");
-                Err(local_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("weft: upstream {addr}: {e}"),
-                ))
+                Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
             }
         }
     }
 
     fn budget(&self, route: &str, cfg: &weft_config::RetryBudget) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets
-            .entry(route.to_string())
-            .or_insert_with(|| Arc::new(Budget::new(cfg.clone())))
-            .clone()
+        budgets.entry(route.to_string()).or_insert_with(|| Arc::new(Budget::new(cfg.clone()))).clone()
     }
 
     /// Serves a declared TCP upstream: each connection becomes an HTTP
@@ -355,10 +292,8 @@ impl Outbound {
         let _open = OpenConn::new(&self.metrics, "outbound", "tcp");
         let table = self.discovery.table();
         let endpoints: Vec<_> = table.endpoints(service).iter().collect();
-        let (ep, _in_flight) = self
-            .balancer
-            .pick(&endpoints)
-            .ok_or_else(|| format!("no endpoints for service {service:?}"))?;
+        let (ep, _in_flight) =
+            self.balancer.pick(&endpoints).ok_or_else(|| format!("no endpoints for service {service:?}"))?;
         let (addr, id) = (ep.address, ep.spiffe_id.clone());
         drop(table);
         let mut sender = self.pool.get(addr, &id).await.map_err(|e| e.to_string())?;
@@ -373,28 +308,18 @@ impl Outbound {
             return Err(format!("peer refused the tunnel: {}", resp.status()));
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(|e| e.to_string())?;
-        let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(upgraded))
-            .await
-            .map_err(|e| e.to_string())?;
-        self.metrics
-            .tcp_bytes
-            .get_or_create(&ConnLabels {
-                direction: "outbound",
-                protocol: "tcp",
-            })
-            .inc_by(up + down);
+        let (up, down) =
+            tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(upgraded)).await.map_err(|e| e.to_string())?;
+        self.metrics.tcp_bytes.get_or_create(&ConnLabels { direction: "outbound", protocol: "tcp" }).inc_by(up + down);
         Ok(())
     }
 }
 
 /// Parses `NAME=ADDR` for `--upstream`.
 pub fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR, e.g. db=127.0.0.1:16001"))?;
-    let addr = addr
-        .parse()
-        .map_err(|e| format!("{s:?}: address {addr:?}: {e}"))?;
+    let (name, addr) =
+        s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=ADDR, e.g. db=127.0.0.1:16001"))?;
+    let addr = addr.parse().map_err(|e| format!("{s:?}: address {addr:?}: {e}"))?;
     if name.is_empty() {
         return Err(format!("{s:?}: service name is empty"));
     }
@@ -413,9 +338,7 @@ mod tests {
     #[test]
     fn upstream_flag() {
         assert_eq!(super::parse_upstream("db=127.0.0.1:1").unwrap().0, "db");
-        assert!(super::parse_upstream("db")
-            .unwrap_err()
-            .contains("NAME=ADDR"));
+        assert!(super::parse_upstream("db").unwrap_err().contains("NAME=ADDR"));
         assert!(super::parse_upstream("db=nope").is_err());
         assert!(super::parse_upstream("=127.0.0.1:1").is_err());
     }

@@ -22,16 +22,9 @@ pub enum PoolError {
     #[error("connect to {addr} timed out")]
     ConnectTimeout { addr: SocketAddr },
     #[error("connect to {addr}: {err}")]
-    Connect {
-        addr: SocketAddr,
-        err: std::io::Error,
-    },
+    Connect { addr: SocketAddr, err: std::io::Error },
     #[error("mTLS with {addr} (expecting {id}) failed: {err}")]
-    Tls {
-        addr: SocketAddr,
-        id: SpiffeId,
-        err: std::io::Error,
-    },
+    Tls { addr: SocketAddr, id: SpiffeId, err: std::io::Error },
     #[error("peer {addr} did not negotiate ALPN h2")]
     NoH2 { addr: SocketAddr },
     #[error("HTTP/2 handshake with {addr}: {err}")]
@@ -49,26 +42,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(
-        identity: Arc<Identity>,
-        metrics: Arc<Metrics>,
-        connect_timeout: Duration,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            identity,
-            metrics,
-            connect_timeout,
-            slots: Mutex::new(HashMap::new()),
-        })
+    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { identity, metrics, connect_timeout, slots: Mutex::new(HashMap::new()) })
     }
 
     /// A sender on the pooled connection to `addr`, connecting if needed.
     /// Concurrent callers for one peer wait for a single connection attempt.
-    pub async fn get(
-        &self,
-        addr: SocketAddr,
-        id: &SpiffeId,
-    ) -> Result<SendRequest<Body>, PoolError> {
+    pub async fn get(&self, addr: SocketAddr, id: &SpiffeId) -> Result<SendRequest<Body>, PoolError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.entry((addr, id.clone())).or_default().clone()
@@ -84,18 +64,10 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        id: &SpiffeId,
-    ) -> Result<SendRequest<Body>, PoolError> {
-        let verifier =
-            SpiffeVerifier::new(self.identity.bundle.clone(), IdMatcher::Exact(id.clone()));
-        let tls = weft_certs::tls::client_config(
-            Some(self.identity.resolver.clone()),
-            verifier,
-            &[weft_certs::tls::ALPN_H2],
-        );
+    async fn connect(&self, addr: SocketAddr, id: &SpiffeId) -> Result<SendRequest<Body>, PoolError> {
+        let verifier = SpiffeVerifier::new(self.identity.bundle.clone(), IdMatcher::Exact(id.clone()));
+        let tls =
+            weft_certs::tls::client_config(Some(self.identity.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2]);
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PoolError::ConnectTimeout { addr })?
@@ -109,11 +81,7 @@ impl Pool {
         .map_err(|_| PoolError::ConnectTimeout { addr })?
         .map_err(|err| {
             self.metrics.handshake("outbound", "error");
-            PoolError::Tls {
-                addr,
-                id: id.clone(),
-                err,
-            }
+            PoolError::Tls { addr, id: id.clone(), err }
         })?;
         if tls.get_ref().1.alpn_protocol() != Some(weft_certs::tls::ALPN_H2) {
             return Err(PoolError::NoH2 { addr });

@@ -10,10 +10,7 @@ use weft_config::RetryBudget;
 
 /// Methods that are safe to send twice (RFC 9110 9.2.2).
 pub fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 #[derive(Debug)]
@@ -31,13 +28,7 @@ pub struct Budget {
 impl Budget {
     pub fn new(budget: RetryBudget) -> Self {
         let tokens = f64::from(budget.min_retries_per_second);
-        Self {
-            budget,
-            state: Mutex::new(State {
-                tokens,
-                last: Instant::now(),
-            }),
-        }
+        Self { budget, state: Mutex::new(State { tokens, last: Instant::now() }) }
     }
 
     fn cap(&self) -> f64 {
@@ -54,8 +45,7 @@ impl Budget {
     /// Takes one retry from the budget if there is one.
     pub fn withdraw(&self, now: Instant) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let floor = now.saturating_duration_since(s.last).as_secs_f64()
-            * f64::from(self.budget.min_retries_per_second);
+        let floor = now.saturating_duration_since(s.last).as_secs_f64() * f64::from(self.budget.min_retries_per_second);
         s.tokens = (s.tokens + floor).min(self.cap().max(s.tokens));
         s.last = now;
         // A little slack: ten deposits of 0.2 must buy two retries despite rounding.
@@ -75,18 +65,13 @@ mod tests {
 
     #[test]
     fn methods() {
-        assert!(
-            idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE)
-        );
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE));
         assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
     }
 
     #[test]
     fn budget_bounds_retries() {
-        let b = Budget::new(RetryBudget {
-            percent: 20.0,
-            min_retries_per_second: 0,
-        });
+        let b = Budget::new(RetryBudget { percent: 20.0, min_retries_per_second: 0 });
         let now = Instant::now();
         assert!(!b.withdraw(now), "nothing earned yet");
         for _ in 0..10 {
@@ -100,10 +85,7 @@ mod tests {
 
     #[test]
     fn floor_refills_over_time() {
-        let b = Budget::new(RetryBudget {
-            percent: 0.0,
-            min_retries_per_second: 2,
-        });
+        let b = Budget::new(RetryBudget { percent: 0.0, min_retries_per_second: 2 });
         let t0 = Instant::now();
         assert!(b.withdraw(t0) && b.withdraw(t0));
         assert!(!b.withdraw(t0));
