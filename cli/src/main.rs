@@ -1,6 +1,9 @@
 //! `weft`: the operator's command line.
 
+mod demo;
 mod operator;
+mod top;
+mod up;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +35,30 @@ enum Cmd {
     Validate {
         /// The YAML file, e.g. examples/canary.yaml.
         file: PathBuf,
+    },
+    /// Run a local mesh from a file (default: the embedded canary example) with a live traffic table.
+    Up(up::UpArgs),
+    /// A small HTTP demo service (answers with its name and version; can fail or slow down).
+    DemoApp(demo::DemoArgs),
+    /// Live per-route traffic of every connected sidecar (like the `weft up` table).
+    Top {
+        #[command(flatten)]
+        conn: operator::ConnArgs,
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+        interval: Duration,
+        /// Stop after this many tables (default: until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+        /// Print tables one after another instead of redrawing.
+        #[arg(long)]
+        no_clear: bool,
+    },
+    /// The config a sidecar has applied, as YAML. SIDECAR is a SPIFFE ID, service name or inbound address.
+    ProxyConfig {
+        #[command(flatten)]
+        conn: operator::ConnArgs,
+        sidecar: String,
     },
     /// The control plane's view: connected sidecars, versions, SVID expiry.
     Status {
@@ -97,6 +124,27 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Whether `GET http://addr/path` answers 200.
+pub(crate) async fn http_get_ok(addr: std::net::SocketAddr, path: &str) -> bool {
+    http_get(addr, path).await.is_some_and(|(status, _)| status == 200)
+}
+
+/// A plain HTTP/1.1 GET; (status, body), or None when it could not be made.
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(3), send.send_request(req)).await.ok()?.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -123,6 +171,16 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", resp.token);
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
+        Cmd::Up(args) => up::run(args).await?,
+        Cmd::DemoApp(args) => demo::run(args).await?,
+        Cmd::Top { conn, interval, iterations, no_clear } => {
+            let targets = operator::sidecar_targets(&conn).await?;
+            anyhow::ensure!(!targets.is_empty(), "no sidecars are connected to {}", conn.control_plane);
+            let (n, cp) = (targets.len(), conn.control_plane.clone());
+            let header = move || format!("weft top: {n} sidecars via control plane {cp}\n\n");
+            top::run(move || targets.clone(), header, interval, iterations, !no_clear).await;
+        }
+        Cmd::ProxyConfig { conn, sidecar } => operator::proxy_config(&conn, &sidecar).await?,
         Cmd::Validate { file } => {
             let cfg = weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!(

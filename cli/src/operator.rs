@@ -109,3 +109,51 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every connected sidecar that told the control plane its admin address.
+pub async fn sidecar_targets(conn: &ConnArgs) -> anyhow::Result<Vec<crate::top::Target>> {
+    let mut c = client(conn).await?;
+    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
+    Ok(s.sidecars
+        .into_iter()
+        .filter_map(|p| Some(crate::top::Target { admin: p.admin_address.parse().ok()?, spiffe_id: p.spiffe_id }))
+        .collect())
+}
+
+/// Prints a sidecar's applied config (its /config) as YAML.
+pub async fn proxy_config(conn: &ConnArgs, which: &str) -> anyhow::Result<()> {
+    let mut c = client(conn).await?;
+    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
+    let matching: Vec<_> = s
+        .sidecars
+        .iter()
+        .filter(|p| p.spiffe_id == which || p.service == which || p.inbound_address == which)
+        .collect();
+    let p = match matching.as_slice() {
+        [] => anyhow::bail!(
+            "no connected sidecar is {which:?}; connected: {}",
+            s.sidecars
+                .iter()
+                .map(|p| format!("{} ({})", p.spiffe_id, p.inbound_address))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        [one] => *one,
+        many => anyhow::bail!(
+            "{which:?} matches {} sidecars; name one by inbound address: {}",
+            many.len(),
+            many.iter().map(|p| p.inbound_address.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let admin: std::net::SocketAddr = p
+        .admin_address
+        .parse()
+        .map_err(|_| anyhow::anyhow!("sidecar {} did not report an admin address", p.spiffe_id))?;
+    let (status, body) =
+        crate::http_get(admin, "/config").await.ok_or_else(|| anyhow::anyhow!("sidecar admin {admin} unreachable"))?;
+    anyhow::ensure!(status == 200, "sidecar admin {admin} answered {status}");
+    let json: serde_json::Value = serde_json::from_str(&body).context("sidecar /config is not JSON")?;
+    println!("# sidecar {} ({}), applied version {}", p.spiffe_id, p.inbound_address, json["version"]);
+    print!("{}", serde_yaml::to_string(&json)?);
+    Ok(())
+}

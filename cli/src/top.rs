@@ -1,0 +1,279 @@
+//! Live per-route traffic from the sidecars' own metrics: `weft top`, and
+//! the table `weft up` shows. Rates and percentiles come from the change in
+//! each sidecar's counters and histogram buckets between two scrapes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses Prometheus / OpenMetrics text (comments skipped).
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let (name, labels) = match head.split_once('{') {
+            None => (head.to_string(), BTreeMap::new()),
+            Some((name, rest)) => (name.to_string(), parse_labels(rest.trim_end_matches('}'))),
+        };
+        out.push(Sample { name, labels, value });
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim_start_matches(',').trim().to_string();
+        let after = &rest[eq + 1..];
+        let Some(after) = after.strip_prefix('"') else { break };
+        let mut val = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        labels.insert(key, val);
+        rest = &after[end..];
+    }
+    labels
+}
+
+/// A sidecar to scrape.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub spiffe_id: String,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct RowKey {
+    service: String,
+    backend: String,
+    caller: String,
+    server: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LatKey {
+    caller: String,
+    service: String,
+    backend: String,
+}
+
+#[derive(Default, Clone)]
+struct Scrape {
+    /// (row) -> (total, successes)
+    counts: HashMap<RowKey, (f64, f64)>,
+    /// (caller, service, backend) -> le -> cumulative count
+    buckets: HashMap<LatKey, Vec<(f64, f64)>>,
+}
+
+async fn fetch(admin: SocketAddr) -> Option<String> {
+    crate::http_get(admin, "/metrics").await.map(|(_, body)| body)
+}
+
+async fn scrape(targets: &[Target]) -> Scrape {
+    let mut s = Scrape::default();
+    for t in targets {
+        let Some(text) = fetch(t.admin).await else { continue };
+        for sample in parse_metrics(&text) {
+            let l = |k: &str| sample.labels.get(k).cloned().unwrap_or_default();
+            if l("direction") != "outbound" {
+                continue;
+            }
+            if sample.name == "weft_proxy_requests_total" {
+                let key = RowKey {
+                    service: l("service"),
+                    backend: l("backend"),
+                    caller: t.spiffe_id.clone(),
+                    server: l("peer"),
+                };
+                let ok = l("code").parse::<u16>().is_ok_and(|c| c < 400);
+                let e = s.counts.entry(key).or_default();
+                e.0 += sample.value;
+                if ok {
+                    e.1 += sample.value;
+                }
+            } else if sample.name == "weft_proxy_request_duration_seconds_bucket" {
+                let le = match l("le").as_str() {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().unwrap_or(f64::INFINITY),
+                };
+                let key = LatKey { caller: t.spiffe_id.clone(), service: l("service"), backend: l("backend") };
+                s.buckets.entry(key).or_default().push((le, sample.value));
+            }
+        }
+    }
+    s
+}
+
+/// The value below which `q` of the observations fall, from bucket deltas.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, cum) in buckets {
+        if cum >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let frac = if cum > prev.1 { (rank - prev.1) / (cum - prev.1) } else { 1.0 };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, cum);
+    }
+    None
+}
+
+fn fmt_latency(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(s) if s < 1.0 => format!("{:.1}ms", s * 1000.0),
+        Some(s) => format!("{s:.2}s"),
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.strip_prefix("spiffe://").unwrap_or(id)
+}
+
+/// Renders the table for the change between two scrapes `dt` apart.
+fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
+    let secs = dt.as_secs_f64().max(0.001);
+    let mut keys: Vec<&RowKey> = cur.counts.keys().collect();
+    keys.sort();
+    let mut out = format!(
+        "{:<20} {:<36} {:<36} {:>8} {:>8} {:>9} {:>9}\n",
+        "SERVICE/BACKEND", "CALLER (SPIFFE ID)", "SERVER (SPIFFE ID)", "RPS", "SUCCESS", "P50", "P99"
+    );
+    for k in keys {
+        let (t1, s1) = cur.counts[k];
+        let (t0, s0) = prev.counts.get(k).copied().unwrap_or((0.0, 0.0));
+        let (dn, ds) = (t1 - t0, s1 - s0);
+        let lat_key = LatKey { caller: k.caller.clone(), service: k.service.clone(), backend: k.backend.clone() };
+        let delta: Vec<(f64, f64)> = match (cur.buckets.get(&lat_key), prev.buckets.get(&lat_key)) {
+            (Some(c), Some(p)) if c.len() == p.len() => c.iter().zip(p).map(|(a, b)| (a.0, a.1 - b.1)).collect(),
+            (Some(c), _) => c.clone(),
+            _ => Vec::new(),
+        };
+        let success = if dn > 0.0 { format!("{:.1}%", 100.0 * ds / dn) } else { "-".into() };
+        let name = if k.backend.is_empty() { k.service.clone() } else { format!("{}/{}", k.service, k.backend) };
+        out.push_str(&format!(
+            "{:<20} {:<36} {:<36} {:>8.1} {:>8} {:>9} {:>9}\n",
+            name,
+            short(&k.caller),
+            if k.server.is_empty() { "-" } else { short(&k.server) },
+            dn / secs,
+            success,
+            fmt_latency(quantile(&delta, 0.5)),
+            fmt_latency(quantile(&delta, 0.99)),
+        ));
+    }
+    if cur.counts.is_empty() {
+        out.push_str("(no traffic yet)\n");
+    }
+    out
+}
+
+/// Scrapes `targets()` every `interval` and prints a table each time, with
+/// `header()` above it; `clear` redraws in place. Stops after `iterations`.
+pub async fn run<T, H>(mut targets: T, header: H, interval: Duration, iterations: Option<u64>, clear: bool)
+where
+    T: FnMut() -> Vec<Target>,
+    H: Fn() -> String,
+{
+    let mut prev = scrape(&targets()).await;
+    let mut at = Instant::now();
+    let mut n = 0;
+    loop {
+        tokio::time::sleep(interval).await;
+        let cur = scrape(&targets()).await;
+        let now = Instant::now();
+        let table = render(&prev, &cur, now - at);
+        if clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{}{table}", header());
+        prev = cur;
+        at = now;
+        n += 1;
+        if iterations.is_some_and(|max| n >= max) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_text() {
+        let text = "# HELP x\nweft_proxy_requests_total{direction=\"outbound\",service=\"b\",peer=\"spiffe://td/a\",code=\"200\"} 42\nup 1\nweft_x{a=\"q\\\"uote\"} 2.5\n";
+        let s = parse_metrics(text);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].labels["peer"], "spiffe://td/a");
+        assert_eq!(s[0].value, 42.0);
+        assert_eq!(s[1].name, "up");
+        assert_eq!(s[2].labels["a"], "q\"uote");
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        // 100 observations: 50 below 1ms, 49 in (1ms, 2ms], 1 in (2ms, 4ms].
+        let b = vec![(0.001, 50.0), (0.002, 99.0), (0.004, 100.0), (f64::INFINITY, 100.0)];
+        let p50 = quantile(&b, 0.5).unwrap();
+        assert!((p50 - 0.001).abs() < 1e-9, "{p50}");
+        let p99 = quantile(&b, 0.99).unwrap();
+        assert!((p99 - 0.002).abs() < 1e-9, "{p99}");
+        assert!(quantile(&[(0.001, 0.0)], 0.5).is_none());
+    }
+
+    #[test]
+    fn table_shows_rates_and_success() {
+        let key = RowKey {
+            service: "b".into(),
+            backend: "v2".into(),
+            caller: "spiffe://td/f".into(),
+            server: "spiffe://td/b".into(),
+        };
+        let mut prev = Scrape::default();
+        prev.counts.insert(key.clone(), (10.0, 10.0));
+        let mut cur = Scrape::default();
+        cur.counts.insert(key, (30.0, 25.0));
+        let t = render(&prev, &cur, Duration::from_secs(2));
+        assert!(t.contains("b/v2"), "{t}");
+        assert!(t.contains("10.0") && t.contains("75.0%"), "{t}");
+        assert!(t.contains("td/f") && t.contains("td/b"), "{t}");
+    }
+}

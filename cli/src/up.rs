@@ -1,0 +1,286 @@
+//! `weft up`: a whole local mesh from one file. A control plane with fresh
+//! PKI, and for every Workload a real `weft-proxy` beside a demo app, all on
+//! loopback in a temporary directory; a load generator; and a live table.
+//! Editing the file while it runs changes the mesh (the control plane watches
+//! it). Ctrl-C stops every process and removes the directory.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+use weft_certs::{pki, SpiffeId, TrustDomain};
+
+use crate::operator::{self, ConnArgs};
+use crate::top::{self, Target};
+
+/// The example shown by `weft up` with no file.
+pub const EMBEDDED_EXAMPLE: &str = include_str!("../../examples/canary.yaml");
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Mesh file (Services, HTTPRoutes, AuthorizationPolicies, Workloads). Default: the embedded canary example.
+    pub file: Option<PathBuf>,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value = "example.org")]
+    pub trust_domain: TrustDomain,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Keep the state directory (logs, PKI) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the table without clearing the screen (for logs and pipes).
+    #[arg(long)]
+    pub no_clear: bool,
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found next to {}: build all binaries (cargo build --release --workspace --bins)",
+        name,
+        exe.display()
+    );
+    Ok(path)
+}
+
+/// Child processes, stopped (SIGTERM, then SIGKILL) when dropped or on `stop`.
+struct Procs {
+    children: Vec<(String, Child)>,
+    logs: PathBuf,
+}
+
+impl Procs {
+    fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", program.display()))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        for (_, c) in &self.children {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, c) in &mut self.children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, c.wait()).await.is_err() {
+                tracing::warn!(%name, "did not stop in time; killing");
+                let _ = c.kill().await;
+            }
+        }
+        self.children.clear();
+    }
+
+    /// The first child that has exited, if any (a crash during start-up).
+    fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
+    }
+}
+
+async fn wait_ready(admin: SocketAddr, procs: &mut Procs, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if crate::http_get_ok(admin, "/ready").await {
+            return Ok(());
+        }
+        if let Some(name) = procs.exited() {
+            anyhow::bail!("{name} exited during start-up; see {}", procs.logs.join(format!("{name}.log")).display());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what} not ready after 30s; logs in {}", procs.logs.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Workload {
+    sidecar_id: SpiffeId,
+    admin: SocketAddr,
+    app: SocketAddr,
+    load: f64,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new().prefix("weft-up-").tempdir()?;
+    let root = dir.path().to_path_buf();
+    let (config_path, text) = match &args.file {
+        Some(f) => (std::fs::canonicalize(f).with_context(|| format!("{}", f.display()))?, std::fs::read_to_string(f)?),
+        None => {
+            let p = root.join("mesh.yaml");
+            std::fs::write(&p, EMBEDDED_EXAMPLE)?;
+            (p, EMBEDDED_EXAMPLE.to_string())
+        }
+    };
+    let cfg = weft_config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    anyhow::ensure!(!cfg.workloads.is_empty(), "{}: no Workload documents, so nothing to run", config_path.display());
+    let td = args.trust_domain.clone();
+    let pki_dir = root.join("pki");
+    pki::init(&td, &pki_dir, None, false)?;
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut procs = Procs { children: Vec::new(), logs: logs.clone() };
+
+    let result = async {
+        let (cp_addr, cp_admin) = (free_addr()?, free_addr()?);
+        let s = |v: &dyn std::fmt::Display| v.to_string();
+        procs.spawn(
+            "control-plane",
+            &sibling("weft-control-plane")?,
+            &[
+                "--pki".into(),
+                s(&pki_dir.display()),
+                "--state-dir".into(),
+                s(&root.join("cp-state").display()),
+                "--listen".into(),
+                s(&cp_addr),
+                "--admin".into(),
+                s(&cp_admin),
+                "--config".into(),
+                s(&config_path.display()),
+            ],
+        )?;
+        wait_ready(cp_admin, &mut procs, "control plane").await?;
+        let conn = ConnArgs { control_plane: cp_addr.to_string(), pki: pki_dir.clone() };
+
+        let mut workloads = Vec::new();
+        for w in &cfg.workloads {
+            for replica in 0..w.spec.replicas {
+                let name = if w.spec.replicas > 1 { format!("{}-{replica}", w.name) } else { w.name.clone() };
+                let id = td.workload_id("default", &w.spec.service)?;
+                let token = operator::create_token(&conn, &id, Duration::from_secs(300)).await?;
+                let token_file = root.join(format!("{name}.token"));
+                std::fs::write(&token_file, &token.token)?;
+                let (app, inbound, outbound, admin) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+                let version = w.spec.labels.get("version").cloned().unwrap_or_default();
+                let mut app_args = vec![
+                    "demo-app".into(),
+                    "--service".into(),
+                    w.spec.service.clone(),
+                    "--version".into(),
+                    version,
+                    "--listen".into(),
+                    s(&app),
+                    "--via".into(),
+                    s(&outbound),
+                ];
+                for c in &w.spec.calls {
+                    app_args.extend(["--call".into(), c.clone()]);
+                }
+                procs.spawn(&format!("{name}-app"), &std::env::current_exe()?, &app_args)?;
+                let mut proxy_args = vec![
+                    "--control-plane".into(),
+                    s(&cp_addr),
+                    "--trust-bundle".into(),
+                    s(&pki_dir.join(pki::TRUST_BUNDLE).display()),
+                    "--token-file".into(),
+                    s(&token_file.display()),
+                    "--state-dir".into(),
+                    s(&root.join(format!("{name}-state")).display()),
+                    "--service".into(),
+                    w.spec.service.clone(),
+                    "--app".into(),
+                    s(&app),
+                    "--inbound".into(),
+                    s(&inbound),
+                    "--outbound".into(),
+                    s(&outbound),
+                    "--admin".into(),
+                    s(&admin),
+                ];
+                for (k, v) in &w.spec.labels {
+                    proxy_args.extend(["--label".into(), format!("{k}={v}")]);
+                }
+                procs.spawn(&format!("{name}-proxy"), &sibling("weft-proxy")?, &proxy_args)?;
+                let load = w.spec.load / f64::from(w.spec.replicas);
+                workloads.push(Workload { sidecar_id: id, admin, app, load });
+            }
+        }
+        for w in &workloads {
+            wait_ready(w.admin, &mut procs, "sidecar").await?;
+        }
+        let served = Arc::new(AtomicUsize::new(0));
+        let load_tasks: Vec<_> =
+            workloads.iter().filter(|w| w.load > 0.0).map(|w| tokio::spawn(load(w.app, w.load, served.clone()))).collect();
+        // Wait for the first answered request, to report start-up time honestly.
+        let first_deadline = Instant::now() + Duration::from_secs(10);
+        while served.load(Ordering::Relaxed) == 0 && Instant::now() < first_deadline && !load_tasks.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let startup = started.elapsed();
+        let targets: Vec<Target> =
+            workloads.iter().map(|w| Target { spiffe_id: w.sidecar_id.to_string(), admin: w.admin }).collect();
+        let header = {
+            let (cfg_path, logs, n) = (config_path.display().to_string(), logs.display().to_string(), targets.len());
+            move || {
+                format!(
+                    "weft up: control plane {cp_addr}, {n} sidecars; first request served {:.1}s after start\n\
+                     config {cfg_path} (edit it: changes apply within seconds)\nlogs {logs}    Ctrl-C to stop\n\n",
+                    startup.as_secs_f64()
+                )
+            }
+        };
+        let table = top::run(move || targets.clone(), header, Duration::from_secs(1), None, !args.no_clear);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = table => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
+        }
+        for t in load_tasks {
+            t.abort();
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    println!("\nstopping {} processes…", procs.children.len());
+    procs.stop().await;
+    if args.keep || result.is_err() {
+        let kept = dir.keep();
+        println!("state and logs kept in {}", kept.display());
+    }
+    result
+}
+
+/// Sends GETs to `app` at `rps`, forever.
+async fn load(app: SocketAddr, rps: f64, served: Arc<AtomicUsize>) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps.max(0.1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let client = client.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let req = http::Request::get(format!("http://{app}/"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("valid request");
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                use http_body_util::BodyExt;
+                let _ = resp.into_body().collect().await;
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
