@@ -1,0 +1,110 @@
+//! The operator's view against a running mesh: `weft status`,
+//! `weft proxy-config` and `weft top`, all as real processes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weft_testkit::{servers, ControlPlane, Sidecar, SidecarSpec};
+
+const TD: &str = "example.org";
+
+fn weft(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .args(["--control-plane", &cp.addr.to_string(), "--pki"])
+        .arg(&cp.pki)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_proxy_config_and_top() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let api_app = servers::http("api").await;
+    let web_app = servers::http("web").await;
+    let api = Sidecar::start(
+        &cp,
+        TD,
+        SidecarSpec { service: "api", app: api_app.addr, upstreams: &[], labels: &["version=v1"], extra_args: &[] },
+    )
+    .await;
+    let web = Sidecar::start(
+        &cp,
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
+    )
+    .await;
+    web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+
+    // status: both sidecars with identity, address, expiry and sync state.
+    let mut status = String::new();
+    for _ in 0..50 {
+        let (ok, out, err) = weft(&cp, &["status"]);
+        assert!(ok, "{err}");
+        status = out;
+        if status.matches("in sync").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(status.contains("trust domain example.org"), "{status}");
+    assert!(
+        status.contains("spiffe://example.org/ns/default/sa/api") && status.contains(&api.inbound.to_string()),
+        "{status}"
+    );
+    assert!(status.contains("spiffe://example.org/ns/default/sa/web"), "{status}");
+    assert_eq!(status.matches("in sync").count(), 2, "{status}");
+    assert!(status.contains("in 3"), "SVID expiry about an hour away: {status}");
+    let (ok, json, _) = weft(&cp, &["status", "--json"]);
+    assert!(ok && json.contains("\"in_sync\":true"), "{json}");
+
+    // proxy-config: the applied discovery as YAML, by service name or SPIFFE ID.
+    let (ok, yaml, err) = weft(&cp, &["proxy-config", "web"]);
+    assert!(ok, "{err}");
+    assert!(yaml.contains("# sidecar spiffe://example.org/ns/default/sa/web"), "{yaml}");
+    assert!(yaml.contains(&api.inbound.to_string()) && yaml.contains("version: v1"), "{yaml}");
+    let (ok, _, err) = weft(&cp, &["proxy-config", "spiffe://example.org/ns/default/sa/nope"]);
+    assert!(!ok && err.contains("no connected sidecar"), "{err}");
+
+    // top: traffic shows up per backend with both identities.
+    let traffic = tokio::spawn({
+        let outbound = web.outbound;
+        async move {
+            for _ in 0..300 {
+                let _ = tokio::process::Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-H", "Host: api"])
+                    .arg(format!("http://{outbound}/"))
+                    .status()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    // Blocking calls run off the runtime, so the servers in this process keep serving.
+    let (addr, pki) = (cp.addr.to_string(), cp.pki.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["top", "--iterations", "2", "--no-clear", "--interval", "1s", "--control-plane", &addr, "--pki"])
+            .arg(&pki)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (ok, top, err) = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    traffic.abort();
+    assert!(ok, "{err}");
+    let row = top
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("api") && l.contains("sa/web") && l.contains("sa/api"))
+        .unwrap_or_else(|| panic!("no api row in:\n{top}"));
+    let rps: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(rps > 1.0, "{row}");
+    assert!(row.contains("100.0%"), "{row}");
+}
