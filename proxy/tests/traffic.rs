@@ -10,6 +10,7 @@ use weft_testkit::servers::{self, echo};
 use weft_testkit::{metric_sum, ControlPlane, Sidecar, SidecarSpec};
 
 const TD: &str = "example.org";
+const TRACEPARENT: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 struct Mesh {
     cp: ControlPlane,
@@ -56,7 +57,8 @@ async fn http1_and_h2c_through_two_sidecars() {
 
     // HTTP/1.1 from the app arrives as HTTP/1.1, with the caller's verified identity.
     let (body, err) =
-        curl(&["--http1.1", "-H", "Host: api", "-H", "x-weft-peer-id: spiffe://example.org/forged", &outbound]);
+        curl(&["--http1.1", "-H", "Host: api", "-H", "x-weft-peer-id: spiffe://example.org/forged", "-H", TRACEPARENT, &outbound]);
+    assert!(body.contains(TRACEPARENT), "W3C trace context must pass through both sidecars: {body}");
     assert!(body.contains("version: HTTP/1.1"), "body: {body}\nstderr: {err}");
     assert!(body.contains("x-weft-peer-id: spiffe://example.org/ns/default/sa/web"), "{body}");
     assert!(!body.contains("forged"), "a caller-supplied identity header must be stripped: {body}");
