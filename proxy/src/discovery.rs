@@ -146,6 +146,11 @@ impl Discovery {
         self.table.load_full()
     }
 
+    /// Notified after every applied snapshot.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
     /// Resolves once a first snapshot has been applied.
     pub async fn first_applied(&self) {
         let mut rx = self.applied.subscribe();

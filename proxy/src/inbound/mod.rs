@@ -72,6 +72,21 @@ pub struct Inbound {
     h2: Client<AppConnector, Body>,
 }
 
+/// Resolves when a newly applied config denies `peer` TCP access.
+async fn revoked(discovery: &Discovery, peer: &SpiffeId) {
+    let mut changes = discovery.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let table = discovery.table();
+        let req = policy::Request { method: None, path: None, port: table.authz.port() };
+        if !table.authz.check(peer, &req).allowed {
+            return;
+        }
+    }
+}
+
 /// Why an inbound handshake failed, as a metric label.
 fn refusal_reason(e: &std::io::Error) -> &'static str {
     use rustls::{Error as E, PeerIncompatible};
@@ -250,20 +265,29 @@ impl Inbound {
         let _ = app.set_nodelay(true);
         let metrics = self.metrics.clone();
         let peer = peer.clone();
+        let discovery = self.discovery.clone();
         tokio::spawn(async move {
             let _open = OpenConn::new(&metrics, "inbound", "tcp");
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let mut app = app;
-                    match tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app).await {
-                        Ok((a, b)) => {
-                            let labels = ConnLabels { direction: "inbound", protocol: "tcp" };
-                            metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
-                        }
-                        Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with error"),
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),
+            };
+            let (mut app, mut upgraded) = (app, TokioIo::new(upgraded));
+            let copy = tokio::io::copy_bidirectional(&mut upgraded, &mut app);
+            tokio::select! {
+                r = copy => match r {
+                    Ok((a, b)) => {
+                        let labels = ConnLabels { direction: "inbound", protocol: "tcp" };
+                        metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
                     }
+                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with error"),
+                },
+                // A policy change that no longer allows this caller closes its open connection.
+                () = revoked(&discovery, &peer) => {
+                    let labels = AuthzLabels { policy: "revoked".into(), outcome: "deny", protocol: "tcp" };
+                    metrics.authz.get_or_create(&labels).inc();
+                    tracing::info!(%peer, "closing TCP connection: no longer allowed by policy");
                 }
-                Err(e) => tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),
             }
         });
         Response::new(empty())
