@@ -118,6 +118,10 @@ impl ControlPlane {
         let discovery = discovery::DiscoveryService { registry: registry.clone() };
         let incoming = server::tls_incoming(grpc, TlsAcceptor::from(Arc::new(tls)), metrics);
         let router = tonic::transport::Server::builder()
+            // Sidecars that vanish without closing their connection are noticed
+            // (and deregistered) within seconds.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(IdentityServer::new(identity))
             .add_service(AdminServer::new(admin))
             .add_service(ConfigServer::new(discovery));
