@@ -111,3 +111,27 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         });
     }
 }
+
+/// Sets up `tracing` logs on stderr: human-readable, or JSON with `format == "json"`.
+/// `RUST_LOG` overrides the default `info` level.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Logs and prints a fatal error (with its causes) and turns it into an exit code.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
