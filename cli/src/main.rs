@@ -44,7 +44,7 @@ enum Cmd {
     Top {
         #[command(flatten)]
         conn: operator::ConnArgs,
-        /// Seconds between refreshes.
+        /// Time between refreshes, e.g. 1s, 500ms.
         #[arg(long, default_value = "1s", value_parser = humantime_duration)]
         interval: Duration,
         /// Stop after this many tables (default: until Ctrl-C).

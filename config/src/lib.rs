@@ -188,7 +188,7 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
 
     for (name, svc) in &cfg.services {
         let lbl = &labels[&("Service", name.clone())];
-        validate_service(&mut cx, lbl, svc);
+        validate_service(&mut cx, lbl, name, svc);
     }
     for r in &cfg.routes {
         let lbl = labels[&("HTTPRoute", r.name.clone())].clone();
@@ -255,7 +255,11 @@ fn valid_name(s: &str) -> bool {
         && !s.ends_with(['-', '.'])
 }
 
-fn validate_service(cx: &mut Ctx, lbl: &str, svc: &ServiceSpec) {
+fn validate_service(cx: &mut Ctx, lbl: &str, name: &str, svc: &ServiceSpec) {
+    // Sidecars register under this name, which must be a DNS label.
+    if name.contains('.') {
+        cx.err(lbl, "metadata.name", "a Service name is a DNS label: no '.' (sidecars register under this name)");
+    }
     if svc.port == 0 {
         cx.err(lbl, "spec.port", "must be between 1 and 65535");
     }

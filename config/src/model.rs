@@ -192,7 +192,7 @@ pub struct ValueMatch {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendRef {
-    /// The Service; it must be the route's parent (weft routes within a service).
+    /// The Service to send to (usually the route's parent; any Service of the mesh may be named).
     pub name: String,
     /// A subset of the service's workloads; none means all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -139,3 +139,9 @@ fn globs() {
     assert!(!glob_match("/exact", "/exact/more"));
     assert!(glob_match("*.json", "/a/b.json"));
 }
+
+#[test]
+fn service_names_are_dns_labels() {
+    let e = one_error(&format!("{HEAD}kind: Service\nmetadata: {{name: a.b}}\nspec: {{}}\n"));
+    assert!(e.contains("metadata.name") && e.contains("DNS label"), "{e}");
+}

@@ -33,6 +33,11 @@ pub async fn watch(path: PathBuf, mut last_text: String, registry: Arc<Registry>
         tokio::time::sleep(POLL).await;
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(t) => {
+                if missing >= MISSING_POLLS_BEFORE_ERROR {
+                    // The file is back: judge it afresh, even if unchanged, so
+                    // the "missing" rejection does not linger.
+                    last_text.clear();
+                }
                 missing = 0;
                 t
             }

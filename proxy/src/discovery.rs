@@ -47,13 +47,15 @@ pub struct Table {
     #[serde(skip)]
     pub authz: Authorizer,
     #[serde(skip)]
-    pub rate_limits: Option<RateLimiter>,
+    pub rate_limits: Option<Arc<RateLimiter>>,
 }
 
 impl Table {
     /// Builds a table from a snapshot; any bad entry rejects the whole
     /// snapshot, so nothing half-applies.
-    pub fn from_snapshot(s: &Snapshot, own_service: &str) -> Result<Self, String> {
+    /// `prev` lends its rate-limit buckets when the limits did not change, so
+    /// unrelated updates (a sidecar joining elsewhere) grant no fresh burst.
+    pub fn from_snapshot(s: &Snapshot, own_service: &str, prev: &Table) -> Result<Self, String> {
         let mut services = HashMap::new();
         for svc in &s.services {
             let mut eps = Vec::with_capacity(svc.endpoints.len());
@@ -78,7 +80,10 @@ impl Table {
         let router = Router::new(cfg)?;
         let authz = Authorizer::new(cfg, own_service);
         let limiter = RateLimiter::new(cfg, own_service);
-        let rate_limits = (!limiter.is_empty()).then_some(limiter);
+        let rate_limits = match &prev.rate_limits {
+            Some(old) if old.same_limits(&limiter) => Some(old.clone()),
+            _ => (!limiter.is_empty()).then(|| Arc::new(limiter)),
+        };
         Ok(Self { version: s.version, services, mesh, router, authz, rate_limits })
     }
 
@@ -159,7 +164,7 @@ impl Discovery {
 
     /// Applies a snapshot; returns the NACK reason if it was rejected.
     pub fn apply(&self, s: &Snapshot) -> Result<(), String> {
-        let t = Table::from_snapshot(s, &self.service)?;
+        let t = Table::from_snapshot(s, &self.service, &self.table.load())?;
         self.table.store(Arc::new(t));
         self.applied.send_replace(s.version.max(1));
         Ok(())
@@ -260,5 +265,59 @@ impl Discovery {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::config::v1::{Endpoint as PbEndpoint, Service as PbService};
+
+    fn snapshot(version: u64, limit_rps: u32, extra_endpoint: bool) -> Snapshot {
+        let cfg = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: api}}\nspec: {{}}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {{name: rl}}\nspec: {{targetRef: {{name: api}}, requestsPerSecond: {limit_rps}}}\n"
+        );
+        let cfg = weft_config::parse(&cfg).unwrap();
+        let mut endpoints = vec![PbEndpoint {
+            address: "127.0.0.1:1".into(),
+            spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+            labels: Default::default(),
+        }];
+        if extra_endpoint {
+            endpoints.push(PbEndpoint {
+                address: "127.0.0.1:2".into(),
+                spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+                labels: Default::default(),
+            });
+        }
+        Snapshot {
+            version,
+            services: vec![PbService { name: "api".into(), endpoints }],
+            mesh_config_json: serde_json::to_string(&cfg).unwrap(),
+        }
+    }
+
+    #[test]
+    fn rate_limit_buckets_survive_unrelated_updates() {
+        let t1 = Table::from_snapshot(&snapshot(1, 5, false), "api", &Table::default()).unwrap();
+        let t2 = Table::from_snapshot(&snapshot(2, 5, true), "api", &t1).unwrap();
+        assert_eq!(t2.endpoints("api").len(), 2);
+        assert!(Arc::ptr_eq(t1.rate_limits.as_ref().unwrap(), t2.rate_limits.as_ref().unwrap()));
+        let t3 = Table::from_snapshot(&snapshot(3, 9, true), "api", &t2).unwrap();
+        assert!(
+            !Arc::ptr_eq(t2.rate_limits.as_ref().unwrap(), t3.rate_limits.as_ref().unwrap()),
+            "changed limits start afresh"
+        );
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_rejected_whole() {
+        let mut s = snapshot(1, 5, true);
+        s.services[0].endpoints[1].spiffe_id = "spiffe://Bad/x".into();
+        let err = Table::from_snapshot(&s, "api", &Table::default()).unwrap_err();
+        assert!(err.contains("127.0.0.1:2") && err.contains("SPIFFE ID"), "{err}");
+        s.services[0].endpoints[1].spiffe_id = "spiffe://td/ok".into();
+        s.mesh_config_json = "{not json".into();
+        assert!(Table::from_snapshot(&s, "api", &Table::default()).unwrap_err().contains("mesh config"));
     }
 }

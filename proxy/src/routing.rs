@@ -139,10 +139,13 @@ type Rank = (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>, std::cm
 fn rank(m: Option<&RouteMatch>, route: usize, rule: usize) -> Rank {
     use std::cmp::Reverse;
     let (path_rank, prefix_len) = match m.and_then(|m| m.path.as_ref()) {
+        // Exact, then regular expressions (their order is left to
+        // implementations by the Gateway API; before prefixes, so a catch-all
+        // rule cannot shadow them), then prefixes, longest first.
         Some(p) if p.kind == PathMatchType::Exact => (0, p.value.len()),
-        Some(p) if p.kind == PathMatchType::PathPrefix => (1, p.value.len()),
-        Some(_) => (2, 0),
-        None => (1, 1), // no path match behaves like the prefix "/"
+        Some(p) if p.kind == PathMatchType::RegularExpression => (1, 0),
+        Some(p) => (2, p.value.len()),
+        None => (2, 1), // no path match behaves like the prefix "/"
     };
     let method = u8::from(m.and_then(|m| m.method.as_ref()).is_none());
     let headers = m.map(|m| m.headers.len()).unwrap_or(0);
@@ -358,6 +361,9 @@ spec:
     - name: api-post
       matches: [{path: {type: PathPrefix, value: /api}, method: POST}]
       backendRefs: [{name: b, subset: v2}]
+    - name: regex
+      matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}}]
+      backendRefs: [{name: b, subset: v2}]
     - name: query
       matches: [{path: {type: PathPrefix, value: /q}, queryParams: [{type: RegularExpression, name: id, value: "[0-9]+"}]}]
       backendRefs: [{name: b, subset: v2}]
@@ -389,6 +395,8 @@ spec:
         assert_eq!(route_name(&r, Method::POST, "/api/x", None, &[]), "r/api-post", "method beats none");
         assert_eq!(route_name(&r, Method::GET, "/q", Some("a=1&id=42"), &[]), "r/query");
         assert_eq!(route_name(&r, Method::GET, "/q", Some("id=4x2"), &[]), "r/split", "regex is a full match");
+        assert_eq!(route_name(&r, Method::GET, "/v7/items", None, &[]), "r/regex", "a regex path beats the catch-all");
+        assert_eq!(route_name(&r, Method::GET, "/v7x/items", None, &[]), "r/split");
         let none = r.route(
             "other",
             &RequestInfo { method: &Method::GET, path: "/", query: None, headers: &Default::default() },

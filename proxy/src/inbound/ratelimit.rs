@@ -26,6 +26,11 @@ impl RateLimiter {
         Self { limits, buckets: Mutex::new(HashMap::new()) }
     }
 
+    /// Whether `other` enforces exactly the same limits.
+    pub fn same_limits(&self, other: &RateLimiter) -> bool {
+        serde_json::to_string(&self.limits).ok() == serde_json::to_string(&other.limits).ok()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.limits.is_empty()
     }

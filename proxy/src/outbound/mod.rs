@@ -263,7 +263,9 @@ impl Outbound {
 
     fn budget(&self, route: &str, cfg: &weft_config::RetryBudget) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets.entry(route.to_string()).or_insert_with(|| Arc::new(Budget::new(cfg.clone()))).clone()
+        // Keyed by the budget's settings too, so a changed budget takes effect.
+        let key = format!("{route}|{}|{}", cfg.percent, cfg.min_retries_per_second);
+        budgets.entry(key).or_insert_with(|| Arc::new(Budget::new(cfg.clone()))).clone()
     }
 
     /// Serves a declared TCP upstream: each connection becomes an HTTP
