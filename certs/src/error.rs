@@ -28,6 +28,8 @@ pub enum CertError {
     Issuer(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("JWT-SVID signing key: {0}")]
+    JwtKey(String),
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
 }

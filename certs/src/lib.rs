@@ -4,6 +4,7 @@
 //! - [`ca`]: trust anchors, issuers, CSR verification and SVID signing.
 //! - [`svid`]: X.509-SVID parsing and profile checks.
 //! - [`bundle`]: trust bundles.
+//! - [`jwt`]: JWT-SVIDs (ES256): signing, the JWK Set bundle, validation.
 //! - [`verify`]: rustls verifiers matching peers' SPIFFE IDs.
 //! - [`resolver`]: a hot-swappable SVID resolver for rotation.
 //! - [`tls`]: TLS 1.3-only rustls configs.
@@ -12,6 +13,7 @@
 pub mod bundle;
 pub mod ca;
 pub mod error;
+pub mod jwt;
 pub mod pki;
 pub mod resolver;
 pub mod spiffe_id;

@@ -1,13 +1,18 @@
-//! `weft.identity.v1.Identity`: attest with a join token, renew with mTLS.
+//! `weft.identity.v1.Identity`: attest with a join token, renew with mTLS,
+//! and mint JWT-SVIDs (ES256) for mTLS callers, with the JWT bundle to check them.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tonic::{Request, Response, Status};
 use weft_certs::ca::{verify_csr, VerifiedCsr};
+use weft_certs::jwt::JwtSigner;
 use weft_certs::{Authority, CertError, SpiffeId};
 use weft_proto::identity::v1::identity_server::Identity;
-use weft_proto::identity::v1::{AttestRequest, RenewRequest, X509SvidResponse};
+use weft_proto::identity::v1::{
+    AttestRequest, JwtBundleRequest, JwtBundleResponse, MintJwtSvidRequest, MintJwtSvidResponse, RenewRequest,
+    X509SvidResponse,
+};
 
 use crate::metrics::Metrics;
 use crate::server::require_peer;
@@ -18,8 +23,17 @@ pub struct IdentityService {
     pub authority: Arc<Authority>,
     pub store: Arc<dyn Store>,
     pub svid_ttl: Duration,
+    /// Signs JWT-SVIDs; its key never rotates yet, so the bundle's
+    /// `spiffe_sequence` stays [`JWT_BUNDLE_SEQUENCE`].
+    pub jwt_signer: Arc<JwtSigner>,
+    pub jwt_svid_ttl: Duration,
     pub metrics: Arc<Metrics>,
 }
+
+/// `spiffe_sequence` of the JWT bundle: one key, made once.
+pub const JWT_BUNDLE_SEQUENCE: u64 = 1;
+/// At most this many audiences in one JWT-SVID.
+const MAX_AUDIENCES: usize = 32;
 
 #[allow(clippy::result_large_err)]
 fn csr_or_invalid(der: &[u8]) -> Result<VerifiedCsr, Status> {
@@ -86,6 +100,39 @@ impl Identity for IdentityService {
         }
         .await;
         self.record("Renew", &r);
+        r.map(Response::new)
+    }
+
+    async fn mint_jwt_svid(&self, req: Request<MintJwtSvidRequest>) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let r = async {
+            // Only for the verified caller's own ID: whoever holds an SVID can
+            // get a JWT-SVID for that SPIFFE ID, and for nothing else.
+            let (id, _) = require_peer(&req)?;
+            let audience = &req.get_ref().audience;
+            if audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if audience.len() > MAX_AUDIENCES || audience.iter().any(|a| a.is_empty() || a.len() > 1024) {
+                return Err(Status::invalid_argument(format!(
+                    "audiences must be 1 to {MAX_AUDIENCES} non-empty strings of at most 1024 bytes"
+                )));
+            }
+            let (token, expires_at) = self
+                .jwt_signer
+                .sign(&id, audience, self.jwt_svid_ttl, SystemTime::now())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::debug!(spiffe_id = %id, ?audience, "minted JWT-SVID");
+            self.metrics.issued("jwt_svid");
+            Ok(MintJwtSvidResponse { token, expires_at })
+        }
+        .await;
+        self.record("MintJwtSvid", &r);
+        r.map(Response::new)
+    }
+
+    async fn jwt_bundle(&self, req: Request<JwtBundleRequest>) -> Result<Response<JwtBundleResponse>, Status> {
+        let r = require_peer(&req).map(|_| JwtBundleResponse { jwks: self.jwt_signer.jwks(JWT_BUNDLE_SEQUENCE) });
+        self.record("JwtBundle", &r);
         r.map(Response::new)
     }
 }

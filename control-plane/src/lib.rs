@@ -1,7 +1,8 @@
 //! weft-control-plane: issues SPIFFE X.509-SVIDs and pushes discovery and
 //! config to sidecars over gRPC (mutual TLS).
 //!
-//! - [`identity`]: Attest (join token + CSR) and Renew (mTLS + CSR).
+//! - [`identity`]: Attest (join token + CSR) and Renew (mTLS + CSR); JWT-SVIDs
+//!   (MintJwtSvid, JwtBundle) signed with a key kept in the state directory.
 //! - [`admin`]: operator calls: join tokens, status.
 //! - [`discovery`]: per-sidecar config watch streams and ACK/NACK.
 //! - [`registry`]: connected sidecars and the versioned snapshot.
@@ -55,7 +56,13 @@ pub struct Options {
     pub trust_domain: Option<TrustDomain>,
     /// Mesh config file (YAML), watched for changes.
     pub config: Option<PathBuf>,
+    /// Lifetime of minted JWT-SVIDs.
+    pub jwt_svid_ttl: Duration,
 }
+
+/// The JWT-SVID signing key's file in the state directory (PEM PKCS#8, 0600),
+/// made at first start.
+pub const JWT_KEY_FILE: &str = "jwt-signing-key.pem";
 
 /// A started control plane: listeners bound, ready to serve.
 pub struct ControlPlane {
@@ -72,6 +79,7 @@ impl ControlPlane {
         let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
         let td = authority.trust_domain().clone();
         let store: Arc<dyn store::Store> = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
+        let jwt_signer = Arc::new(weft_certs::jwt::JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
 
         let metrics = Arc::new(Metrics::default());
         let mut prom = prometheus_client::registry::Registry::default();
@@ -106,6 +114,8 @@ impl ControlPlane {
             authority: authority.clone(),
             store: store.clone(),
             svid_ttl: opts.svid_ttl,
+            jwt_signer,
+            jwt_svid_ttl: opts.jwt_svid_ttl,
             metrics: metrics.clone(),
         };
         let admin = admin::AdminService {

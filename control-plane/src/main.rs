@@ -14,7 +14,7 @@ struct Args {
     /// PKI directory from `weft certs init` (trust-bundle.pem, issuer.crt, issuer.key).
     #[arg(long, default_value = "./pki")]
     pki: PathBuf,
-    /// Where join tokens and other state are kept.
+    /// Where join tokens, the JWT-SVID signing key (0600) and other state are kept.
     #[arg(long, default_value = "./state")]
     state_dir: PathBuf,
     /// gRPC (TLS) listen address.
@@ -26,6 +26,9 @@ struct Args {
     /// Lifetime of issued X.509-SVIDs, e.g. 1h, 20s.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     svid_ttl: Duration,
+    /// Lifetime of JWT-SVIDs minted for workloads (Workload API FetchJWTSVID), e.g. 5m.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    jwt_svid_ttl: Duration,
     /// Trust domain; by default read from the issuer certificate's spiffe:// URI SAN.
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
@@ -61,6 +64,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         svid_ttl: args.svid_ttl,
         trust_domain: args.trust_domain,
         config: args.config,
+        jwt_svid_ttl: args.jwt_svid_ttl,
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

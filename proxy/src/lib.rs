@@ -6,6 +6,7 @@
 //! - [`inbound`]: mesh → app (mTLS termination, caller identity, forwarding).
 //! - [`balance`]: endpoint choice.
 //! - [`shutdown`]: graceful drain.
+//! - [`workload_api`]: the SPIFFE Workload API for the app, over a Unix socket.
 
 pub mod balance;
 pub mod discovery;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod routing;
 pub mod shutdown;
+pub mod workload_api;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +49,8 @@ pub struct Options {
     pub admin: SocketAddr,
     pub upstreams: Vec<(String, SocketAddr)>,
     pub connect_timeout: Duration,
+    /// Serve the SPIFFE Workload API on this Unix socket (mode 0600).
+    pub workload_api: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,8 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     #[error("cannot listen on {addr} ({what}): {err}")]
     Bind { what: &'static str, addr: SocketAddr, err: std::io::Error },
+    #[error("cannot serve the Workload API on {}: {err}", path.display())]
+    WorkloadApi { path: PathBuf, err: String },
     #[error("{0}")]
     Config(String),
 }
@@ -71,6 +77,8 @@ pub struct Proxy {
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
+    /// The Workload API socket, removed at shutdown.
+    pub workload_api: Option<PathBuf>,
     drain: shutdown::DrainTrigger,
 }
 
@@ -110,6 +118,13 @@ impl Proxy {
             .iter()
             .map(|(n, l)| Ok((n.clone(), local(l, "--upstream")?)))
             .collect::<Result<Vec<_>, StartError>>()?;
+        let workload_listener = match &opts.workload_api {
+            Some(path) => Some(
+                workload_api::bind(path)
+                    .map_err(|e| StartError::WorkloadApi { path: path.clone(), err: e.to_string() })?,
+            ),
+            None => None,
+        };
         tokio::spawn(weft_admin::serve(admin_listener, admin.clone()));
 
         let identity = Identity::new(
@@ -119,7 +134,21 @@ impl Proxy {
             opts.state_dir.clone(),
             metrics.clone(),
         )?;
+        // Served from before the first SVID (calls get UNAVAILABLE until then),
+        // so an app started beside the sidecar finds the socket at once.
+        let workload = match (workload_listener, &opts.workload_api) {
+            (Some(listener), Some(path)) => {
+                let api = workload_api::WorkloadApi::new(identity.clone(), td.clone(), &opts.state_dir)?;
+                tokio::spawn(api.clone().serve(listener));
+                tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
+                Some(api)
+            }
+            _ => None,
+        };
         identity.bootstrap(opts.token_file.as_deref()).await?;
+        if let Some(api) = &workload {
+            api.set_started();
+        }
         tokio::spawn(identity.clone().run_renewal());
 
         let discovery = Discovery::new(&opts.service);
@@ -174,11 +203,21 @@ impl Proxy {
             "sidecar listening"
         );
         drop(drain);
-        Ok(Self { inbound_addr, outbound_addr, admin_addr, upstream_addrs, drain: drain_trigger })
+        Ok(Self {
+            inbound_addr,
+            outbound_addr,
+            admin_addr,
+            upstream_addrs,
+            workload_api: opts.workload_api.clone(),
+            drain: drain_trigger,
+        })
     }
 
     /// Stops accepting, lets open connections finish (bounded by `timeout`).
     pub async fn shutdown(self, timeout: Duration) -> bool {
+        if let Some(path) = &self.workload_api {
+            let _ = std::fs::remove_file(path);
+        }
         self.drain.drain(timeout).await
     }
 }

@@ -53,6 +53,10 @@ struct Args {
     /// Timeout for connecting to a peer sidecar.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Serve the SPIFFE Workload API on this Unix socket (mode 0600), e.g.
+    /// unix:///run/weft/agent.sock; point the app's SPIFFE_ENDPOINT_SOCKET at it.
+    #[arg(long, value_parser = weft_proxy::workload_api::parse_socket_addr)]
+    workload_api: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -93,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin: args.admin,
         upstreams: args.upstreams,
         connect_timeout: args.connect_timeout,
+        workload_api: args.workload_api,
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
