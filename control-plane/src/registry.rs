@@ -98,12 +98,14 @@ impl Registry {
         self.bump(&mut inner);
     }
 
-    /// Replaces the mesh config pushed to sidecars.
+    /// Replaces the mesh config pushed to sidecars. A valid config clears
+    /// any earlier rejection, even when it is the one already serving (the
+    /// file was fixed back to the last good config).
     pub fn set_mesh_config(&self, json: String) {
         let mut inner = self.lock();
+        inner.config_error.clear();
         if inner.mesh_config_json != json {
             inner.mesh_config_json = json;
-            inner.config_error.clear();
             self.bump(&mut inner);
         }
     }
@@ -210,5 +212,18 @@ mod tests {
         assert_eq!(st.sidecars[0].acked_version, s2.version);
         drop(g2);
         assert!(r.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn a_good_config_clears_the_rejection_even_when_unchanged() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let td = TrustDomain::new("td").unwrap();
+        r.set_mesh_config("{\"a\":1}".into());
+        let v = r.snapshot().version;
+        r.set_config_error("bad".into());
+        assert_eq!(r.status(&td).config_error, "bad");
+        r.set_mesh_config("{\"a\":1}".into());
+        assert_eq!(r.status(&td).config_error, "", "the file is good again");
+        assert_eq!(r.snapshot().version, v, "nothing new to push");
     }
 }

@@ -51,8 +51,15 @@ impl EndpointStats {
         }
     }
 
-    fn cost(&self) -> f64 {
-        let ewma = self.ewma.lock().unwrap_or_else(|e| e.into_inner()).value;
+    /// Latency estimate × (requests in flight + 1). An estimate decays toward
+    /// zero with the time since its last sample (as Peak-EWMA does), so an
+    /// endpoint passed over after one slow sample is tried again rather than
+    /// starved for good: with two endpoints P2C always compares both, and an
+    /// estimate that only moves on samples would never move again.
+    fn cost(&self, now: Instant) -> f64 {
+        let e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = now.saturating_duration_since(e.at).as_secs_f64();
+        let ewma = e.value * (-idle / DECAY.as_secs_f64()).exp();
         ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
     }
 
@@ -115,12 +122,14 @@ impl Drop for InFlight {
 }
 
 impl Balancer {
-    fn stats(&self, addr: SocketAddr) -> Arc<EndpointStats> {
+    /// An endpoint's stats; new ones start at `now`, so endpoints first
+    /// seen together start equal.
+    fn stats(&self, addr: SocketAddr, now: Instant) -> Arc<EndpointStats> {
         self.stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointStats::new(Instant::now())))
+            .or_insert_with(|| Arc::new(EndpointStats::new(now)))
             .clone()
     }
 
@@ -128,7 +137,7 @@ impl Balancer {
     pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
         let now = Instant::now();
         let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> =
-            endpoints.iter().map(|e| (*e, self.stats(e.address))).collect();
+            endpoints.iter().map(|e| (*e, self.stats(e.address, now))).collect();
         let healthy: Vec<&(&Endpoint, Arc<EndpointStats>)> =
             with_stats.iter().filter(|(_, s)| !s.ejected(now)).collect();
         // Never eject everything: with no healthy endpoint, use them all.
@@ -144,7 +153,7 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                if pool[b].1.cost() < pool[a].1.cost() {
+                if pool[b].1.cost(now) < pool[a].1.cost(now) {
                     pool[b]
                 } else {
                     pool[a]
@@ -174,7 +183,8 @@ mod tests {
         let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let _busy: Vec<_> = (0..5).map(|_| b.stats(eps[0].address).in_flight.fetch_add(1, Ordering::Relaxed)).collect();
+        let _busy: Vec<_> =
+            (0..5).map(|_| b.stats(eps[0].address, Instant::now()).in_flight.fetch_add(1, Ordering::Relaxed)).collect();
         for _ in 0..20 {
             let (e, _g) = b.pick(&refs).unwrap();
             assert_eq!(e.address.port(), 2);
@@ -188,10 +198,29 @@ mod tests {
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let now = Instant::now() + Duration::from_secs(1);
-        b.stats(eps[0].address).observe(Duration::from_millis(200), true, now);
-        b.stats(eps[1].address).observe(Duration::from_millis(2), true, now);
+        b.stats(eps[0].address, Instant::now()).observe(Duration::from_millis(200), true, now);
+        b.stats(eps[1].address, Instant::now()).observe(Duration::from_millis(2), true, now);
         let fast = (0..100).filter(|_| b.pick(&refs).unwrap().0.address.port() == 2).count();
         assert_eq!(fast, 100, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn an_endpoint_passed_over_is_tried_again() {
+        let b = Balancer::default();
+        let eps = [ep(1), ep(2)];
+        let t0 = Instant::now();
+        let (one, two) = (b.stats(eps[0].address, t0), b.stats(eps[1].address, t0));
+        // A slow sample on endpoint 2 (say, its first connection's
+        // handshake), then steady fast traffic on endpoint 1 only.
+        let t1 = t0 + Duration::from_secs(10);
+        two.observe(Duration::from_millis(5), true, t1);
+        let mut t = t1;
+        for _ in 0..200 {
+            t += Duration::from_millis(100);
+            one.observe(Duration::from_millis(1), true, t);
+        }
+        assert!(one.cost(t1) < two.cost(t1), "endpoint 1 is the faster");
+        assert!(two.cost(t) < one.cost(t), "20 s later endpoint 2 is worth a try again");
     }
 
     #[test]
@@ -215,7 +244,7 @@ mod tests {
         let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let s = b.stats(eps[0].address);
+        let s = b.stats(eps[0].address, Instant::now());
         let t0 = Instant::now();
         for i in 1..EJECT_AFTER {
             assert!(!s.observe(Duration::from_millis(1), false, t0), "not yet at failure {i}");

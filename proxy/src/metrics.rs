@@ -145,6 +145,18 @@ impl Metrics {
             "Expiry of the current SVID (Unix seconds)",
             self.svid_expiry.clone(),
         );
+        reg.register(
+            "authz_decisions",
+            "Inbound authorization decisions by deciding policy, outcome (allow/deny) and protocol",
+            self.authz.clone(),
+        );
+        reg.register("rate_limited", "Inbound requests refused (429) by rate limit", self.rate_limited.clone());
+        reg.register("retries", "Outbound retries by route and outcome (sent, budget_exhausted)", self.retries.clone());
+        reg.register(
+            "endpoint_ejections",
+            "Endpoints ejected by outlier detection (consecutive failures)",
+            self.ejections.clone(),
+        );
     }
 
     pub fn handshake(&self, direction: &'static str, outcome: &'static str) {

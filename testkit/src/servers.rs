@@ -35,7 +35,8 @@ impl Drop for Server {
 /// HTTP/1.1 + h2c server. `GET /echo-headers` answers with the request's
 /// headers (one `name: value` per line) and the protocol version; any
 /// request with a body gets the body streamed back; everything else answers
-/// `<name> <path>`. `/status/<code>` answers that status.
+/// `<name> <path>`. `/status/<code>` answers that status; `/sleep/<ms>`
+/// answers `<name> slept <ms>` after that many milliseconds (at most 60 s).
 pub async fn http(name: &'static str) -> Server {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -60,11 +61,7 @@ pub async fn http(name: &'static str) -> Server {
 type HttpBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 async fn handle_http(name: &str, req: Request<Incoming>) -> Response<HttpBody> {
-    let full = |s: String| {
-        Full::new(Bytes::from(s))
-            .map_err(|never| match never {})
-            .boxed()
-    };
+    let full = |s: String| Full::new(Bytes::from(s)).map_err(|never| match never {}).boxed();
     let path = req.uri().path().to_string();
     if path == "/echo-headers" {
         let mut out = format!("version: {:?}\n", req.version());
@@ -73,13 +70,15 @@ async fn handle_http(name: &str, req: Request<Incoming>) -> Response<HttpBody> {
         }
         return Response::new(full(out));
     }
-    if let Some(code) = path
-        .strip_prefix("/status/")
-        .and_then(|c| c.parse::<u16>().ok())
-    {
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         let mut r = Response::new(full(format!("{name} status {code}")));
         *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
         return r;
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
+        let ms = ms.min(60_000);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Response::new(full(format!("{name} slept {ms}")));
     }
     if req.method() == http::Method::POST || req.method() == http::Method::PUT {
         // Streamed straight back, frame by frame.
@@ -121,28 +120,15 @@ struct EchoService;
 #[tonic::async_trait]
 impl echo::echo_server::Echo for EchoService {
     async fn unary(&self, req: GrpcRequest<echo::Msg>) -> Result<GrpcResponse<echo::Msg>, Status> {
-        let caller = req
-            .metadata()
-            .get("x-weft-peer-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let caller = req.metadata().get("x-weft-peer-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let mut resp = GrpcResponse::new(req.into_inner());
-        resp.metadata_mut().insert(
-            "x-echo-caller",
-            caller
-                .parse()
-                .unwrap_or_else(|_| "bad".parse().expect("ascii")),
-        );
+        resp.metadata_mut().insert("x-echo-caller", caller.parse().unwrap_or_else(|_| "bad".parse().expect("ascii")));
         Ok(resp)
     }
 
     type BidiStream = Pin<Box<dyn Stream<Item = Result<echo::Msg, Status>> + Send>>;
 
-    async fn bidi(
-        &self,
-        req: GrpcRequest<Streaming<echo::Msg>>,
-    ) -> Result<GrpcResponse<Self::BidiStream>, Status> {
+    async fn bidi(&self, req: GrpcRequest<Streaming<echo::Msg>>) -> Result<GrpcResponse<Self::BidiStream>, Status> {
         let mut inbound = req.into_inner();
         let out = async_stream_lite(move |tx| async move {
             let mut count = 0u64;
@@ -162,9 +148,7 @@ impl echo::echo_server::Echo for EchoService {
             }
             // Ends with a non-OK status carrying the count, so the test can
             // see that trailers (grpc-status/grpc-message) made it through.
-            let _ = tx
-                .send(Err(Status::out_of_range(format!("done after {count}"))))
-                .await;
+            let _ = tx.send(Err(Status::out_of_range(format!("done after {count}")))).await;
         });
         Ok(GrpcResponse::new(out))
     }
@@ -191,4 +175,128 @@ pub async fn grpc_echo() -> Server {
             .await;
     });
     Server { addr, task }
+}
+
+/// How a [`flaky`] server fails on purpose (answering 503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The first request of each distinct `x-request-id` header gets 503, so
+    /// a retry of it succeeds. Requests without the header are not failed.
+    FirstPerRequestId,
+    /// Every `n`th request (the `n`th, `2n`th, …) gets 503.
+    EveryNth(u64),
+    /// Fails only while unhealthy (see [`Flaky::set_healthy`]).
+    OnlyWhenUnhealthy,
+}
+
+/// An [`http`] server that answers 503 (`<name> unavailable <path>`) by its
+/// [`Failure`] mode, and to everything while unhealthy; otherwise it behaves
+/// like [`http`]. It counts requests, in total and per `x-request-id`.
+pub struct Flaky {
+    pub server: Server,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: std::sync::Arc<std::sync::Mutex<FlakyState>>,
+}
+
+#[derive(Default)]
+struct FlakyState {
+    requests: u64,
+    failed: u64,
+    /// Requests seen per `x-request-id`.
+    ids: std::collections::HashMap<String, u64>,
+}
+
+impl Flaky {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// Unhealthy: every request gets 503. Healthy: only the [`Failure`] mode fails.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FlakyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests received.
+    pub fn requests(&self) -> u64 {
+        self.state().requests
+    }
+
+    /// Requests answered 503 on purpose.
+    pub fn failed(&self) -> u64 {
+        self.state().failed
+    }
+
+    /// Requests received with `x-request-id: <id>`.
+    pub fn hits(&self, id: &str) -> u64 {
+        self.state().ids.get(id).copied().unwrap_or(0)
+    }
+}
+
+/// Starts a [`Flaky`] server.
+pub async fn flaky(name: &'static str, failure: Failure, healthy: bool) -> Flaky {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let healthy = Arc::new(AtomicBool::new(healthy));
+    let state = Arc::new(Mutex::new(FlakyState::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (h, s) = (healthy.clone(), state.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                continue;
+            };
+            let (h, s) = (h.clone(), s.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (h, s) = (h.clone(), s.clone());
+                    async move {
+                        let fail = {
+                            let mut st = s.lock().unwrap_or_else(|e| e.into_inner());
+                            st.requests += 1;
+                            let n = st.requests;
+                            let id =
+                                req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+                            let seen = match &id {
+                                Some(id) => {
+                                    let c = st.ids.entry(id.clone()).or_insert(0);
+                                    *c += 1;
+                                    *c
+                                }
+                                None => 0,
+                            };
+                            let fail = !h.load(Ordering::SeqCst)
+                                || match failure {
+                                    Failure::FirstPerRequestId => seen == 1,
+                                    Failure::EveryNth(k) => k > 0 && n % k == 0,
+                                    Failure::OnlyWhenUnhealthy => false,
+                                };
+                            if fail {
+                                st.failed += 1;
+                            }
+                            fail
+                        };
+                        let resp = if fail {
+                            let body = format!("{name} unavailable {}", req.uri().path());
+                            let mut r =
+                                Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            r
+                        } else {
+                            handle_http(name, req).await
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Flaky { server: Server { addr, task }, healthy, state }
 }
