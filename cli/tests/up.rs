@@ -59,7 +59,10 @@ fn up_runs_the_canary_example_and_follows_edits() {
         early_rows.iter().any(|r| r.0 == "backend/v1" && r.1.ends_with("sa/frontend") && r.2 > 5.0 && r.3 == "100.0%"),
         "{early_rows:?}\n{stdout}"
     );
-    assert!(early_rows.iter().any(|r| r.1.ends_with("sa/batch") && r.3 == "0.0%"), "batch must be denied: {early_rows:?}");
+    assert!(
+        early_rows.iter().any(|r| r.1.ends_with("sa/batch") && r.3 == "0.0%"),
+        "batch must be denied: {early_rows:?}"
+    );
 
     // The last table: after the edit, v1 gets nothing from the frontend and v2 everything.
     let rows = last_table(&stdout);
@@ -85,7 +88,8 @@ fn up_runs_the_canary_example_and_follows_edits() {
 fn up_rejects_a_bad_file_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.yaml");
-    std::fs::write(&file, "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {prot: 1}\n").unwrap();
+    std::fs::write(&file, "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {prot: 1}\n")
+        .unwrap();
     let start = Instant::now();
     let out = weft().arg("up").arg(&file).output().unwrap();
     assert!(!out.status.success());

@@ -56,8 +56,16 @@ async fn http1_and_h2c_through_two_sidecars() {
     let outbound = format!("http://{}/echo-headers", m.client.outbound);
 
     // HTTP/1.1 from the app arrives as HTTP/1.1, with the caller's verified identity.
-    let (body, err) =
-        curl(&["--http1.1", "-H", "Host: api", "-H", "x-weft-peer-id: spiffe://example.org/forged", "-H", TRACEPARENT, &outbound]);
+    let (body, err) = curl(&[
+        "--http1.1",
+        "-H",
+        "Host: api",
+        "-H",
+        "x-weft-peer-id: spiffe://example.org/forged",
+        "-H",
+        TRACEPARENT,
+        &outbound,
+    ]);
     assert!(body.contains(TRACEPARENT), "W3C trace context must pass through both sidecars: {body}");
     assert!(body.contains("version: HTTP/1.1"), "body: {body}\nstderr: {err}");
     assert!(body.contains("x-weft-peer-id: spiffe://example.org/ns/default/sa/web"), "{body}");
