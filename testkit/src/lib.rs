@@ -9,20 +9,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary next to the running test (target/<profile>/).
+/// Path of a workspace binary next to the running test (target/<profile>/,
+/// the parent of a test's deps/ dir) or next to the running binary itself
+/// (e.g. target/release/weft-load).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: build the binaries first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+    let own_dir = exe.parent().expect("executable has a directory");
+    let candidates: Vec<PathBuf> =
+        [own_dir.parent(), Some(own_dir)].into_iter().flatten().map(|d| d.join(name)).collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{name} not found in {candidates:?}: build the binaries first (cargo build --workspace --bins)")
+    })
 }
 
 /// A free loopback address (bound and released; fine for tests on one host).
@@ -41,28 +38,17 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(program)
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        Self {
-            name: name.into(),
-            log,
-            child: Some(child),
-        }
+        Self { name: name.into(), log, child: Some(child) }
     }
 
     pub fn pid(&self) -> u32 {
@@ -80,10 +66,7 @@ impl Proc {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let c = self.child.as_mut()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(st)) = c.try_wait() {
@@ -123,17 +106,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .header("host", addr.to_string())
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(std::io::Error::other)?;
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(std::io::Error::other)?;
+    let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
+    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -174,35 +149,16 @@ impl ControlPlane {
             .arg(&pki)
             .output()
             .expect("run weft certs init");
-        assert!(
-            st.status.success(),
-            "weft certs init: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        assert!(st.status.success(), "weft certs init: {}", String::from_utf8_lossy(&st.stderr));
         let state = dir.path().join("cp-state");
         let (addr, admin) = (free_addr(), free_addr());
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let proc_ = Self::spawn(dir.path(), &pki, &state, addr, admin, &extra_args);
         wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
-        Self {
-            dir,
-            pki,
-            state,
-            addr,
-            admin,
-            extra_args,
-            proc_,
-        }
+        Self { dir, pki, state, addr, admin, extra_args, proc_ }
     }
 
-    fn spawn(
-        dir: &Path,
-        pki: &Path,
-        state: &Path,
-        addr: SocketAddr,
-        admin: SocketAddr,
-        extra: &[String],
-    ) -> Proc {
+    fn spawn(dir: &Path, pki: &Path, state: &Path, addr: SocketAddr, admin: SocketAddr, extra: &[String]) -> Proc {
         let mut args = vec![
             "--pki".to_string(),
             pki.display().to_string(),
@@ -220,51 +176,23 @@ impl ControlPlane {
     /// Starts the control plane again on the same addresses and state.
     pub async fn restart(&mut self) {
         self.proc_.kill();
-        self.proc_ = Self::spawn(
-            self.dir.path(),
-            &self.pki,
-            &self.state,
-            self.addr,
-            self.admin,
-            &self.extra_args,
-        );
-        wait_ok(
-            self.admin,
-            "/ready",
-            Duration::from_secs(20),
-            Some(&self.proc_),
-        )
-        .await;
+        self.proc_ = Self::spawn(self.dir.path(), &self.pki, &self.state, self.addr, self.admin, &self.extra_args);
+        wait_ok(self.admin, "/ready", Duration::from_secs(20), Some(&self.proc_)).await;
     }
 
     /// A join token from `weft token create`, written to a file; returns the path.
     pub fn token_file(&self, spiffe_id: &str) -> PathBuf {
         let out = Command::new(bin("weft"))
-            .args([
-                "token",
-                "create",
-                "--spiffe-id",
-                spiffe_id,
-                "--ttl",
-                "10m",
-                "--control-plane",
-            ])
+            .args(["token", "create", "--spiffe-id", spiffe_id, "--ttl", "10m", "--control-plane"])
             .arg(self.addr.to_string())
             .arg("--pki")
             .arg(&self.pki)
             .output()
             .expect("run weft token create");
-        assert!(
-            out.status.success(),
-            "weft token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "weft token create: {}", String::from_utf8_lossy(&out.stderr));
         let token = String::from_utf8(out.stdout).expect("utf8 token");
         let name = spiffe_id.rsplit('/').next().unwrap_or("token");
-        let path = self
-            .dir
-            .path()
-            .join(format!("{name}-{}.token", free_addr().port()));
+        let path = self.dir.path().join(format!("{name}-{}.token", free_addr().port()));
         std::fs::write(&path, token.trim()).expect("write token");
         path
     }
@@ -300,10 +228,7 @@ impl Sidecar {
     pub async fn start(cp: &ControlPlane, td: &str, spec: SidecarSpec<'_>) -> Self {
         let token = cp.token_file(&format!("spiffe://{td}/ns/default/sa/{}", spec.service));
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
-        let state_dir = cp
-            .dir
-            .path()
-            .join(format!("sidecar-{}-{}", spec.service, admin.port()));
+        let state_dir = cp.dir.path().join(format!("sidecar-{}-{}", spec.service, admin.port()));
         let mut args = vec![
             "--control-plane".to_string(),
             cp.addr.to_string(),
@@ -337,32 +262,16 @@ impl Sidecar {
         let name = format!("sidecar-{}-{}", spec.service, admin.port());
         let proc_ = Proc::spawn(&name, &bin("weft-proxy"), &args, cp.dir.path());
         wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
-        Self {
-            service: spec.service.into(),
-            inbound,
-            outbound,
-            admin,
-            upstreams,
-            state_dir,
-            args,
-            proc_,
-        }
+        Self { service: spec.service.into(), inbound, outbound, admin, upstreams, state_dir, args, proc_ }
     }
 
     pub fn upstream(&self, name: &str) -> SocketAddr {
-        self.upstreams
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .expect("declared upstream")
+        self.upstreams.iter().find(|(n, _)| n == name).map(|(_, a)| *a).expect("declared upstream")
     }
 
     /// The sidecar's /metrics text.
     pub async fn metrics(&self) -> String {
-        http_get(self.admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default()
+        http_get(self.admin, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
     }
 
     /// Waits until this sidecar's discovery shows `n` endpoints for `service`.
@@ -374,10 +283,7 @@ impl Sidecar {
             if count == n {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{service}: {count} endpoints, want {n}; /config:\n{body}"
-            );
+            assert!(Instant::now() < deadline, "{service}: {count} endpoints, want {n}; /config:\n{body}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -402,4 +308,67 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// GETs `path` from `addr` with `Host: <host>` over a fresh HTTP/1.1
+/// connection; (status, body). For requests routed by a sidecar's outbound.
+pub async fn http_get_host(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `/metrics` on `admin` until the sum of `metric` over samples with
+/// all of `labels` reaches `at_least`; returns it, or panics after `timeout`.
+pub async fn wait_metric(admin: SocketAddr, metric: &str, labels: &[&str], at_least: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = http_get(admin, "/metrics").await.map(|(_, b)| b).unwrap_or_default();
+        let v = metric_sum(&text, metric, labels);
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{metric}{labels:?} = {v}, want >= {at_least} within {timeout:?}; /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Sidecar {
+    /// Starts this sidecar's binary again with the same arguments (after
+    /// [`Proc::kill`] or [`Proc::terminate`]), optionally without its join
+    /// token, and waits until it is ready.
+    pub async fn respawn(&mut self, cp: &ControlPlane, with_token: bool) {
+        self.proc_.kill();
+        if !with_token {
+            if let Some(i) = self.args.iter().position(|a| a == "--token-file") {
+                self.args.drain(i..i + 2);
+            }
+        }
+        let name = format!("sidecar-{}-{}", self.service, self.admin.port());
+        self.proc_ = Proc::spawn(&name, &bin("weft-proxy"), &self.args, cp.dir.path());
+        wait_ok(self.admin, "/ready", Duration::from_secs(20), Some(&self.proc_)).await;
+    }
+}
+
+/// Peak resident set size (VmHWM) of a process, in KiB, from /proc.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
