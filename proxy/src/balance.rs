@@ -77,6 +77,12 @@ impl EndpointStats {
         }
         if ok {
             self.failures.store(0, Ordering::Relaxed);
+            // Healthy for a long while since its last ejection: forgive the
+            // history, so the next ejection starts short again.
+            let last = *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|until| now > until + MAX_EJECTION) {
+                self.ejections.store(0, Ordering::Relaxed);
+            }
             return false;
         }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -260,6 +266,10 @@ mod tests {
             s.observe(Duration::from_millis(1), false, t0);
         }
         assert!(s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)));
+        // Long healthy after its ejection, the endpoint's history is forgiven.
+        let later = t0 + MAX_EJECTION * 3;
+        s.observe(Duration::from_millis(1), true, later);
+        assert_eq!(s.ejections.load(Ordering::Relaxed), 0);
         // With every endpoint ejected, traffic still flows.
         let only = [&eps[0]];
         assert!(b.pick(&only).is_some());

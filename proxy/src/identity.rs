@@ -28,7 +28,7 @@ pub enum IdentityError {
     NoToken { state_dir: PathBuf },
     #[error("token file {path}: {reason}")]
     TokenFile { path: PathBuf, reason: String },
-    #[error("control plane refused attestation: {0}")]
+    #[error("control plane refused: {0}")]
     Refused(String),
     #[error("control plane unreachable: {0}")]
     Unreachable(String),
@@ -149,7 +149,12 @@ impl Identity {
         let resp = client
             .renew(RenewRequest { csr })
             .await
-            .map_err(|s| IdentityError::Unreachable(format!("{:?}: {}", s.code(), s.message())))?
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+                    IdentityError::Unreachable(s.message().to_string())
+                }
+                code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
+            })?
             .into_inner();
         let svid = self.accept(resp, key_pair.serialize_der())?;
         tracing::info!(spiffe_id = %svid.spiffe_id, expires = svid.expires_unix(), "renewed SVID");
