@@ -19,12 +19,110 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_certs::SpiffeId;
 
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, Table};
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
-use crate::metrics::{AuthzLabels, ConnLabels, LimitLabels, Metrics, OpenConn, RequestMeta};
+use crate::metrics::{AuthzLabels, ConnLabels, Metrics, OpenConn, RequestMeta};
 use crate::shutdown::Drain;
+use futures::future::BoxFuture;
+use policy::AuthorizeLayer;
+use ratelimit::RateLimitLayer;
+use std::convert::Infallible;
+use tower::{ServiceBuilder, ServiceExt};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is calling and which config judges the request; set per request by
+/// the inbound connection for the layers behind it.
+#[derive(Clone)]
+pub struct RequestContext {
+    pub peer: Arc<SpiffeId>,
+    pub table: Arc<Table>,
+}
+
+/// The innermost inbound service: CONNECT tunnels to the app's TCP port,
+/// everything else is forwarded as HTTP.
+#[derive(Clone)]
+struct AppService {
+    inbound: Arc<Inbound>,
+}
+
+impl tower::Service<Request<Incoming>> for AppService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inbound = self.inbound.clone();
+        Box::pin(async move {
+            let Some(ctx) = req.extensions().get::<RequestContext>().cloned() else {
+                return Ok(policy::missing_context());
+            };
+            Ok(if req.method() == Method::CONNECT {
+                inbound.tunnel(req, &ctx.peer).await
+            } else {
+                inbound.forward(req, &ctx.peer).await
+            })
+        })
+    }
+}
+
+/// Counts each HTTP request by caller and status, and its latency.
+#[derive(Clone)]
+struct RequestMetricsLayer {
+    metrics: Arc<Metrics>,
+    service: String,
+}
+
+impl<S> tower::Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+    fn layer(&self, inner: S) -> RequestMetrics<S> {
+        RequestMetrics { inner, metrics: self.metrics.clone(), service: self.service.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct RequestMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    service: String,
+}
+
+impl<S, B> tower::Service<Request<B>> for RequestMetrics<S>
+where
+    S: tower::Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Tunnels are counted as connections and bytes, not requests.
+        let peer = (req.method() != Method::CONNECT)
+            .then(|| req.extensions().get::<RequestContext>().map(|c| c.peer.to_string()).unwrap_or_default());
+        let (metrics, service) = (self.metrics.clone(), self.service.clone());
+        Box::pin(async move {
+            let start = Instant::now();
+            let resp = inner.call(req).await?;
+            if let Some(peer) = peer {
+                let meta = RequestMeta { peer, ..Default::default() };
+                metrics.request("inbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
+            }
+            Ok(resp)
+        })
+    }
+}
 
 /// Connects every request to the local app, whatever the URI says.
 #[derive(Clone)]
@@ -157,10 +255,17 @@ impl Inbound {
                 this.metrics.handshake("inbound", "ok");
                 let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
                 let peer = Arc::new(peer);
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    let peer = peer.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer).await) }
+                let stack = ServiceBuilder::new()
+                    .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
+                    .layer(AuthorizeLayer::new(this.metrics.clone()))
+                    .layer(RateLimitLayer::new(this.metrics.clone()))
+                    .service(AppService { inbound: this.clone() });
+                let discovery = this.discovery.clone();
+                let svc = service_fn(move |mut req: Request<Incoming>| {
+                    // One config version for the whole request.
+                    let ctx = RequestContext { peer: peer.clone(), table: discovery.table() };
+                    req.extensions_mut().insert(ctx);
+                    stack.clone().oneshot(req)
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -169,52 +274,6 @@ impl Inbound {
                 drain.watch(conn).await;
             });
         }
-    }
-
-    async fn handle(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
-        let table = self.discovery.table();
-        let tcp = req.method() == Method::CONNECT;
-        let decision = table.authz.check(
-            peer,
-            &policy::Request {
-                method: (!tcp).then(|| req.method()),
-                path: (!tcp).then(|| req.uri().path()),
-                port: table.authz.port(),
-            },
-        );
-        let labels = AuthzLabels {
-            policy: decision.policy.clone(),
-            outcome: if decision.allowed { "allow" } else { "deny" },
-            protocol: if tcp { "tcp" } else { "http" },
-        };
-        self.metrics.authz.get_or_create(&labels).inc();
-        if tcp {
-            if !decision.allowed {
-                tracing::info!(%peer, policy = %decision.policy, "TCP connection denied by policy");
-                // The caller's sidecar closes the app's connection on a non-200.
-                return local_response(StatusCode::FORBIDDEN, "weft: connection denied by authorization policy");
-            }
-            return self.tunnel(req, peer).await;
-        }
-        let start = Instant::now();
-        let meta = RequestMeta { peer: peer.to_string(), ..Default::default() };
-        let resp = if !decision.allowed {
-            // No policy details leak to the caller; they are in logs and metrics.
-            tracing::info!(%peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "request denied by policy");
-            local_response(StatusCode::FORBIDDEN, "weft: request denied by authorization policy")
-        } else if let Some(Err((limit, wait))) =
-            table.rate_limits.as_ref().map(|rl| rl.check(peer, Some(req.uri().path()), Instant::now()))
-        {
-            self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
-            let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            r
-        } else {
-            self.forward(req, peer).await
-        };
-        self.metrics.request("inbound", &self.service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
-        resp
     }
 
     async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {

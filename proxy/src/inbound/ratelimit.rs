@@ -2,10 +2,20 @@
 //! when asked). Excess requests get 429 with `Retry-After`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+use http::StatusCode;
+use tower::{Layer, Service};
+
 use weft_certs::SpiffeId;
+
+use super::RequestContext;
+use crate::http::{local_response, Body};
+use crate::metrics::{LimitLabels, Metrics};
 use weft_config::{glob_match, MeshConfig, Named, RateLimitKey, RateLimitSpec};
 
 #[derive(Debug)]
@@ -68,7 +78,7 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    fn limiter(per: &str) -> RateLimiter {
+    pub(super) fn limiter(per: &str) -> RateLimiter {
         let cfg = weft_config::parse(&format!(
             "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: api}}\nspec: {{}}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {{name: rl}}\nspec: {{targetRef: {{name: api}}, requestsPerSecond: 10, burst: 5, per: {per}, paths: ['/limited/*']}}\n"
         ))
@@ -106,5 +116,95 @@ mod tests {
         }
         assert!(l.check(&a, Some("/limited/x"), t0).is_err());
         assert!(l.check(&b, Some("/limited/x"), t0).is_ok(), "b has its own bucket");
+    }
+}
+
+/// The tower layer that enforces the service's rate limits (HTTP only; a
+/// CONNECT tunnel is one long request and is not limited here).
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RateLimitLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> Service<http::Request<B>> for RateLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.method() != http::Method::CONNECT {
+            let Some(ctx) = req.extensions().get::<RequestContext>() else {
+                return Box::pin(async { Ok(super::policy::missing_context()) });
+            };
+            if let Some(Err((limit, wait))) =
+                ctx.table.rate_limits.as_ref().map(|rl| rl.check(&ctx.peer, Some(req.uri().path()), Instant::now()))
+            {
+                self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
+                let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+                return Box::pin(async { Ok(r) });
+            }
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+    use crate::discovery::Table;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn answers_429_with_retry_after_past_the_budget() {
+        let table =
+            Arc::new(Table { rate_limits: Some(Arc::new(super::tests::limiter("service"))), ..Default::default() });
+        let inner = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(local_response(StatusCode::OK, "app"))
+        });
+        let svc = RateLimitLayer::new(Arc::new(Metrics::default())).layer(inner);
+        let peer = Arc::new(SpiffeId::parse("spiffe://td/a").unwrap());
+        let mut codes = Vec::new();
+        for _ in 0..7 {
+            let mut req = http::Request::get("/limited/x").body(()).unwrap();
+            req.extensions_mut().insert(RequestContext { peer: peer.clone(), table: table.clone() });
+            let resp = svc.clone().oneshot(req).await.unwrap();
+            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+            }
+            codes.push(resp.status().as_u16());
+        }
+        assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429]);
     }
 }
