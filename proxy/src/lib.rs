@@ -177,13 +177,11 @@ impl Proxy {
         );
         tokio::spawn(inbound.serve(inbound_listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
 
-        let outbound = Arc::new(outbound::Outbound {
-            discovery: discovery.clone(),
-            pool: outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout),
-            balancer: Default::default(),
-            budgets: Default::default(),
-            metrics: metrics.clone(),
-        });
+        let outbound = outbound::Outbound::new(
+            discovery.clone(),
+            outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout),
+            metrics.clone(),
+        );
         tokio::spawn(outbound.clone().serve_http(outbound_listener, drain.clone()));
         for (name, l) in upstream_listeners {
             tokio::spawn(outbound.clone().serve_tcp(l, name, drain.clone()));

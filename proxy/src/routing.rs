@@ -4,6 +4,7 @@
 //! most query matches, then route and rule order.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -110,11 +111,21 @@ impl Rule {
     }
 }
 
+/// What the outbound layers need to know of a routed request; set as a
+/// request extension by the routing step.
+#[derive(Clone)]
+pub struct RouteContext {
+    /// The config version the request started with.
+    pub table: Arc<crate::discovery::Table>,
+    pub rule: Arc<Rule>,
+    pub backend: Backend,
+}
+
 /// What routing decided for a request.
-pub enum Decision<'a> {
+pub enum Decision {
     /// The service has no routes: send to any of its endpoints.
     Default,
-    Rule(&'a Rule),
+    Rule(Arc<Rule>),
     /// The service has routes and none matched (404, as the Gateway API says).
     NoMatch,
 }
@@ -131,7 +142,7 @@ pub struct RequestInfo<'a> {
 pub struct Router {
     /// Per service: (match or None for "all", rule index), best first.
     candidates: HashMap<String, Vec<(Option<Match>, usize)>>,
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
 }
 
 type Rank = (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, usize, usize);
@@ -249,9 +260,9 @@ impl Router {
         for (ri, route) in cfg.routes.iter().enumerate() {
             for (ui, rule) in route.spec.rules.iter().enumerate() {
                 let rule_idx = router.rules.len();
-                router.rules.push(
+                router.rules.push(Arc::new(
                     compile_rule(cfg, &route.name, ui, rule).map_err(|e| format!("HTTPRoute {}: {e}", route.name))?,
-                );
+                ));
                 for parent in &route.spec.parent_refs {
                     let list = ranked.entry(parent.name.clone()).or_default();
                     if rule.matches.is_empty() {
@@ -271,13 +282,13 @@ impl Router {
         Ok(router)
     }
 
-    pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Decision<'_> {
+    pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Decision {
         let Some(list) = self.candidates.get(service) else {
             return Decision::Default;
         };
         for (m, rule) in list {
             if m.as_ref().is_none_or(|m| matches(m, req)) {
-                return Decision::Rule(&self.rules[*rule]);
+                return Decision::Rule(self.rules[*rule].clone());
             }
         }
         Decision::NoMatch

@@ -2,15 +2,14 @@
 //! upstreams, carried to the destination's inbound sidecar over the pooled
 //! mTLS HTTP/2 connection.
 
+pub mod endpoint;
 pub mod pool;
 pub mod retry;
+pub mod timeout;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use http_body::Body as _;
+use std::sync::Arc;
+use std::time::Instant;
 
 use http::{header, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -19,31 +18,35 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::balance::Balancer;
-use crate::discovery::{Discovery, Table};
+use crate::discovery::Discovery;
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL};
-use crate::metrics::{ConnLabels, Metrics, OpenConn, RequestMeta, RetryLabels};
-use crate::routing::{modify_headers, Backend, Decision, RequestInfo, Rule};
+use crate::metrics::{ConnLabels, Metrics, OpenConn, RequestMeta};
+use crate::routing::{modify_headers, Decision, RequestInfo, RouteContext, Rule};
 use crate::shutdown::Drain;
+use endpoint::{EndpointService, ServedBy};
 use pool::Pool;
-use retry::{idempotent, Budget};
+use retry::{Retry, RetryLayer};
+use timeout::{Timeout, TimeoutLayer};
+use tower::{ServiceBuilder, ServiceExt};
 
 pub struct Outbound {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
-    pub balancer: Balancer,
-    /// Retry budgets per route rule.
-    pub budgets: Mutex<HashMap<String, Arc<Budget>>>,
+    pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
+    /// The per-request stack behind routing: each concern a tower layer.
+    stack: Timeout<Retry<EndpointService>>,
 }
 
-/// A copy of a request head (method, URI, version, headers) for a retry.
-fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
+impl Outbound {
+    pub fn new(discovery: Arc<Discovery>, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let balancer = Arc::new(Balancer::default());
+        let stack = ServiceBuilder::new()
+            .layer(TimeoutLayer)
+            .layer(RetryLayer::new(metrics.clone()))
+            .service(EndpointService { pool: pool.clone(), balancer: balancer.clone(), metrics: metrics.clone() });
+        Arc::new(Self { discovery, pool, balancer, metrics, stack })
+    }
 }
 
 /// The service an authority names: `reviews`, `reviews:9080` → `reviews`.
@@ -101,8 +104,9 @@ impl Outbound {
         resp
     }
 
-    /// Routes, applies the rule's timeouts, retries and header filters, and
-    /// sends the request to an endpoint of the chosen backend.
+    /// Routes the request (rule, weighted backend), prepares it for the hop
+    /// to the peer sidecar, and sends it through the timeout → retry →
+    /// endpoint stack.
     async fn forward_http(
         &self,
         req: Request<Incoming>,
@@ -119,20 +123,16 @@ impl Outbound {
             query: parts.uri.query(),
             headers: &parts.headers,
         };
-        let default_rule;
         let rule = match table.router.route(service, &info) {
             Decision::Rule(r) => r,
-            Decision::Default => {
-                default_rule = Rule::default_for(service);
-                &default_rule
-            }
+            Decision::Default => Arc::new(Rule::default_for(service)),
             Decision::NoMatch => {
                 let msg =
                     format!("weft: no route of service {service:?} matches {} {}", parts.method, parts.uri.path());
                 return local_response(StatusCode::NOT_FOUND, msg);
             }
         };
-        let backend = rule.pick_backend();
+        let backend = rule.pick_backend().clone();
         meta.route = rule.name.clone();
         meta.backend = backend.subset.clone();
 
@@ -147,125 +147,14 @@ impl Outbound {
             Err(e) => return local_response(StatusCode::BAD_REQUEST, format!("weft: bad request target: {e}")),
         };
         parts.version = Version::HTTP_2;
+        parts.extensions.insert(RouteContext { table, rule: rule.clone(), backend });
 
-        // Only requests that are safe to repeat and have no body to replay are retried.
-        let retry = rule.retry.as_ref().filter(|_| idempotent(&parts.method) && body.is_end_stream());
-        let attempts = self.attempts(&table, rule, backend, parts, body, retry, meta);
-        let mut resp = match rule.request_timeout {
-            None => attempts.await,
-            Some(t) => match tokio::time::timeout(t, attempts).await {
-                Ok(r) => r,
-                Err(_) => local_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("weft: {service} did not answer within the route's {t:?} request timeout"),
-                ),
-            },
-        };
+        let Ok(mut resp) = self.stack.clone().oneshot(Request::from_parts(parts, boxed(body))).await;
+        if let Some(ServedBy(id)) = resp.extensions().get::<ServedBy>() {
+            meta.peer = id.to_string();
+        }
         modify_headers(&rule.response_headers, resp.headers_mut());
         resp
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn attempts(
-        &self,
-        table: &Table,
-        rule: &Rule,
-        backend: &Backend,
-        parts: http::request::Parts,
-        body: Incoming,
-        retry: Option<&weft_config::Retry>,
-        meta: &mut RequestMeta,
-    ) -> Response<Body> {
-        let budget = retry.map(|r| self.budget(&rule.name, &r.budget));
-        if let Some(b) = &budget {
-            b.deposit();
-        }
-        let tries = 1 + retry.map(|r| r.attempts).unwrap_or(0);
-        let mut body = Some(body);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let endpoints = backend.select(table.endpoints(&backend.service));
-            let Some((ep, in_flight)) = self.balancer.pick(&endpoints) else {
-                let subset =
-                    if backend.subset.is_empty() { String::new() } else { format!(" subset {:?}", backend.subset) };
-                let msg = format!("weft: no endpoints for service {:?}{subset}", backend.service);
-                return local_response(StatusCode::SERVICE_UNAVAILABLE, msg);
-            };
-            meta.peer = ep.spiffe_id.to_string();
-            // A retried request has no body (checked above); the first may.
-            let req_body = match retry {
-                Some(_) => empty(),
-                None => body.take().map(boxed).unwrap_or_else(empty),
-            };
-            let req = Request::from_parts(clone_head(&parts), req_body);
-            let result = self.send(ep.address, &ep.spiffe_id, req, rule.try_timeout).await;
-            let failed = match &result {
-                Ok(r) => r.status().is_server_error(),
-                Err(_) => true,
-            };
-            if in_flight.done(!failed) {
-                self.metrics.ejections.inc();
-            }
-            let retryable = match (&result, retry) {
-                (_, None) => false,
-                (Ok(r), Some(rt)) => rt.codes.contains(&r.status().as_u16()),
-                (Err(_), Some(_)) => true,
-            };
-            if retryable && attempt < tries {
-                let allowed = budget.as_ref().is_some_and(|b| b.withdraw(Instant::now()));
-                let outcome = if allowed { "sent" } else { "budget_exhausted" };
-                self.metrics.retries.get_or_create(&RetryLabels { route: rule.name.clone(), outcome }).inc();
-                if allowed {
-                    let backoff = retry.and_then(|r| r.backoff).map(|d| d.0).unwrap_or(Duration::from_millis(25));
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
-            }
-            return match result {
-                Ok(resp) => resp,
-                Err(resp) => resp,
-            };
-        }
-    }
-
-    /// One attempt on one endpoint; an `Err` is the sidecar's own error response.
-    async fn send(
-        &self,
-        addr: std::net::SocketAddr,
-        id: &weft_certs::SpiffeId,
-        req: Request<Body>,
-        try_timeout: Option<Duration>,
-    ) -> Result<Response<Body>, Response<Body>> {
-        let mut sender = self.pool.get(addr, id).await.map_err(|e| {
-            tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
-            local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))
-        })?;
-        let call = sender.send_request(req);
-        let resp = match try_timeout {
-            None => call.await,
-            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
-                local_response(StatusCode::GATEWAY_TIMEOUT, format!("weft: attempt timed out after {t:?}"))
-            })?,
-        };
-        match resp {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, boxed(body)))
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %addr, error = %e, "request to endpoint failed");
-                Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
-            }
-        }
-    }
-
-    fn budget(&self, route: &str, cfg: &weft_config::RetryBudget) -> Arc<Budget> {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        // Keyed by the budget's settings too, so a changed budget takes effect.
-        let key = format!("{route}|{}|{}", cfg.percent, cfg.min_retries_per_second);
-        budgets.entry(key).or_insert_with(|| Arc::new(Budget::new(cfg.clone()))).clone()
     }
 
     /// Serves a declared TCP upstream: each connection becomes an HTTP

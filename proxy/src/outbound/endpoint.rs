@@ -1,0 +1,111 @@
+//! The innermost outbound service: pick an endpoint of the routed backend
+//! (P2C over EWMA, outliers ejected), send on the pooled mTLS connection with
+//! the per-try timeout, and feed the outcome back to the balancer.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use tower::Service;
+use weft_certs::SpiffeId;
+
+use super::pool::Pool;
+use crate::balance::Balancer;
+use crate::http::{boxed, local_response, strip_hop_by_hop, Body};
+use crate::metrics::Metrics;
+use crate::routing::RouteContext;
+
+/// Which endpoint answered (a response extension, for metrics).
+#[derive(Clone, Debug)]
+pub struct ServedBy(pub SpiffeId);
+
+/// Marks a response the sidecar made because the endpoint could not be
+/// reached or did not answer: always worth a retry, whatever its code.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionFailure;
+
+#[derive(Clone)]
+pub struct EndpointService {
+    pub pool: Arc<Pool>,
+    pub balancer: Arc<Balancer>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Service<Request<Body>> for EndpointService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let Some(ctx) = req.extensions().get::<RouteContext>().cloned() else {
+                return Ok(local_response(StatusCode::INTERNAL_SERVER_ERROR, "weft: internal error: unrouted request"));
+            };
+            let endpoints = ctx.backend.select(ctx.table.endpoints(&ctx.backend.service));
+            let Some((ep, in_flight)) = this.balancer.pick(&endpoints) else {
+                let b = &ctx.backend;
+                let subset = if b.subset.is_empty() { String::new() } else { format!(" subset {:?}", b.subset) };
+                let msg = format!("weft: no endpoints for service {:?}{subset}", b.service);
+                return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
+            };
+            let (addr, id) = (ep.address, ep.spiffe_id.clone());
+            let result = this.send(addr, &id, req, ctx.rule.try_timeout).await;
+            let failed = match &result {
+                Ok(r) => r.status().is_server_error(),
+                Err(_) => true,
+            };
+            if in_flight.done(!failed) {
+                this.metrics.ejections.inc();
+            }
+            let mut resp = result.unwrap_or_else(|mut local| {
+                local.extensions_mut().insert(ConnectionFailure);
+                local
+            });
+            resp.extensions_mut().insert(ServedBy(id));
+            Ok(resp)
+        })
+    }
+}
+
+impl EndpointService {
+    /// One attempt on one endpoint; an `Err` is the sidecar's own error response.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        id: &SpiffeId,
+        req: Request<Body>,
+        try_timeout: Option<Duration>,
+    ) -> Result<Response<Body>, Response<Body>> {
+        let mut sender = self.pool.get(addr, id).await.map_err(|e| {
+            tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
+            local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))
+        })?;
+        let call = sender.send_request(req);
+        let resp = match try_timeout {
+            None => call.await,
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
+                local_response(StatusCode::GATEWAY_TIMEOUT, format!("weft: attempt timed out after {t:?}"))
+            })?,
+        };
+        match resp {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, boxed(body)))
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %addr, error = %e, "request to endpoint failed");
+                Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
+            }
+        }
+    }
+}
