@@ -36,6 +36,12 @@ enum Cmd {
         /// The YAML file, e.g. examples/canary.yaml.
         file: PathBuf,
     },
+    /// The sidecar (same flags as weft-proxy); used by `weft up`.
+    #[command(hide = true)]
+    Proxy(weft_proxy::command::Args),
+    /// The control plane (same flags as weft-control-plane); used by `weft up`.
+    #[command(hide = true)]
+    ControlPlane(weft_control_plane::command::Args),
     /// Run a local mesh from a file (default: the embedded canary example) with a live traffic table.
     Up(up::UpArgs),
     /// A small HTTP demo service (answers with its name and version; can fail or slow down).
@@ -115,7 +121,21 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
+    let cli = Cli::parse();
+    // `weft up` runs the daemons as child processes of this binary, so a
+    // newcomer needs only `cargo run --bin weft -- up`.
+    match cli.cmd {
+        Cmd::Proxy(args) => {
+            weft_admin::init_logging(&args.log_format);
+            return weft_admin::exit_code(weft_proxy::command::run(args).await);
+        }
+        Cmd::ControlPlane(args) => {
+            weft_admin::init_logging(&args.log_format);
+            return weft_admin::exit_code(weft_control_plane::command::run(args).await);
+        }
+        _ => {}
+    }
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -145,12 +165,13 @@ pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
+        Cmd::Proxy(_) | Cmd::ControlPlane(_) => unreachable!("handled in main"),
         Cmd::Certs { cmd: CertsCmd::Init { trust_domain, out, force, from_issuer, issuer_key, trust_bundle } } => {
             let ext = from_issuer.map(|cert| pki::ExternalIssuer {
                 cert,

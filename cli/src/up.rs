@@ -43,18 +43,6 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} not found next to {}: build all binaries (cargo build --release --workspace --bins)",
-        name,
-        exe.display()
-    );
-    Ok(path)
-}
-
 /// Child processes, stopped (SIGTERM, then SIGKILL) when dropped or on `stop`.
 struct Procs {
     children: Vec<(String, Child)>,
@@ -146,8 +134,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let s = |v: &dyn std::fmt::Display| v.to_string();
         procs.spawn(
             "control-plane",
-            &sibling("weft-control-plane")?,
+            &std::env::current_exe()?,
             &[
+                "control-plane".into(),
                 "--pki".into(),
                 s(&pki_dir.display()),
                 "--state-dir".into(),
@@ -189,6 +178,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 }
                 procs.spawn(&format!("{name}-app"), &std::env::current_exe()?, &app_args)?;
                 let mut proxy_args = vec![
+                    "proxy".into(),
                     "--control-plane".into(),
                     s(&cp_addr),
                     "--trust-bundle".into(),
@@ -211,7 +201,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 for (k, v) in &w.spec.labels {
                     proxy_args.extend(["--label".into(), format!("{k}={v}")]);
                 }
-                procs.spawn(&format!("{name}-proxy"), &sibling("weft-proxy")?, &proxy_args)?;
+                procs.spawn(&format!("{name}-proxy"), &std::env::current_exe()?, &proxy_args)?;
                 let load = w.spec.load / f64::from(w.spec.replicas);
                 workloads.push(Workload { sidecar_id: id, admin, app, load });
             }

@@ -10,6 +10,7 @@
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
+pub mod command;
 pub mod config_watch;
 pub mod discovery;
 pub mod identity;

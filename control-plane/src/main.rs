@@ -1,77 +1,8 @@
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-
 use clap::Parser;
-use weft_certs::TrustDomain;
-use weft_control_plane::{ControlPlane, Options};
-
-/// weft control plane: issues SPIFFE X.509-SVIDs and pushes discovery and
-/// config to sidecars over mutual TLS.
-#[derive(Parser, Debug)]
-#[command(name = "weft-control-plane", version)]
-struct Args {
-    /// PKI directory from `weft certs init` (trust-bundle.pem, issuer.crt, issuer.key).
-    #[arg(long, default_value = "./pki")]
-    pki: PathBuf,
-    /// Where join tokens, the JWT-SVID signing key (0600) and other state are kept.
-    #[arg(long, default_value = "./state")]
-    state_dir: PathBuf,
-    /// gRPC (TLS) listen address.
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    listen: SocketAddr,
-    /// Admin HTTP listen address (/live, /ready, /metrics, /config).
-    #[arg(long, default_value = "127.0.0.1:7444")]
-    admin: SocketAddr,
-    /// Lifetime of issued X.509-SVIDs, e.g. 1h, 20s.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    svid_ttl: Duration,
-    /// Lifetime of JWT-SVIDs minted for workloads (Workload API FetchJWTSVID), e.g. 5m.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    jwt_svid_ttl: Duration,
-    /// Trust domain; by default read from the issuer certificate's spiffe:// URI SAN.
-    #[arg(long)]
-    trust_domain: Option<TrustDomain>,
-    /// Mesh config (Kubernetes-shaped YAML); watched, and changes are pushed to sidecars.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Log format: human or json.
-    #[arg(long, default_value = "human", value_parser = ["human", "json"])]
-    log_format: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 1h, 30m, 20s)"))?;
-    if d < Duration::from_secs(2) {
-        return Err(format!("{s:?} is too short; at least 2s"));
-    }
-    Ok(d)
-}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = weft_control_plane::command::Args::parse();
     weft_admin::init_logging(&args.log_format);
-    weft_admin::exit_code(run(args).await)
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Options {
-        pki: args.pki,
-        state_dir: args.state_dir,
-        listen: args.listen,
-        admin: args.admin,
-        svid_ttl: args.svid_ttl,
-        trust_domain: args.trust_domain,
-        config: args.config,
-        jwt_svid_ttl: args.jwt_svid_ttl,
-    })
-    .await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = cp.wait() => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM; stopping"),
-    }
-    Ok(())
+    weft_admin::exit_code(weft_control_plane::command::run(args).await)
 }

@@ -1,0 +1,120 @@
+//! The command line of the daemon: its flags and its run loop, shared by the
+//! binary and by `weft up`, which runs it as a child process of `weft`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{outbound::parse_upstream, Options, Proxy};
+use clap::Parser;
+use weft_certs::TrustDomain;
+
+/// weft sidecar proxy: mutual TLS with SPIFFE identities between services.
+#[derive(Parser, Debug)]
+#[command(name = "weft-proxy", version)]
+pub struct Args {
+    /// Control-plane gRPC address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    control_plane: String,
+    /// Trust bundle (PEM) to verify the control plane before the first SVID.
+    #[arg(long)]
+    trust_bundle: PathBuf,
+    /// Trust domain; by default read from the bundle's spiffe:// URI SAN.
+    #[arg(long)]
+    trust_domain: Option<TrustDomain>,
+    /// File holding the one-time join token (needed only without a saved SVID).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the SVID, its key (0600) and the bundle are kept across restarts.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The service this workload belongs to.
+    #[arg(long)]
+    service: String,
+    /// Workload label, k=v (repeatable), e.g. --label version=v2.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The local app's address.
+    #[arg(long)]
+    app: SocketAddr,
+    /// The local app's protocol: auto (mirror the caller), http1 or h2c.
+    #[arg(long, value_enum, default_value = "auto")]
+    app_protocol: crate::inbound::AppProtocol,
+    /// mTLS listener for peer sidecars.
+    #[arg(long, default_value = "127.0.0.1:15006")]
+    inbound: SocketAddr,
+    /// Plain HTTP listener for the local app's outgoing calls.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    /// Admin HTTP listener (/live, /ready, /metrics, /config).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin: SocketAddr,
+    /// Opaque TCP upstream NAME=ADDR: connections to ADDR reach service NAME (repeatable).
+    #[arg(long = "upstream", value_parser = parse_upstream)]
+    upstreams: Vec<(String, SocketAddr)>,
+    /// Timeout for connecting to a peer sidecar.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Serve the SPIFFE Workload API on this Unix socket (mode 0600), e.g.
+    /// unix:///run/weft/agent.sock; point the app's SPIFFE_ENDPOINT_SOCKET at it.
+    #[arg(long, value_parser = crate::workload_api::parse_socket_addr)]
+    workload_api: Option<PathBuf>,
+    /// How long SIGTERM waits for in-flight requests.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Log format: human or json.
+    #[arg(long, default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected k=v"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: empty label key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Runs until SIGTERM or Ctrl-C.
+pub async fn run(args: Args) -> Result<(), RunError> {
+    let drain_timeout = args.drain_timeout;
+    let proxy = Proxy::start(Options {
+        control_plane: args.control_plane,
+        trust_bundle: args.trust_bundle,
+        trust_domain: args.trust_domain,
+        token_file: args.token_file,
+        state_dir: args.state_dir,
+        service: args.service,
+        labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
+        app: args.app,
+        app_protocol: args.app_protocol,
+        inbound: args.inbound,
+        outbound: args.outbound,
+        admin: args.admin,
+        upstreams: args.upstreams,
+        connect_timeout: args.connect_timeout,
+        workload_api: args.workload_api,
+    })
+    .await?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),
+        _ = term.recv() => tracing::info!("SIGTERM; draining"),
+    }
+    if proxy.shutdown(drain_timeout).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain timeout passed with connections still open; exiting");
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] crate::StartError),
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+}
