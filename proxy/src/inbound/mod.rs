@@ -3,6 +3,7 @@
 //! the protocol the calling app spoke (HTTP/1.1 or h2c), or as raw TCP for
 //! CONNECT tunnels. Authorization and rate limits apply first.
 
+pub mod gate;
 pub mod policy;
 pub mod ratelimit;
 
@@ -24,8 +25,8 @@ use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROT
 use crate::metrics::{AuthzLabels, ConnLabels, Metrics, OpenConn, RequestMeta};
 use crate::shutdown::Drain;
 use futures::future::BoxFuture;
-use policy::AuthorizeLayer;
-use ratelimit::RateLimitLayer;
+use policy::Authorize;
+use ratelimit::RateLimit;
 use std::convert::Infallible;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -257,8 +258,8 @@ impl Inbound {
                 let peer = Arc::new(peer);
                 let stack = ServiceBuilder::new()
                     .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
-                    .layer(AuthorizeLayer::new(this.metrics.clone()))
-                    .layer(RateLimitLayer::new(this.metrics.clone()))
+                    .layer(Authorize::layer(this.metrics.clone()))
+                    .layer(RateLimit::layer(this.metrics.clone()))
                     .service(AppService { inbound: this.clone() });
                 let discovery = this.discovery.clone();
                 let svc = service_fn(move |mut req: Request<Incoming>| {

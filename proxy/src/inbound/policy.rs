@@ -2,15 +2,12 @@
 //! Deny wins over allow; when a service has ALLOW policies, or the mesh
 //! default is deny, a request needs a matching ALLOW rule.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use http::{Method, StatusCode};
-use tower::{Layer, Service};
 use weft_certs::SpiffeId;
 
+use super::gate::{Gate, GateLayer};
 use super::RequestContext;
 use crate::http::{local_response, Body};
 use crate::metrics::{AuthzLabels, Metrics};
@@ -193,50 +190,25 @@ spec:
     }
 }
 
-/// The tower layer that enforces [`Authorizer`] on the inbound request path,
+/// The gate that enforces [`Authorizer`] on the inbound request path,
 /// reading the caller and the config from the request's [`RequestContext`].
 #[derive(Clone)]
-pub struct AuthorizeLayer {
+pub struct Authorize {
     metrics: Arc<Metrics>,
 }
 
-impl AuthorizeLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+/// The tower layer of [`Authorize`].
+pub type AuthorizeLayer = GateLayer<Authorize>;
+
+impl Authorize {
+    pub fn layer(metrics: Arc<Metrics>) -> AuthorizeLayer {
+        GateLayer(Self { metrics })
     }
 }
 
-impl<S> Layer<S> for AuthorizeLayer {
-    type Service = Authorize<S>;
-    fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize { inner, metrics: self.metrics.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authorize<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S, B> Service<http::Request<B>> for Authorize<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let Some(ctx) = req.extensions().get::<RequestContext>().cloned() else {
-            return Box::pin(async { Ok(missing_context()) });
-        };
+impl Gate for Authorize {
+    fn check<B>(&self, req: &http::Request<B>) -> Option<http::Response<Body>> {
+        let Some(ctx) = req.extensions().get::<RequestContext>() else { return Some(missing_context()) };
         let tcp = req.method() == Method::CONNECT;
         let decision = ctx.table.authz.check(
             &ctx.peer,
@@ -252,18 +224,14 @@ where
             protocol: if tcp { "tcp" } else { "http" },
         };
         self.metrics.authz.get_or_create(&labels).inc();
-        if !decision.allowed {
-            // No policy details leak to the caller; they are in logs and metrics.
-            tracing::info!(peer = %ctx.peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "denied by policy");
-            let what = if tcp { "connection" } else { "request" };
-            // For TCP, the caller's sidecar closes the app's connection on a non-200.
-            let resp = local_response(StatusCode::FORBIDDEN, format!("weft: {what} denied by authorization policy"));
-            return Box::pin(async { Ok(resp) });
+        if decision.allowed {
+            return None;
         }
-        // The standard tower dance: call the clone that was made ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        // No policy details leak to the caller; they are in logs and metrics.
+        tracing::info!(peer = %ctx.peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "denied by policy");
+        let what = if tcp { "connection" } else { "request" };
+        // For TCP, the caller's sidecar closes the app's connection on a non-200.
+        Some(local_response(StatusCode::FORBIDDEN, format!("weft: {what} denied by authorization policy")))
     }
 }
 
@@ -276,12 +244,14 @@ pub(crate) fn missing_context() -> http::Response<Body> {
 mod layer_tests {
     use super::*;
     use crate::discovery::Table;
+    use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tower::ServiceExt;
+    use tower::{Layer, Service, ServiceExt};
 
     fn stack(
         calls: Arc<AtomicUsize>,
-    ) -> Authorize<
+    ) -> crate::inbound::gate::Gated<
+        Authorize,
         impl Service<http::Request<()>, Response = http::Response<Body>, Error = Infallible, Future: Send>
             + Clone
             + Send
@@ -291,7 +261,7 @@ mod layer_tests {
             calls.fetch_add(1, Ordering::Relaxed);
             async { Ok::<_, Infallible>(local_response(StatusCode::OK, "app")) }
         });
-        AuthorizeLayer::new(Arc::new(Metrics::default())).layer(inner)
+        Authorize::layer(Arc::new(Metrics::default())).layer(inner)
     }
 
     fn request(method: Method, path: &str, peer: &str, table: &Arc<Table>) -> http::Request<()> {

@@ -2,17 +2,14 @@
 //! when asked). Excess requests get 429 with `Retry-After`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use http::StatusCode;
-use tower::{Layer, Service};
 
 use weft_certs::SpiffeId;
 
+use super::gate::{Gate, GateLayer};
 use super::RequestContext;
 use crate::http::{local_response, Body};
 use crate::metrics::{LimitLabels, Metrics};
@@ -119,64 +116,37 @@ mod tests {
     }
 }
 
-/// The tower layer that enforces the service's rate limits (HTTP only; a
-/// CONNECT tunnel is one long request and is not limited here).
+/// The gate that enforces the service's rate limits (HTTP only; a CONNECT
+/// tunnel is one long request and is not limited here).
 #[derive(Clone)]
-pub struct RateLimitLayer {
+pub struct RateLimit {
     metrics: Arc<Metrics>,
 }
 
-impl RateLimitLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+/// The tower layer of [`RateLimit`].
+pub type RateLimitLayer = GateLayer<RateLimit>;
+
+impl RateLimit {
+    pub fn layer(metrics: Arc<Metrics>) -> RateLimitLayer {
+        GateLayer(Self { metrics })
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { inner, metrics: self.metrics.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S, B> Service<http::Request<B>> for RateLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.method() != http::Method::CONNECT {
-            let Some(ctx) = req.extensions().get::<RequestContext>() else {
-                return Box::pin(async { Ok(super::policy::missing_context()) });
-            };
-            if let Some(Err((limit, wait))) =
-                ctx.table.rate_limits.as_ref().map(|rl| rl.check(&ctx.peer, Some(req.uri().path()), Instant::now()))
-            {
-                self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
-                let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
-                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
-                return Box::pin(async { Ok(r) });
-            }
+impl Gate for RateLimit {
+    fn check<B>(&self, req: &http::Request<B>) -> Option<http::Response<Body>> {
+        if req.method() == http::Method::CONNECT {
+            return None;
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        let Some(ctx) = req.extensions().get::<RequestContext>() else {
+            return Some(super::policy::missing_context());
+        };
+        let (limit, wait) =
+            ctx.table.rate_limits.as_ref()?.check(&ctx.peer, Some(req.uri().path()), Instant::now()).err()?;
+        self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
+        let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        Some(r)
     }
 }
 
@@ -184,6 +154,8 @@ where
 mod layer_tests {
     use super::*;
     use crate::discovery::Table;
+    use std::convert::Infallible;
+    use tower::Layer;
     use tower::ServiceExt;
 
     #[tokio::test]
@@ -193,7 +165,7 @@ mod layer_tests {
         let inner = tower::service_fn(|_req: http::Request<()>| async {
             Ok::<_, Infallible>(local_response(StatusCode::OK, "app"))
         });
-        let svc = RateLimitLayer::new(Arc::new(Metrics::default())).layer(inner);
+        let svc = RateLimit::layer(Arc::new(Metrics::default())).layer(inner);
         let peer = Arc::new(SpiffeId::parse("spiffe://td/a").unwrap());
         let mut codes = Vec::new();
         for _ in 0..7 {
