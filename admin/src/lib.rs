@@ -135,3 +135,12 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::E
         }
     }
 }
+
+/// Waits for SIGTERM or Ctrl-C (SIGINT) and names which one came.
+pub async fn shutdown_signal() -> std::io::Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "SIGTERM",
+    })
+}

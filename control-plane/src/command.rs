@@ -64,12 +64,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         jwt_svid_ttl: args.jwt_svid_ttl,
     })
     .await?;
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
     tokio::select! {
         _ = cp.wait() => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM; stopping"),
+        signal = weft_admin::shutdown_signal() => tracing::info!("{}; stopping", signal.map_err(RunError::Signal)?),
     }
     Ok(())
 }

@@ -97,12 +97,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         workload_api: args.workload_api,
     })
     .await?;
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),
-        _ = term.recv() => tracing::info!("SIGTERM; draining"),
-    }
+    let signal = weft_admin::shutdown_signal().await.map_err(RunError::Signal)?;
+    tracing::info!("{signal}; draining");
     if proxy.shutdown(drain_timeout).await {
         tracing::info!("drained; exiting");
     } else {
