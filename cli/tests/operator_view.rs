@@ -56,6 +56,17 @@ async fn status_proxy_config_and_top() {
     assert!(status.contains("spiffe://example.org/ns/default/sa/web"), "{status}");
     assert_eq!(status.matches("in sync").count(), 2, "{status}");
     assert!(status.contains("in 3"), "SVID expiry about an hour away: {status}");
+    let (_, cp_metrics) = weft_testkit::http_get(cp.admin, "/metrics").await.unwrap();
+    for rpc in ["Status", "Watch", "Ack", "CreateJoinToken", "Attest"] {
+        assert!(
+            weft_testkit::metric_sum(
+                &cp_metrics,
+                "weft_control_plane_rpcs_total",
+                &[&format!("rpc=\"{rpc}\""), "code=\"Ok\""]
+            ) >= 1.0,
+            "{rpc} not counted:\n{cp_metrics}"
+        );
+    }
     let (ok, json, _) = weft(&cp, &["status", "--json"]);
     assert!(ok && json.contains("\"in_sync\":true"), "{json}");
 

@@ -87,7 +87,12 @@ impl Admin for AdminService {
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        self.require_operator(&req)?;
-        Ok(Response::new(self.registry.status(&self.trust_domain)))
+        let r: Result<Response<StatusResponse>, Status> = async {
+            self.require_operator(&req)?;
+            Ok(Response::new(self.registry.status(&self.trust_domain)))
+        }
+        .await;
+        self.metrics.rpc("Status", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
+        r
     }
 }

@@ -15,6 +15,7 @@ use crate::server::require_peer;
 
 pub struct DiscoveryService {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A service name: a DNS label (lower-case letters, digits, '-').
@@ -31,57 +32,67 @@ impl Config for DiscoveryService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let (id, svid_expires) = require_peer(&req)?;
-        let req = req.into_inner();
-        if !valid_service_name(&req.service) {
-            return Err(Status::invalid_argument(format!(
-                "service {:?} is not a valid name (lower-case letters, digits and '-', at most 63)",
-                req.service
-            )));
-        }
-        // A workload may only serve as the service its identity names, or
-        // else any workload could attract another service's traffic.
-        if !id.path().ends_with(&format!("/sa/{}", req.service)) {
-            return Err(Status::permission_denied(format!(
-                "{id} may not register as service {:?}: a workload registers only for the service named by its service account (.../sa/{})",
-                req.service, req.service
-            )));
-        }
-        if req.inbound_address.parse::<SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!(
-                "inbound_address {:?} is not host:port (an IP address and port)",
-                req.inbound_address
-            )));
-        }
-        let guard = self.registry.register(Registration {
-            spiffe_id: id,
-            service: req.service,
-            address: req.inbound_address,
-            admin_address: req.admin_address,
-            labels: req.labels,
-            svid_expires,
-        });
-        let registry = self.registry.clone();
-        let mut changes = registry.subscribe();
-        let stream = async_stream::stream! {
-            // Held for the life of the stream: dropping it deregisters.
-            let _guard = guard;
-            loop {
-                changes.borrow_and_update();
-                yield Ok(registry.snapshot());
-                if changes.changed().await.is_err() {
-                    break;
-                }
+        let r: Result<Response<Self::WatchStream>, Status> = async {
+            let (id, svid_expires) = require_peer(&req)?;
+            let req = req.into_inner();
+            if !valid_service_name(&req.service) {
+                return Err(Status::invalid_argument(format!(
+                    "service {:?} is not a valid name (lower-case letters, digits and '-', at most 63)",
+                    req.service
+                )));
             }
-        };
-        Ok(Response::new(Box::pin(stream)))
+            // A workload may only serve as the service its identity names, or
+            // else any workload could attract another service's traffic.
+            if !id.path().ends_with(&format!("/sa/{}", req.service)) {
+                return Err(Status::permission_denied(format!(
+                    "{id} may not register as service {:?}: a workload registers only for the service named by its service account (.../sa/{})",
+                    req.service, req.service
+                )));
+            }
+            if req.inbound_address.parse::<SocketAddr>().is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "inbound_address {:?} is not host:port (an IP address and port)",
+                    req.inbound_address
+                )));
+            }
+            let guard = self.registry.register(Registration {
+                spiffe_id: id,
+                service: req.service,
+                address: req.inbound_address,
+                admin_address: req.admin_address,
+                labels: req.labels,
+                svid_expires,
+            });
+            let registry = self.registry.clone();
+            let mut changes = registry.subscribe();
+            let stream = async_stream::stream! {
+                // Held for the life of the stream: dropping it deregisters.
+                let _guard = guard;
+                loop {
+                    changes.borrow_and_update();
+                    yield Ok(registry.snapshot());
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            Ok(Response::new(Box::pin(stream) as Self::WatchStream))
+        }
+        .await;
+        self.metrics.rpc("Watch", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
+        r
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let (id, _) = require_peer(&req)?;
-        let req = req.into_inner();
-        self.registry.ack(&id, &req.inbound_address, req.version, req.error);
-        Ok(Response::new(AckResponse {}))
+        let r: Result<Response<AckResponse>, Status> = async {
+            let (id, _) = require_peer(&req)?;
+            let req = req.into_inner();
+            self.registry.ack(&id, &req.inbound_address, req.version, req.error);
+            Ok(Response::new(AckResponse {}))
+        }
+        .await;
+        self.metrics.rpc("Ack", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
+        r
     }
 }
 

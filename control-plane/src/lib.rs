@@ -126,7 +126,7 @@ impl ControlPlane {
             registry: registry.clone(),
             metrics: metrics.clone(),
         };
-        let discovery = discovery::DiscoveryService { registry: registry.clone() };
+        let discovery = discovery::DiscoveryService { registry: registry.clone(), metrics: metrics.clone() };
         let incoming = server::tls_incoming(grpc, TlsAcceptor::from(Arc::new(tls)), metrics);
         let router = tonic::transport::Server::builder()
             // Sidecars that vanish without closing their connection are noticed

@@ -42,10 +42,11 @@ impl RateLimiter {
         self.limits.is_empty()
     }
 
-    /// Takes a token from every limit that applies; on refusal returns the
-    /// limit's name and how long until a token is available.
+    /// Takes a token from every limit that applies, or from none: on refusal
+    /// returns the refusing limit's name and how long until it has a token.
     pub fn check(&self, peer: &SpiffeId, path: Option<&str>, now: Instant) -> Result<(), (String, Duration)> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut applying = Vec::new();
         for (i, l) in self.limits.iter().enumerate() {
             let s = &l.spec;
             if !s.paths.is_empty() && !path.is_some_and(|p| s.paths.iter().any(|g| glob_match(g, p))) {
@@ -56,15 +57,20 @@ impl RateLimiter {
                 RateLimitKey::Identity => peer.to_string(),
             };
             let capacity = if s.burst == 0 { s.requests_per_second.ceil().max(1.0) } else { f64::from(s.burst) };
-            let b = buckets.entry((i, key)).or_insert(Bucket { tokens: capacity, last: now });
+            let b = buckets.entry((i, key.clone())).or_insert(Bucket { tokens: capacity, last: now });
             let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
             b.tokens = (b.tokens + elapsed * s.requests_per_second).min(capacity);
             b.last = now;
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
-            } else {
+            if b.tokens < 1.0 {
                 let wait = (1.0 - b.tokens) / s.requests_per_second;
                 return Err((l.name.clone(), Duration::from_secs_f64(wait)));
+            }
+            applying.push((i, key));
+        }
+        // Every applicable bucket has a token: only now take them.
+        for k in applying {
+            if let Some(b) = buckets.get_mut(&k) {
+                b.tokens -= 1.0;
             }
         }
         Ok(())
@@ -101,6 +107,25 @@ mod tests {
         assert!(l.check(&peer, Some("/limited/x"), t1).is_ok());
         assert!(l.check(&peer, Some("/limited/x"), t1).is_ok());
         assert!(l.check(&peer, Some("/limited/x"), t1).is_err());
+    }
+
+    #[test]
+    fn a_refusal_takes_no_token_from_other_limits() {
+        let cfg = weft_config::parse(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec: {}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: wide}\nspec: {targetRef: {name: api}, requestsPerSecond: 1, burst: 3}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: narrow}\nspec: {targetRef: {name: api}, requestsPerSecond: 1, burst: 1, paths: ['/x']}\n",
+        )
+        .unwrap();
+        let l = RateLimiter::new(&cfg, "api");
+        let peer = SpiffeId::parse("spiffe://td/a").unwrap();
+        let t0 = Instant::now();
+        assert!(l.check(&peer, Some("/x"), t0).is_ok());
+        // "narrow" refuses /x now; "wide" must keep its two remaining tokens.
+        for _ in 0..5 {
+            assert_eq!(l.check(&peer, Some("/x"), t0).unwrap_err().0, "narrow");
+        }
+        assert!(l.check(&peer, Some("/y"), t0).is_ok());
+        assert!(l.check(&peer, Some("/y"), t0).is_ok());
+        assert_eq!(l.check(&peer, Some("/y"), t0).unwrap_err().0, "wide");
     }
 
     #[test]
