@@ -6,6 +6,7 @@
 //! is rejected as a whole.
 
 pub mod model;
+pub mod registration;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -257,7 +258,7 @@ fn valid_name(s: &str) -> bool {
 
 fn validate_service(cx: &mut Ctx, lbl: &str, name: &str, svc: &ServiceSpec) {
     // Sidecars register under this name, which must be a DNS label.
-    if name.contains('.') {
+    if !registration::valid_service_name(name) {
         cx.err(lbl, "metadata.name", "a Service name is a DNS label: no '.' (sidecars register under this name)");
     }
     if svc.port == 0 {

@@ -18,15 +18,6 @@ pub struct DiscoveryService {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// A service name: a DNS label (lower-case letters, digits, '-').
-pub fn valid_service_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 #[tonic::async_trait]
 impl Config for DiscoveryService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
@@ -35,20 +26,10 @@ impl Config for DiscoveryService {
         let r: Result<Response<Self::WatchStream>, Status> = async {
             let (id, svid_expires) = require_peer(&req)?;
             let req = req.into_inner();
-            if !valid_service_name(&req.service) {
-                return Err(Status::invalid_argument(format!(
-                    "service {:?} is not a valid name (lower-case letters, digits and '-', at most 63)",
-                    req.service
-                )));
-            }
-            // A workload may only serve as the service its identity names, or
-            // else any workload could attract another service's traffic.
-            if !id.path().ends_with(&format!("/sa/{}", req.service)) {
-                return Err(Status::permission_denied(format!(
-                    "{id} may not register as service {:?}: a workload registers only for the service named by its service account (.../sa/{})",
-                    req.service, req.service
-                )));
-            }
+            weft_config::registration::check_registration(&id, &req.service).map_err(|e| match e {
+                weft_config::registration::RegistrationError::BadName(_) => Status::invalid_argument(e.to_string()),
+                _ => Status::permission_denied(e.to_string()),
+            })?;
             if req.inbound_address.parse::<SocketAddr>().is_err() {
                 return Err(Status::invalid_argument(format!(
                     "inbound_address {:?} is not host:port (an IP address and port)",
@@ -93,18 +74,5 @@ impl Config for DiscoveryService {
         .await;
         self.metrics.rpc("Ack", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn service_names() {
-        for ok in ["web", "db-1", "a"] {
-            assert!(super::valid_service_name(ok), "{ok}");
-        }
-        for bad in ["", "Web", "-a", "a-", "a.b", "a_b", &"x".repeat(64)] {
-            assert!(!super::valid_service_name(bad), "{bad}");
-        }
     }
 }

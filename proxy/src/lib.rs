@@ -66,6 +66,8 @@ pub enum StartError {
     WorkloadApi { path: PathBuf, err: String },
     #[error("{0}")]
     Config(String),
+    #[error("--service: {0}")]
+    Registration(#[from] weft_config::registration::RegistrationError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -87,6 +89,12 @@ impl Proxy {
     /// Binds every listener, gets an SVID, and starts serving; readiness
     /// (/ready) follows once the first config has arrived.
     pub async fn start(opts: Options) -> Result<Self, StartError> {
+        // A bad name is refused before a join token is spent on it.
+        if !weft_config::registration::valid_service_name(&opts.service) {
+            return Err(StartError::Registration(weft_config::registration::RegistrationError::BadName(
+                opts.service.clone(),
+            )));
+        }
         let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle)?;
         let td = match &opts.trust_domain {
             Some(td) => td.clone(),
@@ -147,6 +155,10 @@ impl Proxy {
             _ => None,
         };
         identity.bootstrap(opts.token_file.as_deref()).await?;
+        // The control plane would refuse the registration forever; say so now.
+        if let Some(id) = identity.spiffe_id() {
+            weft_config::registration::check_registration(&id, &opts.service)?;
+        }
         if let Some(api) = &workload {
             api.set_started();
         }

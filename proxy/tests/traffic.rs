@@ -174,3 +174,46 @@ async fn grpc_unary_and_bidi_stream_with_trailers() {
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     assert_eq!(status.message(), "done after 1000");
 }
+
+/// A sidecar told to serve a service its identity does not name, or a
+/// malformed name, exits at once with a clear error instead of retrying a
+/// registration the control plane will always refuse.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_refuses_a_service_its_identity_does_not_name() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let token = cp.token_file("spiffe://example.org/ns/default/sa/web");
+    let run = |service: &str, state: &str| {
+        let args: Vec<String> = [
+            "--control-plane",
+            &cp.addr.to_string(),
+            "--trust-bundle",
+            cp.trust_bundle().to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--state-dir",
+            cp.dir.path().join(state).to_str().unwrap(),
+            "--service",
+            service,
+            "--app",
+            "127.0.0.1:9",
+            "--inbound",
+            &weft_testkit::free_addr().to_string(),
+            "--outbound",
+            &weft_testkit::free_addr().to_string(),
+            "--admin",
+            &weft_testkit::free_addr().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = std::process::Command::new(weft_testkit::bin("weft-proxy")).args(&args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A malformed name is refused before the token is spent…
+    let (ok, err) = run("Bad_Name", "bad");
+    assert!(!ok && err.contains("--service") && err.contains("DNS label"), "{err}");
+    // …so the token still works, and the identity check names both sides.
+    let (ok, err) = run("db", "db");
+    assert!(!ok, "{err}");
+    assert!(err.contains("spiffe://example.org/ns/default/sa/web may not register as service \"db\""), "{err}");
+}
