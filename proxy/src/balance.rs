@@ -130,6 +130,7 @@ impl Drop for InFlight {
 impl Balancer {
     /// An endpoint's stats; new ones start at `now`, so endpoints first
     /// seen together start equal.
+    #[cfg(test)]
     fn stats(&self, addr: SocketAddr, now: Instant) -> Arc<EndpointStats> {
         self.stats
             .lock()
@@ -142,8 +143,14 @@ impl Balancer {
     /// Picks an endpoint (None when there are none) and marks it busy.
     pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
         let now = Instant::now();
-        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> =
-            endpoints.iter().map(|e| (*e, self.stats(e.address, now))).collect();
+        // One lock for all candidates, not one per endpoint (this runs per request).
+        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> = {
+            let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            endpoints
+                .iter()
+                .map(|e| (*e, map.entry(e.address).or_insert_with(|| Arc::new(EndpointStats::new(now))).clone()))
+                .collect()
+        };
         let healthy: Vec<&(&Endpoint, Arc<EndpointStats>)> =
             with_stats.iter().filter(|(_, s)| !s.ejected(now)).collect();
         // Never eject everything: with no healthy endpoint, use them all.

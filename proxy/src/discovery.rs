@@ -18,7 +18,7 @@ use crate::identity::Identity;
 use crate::inbound::policy::Authorizer;
 use crate::inbound::ratelimit::RateLimiter;
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::routing::Router;
+use crate::routing::{Router, Rule};
 use weft_config::MeshConfig;
 
 /// An endpoint of a service, with the identity its sidecar must prove.
@@ -48,6 +48,10 @@ pub struct Table {
     pub authz: Authorizer,
     #[serde(skip)]
     pub rate_limits: Option<Arc<RateLimiter>>,
+    /// The route of each known service without HTTPRoutes (all its
+    /// endpoints), made once per version instead of once per request.
+    #[serde(skip)]
+    pub(crate) default_rules: HashMap<String, Arc<Rule>>,
 }
 
 impl Table {
@@ -84,7 +88,13 @@ impl Table {
             Some(old) if old.same_limits(&limiter) => Some(old.clone()),
             _ => (!limiter.is_empty()).then(|| Arc::new(limiter)),
         };
-        Ok(Self { version: s.version, services, mesh, router, authz, rate_limits })
+        let default_rules = services.keys().map(|name| (name.clone(), Arc::new(Rule::default_for(name)))).collect();
+        Ok(Self { version: s.version, services, mesh, router, authz, rate_limits, default_rules })
+    }
+
+    /// The default route of `service` (for services without HTTPRoutes).
+    pub fn default_rule(&self, service: &str) -> Arc<Rule> {
+        self.default_rules.get(service).cloned().unwrap_or_else(|| Arc::new(Rule::default_for(service)))
     }
 
     pub fn endpoints(&self, service: &str) -> &[Endpoint] {

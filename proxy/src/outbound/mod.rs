@@ -21,7 +21,7 @@ use crate::balance::Balancer;
 use crate::discovery::Discovery;
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL};
 use crate::metrics::{ConnLabels, Metrics, OpenConn, RequestMeta};
-use crate::routing::{modify_headers, Decision, RequestInfo, RouteContext, Rule};
+use crate::routing::{modify_headers, Decision, RequestInfo, RouteContext};
 use crate::shutdown::Drain;
 use endpoint::{EndpointService, ServedBy};
 use pool::Pool;
@@ -125,7 +125,7 @@ impl Outbound {
         };
         let rule = match table.router.route(service, &info) {
             Decision::Rule(r) => r,
-            Decision::Default => Arc::new(Rule::default_for(service)),
+            Decision::Default => table.default_rule(service),
             Decision::NoMatch => {
                 let msg =
                     format!("weft: no route of service {service:?} matches {} {}", parts.method, parts.uri.path());
