@@ -29,12 +29,7 @@ async fn status_proxy_config_and_top() {
         SidecarSpec { service: "api", app: api_app.addr, upstreams: &[], labels: &["version=v1"], extra_args: &[] },
     )
     .await;
-    let web = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let web = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
     web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
 
     // status: both sidecars with identity, address, expiry and sync state.

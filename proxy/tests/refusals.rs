@@ -47,18 +47,8 @@ async fn mesh() -> Mesh {
     let cp = ControlPlane::start(TD, &[]).await;
     let api_app = servers::http("api").await;
     let web_app = servers::http("web").await;
-    let server = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "api", app: api_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
-    let client = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let server = Sidecar::start(&cp, TD, SidecarSpec::new("api", api_app.addr)).await;
+    let client = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
     client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
     Mesh { cp, client, server, _servers: vec![api_app, web_app] }
 }
@@ -340,12 +330,7 @@ async fn no_request_reaches_an_endpoint_with_the_wrong_identity() {
     let registration = register(&cp, &api, "api", fake.addr).await;
 
     let web_app = servers::http("web").await;
-    let client = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let client = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
     client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
     let (_, config) = weft_testkit::http_get(client.admin, "/config").await.unwrap();
     assert!(

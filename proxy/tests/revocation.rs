@@ -37,12 +37,7 @@ async fn open_tcp_connection_is_closed_when_policy_revokes_it() {
     std::fs::write(&cfg, BASE).unwrap();
     let cp = ControlPlane::start(TD, &["--config", cfg.to_str().unwrap()]).await;
     let db_app = servers::tcp_echo().await;
-    let _db = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "db", app: db_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let _db = Sidecar::start(&cp, TD, SidecarSpec::new("db", db_app.addr)).await;
     let web_app = servers::http("web").await;
     let web = Sidecar::start(
         &cp,

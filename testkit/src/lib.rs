@@ -223,6 +223,13 @@ pub struct SidecarSpec<'a> {
     pub extra_args: &'a [&'a str],
 }
 
+impl<'a> SidecarSpec<'a> {
+    /// A plain sidecar for `service` fronting `app`: no upstreams, labels or extra flags.
+    pub fn new(service: &'a str, app: SocketAddr) -> Self {
+        Self { service, app, upstreams: &[], labels: &[], extra_args: &[] }
+    }
+}
+
 impl Sidecar {
     /// Attests with a fresh token for `spiffe://<td>/ns/default/sa/<service>` and waits until ready.
     pub async fn start(cp: &ControlPlane, td: &str, spec: SidecarSpec<'_>) -> Self {

@@ -174,12 +174,7 @@ async fn main_async(args: Args, app: SocketAddr) -> Result<(), String> {
     let server =
         Sidecar::start(&cp, TD, SidecarSpec { service: "api", app, upstreams: &[], labels: &[], extra_args: &[] })
             .await;
-    let client = Sidecar::start(
-        &cp,
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let client = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
     client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
     match weft_testkit::http_get_host(client.outbound, "api", PATH).await {
         Ok((200, body)) if body == format!("api {PATH}") => {}
