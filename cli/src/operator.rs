@@ -62,19 +62,26 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             .sidecars
             .iter()
             .map(|p| {
-                format!(
-                    "{{\"spiffe_id\":{:?},\"service\":{:?},\"address\":{:?},\"svid_expires_at\":{},\"acked_version\":{},\"in_sync\":{}}}",
-                    p.spiffe_id, p.service, p.inbound_address, p.svid_expires_at, p.acked_version, p.acked_version == s.config_version
-                )
+                serde_json::json!({
+                    "spiffe_id": p.spiffe_id,
+                    "service": p.service,
+                    "address": p.inbound_address,
+                    "labels": p.labels,
+                    "svid_expires_at": p.svid_expires_at,
+                    "acked_version": p.acked_version,
+                    "nacked_version": p.nacked_version,
+                    "nack_reason": p.nack_reason,
+                    "in_sync": p.acked_version == s.config_version,
+                })
             })
             .collect();
-        println!(
-            "{{\"trust_domain\":{:?},\"config_version\":{},\"config_error\":{:?},\"sidecars\":[{}]}}",
-            s.trust_domain,
-            s.config_version,
-            s.config_error,
-            sidecars.join(",")
-        );
+        let doc = serde_json::json!({
+            "trust_domain": s.trust_domain,
+            "config_version": s.config_version,
+            "config_error": s.config_error,
+            "sidecars": sidecars,
+        });
+        println!("{doc}");
         return Ok(());
     }
     println!(

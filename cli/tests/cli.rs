@@ -201,3 +201,78 @@ fn token_create_names_a_missing_pki_file() {
     assert!(!out.status.success());
     assert!(out.stderr.contains(pki::OPERATOR_CERT), "{}", out.stderr);
 }
+
+#[test]
+fn certs_init_from_an_external_issuer() {
+    let ext = tempfile::tempdir().unwrap();
+    let ext_pki = ext.path().join("corp");
+    let out = weft(&["certs", "init", "--trust-domain", "corp.example", "--out", ext_pki.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let (cert, key, bundle) =
+        (ext_pki.join("issuer.crt"), ext_pki.join("issuer.key"), ext_pki.join("trust-bundle.pem"));
+    let out = weft(&[
+        "certs",
+        "init",
+        "--trust-domain",
+        "corp.example",
+        "--out",
+        pki.to_str().unwrap(),
+        "--from-issuer",
+        cert.to_str().unwrap(),
+        "--issuer-key",
+        key.to_str().unwrap(),
+        "--trust-bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!pki.join("trust-anchor.key").exists(), "the root key is never copied");
+    assert_eq!(std::fs::read(pki.join("issuer.crt")).unwrap(), std::fs::read(&cert).unwrap());
+    // The operator certificate chains to the brought trust bundle (real openssl).
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&bundle)
+        .arg("-untrusted")
+        .arg(&cert)
+        .arg(pki.join("operator.crt"))
+        .output()
+        .expect("openssl is installed");
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    // An issuer key that does not match its certificate is refused, naming the file.
+    let other = tempfile::tempdir().unwrap();
+    let bad = weft(&[
+        "certs",
+        "init",
+        "--trust-domain",
+        "corp.example",
+        "--out",
+        other.path().join("pki").to_str().unwrap(),
+        "--from-issuer",
+        cert.to_str().unwrap(),
+        "--issuer-key",
+        ext_pki.join("operator.key").to_str().unwrap(),
+        "--trust-bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("issuer.crt") && bad.stderr.contains("does not match"), "{}", bad.stderr);
+}
+
+#[test]
+fn control_plane_logs_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Path::new(WEFT).with_file_name("weft-control-plane");
+    let out = Command::new(cp)
+        .args(["--log-format", "json", "--pki"])
+        .arg(dir.path().join("missing"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("weft-control-plane is built next to weft");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON log line in:\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "ERROR", "{line}");
+    assert!(v["fields"]["message"].as_str().unwrap_or("").contains("trust-bundle.pem"), "{line}");
+}
