@@ -5,6 +5,8 @@
 //! - `/metrics`: Prometheus text exposition of the process's registry.
 //! - `/config`: what the process has applied, as JSON, from a callback.
 
+pub mod ports;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 //! Editing the file while it runs changes the mesh (the control plane watches
 //! it). Ctrl-C stops every process and removes the directory.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,10 +37,6 @@ pub struct UpArgs {
     /// Print the table without clearing the screen (for logs and pipes).
     #[arg(long)]
     pub no_clear: bool,
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// Child processes, stopped (SIGTERM, then SIGKILL) when dropped or on `stop`.
@@ -130,6 +126,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut procs = Procs { children: Vec::new(), logs: logs.clone() };
 
     let result = async {
+        // Every address this mesh listens on, picked outside the ephemeral range and never twice.
+        let mut given = std::collections::HashSet::new();
+        let mut free_addr = || weft_admin::ports::pick_loopback_addr(|p| given.insert(p));
         let (cp_addr, cp_admin) = (free_addr()?, free_addr()?);
         let s = |v: &dyn std::fmt::Display| v.to_string();
         procs.spawn(

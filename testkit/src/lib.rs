@@ -4,7 +4,7 @@
 
 pub mod servers;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,10 +22,31 @@ pub fn bin(name: &str) -> PathBuf {
     })
 }
 
-/// A free loopback address (bound and released; fine for tests on one host).
+/// A free loopback address for a child process to listen on: outside the
+/// ephemeral range (see [`weft_admin::ports`]) and claimed across the test
+/// processes nextest runs side by side, so no two tests are handed one port.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+    weft_admin::ports::pick_loopback_addr(claim_port).expect("a free loopback port")
+}
+
+/// Claims `port` for this test run with a file under the temp dir, created
+/// exclusively; claims older than [`CLAIM_TTL`] are left-overs of finished runs.
+fn claim_port(port: u16) -> bool {
+    const CLAIM_TTL: Duration = Duration::from_secs(30 * 60);
+    let dir = std::env::temp_dir().join("weft-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let path = dir.join(port.to_string());
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(&path).is_ok();
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default() > CLAIM_TTL)
+        .unwrap_or(false);
+    stale && std::fs::remove_file(&path).is_ok() && create()
 }
 
 /// A child process that is killed when dropped; its output goes to a log file.

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -27,9 +27,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Upper bound for any single gRPC call or process run in these tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A free port on 127.0.0.1: bind port 0, read the port, release it.
+/// A free port on 127.0.0.1 for the control plane to listen on.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+    weft_testkit::free_addr().port()
 }
 
 /// A PKI directory made by `weft_certs::pki::init`.
