@@ -235,7 +235,7 @@ fn retry_codes() -> Vec<u16> {
 }
 
 /// Retries may add at most `percent` of recent requests, plus a small floor.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     #[serde(default = "twenty")]

@@ -511,10 +511,11 @@ spec:
 "#,
     );
     let cp = control_plane(&cfg).await;
-    let (slow, af) = (servers::http("slow").await, servers::http("frontend").await);
+    let (slow, slow2, af) = (servers::http("slow").await, servers::http("slow").await, servers::http("frontend").await);
     let _backend = sidecar(&cp, "slow", slow.addr, &[], &[]).await;
+    let _backend2 = sidecar(&cp, "slow", slow2.addr, &[], &[]).await;
     let frontend = sidecar(&cp, "frontend", af.addr, &[], &[]).await;
-    frontend.wait_endpoints("slow", 1, Duration::from_secs(10)).await;
+    frontend.wait_endpoints("slow", 2, Duration::from_secs(10)).await;
     let app = App::of(&frontend);
 
     let r = app.get("slow", "/sleep/50").await;
@@ -527,6 +528,14 @@ spec:
     assert_eq!(r.status, 504, "{r:?}");
     assert!(r.body.contains("timeout"), "{r:?}");
     assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(2500), "504 after {took:?}");
+
+    // A request cut by the route's timeout counts against the endpoint that
+    // did not answer: 12 at once over two hanging endpoints give one of them
+    // five failures in a row, and outlier detection ejects it.
+    let replies = concurrent_gets(&app, "slow", "/sleep/3000", 12, 12).await;
+    assert!(replies.iter().all(|r| r.status == 504), "{replies:?}");
+    let fm = frontend.metrics().await;
+    assert!(metric_sum(&fm, "weft_proxy_endpoint_ejections_total", &[]) >= 1.0, "{fm}");
 }
 
 // ------------------------------------------------------------------ 5. outliers

@@ -14,6 +14,7 @@ use tower::Service;
 use weft_certs::SpiffeId;
 
 use super::pool::Pool;
+use super::timeout::{timeout_message, Deadline};
 use crate::balance::Balancer;
 use crate::http::{boxed, local_response, strip_hop_by_hop, Body};
 use crate::metrics::Metrics;
@@ -58,7 +59,8 @@ impl Service<Request<Body>> for EndpointService {
                 return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
             };
             let (addr, id) = (ep.address, ep.spiffe_id.clone());
-            let result = this.send(addr, &id, req, ctx.rule.try_timeout).await;
+            let limit = AttemptLimit::new(ctx.rule.try_timeout, req.extensions().get::<Deadline>().copied());
+            let result = this.send(addr, &id, &ctx.backend.service, req, limit).await;
             let failed = match &result {
                 Ok(r) => r.status().is_server_error(),
                 Err(_) => true,
@@ -82,19 +84,22 @@ impl EndpointService {
         &self,
         addr: SocketAddr,
         id: &SpiffeId,
+        service: &str,
         req: Request<Body>,
-        try_timeout: Option<Duration>,
+        limit: AttemptLimit,
     ) -> Result<Response<Body>, Response<Body>> {
-        let mut sender = self.pool.get(addr, id).await.map_err(|e| {
-            tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
-            local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))
-        })?;
-        let call = sender.send_request(req);
-        let resp = match try_timeout {
-            None => call.await,
-            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
-                local_response(StatusCode::GATEWAY_TIMEOUT, format!("weft: attempt timed out after {t:?}"))
-            })?,
+        let attempt = async {
+            let mut sender = self.pool.get(addr, id).await.map_err(|e| {
+                tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
+                local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))
+            })?;
+            Ok(sender.send_request(req).await)
+        };
+        let resp = match limit.until {
+            None => attempt.await?,
+            Some(until) => tokio::time::timeout_at(until, attempt)
+                .await
+                .map_err(|_| local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service)))??,
         };
         match resp {
             Ok(resp) => {
@@ -107,5 +112,59 @@ impl EndpointService {
                 Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
             }
         }
+    }
+}
+
+/// When one attempt must end: its per-try timeout or the route's request
+/// deadline, whichever comes first.
+#[derive(Clone, Copy, Debug)]
+struct AttemptLimit {
+    until: Option<tokio::time::Instant>,
+    /// The per-try timeout, when it is what ends the attempt.
+    per_try: Option<Duration>,
+    deadline: Option<Deadline>,
+}
+
+impl AttemptLimit {
+    fn new(try_timeout: Option<Duration>, deadline: Option<Deadline>) -> Self {
+        let per_try = try_timeout.map(|t| tokio::time::Instant::now() + t);
+        match (per_try, deadline) {
+            (Some(p), Some(d)) if d.at < p => Self { until: Some(d.at), per_try: None, deadline },
+            (Some(p), _) => Self { until: Some(p), per_try: try_timeout, deadline },
+            (None, d) => Self { until: d.map(|d| d.at), per_try: None, deadline },
+        }
+    }
+
+    fn message(&self, service: &str) -> String {
+        match (self.per_try, self.deadline) {
+            (Some(t), _) => format!("weft: attempt timed out after {t:?}"),
+            (None, Some(d)) => timeout_message(service, d.timeout),
+            (None, None) => "weft: attempt timed out".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_ends_at_the_earlier_of_per_try_timeout_and_request_deadline() {
+        let now = Instant::now();
+        let deadline =
+            |after_ms| Deadline { at: now + Duration::from_millis(after_ms), timeout: Duration::from_secs(1) };
+
+        let l = AttemptLimit::new(Some(Duration::from_millis(200)), Some(deadline(1000)));
+        assert_eq!(l.until, Some(now + Duration::from_millis(200)));
+        assert_eq!(l.message("api"), "weft: attempt timed out after 200ms");
+
+        let l = AttemptLimit::new(Some(Duration::from_millis(900)), Some(deadline(300)));
+        assert_eq!(l.until, Some(now + Duration::from_millis(300)));
+        assert_eq!(l.message("api"), "weft: api did not answer within the route's 1s request timeout");
+
+        let l = AttemptLimit::new(None, Some(deadline(300)));
+        assert_eq!(l.until, Some(now + Duration::from_millis(300)));
+        assert!(AttemptLimit::new(None, None).until.is_none());
     }
 }

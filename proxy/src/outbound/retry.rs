@@ -14,6 +14,7 @@ use tower::{Layer, Service, ServiceExt};
 use weft_config::RetryBudget;
 
 use super::endpoint::ConnectionFailure;
+use super::timeout::Deadline;
 use crate::http::{empty, Body};
 use crate::metrics::{Metrics, RetryLabels};
 use crate::routing::RouteContext;
@@ -73,7 +74,7 @@ impl Budget {
 #[derive(Clone)]
 pub struct RetryLayer {
     metrics: Arc<Metrics>,
-    /// Per rule (and budget settings, so a changed budget takes effect).
+    /// Per rule name; replaced when the rule's budget settings change.
     budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
 }
 
@@ -97,10 +98,17 @@ pub struct Retry<S> {
 }
 
 impl RetryLayer {
+    /// The rule's budget; a new one when the rule is new or its budget settings changed.
     fn budget(&self, rule: &str, cfg: &RetryBudget) -> Arc<Budget> {
-        let key = format!("{rule}|{}|{}", cfg.percent, cfg.min_retries_per_second);
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets.entry(key).or_insert_with(|| Arc::new(Budget::new(cfg.clone()))).clone()
+        match budgets.get(rule) {
+            Some(b) if b.budget == *cfg => b.clone(),
+            _ => {
+                let b = Arc::new(Budget::new(cfg.clone()));
+                budgets.insert(rule.to_string(), b.clone());
+                b
+            }
+        }
     }
 }
 
@@ -150,7 +158,9 @@ where
                 let resp = inner.ready().await?.call(req).await?;
                 let retryable = resp.extensions().get::<ConnectionFailure>().is_some()
                     || retry.codes.contains(&resp.status().as_u16());
-                if !retryable || attempt > retry.attempts {
+                // Past the route's deadline a retry could never answer in time.
+                let too_late = head.extensions.get::<Deadline>().is_some_and(Deadline::passed);
+                if !retryable || attempt > retry.attempts || too_late {
                     return Ok(resp);
                 }
                 let allowed = budget.withdraw(Instant::now());
@@ -231,6 +241,23 @@ mod tests {
         calls.store(0, Ordering::Relaxed);
         assert_eq!(svc.clone().oneshot(request(Method::POST)).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(calls.load(Ordering::Relaxed), 1);
+        // Past the route's deadline no retry is sent: it could not answer in time.
+        calls.store(0, Ordering::Relaxed);
+        let mut late = request(Method::GET);
+        late.extensions_mut().insert(Deadline { at: tokio::time::Instant::now(), timeout: Duration::from_secs(1) });
+        assert_eq!(svc.clone().oneshot(late).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn one_budget_per_rule_until_its_settings_change() {
+        let layer = RetryLayer::new(Arc::new(Metrics::default()));
+        let cfg = RetryBudget { percent: 20.0, min_retries_per_second: 10 };
+        let a = layer.budget("r/0", &cfg);
+        assert!(Arc::ptr_eq(&a, &layer.budget("r/0", &cfg)));
+        assert!(!Arc::ptr_eq(&a, &layer.budget("r/1", &cfg)));
+        let changed = RetryBudget { percent: 50.0, ..cfg };
+        assert!(!Arc::ptr_eq(&a, &layer.budget("r/0", &changed)));
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! The route's whole-request timeout (retries included): 504 when it passes.
+//!
+//! The deadline also travels with the request as a [`Deadline`] extension, so
+//! the endpoint service cuts the attempt that is running when it passes and
+//! reports it to outlier detection as a failure of that endpoint (a future
+//! dropped from outside could as well be a caller that went away).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
@@ -9,6 +15,25 @@ use tower::{Layer, Service};
 
 use crate::http::{local_response, Body};
 use crate::routing::RouteContext;
+
+/// When the route's request timeout passes (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    /// The route's request timeout, for the message.
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    pub fn passed(&self) -> bool {
+        tokio::time::Instant::now() >= self.at
+    }
+}
+
+/// The body of the 504 a request gets when the route's timeout passes.
+pub fn timeout_message(service: &str, timeout: Duration) -> String {
+    format!("weft: {service} did not answer within the route's {timeout:?} request timeout")
+}
 
 #[derive(Clone, Default)]
 pub struct TimeoutLayer;
@@ -38,20 +63,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limit = req
             .extensions()
             .get::<RouteContext>()
             .and_then(|c| c.rule.request_timeout.map(|t| (t, c.backend.service.clone())));
+        let deadline = limit.as_ref().map(|(t, _)| Deadline { at: tokio::time::Instant::now() + *t, timeout: *t });
+        if let Some(d) = deadline {
+            req.extensions_mut().insert(d);
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let Some((t, service)) = limit else { return fut.await };
-            match tokio::time::timeout(t, fut).await {
+            let (Some((t, service)), Some(deadline)) = (limit, deadline) else { return fut.await };
+            match tokio::time::timeout_at(deadline.at, fut).await {
                 Ok(r) => r,
-                Err(_) => Ok(local_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("weft: {service} did not answer within the route's {t:?} request timeout"),
-                )),
+                Err(_) => Ok(local_response(StatusCode::GATEWAY_TIMEOUT, timeout_message(&service, t))),
             }
         })
     }
