@@ -83,7 +83,15 @@ pub struct Proxy {
     /// The Workload API socket, removed at shutdown.
     pub workload_api: Option<PathBuf>,
     drain: shutdown::DrainTrigger,
+    admin: Arc<weft_admin::Admin>,
+    /// The config watch; while it is open, this sidecar is registered.
+    discovery_task: tokio::task::JoinHandle<()>,
 }
+
+/// How long a draining sidecar keeps accepting after it has left discovery,
+/// so that callers hear of it before its listeners close (at most half the
+/// drain timeout).
+const DEREGISTER_GRACE: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// Binds every listener, gets an SVID, and starts serving; readiness
@@ -171,7 +179,7 @@ impl Proxy {
             admin_address: admin_addr,
             labels: opts.labels.clone(),
         };
-        tokio::spawn(discovery.clone().run(identity.clone(), reg, metrics.clone()));
+        let discovery_task = tokio::spawn(discovery.clone().run(identity.clone(), reg, metrics.clone()));
         {
             let d = discovery.clone();
             admin.set_config_view(move || serde_json::to_string_pretty(&*d.table()).unwrap_or_default());
@@ -221,14 +229,23 @@ impl Proxy {
             upstream_addrs,
             workload_api: opts.workload_api.clone(),
             drain: drain_trigger,
+            admin,
+            discovery_task,
         })
     }
 
-    /// Stops accepting, lets open connections finish (bounded by `timeout`).
+    /// Leaves discovery (the control plane tells every caller), keeps serving
+    /// for a short grace while that spreads, then stops accepting and lets open
+    /// connections finish; all within `timeout`. True when everything finished.
     pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.admin.set_ready(false);
+        // Ending the config watch ends this sidecar's registration.
+        self.discovery_task.abort();
+        let grace = DEREGISTER_GRACE.min(timeout / 2);
+        tokio::time::sleep(grace).await;
         if let Some(path) = &self.workload_api {
             let _ = std::fs::remove_file(path);
         }
-        self.drain.drain(timeout).await
+        self.drain.drain(timeout - grace).await
     }
 }

@@ -330,3 +330,72 @@ async fn sigterm_drains_in_flight_requests() {
     let r = call(m.client.outbound, "api", "/after-drain").await;
     assert!(r.is_err(), "the drained sidecar still answered: {r:?}");
 }
+
+/// Four callers sending GETs through `outbound` to `api` until `running` is cleared.
+fn load_api(outbound: SocketAddr, running: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    let pause = Duration::from_millis(2);
+    (0..4)
+        .map(|_| tokio::spawn(traffic(outbound, "api", 20, pause, running.clone(), Duration::from_secs(30))))
+        .collect()
+}
+
+/// Stops `load`; (succeeded, failures).
+async fn stop_load(running: &AtomicBool, load: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) -> (u64, Vec<String>) {
+    running.store(false, Ordering::SeqCst);
+    let (mut ok, mut failures) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    (ok, failures)
+}
+
+/// Callers lose nothing when an endpoint is drained by SIGTERM (it leaves
+/// discovery before it stops accepting), and when one is killed outright
+/// they lose only what was in flight on it: while discovery still lists it,
+/// its refused connections send requests to another endpoint instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_leaving_under_load() {
+    let mut m = mesh(&[]).await;
+    let (api2, api3) = (servers::http("api").await, servers::http("api").await);
+    let mut second = Sidecar::start(&m.cp, TD, spec("api", api2.addr)).await;
+    let third = Sidecar::start(&m.cp, TD, spec("api", api3.addr)).await;
+    m.client.wait_endpoints("api", 3, Duration::from_secs(10)).await;
+
+    // Drained: exits 0, and no caller notices.
+    let running = Arc::new(AtomicBool::new(true));
+    let load = load_api(m.client.outbound, &running);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = m.server.proc_.pid();
+    let status = tokio::task::block_in_place(|| m.server.proc_.terminate(Duration::from_secs(15)))
+        .unwrap_or_else(|| panic!("pid {pid} did not exit within 15 s of SIGTERM"));
+    assert!(status.success(), "drained sidecar exited with {status}");
+    m.client.wait_endpoints("api", 2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failures) = stop_load(&running, load).await;
+    eprintln!("drain: {ok} requests succeeded, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} requests failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    assert!(ok >= 50, "only {ok} requests were sent");
+
+    // Killed while the control plane is away too, so discovery keeps listing
+    // it and its port refuses: callers must connect elsewhere by themselves.
+    m.cp.proc_.kill();
+    let running = Arc::new(AtomicBool::new(true));
+    let load = load_api(m.client.outbound, &running);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.proc_.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    m.client.wait_endpoints("api", 2, Duration::from_secs(1)).await;
+    let (ok, failures) = stop_load(&running, load).await;
+    eprintln!("kill: {ok} requests succeeded, {} failed: {failures:?}", failures.len());
+    // At most the requests each caller had in flight on the killed endpoint.
+    let killed = format!("upstream {}: connection error", second.inbound);
+    assert!(
+        failures.len() <= 4 && failures.iter().all(|f| f.contains(&killed)),
+        "only requests in flight on the killed endpoint may fail: {failures:?}"
+    );
+    assert!(ok >= 50, "only {ok} requests were sent");
+    let served = metric_sum(&third.metrics().await, "weft_proxy_requests_total", &["direction=\"inbound\""]);
+    assert!(served > 0.0, "the remaining endpoint served nothing");
+}

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
+use hyper::client::conn::http2::SendRequest;
 use tower::Service;
 use weft_certs::SpiffeId;
 
 use super::pool::Pool;
 use super::timeout::{timeout_message, Deadline};
-use crate::balance::Balancer;
+use crate::balance::{Balancer, InFlight};
 use crate::http::{boxed, local_response, strip_hop_by_hop, Body};
 use crate::metrics::Metrics;
 use crate::routing::RouteContext;
@@ -51,63 +52,92 @@ impl Service<Request<Body>> for EndpointService {
             let Some(ctx) = req.extensions().get::<RouteContext>().cloned() else {
                 return Ok(local_response(StatusCode::INTERNAL_SERVER_ERROR, "weft: internal error: unrouted request"));
             };
-            let endpoints = ctx.backend.select(ctx.table.endpoints(&ctx.backend.service));
-            let Some((ep, in_flight)) = this.balancer.pick(&endpoints) else {
-                let b = &ctx.backend;
-                let subset = if b.subset.is_empty() { String::new() } else { format!(" subset {:?}", b.subset) };
-                let msg = format!("weft: no endpoints for service {:?}{subset}", b.service);
-                return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
-            };
-            let (addr, id) = (ep.address, ep.spiffe_id.clone());
+            let service = ctx.backend.service.as_str();
             let limit = AttemptLimit::new(ctx.rule.try_timeout, req.extensions().get::<Deadline>().copied());
-            let result = this.send(addr, &id, &ctx.backend.service, req, limit).await;
-            let failed = match &result {
-                Ok(r) => r.status().is_server_error(),
-                Err(_) => true,
-            };
-            if in_flight.done(!failed) {
-                this.metrics.ejections.inc();
+            let mut candidates = ctx.backend.select(ctx.table.endpoints(service));
+            let mut req = Some(req);
+            let mut refused = None;
+            // An endpoint that cannot be connected to never saw the request, so
+            // another one may take it, whatever the method (e.g. a peer that
+            // is draining or just died and is still in discovery).
+            for _ in 0..MAX_CONNECT_TRIES {
+                let Some((ep, in_flight)) = this.balancer.pick(&candidates) else { break };
+                let (addr, id) = (ep.address, ep.spiffe_id.clone());
+                let result = match limit.run(this.pool.get(addr, &id)).await {
+                    Err(_elapsed) => Err(local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service))),
+                    Ok(Err(e)) => {
+                        tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
+                        this.report(in_flight, false);
+                        candidates.retain(|c| c.address != addr);
+                        refused = Some((id, local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))));
+                        continue;
+                    }
+                    Ok(Ok(sender)) => {
+                        let req = req.take().expect("the request is sent at most once");
+                        this.send(sender, addr, req, &limit, service).await
+                    }
+                };
+                let failed = match &result {
+                    Ok(r) => r.status().is_server_error(),
+                    Err(_) => true,
+                };
+                this.report(in_flight, !failed);
+                return Ok(served_by(result, id));
             }
-            let mut resp = result.unwrap_or_else(|mut local| {
-                local.extensions_mut().insert(ConnectionFailure);
-                local
-            });
-            resp.extensions_mut().insert(ServedBy(id));
-            Ok(resp)
+            Ok(match refused {
+                Some((id, resp)) => served_by(Err(resp), id),
+                None => {
+                    let b = &ctx.backend;
+                    let subset = if b.subset.is_empty() { String::new() } else { format!(" subset {:?}", b.subset) };
+                    local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("weft: no endpoints for service {:?}{subset}", b.service),
+                    )
+                }
+            })
         })
     }
 }
 
+/// How many endpoints one attempt tries to connect to before it gives up.
+const MAX_CONNECT_TRIES: usize = 3;
+
+/// The response to hand back, marked with the endpoint it went to; the
+/// sidecar's own error responses are marked as connection failures.
+fn served_by(result: Result<Response<Body>, Response<Body>>, id: SpiffeId) -> Response<Body> {
+    let mut resp = result.unwrap_or_else(|mut local| {
+        local.extensions_mut().insert(ConnectionFailure);
+        local
+    });
+    resp.extensions_mut().insert(ServedBy(id));
+    resp
+}
+
 impl EndpointService {
-    /// One attempt on one endpoint; an `Err` is the sidecar's own error response.
+    /// Feeds an attempt's outcome to the balancer (latency, outlier detection).
+    fn report(&self, in_flight: InFlight, ok: bool) {
+        if in_flight.done(ok) {
+            self.metrics.ejections.inc();
+        }
+    }
+
+    /// Sends on an open connection; an `Err` is the sidecar's own error response.
     async fn send(
         &self,
+        mut sender: SendRequest<Body>,
         addr: SocketAddr,
-        id: &SpiffeId,
-        service: &str,
         req: Request<Body>,
-        limit: AttemptLimit,
+        limit: &AttemptLimit,
+        service: &str,
     ) -> Result<Response<Body>, Response<Body>> {
-        let attempt = async {
-            let mut sender = self.pool.get(addr, id).await.map_err(|e| {
-                tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
-                local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))
-            })?;
-            Ok(sender.send_request(req).await)
-        };
-        let resp = match limit.until {
-            None => attempt.await?,
-            Some(until) => tokio::time::timeout_at(until, attempt)
-                .await
-                .map_err(|_| local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service)))??,
-        };
-        match resp {
-            Ok(resp) => {
+        match limit.run(sender.send_request(req)).await {
+            Err(_elapsed) => Err(local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service))),
+            Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, boxed(body)))
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(endpoint = %addr, error = %e, "request to endpoint failed");
                 Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
             }
@@ -132,6 +162,14 @@ impl AttemptLimit {
             (Some(p), Some(d)) if d.at < p => Self { until: Some(d.at), per_try: None, deadline },
             (Some(p), _) => Self { until: Some(p), per_try: try_timeout, deadline },
             (None, d) => Self { until: d.map(|d| d.at), per_try: None, deadline },
+        }
+    }
+
+    /// Runs `f` until this limit passes.
+    async fn run<F: std::future::Future>(&self, f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+        match self.until {
+            None => Ok(f.await),
+            Some(until) => tokio::time::timeout_at(until, f).await,
         }
     }
 
