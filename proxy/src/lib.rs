@@ -68,6 +68,8 @@ pub enum StartError {
     Config(String),
     #[error("--service: {0}")]
     Registration(#[from] weft_config::registration::RegistrationError),
+    #[error("--trust-bundle {0}")]
+    TrustBundle(weft_certs::CertError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -103,7 +105,7 @@ impl Proxy {
                 opts.service.clone(),
             )));
         }
-        let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle)?;
+        let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle).map_err(StartError::TrustBundle)?;
         let td = match &opts.trust_domain {
             Some(td) => td.clone(),
             None => bootstrap_bundle.roots().iter().find_map(|r| pki::trust_domain_of(r)).ok_or_else(|| {

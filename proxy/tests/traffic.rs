@@ -175,6 +175,46 @@ async fn grpc_unary_and_bidi_stream_with_trailers() {
     assert_eq!(status.message(), "done after 1000");
 }
 
+/// The flags of a sidecar for `service` with the token at `token`, fresh ports.
+fn sidecar_args(cp: &ControlPlane, token: &std::path::Path, service: &str, state: &str) -> Vec<String> {
+    [
+        "--control-plane",
+        &cp.addr.to_string(),
+        "--trust-bundle",
+        cp.trust_bundle().to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--state-dir",
+        cp.dir.path().join(state).to_str().unwrap(),
+        "--service",
+        service,
+        "--app",
+        "127.0.0.1:9",
+        "--inbound",
+        &weft_testkit::free_addr().to_string(),
+        "--outbound",
+        &weft_testkit::free_addr().to_string(),
+        "--admin",
+        &weft_testkit::free_addr().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs `weft-proxy` with `args` (expected to exit); (success, stderr).
+fn run_sidecar(args: &[String]) -> (bool, String) {
+    let out = std::process::Command::new(weft_testkit::bin("weft-proxy")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `args` with the value of `flag` replaced.
+fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).expect("flag present") + 1;
+    args[i] = value.to_string();
+    args
+}
+
 /// A sidecar told to serve a service its identity does not name, or a
 /// malformed name, exits at once with a clear error instead of retrying a
 /// registration the control plane will always refuse.
@@ -182,38 +222,49 @@ async fn grpc_unary_and_bidi_stream_with_trailers() {
 async fn sidecar_refuses_a_service_its_identity_does_not_name() {
     let cp = ControlPlane::start(TD, &[]).await;
     let token = cp.token_file("spiffe://example.org/ns/default/sa/web");
-    let run = |service: &str, state: &str| {
-        let args: Vec<String> = [
-            "--control-plane",
-            &cp.addr.to_string(),
-            "--trust-bundle",
-            cp.trust_bundle().to_str().unwrap(),
-            "--token-file",
-            token.to_str().unwrap(),
-            "--state-dir",
-            cp.dir.path().join(state).to_str().unwrap(),
-            "--service",
-            service,
-            "--app",
-            "127.0.0.1:9",
-            "--inbound",
-            &weft_testkit::free_addr().to_string(),
-            "--outbound",
-            &weft_testkit::free_addr().to_string(),
-            "--admin",
-            &weft_testkit::free_addr().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let out = std::process::Command::new(weft_testkit::bin("weft-proxy")).args(&args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
     // A malformed name is refused before the token is spent…
-    let (ok, err) = run("Bad_Name", "bad");
+    let (ok, err) = run_sidecar(&sidecar_args(&cp, &token, "Bad_Name", "bad"));
     assert!(!ok && err.contains("--service") && err.contains("DNS label"), "{err}");
     // …so the token still works, and the identity check names both sides.
-    let (ok, err) = run("db", "db");
+    let (ok, err) = run_sidecar(&sidecar_args(&cp, &token, "db", "db"));
     assert!(!ok, "{err}");
     assert!(err.contains("spiffe://example.org/ns/default/sa/web may not register as service \"db\""), "{err}");
+}
+
+/// Bad start-up input stops the sidecar with a message naming the flag or
+/// file at fault, before the join token is spent; the token then still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_start_up_errors_name_what_is_wrong() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let token = cp.token_file("spiffe://example.org/ns/default/sa/web");
+    let args = || sidecar_args(&cp, &token, "web", "web");
+
+    let missing = cp.dir.path().join("no-such-bundle.pem");
+    let (ok, err) = run_sidecar(&with(args(), "--trust-bundle", missing.to_str().unwrap()));
+    assert!(!ok && err.contains("--trust-bundle") && err.contains("no-such-bundle.pem"), "{err}");
+
+    let not_pem = cp.dir.path().join("not-a-bundle.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let (ok, err) = run_sidecar(&with(args(), "--trust-bundle", not_pem.to_str().unwrap()));
+    assert!(!ok && err.contains("--trust-bundle") && err.contains("no CERTIFICATE block"), "{err}");
+
+    let busy = std::net::TcpListener::bind(weft_testkit::free_addr()).unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let (ok, err) = run_sidecar(&with(args(), "--inbound", &busy_addr));
+    assert!(!ok && err.contains(&format!("cannot listen on {busy_addr} (--inbound)")), "{err}");
+
+    let no_token = cp.dir.path().join("no-such.token");
+    let (ok, err) = run_sidecar(&with(args(), "--token-file", no_token.to_str().unwrap()));
+    assert!(!ok && err.contains("no-such.token"), "{err}");
+
+    let (ok, err) = run_sidecar(&[args(), vec!["--upstream".into(), "db".into()]].concat());
+    assert!(!ok && err.contains("--upstream") && err.contains("NAME=ADDR"), "{err}");
+
+    // None of that spent the token: a good start attests with it.
+    let good = args();
+    let mut sidecar =
+        weft_testkit::Proc::spawn("web-after-errors", &weft_testkit::bin("weft-proxy"), &good, cp.dir.path());
+    let admin: std::net::SocketAddr = good[good.iter().position(|a| a == "--admin").unwrap() + 1].parse().unwrap();
+    weft_testkit::wait_ok(admin, "/ready", Duration::from_secs(20), Some(&sidecar)).await;
+    sidecar.kill();
 }
