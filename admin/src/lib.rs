@@ -6,6 +6,7 @@
 //! - `/config`: what the process has applied, as JSON, from a callback.
 
 pub mod ports;
+pub mod state_lock;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

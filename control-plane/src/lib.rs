@@ -45,6 +45,8 @@ pub enum StartError {
     Config { errors: weft_config::ConfigErrors, path: PathBuf },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    StateDir(#[from] weft_admin::state_lock::StateLockError),
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +73,7 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     pub registry: Arc<Registry>,
     serve: tokio::task::JoinHandle<()>,
+    _state_lock: weft_admin::state_lock::StateLock,
 }
 
 impl ControlPlane {
@@ -79,6 +82,7 @@ impl ControlPlane {
     pub async fn start(opts: Options) -> Result<Self, StartError> {
         let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
         let td = authority.trust_domain().clone();
+        let state_lock = weft_admin::state_lock::lock(&opts.state_dir)?;
         let store: Arc<dyn store::Store> = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
         let jwt_signer = Arc::new(weft_certs::jwt::JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
 
@@ -155,7 +159,7 @@ impl ControlPlane {
             }
         });
         tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
-        Ok(Self { grpc_addr, admin_addr, registry, serve })
+        Ok(Self { grpc_addr, admin_addr, registry, serve, _state_lock: state_lock })
     }
 
     /// Runs until the server task ends.

@@ -446,3 +446,25 @@ fn start_fails_with_another_pkis_issuer_key() {
     assert!(out.stderr.contains("does not match"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
+
+#[tokio::test]
+async fn a_second_control_plane_on_one_state_dir_is_refused() {
+    let pki = Pki::new(TD);
+    let (mut cp, state) = start(&pki, &[]);
+    cp.assert_serving().await;
+    // Both would accept each join token once: the second stops at start-up.
+    let out = run(std::process::Command::new(CONTROL_PLANE_BIN)
+        .arg("--pki")
+        .arg(pki.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]));
+    assert!(!out.status.success(), "a second control plane started on the same state dir");
+    assert!(out.stderr.contains("in use by another weft process"), "{}", out.stderr);
+    assert!(out.stderr.contains(&state.path().display().to_string()), "{}", out.stderr);
+    // The first one is unharmed, and once it is gone the directory is free.
+    cp.assert_serving().await;
+    assert!(cp.terminate().success());
+    let mut again = ControlPlane::start(&pki, state.path(), &[]);
+    again.assert_serving().await;
+}

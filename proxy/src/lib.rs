@@ -70,6 +70,8 @@ pub enum StartError {
     Registration(#[from] weft_config::registration::RegistrationError),
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
+    #[error(transparent)]
+    StateDir(#[from] weft_admin::state_lock::StateLockError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -88,6 +90,7 @@ pub struct Proxy {
     admin: Arc<weft_admin::Admin>,
     /// The config watch; while it is open, this sidecar is registered.
     discovery_task: tokio::task::JoinHandle<()>,
+    _state_lock: weft_admin::state_lock::StateLock,
 }
 
 /// How long a draining sidecar keeps accepting after it has left discovery,
@@ -121,6 +124,7 @@ impl Proxy {
         let admin = weft_admin::Admin::new(prom);
 
         // Bind first, so a taken port fails fast and clearly.
+        let state_lock = weft_admin::state_lock::lock(&opts.state_dir)?;
         let admin_listener = bind("--admin", opts.admin).await?;
         let inbound_listener = bind("--inbound", opts.inbound).await?;
         let outbound_listener = bind("--outbound", opts.outbound).await?;
@@ -233,6 +237,7 @@ impl Proxy {
             drain: drain_trigger,
             admin,
             discovery_task,
+            _state_lock: state_lock,
         })
     }
 

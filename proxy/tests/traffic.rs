@@ -266,5 +266,9 @@ async fn sidecar_start_up_errors_name_what_is_wrong() {
         weft_testkit::Proc::spawn("web-after-errors", &weft_testkit::bin("weft-proxy"), &good, cp.dir.path());
     let admin: std::net::SocketAddr = good[good.iter().position(|a| a == "--admin").unwrap() + 1].parse().unwrap();
     weft_testkit::wait_ok(admin, "/ready", Duration::from_secs(20), Some(&sidecar)).await;
+
+    // A second sidecar on the same state directory would overwrite its key.
+    let (ok, err) = run_sidecar(&sidecar_args(&cp, &token, "web", "web"));
+    assert!(!ok && err.contains("in use by another weft process"), "{err}");
     sidecar.kill();
 }
