@@ -81,6 +81,16 @@ impl Procs {
     fn exited(&mut self) -> Option<String> {
         self.children.iter_mut().find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
     }
+
+    /// Resolves with the name of the first child to exit.
+    async fn first_exit(&mut self) -> String {
+        loop {
+            if let Some(name) = self.exited() {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 async fn wait_ready(admin: SocketAddr, procs: &mut Procs, what: &str) -> anyhow::Result<()> {
@@ -231,14 +241,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         let table = top::run(move || targets.clone(), header, Duration::from_secs(1), None, !args.no_clear);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = table => {}
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-            _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
-        }
+        let crashed = tokio::select! {
+            _ = table => None,
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+            _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => None,
+            name = procs.first_exit() => Some(name),
+        };
         for t in load_tasks {
             t.abort();
+        }
+        // A mesh with a process missing would show a table that quietly lies.
+        if let Some(name) = crashed {
+            anyhow::bail!("{name} exited unexpectedly; see {}", procs.logs.join(format!("{name}.log")).display());
         }
         Ok::<(), anyhow::Error>(())
     }

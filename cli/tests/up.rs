@@ -100,3 +100,52 @@ fn up_rejects_a_bad_file_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/mesh.yaml"));
 }
+
+/// The children of `pid`: (pid, command line).
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let ps = Command::new("ps").args(["-eo", "ppid=,pid=,args="]).output().unwrap();
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (ppid, child) = (it.next()?.parse::<u32>().ok()?, it.next()?.parse::<u32>().ok()?);
+            (ppid == pid).then(|| (child, it.collect::<Vec<_>>().join(" ")))
+        })
+        .collect()
+}
+
+#[test]
+fn up_stops_and_says_so_when_a_process_of_the_mesh_dies() {
+    let child = weft()
+        .args(["up", "--duration", "60s", "--no-clear"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the mesh is up (a sidecar of the backend is running), then kill it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let victim = loop {
+        let kids = children_of(pid);
+        let ready = kids.iter().filter(|(_, args)| args.contains(" proxy ")).count() >= 4;
+        if let Some(v) = kids.iter().find(|(_, a)| ready && a.contains(" proxy ") && a.contains("--service backend")) {
+            break v.0;
+        }
+        assert!(Instant::now() < deadline, "weft up did not start its sidecars: {kids:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "weft up kept going without a sidecar:\n{stdout}");
+    assert!(started.elapsed() < Duration::from_secs(20), "weft up took {:?} to notice", started.elapsed());
+    assert!(stderr.contains("-proxy exited unexpectedly; see ") && stderr.contains(".log"), "{stderr}");
+    assert!(children_of(pid).is_empty(), "children left running");
+    // The state directory is kept for the logs, and said where.
+    let kept = stdout.lines().find_map(|l| l.strip_prefix("state and logs kept in ")).expect("kept dir named");
+    assert!(std::path::Path::new(kept.trim()).join("logs").is_dir(), "{stdout}");
+    std::fs::remove_dir_all(kept.trim()).unwrap();
+}
