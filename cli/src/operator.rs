@@ -66,6 +66,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
                     "spiffe_id": p.spiffe_id,
                     "service": p.service,
                     "address": p.inbound_address,
+                    "admin_address": p.admin_address,
                     "labels": p.labels,
                     "svid_expires_at": p.svid_expires_at,
                     "acked_version": p.acked_version,

@@ -64,6 +64,10 @@ async fn status_proxy_config_and_top() {
     }
     let (ok, json, _) = weft(&cp, &["status", "--json"]);
     assert!(ok && json.contains("\"in_sync\":true"), "{json}");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("status --json is JSON");
+    let admins: Vec<&str> =
+        doc["sidecars"].as_array().unwrap().iter().filter_map(|s| s["admin_address"].as_str()).collect();
+    assert!(admins.contains(&api.admin.to_string().as_str()), "{json}");
 
     // proxy-config: the applied discovery as YAML, by service name or SPIFFE ID.
     let (ok, yaml, err) = weft(&cp, &["proxy-config", "web"]);
