@@ -5,5 +5,8 @@
 //!   cost of SVID issuance on the control plane (CSR check + signing), of a
 //!   workload making its key and CSR, and of SPIFFE ID parsing.
 //!
-//! The library itself is empty; it exists so the package has a target for
-//! shared bench helpers and the end-to-end load harness.
+//! - `src/bin/weft-load.rs`: the end-to-end load harness (weft vs a direct
+//!   connection, and vs a pair of nginx proxies doing mTLS when nginx is
+//!   installed: [`nginx`]).
+
+pub mod nginx;

@@ -209,16 +209,74 @@ async fn main_async(args: Args, app: SocketAddr) -> Result<(), String> {
         mesh.ms(0.99) / direct.ms(0.99),
         mesh.ms(0.99) - direct.ms(0.99),
     );
+    let nginx = match weft_benches::nginx::binary() {
+        Some(bin) => Some(nginx_run(&bin, &cp, app, &client, &server, &args, &mesh).await?),
+        None => {
+            println!("(nginx not installed: `apt-get install nginx-light` adds a weft-vs-nginx comparison)");
+            None
+        }
+    };
     for (name, s) in [("client (web)", &client), ("server (api)", &server)] {
         let rss =
             peak_rss_kib(s.proc_.pid()).map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into());
         println!("peak RSS (VmHWM) of the {name} sidecar: {rss}");
     }
     println!("load average after: {}", load_average());
-    if direct.errors + mesh.errors > 0 {
-        return Err(format!("{} errors direct, {} through the mesh", direct.errors, mesh.errors));
+    let nginx_errors = nginx.map_or(0, |r| r.errors);
+    if direct.errors + mesh.errors + nginx_errors > 0 {
+        return Err(format!(
+            "{} errors direct, {} through the mesh, {nginx_errors} through nginx",
+            direct.errors, mesh.errors
+        ));
     }
     Ok(())
+}
+
+/// The same load through two nginx proxies doing mTLS with the sidecars' SVIDs.
+async fn nginx_run(
+    bin: &std::path::Path,
+    cp: &ControlPlane,
+    app: SocketAddr,
+    client: &Sidecar,
+    server: &Sidecar,
+    args: &Args,
+    mesh: &Run,
+) -> Result<Run, String> {
+    use weft_benches::nginx::{start, Identity};
+    let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
+    let (c, s) = (id(client), id(server));
+    let dir = cp.dir.path().join("nginx");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let pair = start(
+        bin,
+        &dir,
+        app,
+        Identity { chain: &c.0, key: &c.1, bundle: &c.2 },
+        Identity { chain: &s.0, key: &s.1, bundle: &s.2 },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((200, _)) = weft_testkit::http_get_host(pair.entry, "api", PATH).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "nginx pair does not answer; logs:\n{}\n{}",
+                pair.client.log_text(),
+                pair.server.log_text()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = run(pair.entry, "api", args).await;
+    print_run("through nginx", &r);
+    println!(
+        "weft/nginx:    throughput x{:.3}, p50 x{:.2}, p99 x{:.2}",
+        mesh.rps() / r.rps(),
+        mesh.ms(0.5) / r.ms(0.5),
+        mesh.ms(0.99) / r.ms(0.99),
+    );
+    Ok(r)
 }
 
 fn main() -> std::process::ExitCode {
