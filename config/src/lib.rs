@@ -202,7 +202,17 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
     }
     for r in &cfg.rate_limits {
         let lbl = labels[&("RateLimit", r.name.clone())].clone();
-        validate_target(&mut cx, &lbl, &r.spec.target_ref, &cfg.services);
+        let target = &r.spec.target_ref;
+        match target.kind.as_str() {
+            "Service" => validate_target(&mut cx, &lbl, target, &cfg.services),
+            "HTTPRoute" if !cfg.routes.iter().any(|route| route.name == target.name) => {
+                cx.err(&lbl, "spec.targetRef.name", format!("HTTPRoute {:?} does not exist", target.name))
+            }
+            "HTTPRoute" => {}
+            other => {
+                cx.err(&lbl, "spec.targetRef.kind", format!("{other:?} is not supported; only Service or HTTPRoute"))
+            }
+        }
         if !(r.spec.requests_per_second.is_finite() && r.spec.requests_per_second > 0.0) {
             cx.err(&lbl, "spec.requestsPerSecond", "must be a number greater than 0");
         }

@@ -370,6 +370,8 @@ pub enum RateLimitKey {
 }
 
 /// A local token bucket, enforced by each of the target service's sidecars.
+/// The target is a Service (all its requests) or an HTTPRoute (the requests
+/// to its parent services that the route's rules match).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {

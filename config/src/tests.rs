@@ -145,3 +145,18 @@ fn service_names_are_dns_labels() {
     let e = one_error(&format!("{HEAD}kind: Service\nmetadata: {{name: a.b}}\nspec: {{}}\n"));
     assert!(e.contains("metadata.name") && e.contains("DNS label"), "{e}");
 }
+
+#[test]
+fn rate_limits_target_a_service_or_an_existing_http_route() {
+    let limit = |target: &str| {
+        format!("{HEAD}kind: RateLimit\nmetadata: {{name: l}}\nspec: {{targetRef: {target}, requestsPerSecond: 1}}\n")
+    };
+    let base =
+        format!("{}---\n{}", svc("b"), route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b}]\n"));
+    parse(&format!("{base}---\n{}", limit("{kind: HTTPRoute, name: r}"))).expect("a route-targeted limit is valid");
+    parse(&format!("{base}---\n{}", limit("{name: b}"))).expect("a service-targeted limit is valid");
+    let err = one_error(&format!("{base}---\n{}", limit("{kind: HTTPRoute, name: ghost}")));
+    assert!(err.contains("spec.targetRef.name: HTTPRoute \"ghost\" does not exist"), "{err}");
+    let err = one_error(&format!("{base}---\n{}", limit("{kind: Gateway, name: r}")));
+    assert!(err.contains("spec.targetRef.kind: \"Gateway\" is not supported; only Service or HTTPRoute"), "{err}");
+}

@@ -79,6 +79,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The HTTPRoute this rule belongs to (empty for a default route).
+    pub fn route_name(&self) -> &str {
+        self.name.split_once('/').map_or("", |(route, _)| route)
+    }
+
     /// The default route of a service without HTTPRoutes: all its endpoints.
     pub fn default_for(service: &str) -> Self {
         Self {

@@ -884,6 +884,66 @@ spec:
     }
 }
 
+/// A RateLimit on one HTTPRoute limits the requests that route's rules match
+/// and nothing else of the service.
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_on_an_http_route_limits_only_that_route() {
+    let cfg = ConfigFile::new(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: limited}
+spec: {port: 8080}
+---
+apiVersion: weft.dev/v1alpha1
+kind: HTTPRoute
+metadata: {name: bulk}
+spec:
+  parentRefs: [{name: limited}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /bulk}}]
+      backendRefs: [{name: limited}]
+    - backendRefs: [{name: limited}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: HTTPRoute
+metadata: {name: interactive}
+spec:
+  parentRefs: [{name: limited}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /ui}}]
+      backendRefs: [{name: limited}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: RateLimit
+metadata: {name: bulk-2}
+spec:
+  targetRef: {kind: HTTPRoute, name: bulk}
+  requestsPerSecond: 0.5
+  burst: 2
+"#,
+    );
+    let cp = control_plane(&cfg).await;
+    let (la, af) = (servers::http("limited").await, servers::http("frontend").await);
+    let limited = sidecar(&cp, "limited", la.addr, &[], &[]).await;
+    let frontend = sidecar(&cp, "frontend", af.addr, &[], &[]).await;
+    frontend.wait_endpoints("limited", 1, Duration::from_secs(10)).await;
+    let app = App::of(&frontend);
+
+    // Route "bulk" (its /bulk rule and its catch-all rule) shares two tokens.
+    let mut codes = Vec::new();
+    for path in ["/bulk/1", "/other", "/bulk/2", "/other"] {
+        codes.push(app.get("limited", path).await.status);
+    }
+    assert_eq!(codes, [200, 200, 429, 429], "bulk's requests past its burst of 2");
+    // Route "interactive" is not limited.
+    for i in 0..10 {
+        let r = app.get("limited", &format!("/ui/{i}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let lm = limited.metrics().await;
+    assert_eq!(metric_sum(&lm, "weft_proxy_rate_limited_total", &["limit=\"bulk-2\""]), 2.0, "{lm}");
+}
+
 // ------------------------------------------------------------------ 8. invalid config
 
 fn weft_status(cp: &ControlPlane) -> String {

@@ -1,5 +1,7 @@
 //! Local rate limits: token buckets per RateLimit (and per caller identity
-//! when asked). Excess requests get 429 with `Retry-After`.
+//! when asked). Excess requests get 429 with `Retry-After`. A limit targets
+//! the whole service or one HTTPRoute of it: then it applies to the requests
+//! that route's rules match, matched here on the callee's side.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use super::gate::{Gate, GateLayer};
 use super::RequestContext;
 use crate::http::{local_response, Body};
 use crate::metrics::{LimitLabels, Metrics};
+use crate::routing::{Decision, RequestInfo};
 use weft_config::{glob_match, MeshConfig, Named, RateLimitKey, RateLimitSpec};
 
 #[derive(Debug)]
@@ -23,14 +26,45 @@ struct Bucket {
 
 #[derive(Debug)]
 pub struct RateLimiter {
+    /// The service whose inbound requests these limits guard.
+    service: String,
     limits: Vec<Named<RateLimitSpec>>,
     buckets: Mutex<HashMap<(usize, String), Bucket>>,
 }
 
 impl RateLimiter {
     pub fn new(cfg: &MeshConfig, service: &str) -> Self {
-        let limits = cfg.rate_limits.iter().filter(|r| r.spec.target_ref.name == service).cloned().collect();
-        Self { limits, buckets: Mutex::new(HashMap::new()) }
+        // HTTPRoutes of this service, for limits that target a route.
+        let routes: Vec<&str> = cfg
+            .routes
+            .iter()
+            .filter(|r| r.spec.parent_refs.iter().any(|p| p.name == service))
+            .map(|r| r.name.as_str())
+            .collect();
+        let limits = cfg
+            .rate_limits
+            .iter()
+            .filter(|r| {
+                let t = &r.spec.target_ref;
+                if t.kind == "HTTPRoute" {
+                    routes.contains(&t.name.as_str())
+                } else {
+                    t.name == service
+                }
+            })
+            .cloned()
+            .collect();
+        Self { service: service.to_string(), limits, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether some limit applies only to the requests of one HTTPRoute.
+    pub fn by_route(&self) -> bool {
+        self.limits.iter().any(|l| l.spec.target_ref.kind == "HTTPRoute")
+    }
+
+    /// The service these limits guard.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Whether `other` enforces exactly the same limits.
@@ -44,11 +78,21 @@ impl RateLimiter {
 
     /// Takes a token from every limit that applies, or from none: on refusal
     /// returns the refusing limit's name and how long until it has a token.
-    pub fn check(&self, peer: &SpiffeId, path: Option<&str>, now: Instant) -> Result<(), (String, Duration)> {
+    /// `route` is the HTTPRoute whose rule matched the request, if any.
+    pub fn check(
+        &self,
+        peer: &SpiffeId,
+        path: Option<&str>,
+        route: Option<&str>,
+        now: Instant,
+    ) -> Result<(), (String, Duration)> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let mut applying = Vec::new();
         for (i, l) in self.limits.iter().enumerate() {
             let s = &l.spec;
+            if s.target_ref.kind == "HTTPRoute" && route != Some(s.target_ref.name.as_str()) {
+                continue;
+            }
             if !s.paths.is_empty() && !path.is_some_and(|p| s.paths.iter().any(|g| glob_match(g, p))) {
                 continue;
             }
@@ -95,18 +139,18 @@ mod tests {
         let peer = SpiffeId::parse("spiffe://td/a").unwrap();
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert!(l.check(&peer, Some("/limited/x"), t0).is_ok());
+            assert!(l.check(&peer, Some("/limited/x"), None, t0).is_ok());
         }
-        let (name, wait) = l.check(&peer, Some("/limited/x"), t0).unwrap_err();
+        let (name, wait) = l.check(&peer, Some("/limited/x"), None, t0).unwrap_err();
         assert_eq!(name, "rl");
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
         // Other paths are not limited.
-        assert!(l.check(&peer, Some("/free"), t0).is_ok());
+        assert!(l.check(&peer, Some("/free"), None, t0).is_ok());
         // After 200ms at 10/s two tokens are back.
         let t1 = t0 + Duration::from_millis(200);
-        assert!(l.check(&peer, Some("/limited/x"), t1).is_ok());
-        assert!(l.check(&peer, Some("/limited/x"), t1).is_ok());
-        assert!(l.check(&peer, Some("/limited/x"), t1).is_err());
+        assert!(l.check(&peer, Some("/limited/x"), None, t1).is_ok());
+        assert!(l.check(&peer, Some("/limited/x"), None, t1).is_ok());
+        assert!(l.check(&peer, Some("/limited/x"), None, t1).is_err());
     }
 
     #[test]
@@ -118,14 +162,32 @@ mod tests {
         let l = RateLimiter::new(&cfg, "api");
         let peer = SpiffeId::parse("spiffe://td/a").unwrap();
         let t0 = Instant::now();
-        assert!(l.check(&peer, Some("/x"), t0).is_ok());
+        assert!(l.check(&peer, Some("/x"), None, t0).is_ok());
         // "narrow" refuses /x now; "wide" must keep its two remaining tokens.
         for _ in 0..5 {
-            assert_eq!(l.check(&peer, Some("/x"), t0).unwrap_err().0, "narrow");
+            assert_eq!(l.check(&peer, Some("/x"), None, t0).unwrap_err().0, "narrow");
         }
-        assert!(l.check(&peer, Some("/y"), t0).is_ok());
-        assert!(l.check(&peer, Some("/y"), t0).is_ok());
-        assert_eq!(l.check(&peer, Some("/y"), t0).unwrap_err().0, "wide");
+        assert!(l.check(&peer, Some("/y"), None, t0).is_ok());
+        assert!(l.check(&peer, Some("/y"), None, t0).is_ok());
+        assert_eq!(l.check(&peer, Some("/y"), None, t0).unwrap_err().0, "wide");
+    }
+
+    #[test]
+    fn a_route_limit_applies_only_to_its_routes_requests() {
+        let cfg = weft_config::parse(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec: {}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: other}\nspec: {}\n---\napiVersion: weft.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {name: bulk}\nspec: {parentRefs: [{name: api}], rules: [{matches: [{path: {type: PathPrefix, value: /bulk}}], backendRefs: [{name: api}]}]}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: bulk-1rps}\nspec: {targetRef: {kind: HTTPRoute, name: bulk}, requestsPerSecond: 1, burst: 1}\n",
+        )
+        .unwrap();
+        let l = RateLimiter::new(&cfg, "api");
+        assert!(l.by_route());
+        assert!(RateLimiter::new(&cfg, "other").is_empty(), "the route is not one of other's");
+        let peer = SpiffeId::parse("spiffe://td/a").unwrap();
+        let t0 = Instant::now();
+        assert!(l.check(&peer, Some("/bulk/1"), Some("bulk"), t0).is_ok());
+        assert_eq!(l.check(&peer, Some("/bulk/2"), Some("bulk"), t0).unwrap_err().0, "bulk-1rps");
+        // Requests no rule of that route matched are not limited by it.
+        assert!(l.check(&peer, Some("/x"), None, t0).is_ok());
+        assert!(l.check(&peer, Some("/x"), Some("another"), t0).is_ok());
     }
 
     #[test]
@@ -134,10 +196,10 @@ mod tests {
         let (a, b) = (SpiffeId::parse("spiffe://td/a").unwrap(), SpiffeId::parse("spiffe://td/b").unwrap());
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert!(l.check(&a, Some("/limited/x"), t0).is_ok());
+            assert!(l.check(&a, Some("/limited/x"), None, t0).is_ok());
         }
-        assert!(l.check(&a, Some("/limited/x"), t0).is_err());
-        assert!(l.check(&b, Some("/limited/x"), t0).is_ok(), "b has its own bucket");
+        assert!(l.check(&a, Some("/limited/x"), None, t0).is_err());
+        assert!(l.check(&b, Some("/limited/x"), None, t0).is_ok(), "b has its own bucket");
     }
 }
 
@@ -165,8 +227,22 @@ impl Gate for RateLimit {
         let Some(ctx) = req.extensions().get::<RequestContext>() else {
             return Some(super::policy::missing_context());
         };
-        let (limit, wait) =
-            ctx.table.rate_limits.as_ref()?.check(&ctx.peer, Some(req.uri().path()), Instant::now()).err()?;
+        let limiter = ctx.table.rate_limits.as_ref()?;
+        // Which HTTPRoute the request belongs to, matched as the caller's side did.
+        let rule = limiter.by_route().then(|| {
+            let info = RequestInfo {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+            };
+            match ctx.table.router.route(limiter.service(), &info) {
+                Decision::Rule(rule) => Some(rule),
+                Decision::Default | Decision::NoMatch => None,
+            }
+        });
+        let route = rule.as_ref().and_then(|r| r.as_ref()).map(|r| r.route_name());
+        let (limit, wait) = limiter.check(&ctx.peer, Some(req.uri().path()), route, Instant::now()).err()?;
         self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
         let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
