@@ -15,7 +15,7 @@ use super::gate::{Gate, GateLayer};
 use super::RequestContext;
 use crate::http::{local_response, Body};
 use crate::metrics::{LimitLabels, Metrics};
-use crate::routing::{Decision, RequestInfo};
+use crate::routing::{Decision, RequestInfo, Rule};
 use weft_config::{glob_match, MeshConfig, Named, RateLimitKey, RateLimitSpec};
 
 #[derive(Debug)]
@@ -229,7 +229,7 @@ impl Gate for RateLimit {
         };
         let limiter = ctx.table.rate_limits.as_ref()?;
         // Which HTTPRoute the request belongs to, matched as the caller's side did.
-        let rule = limiter.by_route().then(|| {
+        let rule = if limiter.by_route() {
             let info = RequestInfo {
                 method: req.method(),
                 path: req.uri().path(),
@@ -240,8 +240,10 @@ impl Gate for RateLimit {
                 Decision::Rule(rule) => Some(rule),
                 Decision::Default | Decision::NoMatch => None,
             }
-        });
-        let route = rule.as_ref().and_then(|r| r.as_ref()).map(|r| r.route_name());
+        } else {
+            None
+        };
+        let route = rule.as_deref().map(Rule::route_name);
         let (limit, wait) = limiter.check(&ctx.peer, Some(req.uri().path()), route, Instant::now()).err()?;
         self.metrics.rate_limited.get_or_create(&LimitLabels { limit }).inc();
         let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "weft: rate limit exceeded");
