@@ -76,6 +76,8 @@ pub struct Target {
 struct RowKey {
     service: String,
     backend: String,
+    /// `<HTTPRoute>/<rule>`, empty for a service without routes.
+    route: String,
     caller: String,
     server: String,
 }
@@ -84,6 +86,7 @@ struct RowKey {
 struct LatKey {
     caller: String,
     service: String,
+    route: String,
     backend: String,
 }
 
@@ -91,7 +94,7 @@ struct LatKey {
 struct Scrape {
     /// (row) -> (total, successes)
     counts: HashMap<RowKey, (f64, f64)>,
-    /// (caller, service, backend) -> le -> cumulative count
+    /// (caller, service, route, backend) -> le -> cumulative count
     buckets: HashMap<LatKey, Vec<(f64, f64)>>,
 }
 
@@ -112,6 +115,7 @@ async fn scrape(targets: &[Target]) -> Scrape {
                 let key = RowKey {
                     service: l("service"),
                     backend: l("backend"),
+                    route: l("route"),
                     caller: t.spiffe_id.clone(),
                     server: l("peer"),
                 };
@@ -126,7 +130,12 @@ async fn scrape(targets: &[Target]) -> Scrape {
                     "+Inf" => f64::INFINITY,
                     v => v.parse().unwrap_or(f64::INFINITY),
                 };
-                let key = LatKey { caller: t.spiffe_id.clone(), service: l("service"), backend: l("backend") };
+                let key = LatKey {
+                    caller: t.spiffe_id.clone(),
+                    service: l("service"),
+                    route: l("route"),
+                    backend: l("backend"),
+                };
                 s.buckets.entry(key).or_default().push((le, sample.value));
             }
         }
@@ -173,14 +182,19 @@ fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
     let mut keys: Vec<&RowKey> = cur.counts.keys().collect();
     keys.sort();
     let mut out = format!(
-        "{:<20} {:<36} {:<36} {:>8} {:>8} {:>9} {:>9}\n",
-        "SERVICE/BACKEND", "CALLER (SPIFFE ID)", "SERVER (SPIFFE ID)", "RPS", "SUCCESS", "P50", "P99"
+        "{:<20} {:<24} {:<36} {:<36} {:>8} {:>8} {:>9} {:>9}\n",
+        "SERVICE/BACKEND", "ROUTE", "CALLER (SPIFFE ID)", "SERVER (SPIFFE ID)", "RPS", "SUCCESS", "P50", "P99"
     );
     for k in keys {
         let (t1, s1) = cur.counts[k];
         let (t0, s0) = prev.counts.get(k).copied().unwrap_or((0.0, 0.0));
         let (dn, ds) = (t1 - t0, s1 - s0);
-        let lat_key = LatKey { caller: k.caller.clone(), service: k.service.clone(), backend: k.backend.clone() };
+        let lat_key = LatKey {
+            caller: k.caller.clone(),
+            service: k.service.clone(),
+            route: k.route.clone(),
+            backend: k.backend.clone(),
+        };
         let delta: Vec<(f64, f64)> = match (cur.buckets.get(&lat_key), prev.buckets.get(&lat_key)) {
             (Some(c), Some(p)) if c.len() == p.len() => c.iter().zip(p).map(|(a, b)| (a.0, a.1 - b.1)).collect(),
             (Some(c), _) => c.clone(),
@@ -189,8 +203,9 @@ fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
         let success = if dn > 0.0 { format!("{:.1}%", 100.0 * ds / dn) } else { "-".into() };
         let name = if k.backend.is_empty() { k.service.clone() } else { format!("{}/{}", k.service, k.backend) };
         out.push_str(&format!(
-            "{:<20} {:<36} {:<36} {:>8.1} {:>8} {:>9} {:>9}\n",
+            "{:<20} {:<24} {:<36} {:<36} {:>8.1} {:>8} {:>9} {:>9}\n",
             name,
+            if k.route.is_empty() { "-" } else { &k.route },
             short(&k.caller),
             if k.server.is_empty() { "-" } else { short(&k.server) },
             dn / secs,
@@ -264,16 +279,21 @@ mod tests {
         let key = RowKey {
             service: "b".into(),
             backend: "v2".into(),
+            route: "b-canary/split".into(),
             caller: "spiffe://td/f".into(),
             server: "spiffe://td/b".into(),
         };
+        let default_route = RowKey { route: String::new(), backend: String::new(), ..key.clone() };
         let mut prev = Scrape::default();
         prev.counts.insert(key.clone(), (10.0, 10.0));
         let mut cur = Scrape::default();
         cur.counts.insert(key, (30.0, 25.0));
+        cur.counts.insert(default_route, (4.0, 4.0));
         let t = render(&prev, &cur, Duration::from_secs(2));
-        assert!(t.contains("b/v2"), "{t}");
-        assert!(t.contains("10.0") && t.contains("75.0%"), "{t}");
-        assert!(t.contains("td/f") && t.contains("td/b"), "{t}");
+        let row = t.lines().find(|l| l.starts_with("b/v2")).unwrap_or_else(|| panic!("{t}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[..6], ["b/v2", "b-canary/split", "td/f", "td/b", "10.0", "75.0%"], "{t}");
+        let row = t.lines().find(|l| l.starts_with("b ")).unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(row.split_whitespace().nth(1), Some("-"), "no route: {t}");
     }
 }

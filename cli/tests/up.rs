@@ -17,10 +17,11 @@ fn last_table(out: &str) -> Vec<(String, String, f64, String)> {
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            if cols.len() < 7 || !cols[0].contains('/') {
+            // SERVICE/BACKEND ROUTE CALLER SERVER RPS SUCCESS P50 P99
+            if cols.len() < 8 || !cols[0].contains('/') {
                 return None;
             }
-            Some((cols[0].to_string(), cols[1].to_string(), cols[3].parse().ok()?, cols[4].to_string()))
+            Some((cols[0].to_string(), cols[2].to_string(), cols[4].parse().ok()?, cols[5].to_string()))
         })
         .collect()
 }
@@ -63,6 +64,12 @@ fn up_runs_the_canary_example_and_follows_edits() {
         early_rows.iter().any(|r| r.1.ends_with("sa/batch") && r.3 == "0.0%"),
         "batch must be denied: {early_rows:?}"
     );
+    // The route column names the HTTPRoute rule that carried the canary split.
+    let route_of_v1 = stdout
+        .lines()
+        .find(|l| l.starts_with("backend/v1") && l.contains("sa/frontend"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert!(route_of_v1.is_some_and(|r| r.starts_with("backend-canary/")), "{route_of_v1:?}\n{stdout}");
 
     // The last table: after the edit, v1 gets nothing from the frontend and v2 everything.
     let rows = last_table(&stdout);

@@ -49,6 +49,7 @@ pub struct RequestMeta {
 pub struct LatencyLabels {
     pub direction: &'static str,
     pub service: String,
+    pub route: String,
     pub backend: String,
 }
 
@@ -174,9 +175,9 @@ impl Metrics {
             code,
         };
         self.requests.get_or_create(&labels).inc();
-        self.latency
-            .get_or_create(&LatencyLabels { direction, service: service.to_string(), backend: meta.backend.clone() })
-            .observe(secs);
+        let latency =
+            LatencyLabels { direction, service: labels.service, route: labels.route, backend: labels.backend };
+        self.latency.get_or_create(&latency).observe(secs);
     }
 }
 
