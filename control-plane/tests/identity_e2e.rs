@@ -415,15 +415,20 @@ async fn sigterm_stops_cleanly() {
     assert!(cp.log_text().contains("SIGTERM"), "{}", cp.log_text());
 }
 
+/// Runs a control plane that is expected to stop at start-up.
+fn run_to_exit(pki: &std::path::Path, state: &std::path::Path) -> common::Output {
+    run(std::process::Command::new(CONTROL_PLANE_BIN).arg("--pki").arg(pki).arg("--state-dir").arg(state).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]))
+}
+
 #[test]
 fn start_fails_without_pki() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(std::process::Command::new(CONTROL_PLANE_BIN)
-        .arg("--pki")
-        .arg(dir.path().join("no-such-pki"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]));
+    let out = run_to_exit(&dir.path().join("no-such-pki"), &dir.path().join("state"));
     assert!(!out.status.success(), "started without a PKI");
     assert!(out.stderr.contains(pki::TRUST_BUNDLE), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
@@ -435,12 +440,7 @@ fn start_fails_with_another_pkis_issuer_key() {
     let other = Pki::new(TD);
     std::fs::copy(other.path().join(pki::ISSUER_KEY), pki.path().join(pki::ISSUER_KEY)).unwrap();
     let state = tempfile::tempdir().unwrap();
-    let out = run(std::process::Command::new(CONTROL_PLANE_BIN)
-        .arg("--pki")
-        .arg(pki.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]));
+    let out = run_to_exit(pki.path(), state.path());
     assert!(!out.status.success(), "started with a mismatched issuer key");
     assert!(out.stderr.contains(pki::ISSUER_KEY), "{}", out.stderr);
     assert!(out.stderr.contains("does not match"), "{}", out.stderr);
@@ -453,12 +453,7 @@ async fn a_second_control_plane_on_one_state_dir_is_refused() {
     let (mut cp, state) = start(&pki, &[]);
     cp.assert_serving().await;
     // Both would accept each join token once: the second stops at start-up.
-    let out = run(std::process::Command::new(CONTROL_PLANE_BIN)
-        .arg("--pki")
-        .arg(pki.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]));
+    let out = run_to_exit(pki.path(), state.path());
     assert!(!out.status.success(), "a second control plane started on the same state dir");
     assert!(out.stderr.contains("in use by another weft process"), "{}", out.stderr);
     assert!(out.stderr.contains(&state.path().display().to_string()), "{}", out.stderr);

@@ -834,6 +834,25 @@ async fn authorization_matrix_http_and_tcp() {
 
 // ------------------------------------------------------------------ 7. rate limit
 
+/// `frontend` calling `limited`, under `cfg`.
+struct LimitedMesh {
+    _cp: ControlPlane,
+    _servers: Vec<servers::Server>,
+    limited: Sidecar,
+    _frontend: Sidecar,
+    app: App,
+}
+
+async fn limited_mesh(cfg: &ConfigFile) -> LimitedMesh {
+    let cp = control_plane(cfg).await;
+    let (la, af) = (servers::http("limited").await, servers::http("frontend").await);
+    let limited = sidecar(&cp, "limited", la.addr, &[], &[]).await;
+    let frontend = sidecar(&cp, "frontend", af.addr, &[], &[]).await;
+    frontend.wait_endpoints("limited", 1, Duration::from_secs(10)).await;
+    let app = App::of(&frontend);
+    LimitedMesh { _cp: cp, _servers: vec![la, af], limited, _frontend: frontend, app }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_answers_429_with_retry_after_then_recovers() {
     let cfg = ConfigFile::new(
@@ -851,12 +870,8 @@ spec:
   burst: 5
 "#,
     );
-    let cp = control_plane(&cfg).await;
-    let (la, af) = (servers::http("limited").await, servers::http("frontend").await);
-    let limited = sidecar(&cp, "limited", la.addr, &[], &[]).await;
-    let frontend = sidecar(&cp, "frontend", af.addr, &[], &[]).await;
-    frontend.wait_endpoints("limited", 1, Duration::from_secs(10)).await;
-    let app = App::of(&frontend);
+    let m = limited_mesh(&cfg).await;
+    let (limited, app) = (&m.limited, m.app.clone());
 
     let burst: Vec<Reply> = futures::future::join_all((0..20).map(|i| {
         let app = app.clone();
@@ -922,12 +937,8 @@ spec:
   burst: 2
 "#,
     );
-    let cp = control_plane(&cfg).await;
-    let (la, af) = (servers::http("limited").await, servers::http("frontend").await);
-    let limited = sidecar(&cp, "limited", la.addr, &[], &[]).await;
-    let frontend = sidecar(&cp, "frontend", af.addr, &[], &[]).await;
-    frontend.wait_endpoints("limited", 1, Duration::from_secs(10)).await;
-    let app = App::of(&frontend);
+    let m = limited_mesh(&cfg).await;
+    let (limited, app) = (&m.limited, m.app.clone());
 
     // Route "bulk" (its /bulk rule and its catch-all rule) shares two tokens.
     let mut codes = Vec::new();
