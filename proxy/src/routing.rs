@@ -69,11 +69,12 @@ impl Backend {
 pub struct Rule {
     /// `route/rule-name` or `route/<index>`, for metrics and logs.
     pub name: String,
-    pub backends: Vec<Backend>,
+    /// Shared, so a routed request holds its backend without copying it.
+    pub backends: Vec<Arc<Backend>>,
     total_weight: u64,
     pub request_timeout: Option<Duration>,
     pub try_timeout: Option<Duration>,
-    pub retry: Option<Retry>,
+    pub retry: Option<Arc<Retry>>,
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
 }
@@ -88,12 +89,12 @@ impl Rule {
     pub fn default_for(service: &str) -> Self {
         Self {
             name: String::new(),
-            backends: vec![Backend {
+            backends: vec![Arc::new(Backend {
                 service: service.into(),
                 subset: String::new(),
                 labels: BTreeMap::new(),
                 weight: 1,
-            }],
+            })],
             total_weight: 1,
             request_timeout: None,
             try_timeout: None,
@@ -104,7 +105,7 @@ impl Rule {
     }
 
     /// A backend chosen at random by weight.
-    pub fn pick_backend(&self) -> &Backend {
+    pub fn pick_backend(&self) -> &Arc<Backend> {
         let mut n = rand::rng().random_range(0..self.total_weight.max(1));
         for b in &self.backends {
             if n < u64::from(b.weight) {
@@ -123,7 +124,7 @@ pub struct RouteContext {
     /// The config version the request started with.
     pub table: Arc<crate::discovery::Table>,
     pub rule: Arc<Rule>,
-    pub backend: Backend,
+    pub backend: Arc<Backend>,
 }
 
 /// What routing decided for a request.
@@ -226,12 +227,12 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
                     .map(|s| s.labels.clone())
                     .ok_or_else(|| format!("subset {name:?} unknown"))?,
             };
-            Ok(Backend {
+            Ok(Arc::new(Backend {
                 service: b.name.clone(),
                 subset: b.subset.clone().unwrap_or_default(),
                 labels,
                 weight: b.weight,
-            })
+            }))
         })
         .collect::<Result<Vec<_>, String>>()?;
     let modifier = |kind: FilterType| {
@@ -251,7 +252,7 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
         backends,
         request_timeout: r.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0),
         try_timeout: r.timeouts.as_ref().and_then(|t| t.backend_request).map(|d| d.0),
-        retry: r.retry.clone(),
+        retry: r.retry.clone().map(Arc::new),
         request_headers: modifier(FilterType::RequestHeaderModifier),
         response_headers: modifier(FilterType::ResponseHeaderModifier),
     })

@@ -221,12 +221,12 @@ mod tests {
         });
         let svc = RetryLayer::new(Arc::new(Metrics::default())).layer(inner);
         let mut rule = Rule::default_for("api");
-        rule.retry = Some(weft_config::Retry {
+        rule.retry = Some(Arc::new(weft_config::Retry {
             attempts: 2,
             codes: vec![503],
             backoff: None,
             budget: RetryBudget { percent: 20.0, min_retries_per_second: 10 },
-        });
+        }));
         let ctx =
             RouteContext { table: Arc::new(Table::default()), backend: rule.backends[0].clone(), rule: Arc::new(rule) };
         let request = |method: Method| {
