@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -621,28 +621,6 @@ async fn concurrent_gets(app: &App, host: &str, path: &str, n: usize, workers: u
 
 // ------------------------------------------------------------------ 6. authorization
 
-/// A TCP echo server counting the connections it accepted.
-async fn counting_echo() -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let n = accepted.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = l.accept().await {
-            n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(k @ 1..) = tcp.read(&mut buf).await {
-                    if tcp.write_all(&buf[..k]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted, task)
-}
-
 const AUTHZ: &str = r#"apiVersion: weft.dev/v1alpha1
 kind: Mesh
 metadata: {name: mesh}
@@ -715,7 +693,8 @@ async fn authorization_matrix_http_and_tcp() {
     let cp = control_plane(&cfg).await;
     let (secure_app, locked_app, caller_app) =
         (servers::http("secure").await, servers::http("locked").await, servers::http("caller").await);
-    let (echo_addr, echo_conns, echo_task) = counting_echo().await;
+    let (echo_server, echo_conns) = servers::tcp_echo_counting().await;
+    let echo_addr = echo_server.addr;
     let secure = sidecar(&cp, "secure", secure_app.addr, &[], &[]).await;
     let locked = sidecar(&cp, "locked", locked_app.addr, &[], &[]).await;
     let echo = sidecar(&cp, "echo", echo_addr, &[], &[]).await;
@@ -829,7 +808,7 @@ async fn authorization_matrix_http_and_tcp() {
         "{em}"
     );
     drop(ok);
-    echo_task.abort();
+    drop(echo_server);
 }
 
 // ------------------------------------------------------------------ 7. rate limit

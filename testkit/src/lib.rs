@@ -117,20 +117,7 @@ impl Drop for Proc {
 
 /// GETs `http://addr/path` with a plain HTTP/1.1 client; (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(std::io::Error::other)?;
-    let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    http_get_host(addr, &addr.to_string(), path).await
 }
 
 /// Polls `http://addr/path` until it answers 200, or panics after `timeout`

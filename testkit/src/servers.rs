@@ -89,13 +89,21 @@ async fn handle_http(name: &str, req: Request<Incoming>) -> Response<HttpBody> {
 
 /// A TCP server that echoes every byte back.
 pub async fn tcp_echo() -> Server {
+    tcp_echo_counting().await.0
+}
+
+/// [`tcp_echo`], also counting the connections it accepted.
+pub async fn tcp_echo_counting() -> (Server, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = accepted.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = l.accept().await else {
                 continue;
             };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
@@ -111,7 +119,7 @@ pub async fn tcp_echo() -> Server {
             });
         }
     });
-    Server { addr, task }
+    (Server { addr, task }, accepted)
 }
 
 #[derive(Default)]
