@@ -17,6 +17,15 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
 
+/// A `--call` target must be a service name (it becomes the request's `Host`).
+fn service_name(s: &str) -> Result<String, String> {
+    if weft_config::registration::valid_service_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a service name (lower-case letters, digits and '-')"))
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
     /// The service this app is.
@@ -28,7 +37,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Services to call for each request (through --via).
-    #[arg(long = "call")]
+    #[arg(long = "call", value_parser = service_name, requires = "via")]
     pub calls: Vec<String>,
     /// The sidecar's outbound listener.
     #[arg(long)]

@@ -276,3 +276,24 @@ fn control_plane_logs_json_on_request() {
     assert_eq!(v["level"], "ERROR", "{line}");
     assert!(v["fields"]["message"].as_str().unwrap_or("").contains("trust-bundle.pem"), "{line}");
 }
+
+#[test]
+fn demo_app_refuses_a_call_target_that_is_not_a_service_name() {
+    // It would become the Host header of every call; refused before anything listens.
+    let out = weft(&[
+        "demo-app",
+        "--service",
+        "web",
+        "--call",
+        "Bad Name",
+        "--via",
+        "127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("--call") && out.stderr.contains("is not a service name"), "{}", out.stderr);
+    let out = weft(&["demo-app", "--service", "web", "--call", "api", "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "--call without --via would call nothing");
+    assert!(out.stderr.contains("--via"), "{}", out.stderr);
+}
