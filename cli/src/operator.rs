@@ -38,8 +38,9 @@ fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
             conn.control_plane,
             status.message()
         )
-    } else if status.code() == tonic::Code::Unavailable {
-        anyhow::anyhow!("control plane at {} is unreachable: {}", conn.control_plane, status.message())
+    } else if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded) {
+        // A connect timeout surfaces as Unknown("transport error").
+        anyhow::anyhow!("control plane at {} is unreachable or not answering: {}", conn.control_plane, status.message())
     } else {
         anyhow::anyhow!("{}: {}", status.code(), status.message())
     }

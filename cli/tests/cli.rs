@@ -183,6 +183,19 @@ fn commands_report_an_unreachable_control_plane() {
     let out = weft(&["status", "--pki", pki_dir, "--control-plane", &addr]);
     assert!(!out.status.success());
     assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
+
+    // Something listens but never speaks TLS: the connect timeout ends it, named as such.
+    let silent = std::net::TcpListener::bind(weft_testkit::free_addr()).unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = weft(&["status", "--pki", pki_dir, "--control-plane", &silent_addr]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains(&format!("control plane at {silent_addr} is unreachable or not answering")),
+        "{}",
+        out.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
 
 #[test]

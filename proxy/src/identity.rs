@@ -132,30 +132,29 @@ impl Identity {
         let resp = client
             .attest(AttestRequest { join_token: token.to_string(), csr })
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => IdentityError::Unreachable(s.message().to_string()),
-                code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
-            })?
+            .map_err(|s| self.rpc_error(s))?
             .into_inner();
         let svid = self.accept(resp, key_pair.serialize_der())?;
         tracing::info!(spiffe_id = %svid.spiffe_id, "attested with join token");
         Ok(())
     }
 
+    /// A failed call: the control plane was not reached (transport failures
+    /// surface as Unavailable or Unknown), or it answered with a refusal.
+    fn rpc_error(&self, s: tonic::Status) -> IdentityError {
+        match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+                IdentityError::Unreachable(format!("{}: {}", self.control_plane, s.message()))
+            }
+            code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
+        }
+    }
+
     /// Renews over mTLS with the current SVID.
     pub async fn renew(&self) -> Result<(), IdentityError> {
         let (csr, key_pair) = make_csr()?;
         let mut client = IdentityClient::new(self.control_plane_channel(true)?);
-        let resp = client
-            .renew(RenewRequest { csr })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-                    IdentityError::Unreachable(s.message().to_string())
-                }
-                code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
-            })?
-            .into_inner();
+        let resp = client.renew(RenewRequest { csr }).await.map_err(|s| self.rpc_error(s))?.into_inner();
         let svid = self.accept(resp, key_pair.serialize_der())?;
         tracing::info!(spiffe_id = %svid.spiffe_id, expires = svid.expires_unix(), "renewed SVID");
         Ok(())
