@@ -163,6 +163,6 @@ pub async fn proxy_config(conn: &ConnArgs, which: &str) -> anyhow::Result<()> {
     anyhow::ensure!(status == 200, "sidecar admin {admin} answered {status}");
     let json: serde_json::Value = serde_json::from_str(&body).context("sidecar /config is not JSON")?;
     println!("# sidecar {} ({}), applied version {}", p.spiffe_id, p.inbound_address, json["version"]);
-    print!("{}", serde_yaml::to_string(&json)?);
+    print!("{}", serde_norway::to_string(&json)?);
     Ok(())
 }

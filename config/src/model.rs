@@ -16,7 +16,7 @@ pub struct Document {
     pub api_version: String,
     pub kind: String,
     pub metadata: Metadata,
-    pub spec: serde_yaml::Value,
+    pub spec: serde_norway::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -160,3 +160,19 @@ fn rate_limits_target_a_service_or_an_existing_http_route() {
     let err = one_error(&format!("{base}---\n{}", limit("{kind: Gateway, name: r}")));
     assert!(err.contains("spec.targetRef.kind: \"Gateway\" is not supported; only Service or HTTPRoute"), "{err}");
 }
+
+#[test]
+fn errors_name_kind_name_document_and_field_across_documents() {
+    // A leading `---` opens document 1; an empty trailing document is skipped.
+    let text = format!(
+        "---\n{}---\n{HEAD}kind: Service\nmetadata: {{name: c}}\nspec: {{port: 0}}\n---\n{}---\n",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - backendRefs: [{name: b, subset: v9}]\n"),
+    );
+    let err = parse(&text).expect_err("two documents are wrong");
+    assert_eq!(
+        err.to_string(),
+        "config rejected (2 errors):\n  - Service \"c\" (document 2): spec.port: must be between 1 and 65535\n  - HTTPRoute \"r\" (document 3): spec.rules[0].backendRefs[0].subset: Service \"b\" has no subset \"v9\""
+    );
+    parse(&format!("---\n{}---\n", svc("b"))).expect("empty documents around a valid one");
+}
