@@ -4,10 +4,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use weft_certs::{pki, TrustDomain};
+use weft_testkit::{run, Output};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -22,40 +23,10 @@ const FILES: [&str; 7] = [
 ];
 const KEYS: [&str; 3] = [pki::TRUST_ANCHOR_KEY, pki::ISSUER_KEY, pki::OPERATOR_KEY];
 
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs `weft args...` to completion (killed after 15s), without any WEFT_* settings
 /// from the environment.
 fn weft(args: &[&str]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = Command::new(WEFT)
-        .args(args)
-        .env_remove("WEFT_CONTROL_PLANE")
-        .env_remove("WEFT_PKI")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("spawn weft");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("weft {args:?} did not finish in 15s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output { status, stdout: std::fs::read_to_string(&out).unwrap(), stderr: std::fs::read_to_string(&err).unwrap() }
+    run(Command::new(WEFT).args(args).env_remove("WEFT_CONTROL_PLANE").env_remove("WEFT_PKI").env_remove("RUST_LOG"))
 }
 
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {

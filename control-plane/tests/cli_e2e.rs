@@ -4,14 +4,13 @@
 //! `weft-control-plane` in the target directory. Build it first:
 //! `cargo nextest run -p weft-control-plane -p weft` (or `cargo build --workspace --bins`).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{run, ControlPlane, Output, Pki, CONTROL_PLANE_BIN};
+use weft_testkit::{run, ControlPlane, Output, Pki};
 
 const TD: &str = "example.org";
+const CONTROL_PLANE_BIN: &str = env!("CARGO_BIN_EXE_weft-control-plane");
 
 fn weft_bin() -> PathBuf {
     let p = PathBuf::from(CONTROL_PLANE_BIN).with_file_name(format!("weft{}", std::env::consts::EXE_SUFFIX));
@@ -29,9 +28,9 @@ fn weft(cp: &ControlPlane, args: &[&str]) -> Output {
     let mut cmd = Command::new(weft_bin());
     cmd.args(args)
         .arg("--control-plane")
-        .arg(cp.grpc.to_string())
+        .arg(cp.addr.to_string())
         .arg("--pki")
-        .arg(&cp.pki_dir)
+        .arg(&cp.pki)
         .env_remove("WEFT_CONTROL_PLANE")
         .env_remove("WEFT_PKI")
         .env_remove("RUST_LOG");
@@ -42,7 +41,7 @@ fn weft(cp: &ControlPlane, args: &[&str]) -> Output {
 async fn token_create_prints_a_token_that_attests() {
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
     let id = "spiffe://example.org/ns/default/sa/web";
 
     let out = weft(&cp, &["token", "create", "--spiffe-id", id, "--ttl", "5m"]);
@@ -61,8 +60,8 @@ async fn token_create_prints_a_token_that_attests() {
     // WEFT_CONTROL_PLANE / WEFT_PKI stand in for the flags.
     let out = run(Command::new(weft_bin())
         .args(["token", "create", "--spiffe-id", id])
-        .env("WEFT_CONTROL_PLANE", cp.grpc.to_string())
-        .env("WEFT_PKI", &cp.pki_dir));
+        .env("WEFT_CONTROL_PLANE", cp.addr.to_string())
+        .env("WEFT_PKI", &cp.pki));
     assert!(out.status.success(), "{}", out.stderr);
     let (svid, _) = cp.attest(out.stdout.trim()).await.expect("attest with a token made via env settings");
     assert_eq!(svid.spiffe_id.to_string(), id);
@@ -79,7 +78,7 @@ async fn token_create_prints_a_token_that_attests() {
 async fn status_prints_the_trust_domain() {
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
 
     let out = weft(&cp, &["status"]);
     assert!(out.status.success(), "{}", out.stderr);
@@ -95,7 +94,7 @@ async fn status_prints_the_trust_domain() {
 async fn token_create_against_a_stopped_control_plane_is_unreachable() {
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
     cp.stop();
     let out = weft(&cp, &["token", "create", "--spiffe-id", "spiffe://example.org/ns/default/sa/web"]);
     assert!(!out.status.success(), "made a token with the control plane down");
@@ -109,12 +108,12 @@ async fn cli_from_another_pki_is_refused() {
     let pki = Pki::new(TD);
     let other = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
     let out = run(Command::new(weft_bin())
         .args(["token", "create", "--spiffe-id"])
         .arg("spiffe://example.org/ns/default/sa/web")
         .arg("--control-plane")
-        .arg(cp.grpc.to_string())
+        .arg(cp.addr.to_string())
         .arg("--pki")
         .arg(other.path())
         .env_remove("WEFT_CONTROL_PLANE")

@@ -3,22 +3,21 @@
 //!
 //! Every failure case also checks that the control plane keeps serving.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{run, within, ControlPlane, Pki, CONTROL_PLANE_BIN};
 use tonic::Code;
 use weft_certs::svid::spiffe_id_of;
 use weft_certs::{pki, IdMatcher};
 use weft_proto::admin::v1::{CreateJoinTokenRequest, StatusRequest};
 use weft_proto::identity::v1::{AttestRequest, RenewRequest};
+use weft_testkit::{run, within, ControlPlane, Pki};
 
 const TD: &str = "example.org";
+const CONTROL_PLANE_BIN: &str = env!("CARGO_BIN_EXE_weft-control-plane");
 
-fn start(pki: &Pki, extra: &[&str]) -> (ControlPlane, tempfile::TempDir) {
+async fn start(pki: &Pki, extra: &[&str]) -> (ControlPlane, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(pki, state.path(), extra);
+    let cp = ControlPlane::start_on(pki, state.path(), extra).await;
     (cp, state)
 }
 
@@ -49,7 +48,7 @@ fn is_transport_error(s: &tonic::Status) -> bool {
 #[tokio::test]
 async fn attest_then_renew() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
 
@@ -78,7 +77,7 @@ async fn attest_then_renew() {
     assert_ne!(renewed.cert_chain[0], resp.cert_chain[0], "a new leaf");
     assert_eq!(renewed.trust_bundle, bundle);
     // ...which is itself good for the next renewal.
-    let renewed_svid = common::svid_from(&renewed, key.serialize_der());
+    let renewed_svid = weft_testkit::svid_from(&renewed, key.serialize_der());
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
     let again = within(cp.identity_as(&renewed_svid).renew(RenewRequest { csr }))
         .await
@@ -91,9 +90,9 @@ async fn attest_then_renew() {
 #[tokio::test]
 async fn csr_cannot_choose_the_spiffe_id() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
-    let operator = pki::operator_id(&cp.td).to_string();
+    let operator = pki::operator_id(&cp.trust_domain()).to_string();
 
     // Attest with a CSR asking for the operator identity.
     let token = cp.create_token(&id, 600).await;
@@ -104,7 +103,7 @@ async fn csr_cannot_choose_the_spiffe_id() {
     assert_eq!(spiffe_id_of(&resp.cert_chain[0]).unwrap(), id);
 
     // Renew likewise: the ID comes from the client certificate only.
-    let svid = common::svid_from(&resp, key.serialize_der());
+    let svid = weft_testkit::svid_from(&resp, key.serialize_der());
     let (csr, _) = csr_asking_for(&operator);
     let renewed = within(cp.identity_as(&svid).renew(RenewRequest { csr })).await.expect("renew").into_inner();
     assert_eq!(spiffe_id_of(&renewed.cert_chain[0]).unwrap(), id);
@@ -114,7 +113,7 @@ async fn csr_cannot_choose_the_spiffe_id() {
 #[tokio::test]
 async fn unknown_token_is_unauthenticated() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let r = cp.attest("weft-jt-0000000000000000").await;
     expect_code(r, Code::Unauthenticated, "unknown token");
     let r = cp.attest("").await;
@@ -125,7 +124,7 @@ async fn unknown_token_is_unauthenticated() {
 #[tokio::test]
 async fn used_token_is_permission_denied() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
     cp.attest(&token).await.expect("first use");
@@ -140,7 +139,7 @@ async fn used_token_is_permission_denied() {
 #[tokio::test]
 async fn concurrent_attests_with_one_token_yield_one_svid() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
     let attempts = (0..8).map(|_| cp.attest(&token));
@@ -156,7 +155,7 @@ async fn concurrent_attests_with_one_token_yield_one_svid() {
 #[tokio::test]
 async fn expired_token_is_permission_denied() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -168,7 +167,7 @@ async fn expired_token_is_permission_denied() {
 #[tokio::test]
 async fn bad_csrs_are_invalid_argument_and_keep_the_token() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
 
@@ -215,7 +214,7 @@ async fn bad_csrs_are_invalid_argument_and_keep_the_token() {
 #[tokio::test]
 async fn renew_without_client_certificate_is_unauthenticated() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
     let r = within(cp.identity().renew(RenewRequest { csr })).await;
     expect_code(r, Code::Unauthenticated, "renew without a client SVID");
@@ -226,7 +225,7 @@ async fn renew_without_client_certificate_is_unauthenticated() {
 async fn renew_with_svid_from_another_ca_fails() {
     let pki = Pki::new(TD);
     let other = Pki::new(TD); // same trust domain, different keys
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let id = cp.id("/ns/default/sa/web");
     let foreign = other.issue_local(&id, Duration::from_secs(3600));
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
@@ -238,7 +237,11 @@ async fn renew_with_svid_from_another_ca_fails() {
             assert!(s.code() == Code::Unauthenticated || is_transport_error(&s), "{s:?}");
         }
     }
-    assert!(cp.wait_for_log("TLS handshake refused"), "the server refused the handshake; log:\n{}", cp.log_text());
+    assert!(
+        cp.wait_for_log("TLS handshake refused").await,
+        "the server refused the handshake; log:\n{}",
+        cp.log_text()
+    );
     // The same, own-CA identity renews fine (so the failure was the CA).
     let own = pki.issue_local(&id, Duration::from_secs(3600));
     let (csr, _) = weft_certs::ca::make_csr().unwrap();
@@ -253,7 +256,7 @@ async fn renew_with_svid_from_another_ca_fails() {
 #[tokio::test]
 async fn renew_with_expired_svid_fails() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &["--svid-ttl", "2s"]);
+    let (mut cp, _state) = start(&pki, &["--svid-ttl", "2s"]).await;
     let id = cp.id("/ns/default/sa/web");
     let token = cp.create_token(&id, 600).await;
     let (svid, _) = cp.attest(&token).await.expect("attest");
@@ -283,7 +286,11 @@ async fn renew_with_expired_svid_fails() {
             assert!(s.code() == Code::Unauthenticated || is_transport_error(&s), "{s:?}");
         }
     }
-    assert!(cp.wait_for_log("TLS handshake refused"), "the server refused the handshake; log:\n{}", cp.log_text());
+    assert!(
+        cp.wait_for_log("TLS handshake refused").await,
+        "the server refused the handshake; log:\n{}",
+        cp.log_text()
+    );
     // The control plane renewed its own short-lived SVID meanwhile and still serves.
     cp.assert_serving().await;
 }
@@ -292,7 +299,7 @@ async fn renew_with_expired_svid_fails() {
 async fn admin_calls_require_the_operator() {
     let pki = Pki::new(TD);
     let other = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let req = |id: &str| CreateJoinTokenRequest { spiffe_id: id.to_string(), ttl_seconds: 60 };
     let web = cp.id("/ns/default/sa/web").to_string();
 
@@ -315,7 +322,7 @@ async fn admin_calls_require_the_operator() {
     assert!(r.is_err(), "another CA's operator made a token: {r:?}");
 
     // The operator's own requests are still validated.
-    let op = cp.operator().clone();
+    let op = cp.operator();
     let r = within(cp.admin_as(Some(&op)).create_join_token(req("spiffe://other.org/ns/default/sa/web"))).await;
     expect_code(r, Code::InvalidArgument, "token for another trust domain");
     let r = within(
@@ -339,7 +346,7 @@ async fn token_store_survives_restart() {
     let id = pki.id("/ns/default/sa/web");
     let used_id = pki.id("/ns/default/sa/used");
 
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
     let fresh = cp.create_token(&id, 600).await;
     let used = cp.create_token(&used_id, 600).await;
     cp.attest(&used).await.expect("attest before restart");
@@ -349,7 +356,7 @@ async fn token_store_survives_restart() {
     let store = std::fs::read_to_string(state.path().join("store.json")).expect("store.json");
     assert!(!store.contains(&fresh) && !store.contains(&used), "the store keeps hashes, never tokens");
 
-    let mut cp = ControlPlane::start(&pki, state.path(), &[]);
+    let mut cp = ControlPlane::start_on(&pki, state.path(), &[]).await;
     let (svid, _) = cp.attest(&fresh).await.expect("token made before the restart");
     assert_eq!(svid.spiffe_id, id);
     expect_code(cp.attest(&used).await, Code::PermissionDenied, "token used before the restart");
@@ -360,13 +367,13 @@ async fn token_store_survives_restart() {
 #[tokio::test]
 async fn serves_with_the_control_plane_spiffe_id() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     let cp_id = pki.control_plane_id();
     assert_eq!(cp_id.to_string(), "spiffe://example.org/weft/control-plane");
 
     // Look at the certificate the server presents.
-    let tls = cp.tls(None, IdMatcher::TrustDomain(cp.td.clone()));
-    let tcp = tokio::net::TcpStream::connect(cp.grpc).await.unwrap();
+    let tls = cp.tls(None, IdMatcher::TrustDomain(cp.trust_domain()));
+    let tcp = tokio::net::TcpStream::connect(cp.addr).await.unwrap();
     let conn = within(tokio_rustls::TlsConnector::from(tls).connect(weft_certs::tls::server_name(), tcp))
         .await
         .expect("TLS handshake");
@@ -377,8 +384,8 @@ async fn serves_with_the_control_plane_spiffe_id() {
     drop(conn);
 
     // A client that expects another ID refuses the server.
-    let op = cp.operator().clone();
-    for want in [pki::operator_id(&cp.td), cp.id("/weft/control-plane/x")] {
+    let op = cp.operator();
+    for want in [pki::operator_id(&cp.trust_domain()), cp.id("/weft/control-plane/x")] {
         let ch = cp.channel(Some(&op), IdMatcher::Exact(want.clone()));
         let r = within(weft_proto::admin::v1::admin_client::AdminClient::new(ch).status(StatusRequest {})).await;
         assert!(r.is_err(), "client expecting {want} accepted the server");
@@ -386,8 +393,8 @@ async fn serves_with_the_control_plane_spiffe_id() {
     // A client trusting another CA of the same trust domain refuses it too.
     let other = Pki::new(TD);
     let ch = weft_proto::channel::lazy_channel(
-        &cp.grpc.to_string(),
-        common::client_tls(&other.bundle(), None, IdMatcher::Exact(cp_id.clone())),
+        &cp.addr.to_string(),
+        weft_testkit::client_tls(&other.bundle(), None, IdMatcher::Exact(cp_id.clone())),
         weft_certs::tls::server_name(),
     )
     .unwrap();
@@ -408,7 +415,7 @@ async fn serves_with_the_control_plane_spiffe_id() {
 #[tokio::test]
 async fn sigterm_stops_cleanly() {
     let pki = Pki::new(TD);
-    let (mut cp, _state) = start(&pki, &[]);
+    let (mut cp, _state) = start(&pki, &[]).await;
     cp.assert_serving().await;
     let status = cp.terminate();
     assert!(status.success(), "exit after SIGTERM: {status}");
@@ -416,7 +423,7 @@ async fn sigterm_stops_cleanly() {
 }
 
 /// Runs a control plane that is expected to stop at start-up.
-fn run_to_exit(pki: &std::path::Path, state: &std::path::Path) -> common::Output {
+fn run_to_exit(pki: &std::path::Path, state: &std::path::Path) -> weft_testkit::Output {
     run(std::process::Command::new(CONTROL_PLANE_BIN).arg("--pki").arg(pki).arg("--state-dir").arg(state).args([
         "--listen",
         "127.0.0.1:0",
@@ -450,7 +457,7 @@ fn start_fails_with_another_pkis_issuer_key() {
 #[tokio::test]
 async fn a_second_control_plane_on_one_state_dir_is_refused() {
     let pki = Pki::new(TD);
-    let (mut cp, state) = start(&pki, &[]);
+    let (mut cp, state) = start(&pki, &[]).await;
     cp.assert_serving().await;
     // Both would accept each join token once: the second stops at start-up.
     let out = run_to_exit(pki.path(), state.path());
@@ -460,6 +467,6 @@ async fn a_second_control_plane_on_one_state_dir_is_refused() {
     // The first one is unharmed, and once it is gone the directory is free.
     cp.assert_serving().await;
     assert!(cp.terminate().success());
-    let mut again = ControlPlane::start(&pki, state.path(), &[]);
+    let mut again = ControlPlane::start_on(&pki, state.path(), &[]).await;
     again.assert_serving().await;
 }

@@ -2,7 +2,13 @@
 //! (killed on drop), free loopback ports, a control plane with fresh PKI,
 //! sidecars, and small real servers (HTTP, gRPC echo, TCP echo).
 
+pub mod command;
+pub mod control_plane;
+pub mod mesh;
 pub mod servers;
+
+pub use command::{run, Output};
+pub use control_plane::{client_tls, svid_from, within, Pki, CALL_TIMEOUT};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -136,7 +142,9 @@ pub async fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration, proc_: Opt
     }
 }
 
-/// A running control plane with fresh PKI in a temp dir.
+/// A running control plane: its log (and, from [`ControlPlane::start`], its PKI
+/// and state) in a temp dir. More of it (start-up on a given PKI, gRPC
+/// clients) is in [`control_plane`].
 pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub pki: PathBuf,
@@ -159,11 +167,8 @@ impl ControlPlane {
             .expect("run weft certs init");
         assert!(st.status.success(), "weft certs init: {}", String::from_utf8_lossy(&st.stderr));
         let state = dir.path().join("cp-state");
-        let (addr, admin) = (free_addr(), free_addr());
-        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let proc_ = Self::spawn(dir.path(), &pki, &state, addr, admin, &extra_args);
-        wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
-        Self { dir, pki, state, addr, admin, extra_args, proc_ }
+        let extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        Self::launch(dir, pki, state, extra_args).await
     }
 
     fn spawn(dir: &Path, pki: &Path, state: &Path, addr: SocketAddr, admin: SocketAddr, extra: &[String]) -> Proc {
