@@ -10,7 +10,9 @@ use crate::control_plane::CALL_TIMEOUT;
 #[derive(Debug)]
 pub struct Output {
     pub status: ExitStatus,
+    /// Standard output as text; empty if it was not valid UTF-8.
     pub stdout: String,
+    /// Standard error, likewise.
     pub stderr: String,
 }
 

@@ -28,7 +28,9 @@ struct NotReady(String);
 
 /// A PKI directory made by [`weft_certs::pki::init`] in a temp dir (removed on drop).
 pub struct Pki {
+    /// Holds the PKI's files ([`weft_certs::pki`]'s file names).
     pub dir: TempDir,
+    /// The trust domain the PKI was made for.
     pub td: TrustDomain,
 }
 
@@ -41,14 +43,17 @@ impl Pki {
         Self { dir, td }
     }
 
+    /// The PKI directory, as `--pki` takes it.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The trust bundle (the trust anchor) relying parties load.
     pub fn bundle(&self) -> TrustBundle {
         TrustBundle::load(&self.path().join(pki::TRUST_BUNDLE)).expect("trust bundle")
     }
 
+    /// The operator's SVID, the only identity allowed to call the admin RPCs.
     pub fn operator(&self) -> Svid {
         pki::load_svid(&self.path().join(pki::OPERATOR_CERT), &self.path().join(pki::OPERATOR_KEY))
             .expect("operator SVID")
@@ -64,6 +69,7 @@ impl Pki {
         self.td.id(path).expect("SPIFFE ID path")
     }
 
+    /// `spiffe://<td>/weft/control-plane`, the ID the control plane serves with.
     pub fn control_plane_id(&self) -> SpiffeId {
         pki::control_plane_id(&self.td)
     }
@@ -165,6 +171,7 @@ impl ControlPlane {
         }
     }
 
+    /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.proc_.running()
     }

@@ -46,6 +46,7 @@ impl ConfigFile {
         std::fs::rename(&tmp, &self.path).expect("rename over config");
     }
 
+    /// Where the file is.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -75,8 +76,10 @@ pub async fn sidecar(
 /// What the app beside a sidecar sees of a response.
 #[derive(Debug)]
 pub struct Reply {
+    /// HTTP status code.
     pub status: u16,
     pub headers: HeaderMap,
+    /// The body, as text (lossy UTF-8).
     pub body: String,
 }
 
@@ -150,10 +153,13 @@ impl App {
 /// Counts answers by who answered, over `n` GETs sent by `workers` in parallel.
 #[derive(Debug, Default)]
 pub struct Tally {
+    /// 200s from the server named "v1".
     pub v1: usize,
+    /// 200s from the server named "v2".
     pub v2: usize,
     /// Anything else: (status, body), the first few; status 0 for a failed request.
     pub other: Vec<(u16, String)>,
+    /// How many answers were anything else.
     pub others: usize,
 }
 
