@@ -169,8 +169,11 @@ fn open_page(url: &str, profile: &Path) -> (Running, Cdp) {
     (browser, Cdp { ws, next_id: 0 })
 }
 
-/// `weft top`'s last table: (service/backend, route, caller, server) -> rps.
-fn top_rows(out: &str) -> Vec<((String, String, String, String), f64)> {
+/// A route-table row's identity: (service/backend, route, caller, server), as `weft top` prints them.
+type RowKey = (String, String, String, String);
+
+/// `weft top`'s last table: row -> rps.
+fn top_rows(out: &str) -> Vec<(RowKey, f64)> {
     let last = out.rsplit("SERVICE/BACKEND").next().unwrap_or("");
     last.lines()
         .skip(1)
@@ -272,7 +275,7 @@ fn dashboard_in_a_real_browser_matches_weft_top() {
             nodes: [...document.querySelectorAll('#graph g.node')].map(n => n.dataset.service),
             edges: [...document.querySelectorAll('#graph g.edge')].map(e => ({
                 from: e.dataset.from, to: e.dataset.to, caller: e.dataset.caller, callee: e.dataset.callee,
-                rps: +e.dataset.rps, cls: e.getAttribute('class'), label: e.nextSibling ? '' : '' })),
+                rps: +e.dataset.rps, cls: e.getAttribute('class') })),
             labels: [...document.querySelectorAll('#graph g.label')].map(l => l.textContent),
             routes: [...document.querySelectorAll('#routes tbody tr[data-service]')].map(r => ({
                 service: r.dataset.service, backend: r.dataset.backend, route: r.dataset.route,
@@ -333,7 +336,7 @@ fn dashboard_in_a_real_browser_matches_weft_top() {
     // The route table: the same rows as `weft top`, with rates within tolerance.
     let top_rows = top_rows(&top);
     assert!(top_rows.len() >= 3, "{ctx}");
-    let page_rows: Vec<((String, String, String, String), f64)> = shown["routes"]
+    let page_rows: Vec<(RowKey, f64)> = shown["routes"]
         .as_array()
         .unwrap()
         .iter()
@@ -345,7 +348,7 @@ fn dashboard_in_a_real_browser_matches_weft_top() {
             ((name, dash(s("route")), short(&s("caller")), dash(short(&s("server")))), r["rps"].as_f64().unwrap())
         })
         .collect();
-    let keys = |rows: &[((String, String, String, String), f64)]| {
+    let keys = |rows: &[(RowKey, f64)]| {
         let mut k: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
         k.sort();
         k
