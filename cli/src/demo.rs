@@ -34,6 +34,7 @@ pub struct DemoArgs {
     /// Version reported in answers (e.g. v1).
     #[arg(long, default_value = "")]
     pub version: String,
+    /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Services to call for each request (through --via).

@@ -1,7 +1,10 @@
 //! `weft`: the operator's command line.
 
+mod dashboard;
 mod demo;
+mod human;
 mod operator;
+mod output;
 mod top;
 mod up;
 
@@ -12,6 +15,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use weft_certs::{pki, SpiffeId, TrustDomain};
 
+use crate::output::outln;
+
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "weft service mesh: operator commands")]
 struct Cli {
@@ -21,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    // `up` first: it is the command a newcomer runs.
+    /// Run a local mesh from a file (default: the embedded canary example) with a live traffic table.
+    Up(up::UpArgs),
     /// Trust anchor, issuer and operator certificates.
     Certs {
         #[command(subcommand)]
@@ -42,8 +50,6 @@ enum Cmd {
     /// The control plane (same flags as weft-control-plane); used by `weft up`.
     #[command(hide = true)]
     ControlPlane(weft_control_plane::command::Args),
-    /// Run a local mesh from a file (default: the embedded canary example) with a live traffic table.
-    Up(up::UpArgs),
     /// A small HTTP demo service (answers with its name and version; can fail or slow down).
     DemoApp(demo::DemoArgs),
     /// Live per-route traffic of every connected sidecar (like the `weft up` table).
@@ -60,10 +66,13 @@ enum Cmd {
         #[arg(long)]
         no_clear: bool,
     },
+    /// Live web dashboard: service graph, per-route traffic, canary splits, refusals, sidecar health.
+    Dashboard(dashboard::DashboardArgs),
     /// The config a sidecar has applied, as YAML. SIDECAR is a SPIFFE ID, service name or inbound address.
     ProxyConfig {
         #[command(flatten)]
         conn: operator::ConnArgs,
+        /// The sidecar: its SPIFFE ID, service name or inbound address (as `weft status` lists them).
         sidecar: String,
     },
     /// The control plane's view: connected sidecars, versions, SVID expiry.
@@ -80,8 +89,10 @@ enum Cmd {
 enum CertsCmd {
     /// Write a new PKI directory: trust anchor (10y), issuer (1y), operator certificate.
     Init {
+        /// The trust domain every SPIFFE ID of the mesh is in, e.g. example.org (lower case).
         #[arg(long)]
         trust_domain: TrustDomain,
+        /// Directory to write the PKI files to (created if missing).
         #[arg(long, default_value = "./pki")]
         out: PathBuf,
         /// Overwrite existing files.
@@ -137,6 +148,8 @@ async fn main() -> std::process::ExitCode {
     }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of stdout has gone (`weft top | head`): nothing to say, and no one to say it to.
+        Err(e) if output::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -180,38 +193,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let files = pki::init(&trust_domain, &out, ext.as_ref(), force)?;
             for f in files {
-                println!("wrote {}", f.display());
+                outln!("wrote {}", f.display())?;
             }
-            println!("operator identity: {}", pki::operator_id(&trust_domain));
+            outln!("operator identity: {}", pki::operator_id(&trust_domain))?;
         }
         Cmd::Token { cmd: TokenCmd::Create { conn, spiffe_id, ttl } } => {
             // Validate locally first so the message names the rule broken.
             let id = SpiffeId::parse(&spiffe_id).with_context(|| format!("--spiffe-id {spiffe_id:?}"))?;
             let resp = operator::create_token(&conn, &id, ttl).await?;
-            eprintln!("token for {id}, expires at {} (unix)", resp.expires_at);
-            println!("{}", resp.token);
+            eprintln!(
+                "token for {id}, expires {} ({})",
+                human::rfc3339(resp.expires_at),
+                human::relative(resp.expires_at, human::now_unix())
+            );
+            outln!("{}", resp.token)?;
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Up(args) => up::run(args).await?,
         Cmd::DemoApp(args) => demo::run(args).await?,
+        Cmd::Dashboard(args) => dashboard::run(args).await?,
         Cmd::Top { conn, interval, iterations, no_clear } => {
             let targets = operator::sidecar_targets(&conn).await?;
             anyhow::ensure!(!targets.is_empty(), "no sidecars are connected to {}", conn.control_plane);
             let (n, cp) = (targets.len(), conn.control_plane.clone());
             let header = move || format!("weft top: {n} sidecars via control plane {cp}\n\n");
-            top::run(move || targets.clone(), header, interval, iterations, !no_clear).await;
+            top::run(move || targets.clone(), header, interval, iterations, !no_clear).await?;
         }
         Cmd::ProxyConfig { conn, sidecar } => operator::proxy_config(&conn, &sidecar).await?,
         Cmd::Validate { file } => {
             let cfg = weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            println!(
-                "{}: valid ({} services, {} routes, {} authorization policies, {} rate limits)",
+            outln!(
+                "{}: valid ({}, {}, {}, {})",
                 file.display(),
-                cfg.services.len(),
-                cfg.routes.len(),
-                cfg.policies.len(),
-                cfg.rate_limits.len()
-            );
+                human::count(cfg.services.len(), "service", "services"),
+                human::count(cfg.routes.len(), "route", "routes"),
+                human::count(cfg.policies.len(), "authorization policy", "authorization policies"),
+                human::count(cfg.rate_limits.len(), "rate limit", "rate limits")
+            )?;
         }
     }
     Ok(())

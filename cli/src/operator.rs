@@ -1,13 +1,17 @@
 //! Calls to the control plane as the operator identity (mTLS with operator.crt).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use crate::human;
+use crate::output::{out, outln};
 use anyhow::Context;
 use weft_certs::{pki, verify, IdMatcher, SpiffeId, SpiffeVerifier, SvidResolver, TrustBundle};
 use weft_proto::admin::v1::admin_client::AdminClient;
-use weft_proto::admin::v1::{CreateJoinTokenRequest, CreateJoinTokenResponse, StatusRequest};
+use weft_proto::admin::v1::{
+    CreateJoinTokenRequest, CreateJoinTokenResponse, SidecarStatus, StatusRequest, StatusResponse,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
@@ -19,7 +23,35 @@ pub struct ConnArgs {
     pub pki: PathBuf,
 }
 
-async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+/// The files the operator commands read from `--pki`, and what each one is.
+const PKI_FILES: [(&str, &str); 3] = [
+    (pki::OPERATOR_CERT, "the operator certificate"),
+    (pki::OPERATOR_KEY, "the operator key"),
+    (pki::TRUST_BUNDLE, "the trust bundle"),
+];
+
+/// Names the first missing PKI file and how to point at the right directory
+/// (running from another directory than the one holding `pki/` is the usual cause).
+fn check_pki_dir(dir: &Path) -> anyhow::Result<()> {
+    for (file, what) in PKI_FILES {
+        let path = dir.join(file);
+        if !path.exists() {
+            anyhow::bail!(
+                "{what} {} does not exist: pass --pki DIR (or set WEFT_PKI=DIR) naming the directory \
+                 `weft certs init` wrote, which holds {}, {} and {}",
+                path.display(),
+                pki::OPERATOR_CERT,
+                pki::OPERATOR_KEY,
+                pki::TRUST_BUNDLE
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An admin client speaking mTLS as the operator (connects lazily).
+pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    check_pki_dir(&conn.pki)?;
     let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
     let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
     let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
@@ -31,6 +63,9 @@ async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport:
     Ok(AdminClient::new(channel))
 }
 
+/// An operator-facing error for a failed RPC. Only the status message is
+/// shown: tonic's `Code` Display ("Client specified an invalid argument") is
+/// gRPC jargon that tells the operator nothing the message does not.
 fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
     if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
         anyhow::anyhow!(
@@ -41,8 +76,30 @@ fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
     } else if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded) {
         // A connect timeout surfaces as Unknown("transport error").
         anyhow::anyhow!("control plane at {} is unreachable or not answering: {}", conn.control_plane, status.message())
+    } else if status.message().is_empty() {
+        anyhow::anyhow!("the control plane at {} refused: {:?}", conn.control_plane, status.code())
     } else {
-        anyhow::anyhow!("{}: {}", status.code(), status.message())
+        anyhow::anyhow!("{}", status.message())
+    }
+}
+
+/// The control plane's Status RPC: trust domain, config version, connected sidecars.
+pub async fn fetch_status(
+    c: &mut AdminClient<tonic::transport::Channel>,
+    conn: &ConnArgs,
+) -> anyhow::Result<StatusResponse> {
+    Ok(c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner())
+}
+
+/// A sidecar's config sync state against the version being served:
+/// `in sync`, `REJECTED: <reason>` or `stale (lag N)`.
+pub fn sync_state(p: &SidecarStatus, config_version: u64) -> String {
+    if p.acked_version == config_version {
+        "in sync".to_string()
+    } else if p.nacked_version == config_version {
+        format!("REJECTED: {}", p.nack_reason)
+    } else {
+        format!("stale (lag {})", config_version.saturating_sub(p.acked_version))
     }
 }
 
@@ -55,9 +112,10 @@ pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyh
     Ok(resp.into_inner())
 }
 
+/// Prints the control plane's view as a table (or JSON).
 pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
-    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
+    let s = fetch_status(&mut c, conn).await?;
     if json {
         let sidecars: Vec<_> = s
             .sidecars
@@ -83,38 +141,33 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "config_error": s.config_error,
             "sidecars": sidecars,
         });
-        println!("{doc}");
+        outln!("{doc}")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "control plane {}: healthy, trust domain {}, config version {}",
-        conn.control_plane, s.trust_domain, s.config_version
-    );
+        conn.control_plane,
+        s.trust_domain,
+        s.config_version
+    )?;
     if !s.config_error.is_empty() {
-        println!("last config change REJECTED: {}", s.config_error);
+        outln!("last config change REJECTED: {}", s.config_error)?;
     }
-    let now = weft_certs::svid::unix_secs(SystemTime::now());
-    println!("{:<48} {:<12} {:<22} {:<12} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION");
+    let now = human::now_unix();
+    outln!("{:<48} {:<12} {:<22} {:<14} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION")?;
     for p in &s.sidecars {
-        let sync = if p.acked_version == s.config_version {
-            "in sync".to_string()
-        } else if p.nacked_version == s.config_version {
-            format!("REJECTED: {}", p.nack_reason)
-        } else {
-            format!("stale (lag {})", s.config_version.saturating_sub(p.acked_version))
-        };
-        println!(
-            "{:<48} {:<12} {:<22} {:<12} {:<8} {}",
+        outln!(
+            "{:<48} {:<12} {:<22} {:<14} {:<8} {}",
             p.spiffe_id,
             p.service,
             p.inbound_address,
-            format!("in {}s", p.svid_expires_at - now),
+            human::relative(p.svid_expires_at, now),
             p.acked_version,
-            sync
-        );
+            sync_state(p, s.config_version)
+        )?;
     }
     if s.sidecars.is_empty() {
-        println!("(no sidecars connected)");
+        outln!("(no sidecars connected)")?;
     }
     Ok(())
 }
@@ -122,7 +175,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
 /// Every connected sidecar that told the control plane its admin address.
 pub async fn sidecar_targets(conn: &ConnArgs) -> anyhow::Result<Vec<crate::top::Target>> {
     let mut c = client(conn).await?;
-    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
+    let s = fetch_status(&mut c, conn).await?;
     Ok(s.sidecars
         .into_iter()
         .filter_map(|p| Some(crate::top::Target { admin: p.admin_address.parse().ok()?, spiffe_id: p.spiffe_id }))
@@ -132,7 +185,7 @@ pub async fn sidecar_targets(conn: &ConnArgs) -> anyhow::Result<Vec<crate::top::
 /// Prints a sidecar's applied config (its /config) as YAML.
 pub async fn proxy_config(conn: &ConnArgs, which: &str) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
-    let s = c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner();
+    let s = fetch_status(&mut c, conn).await?;
     let matching: Vec<_> = s
         .sidecars
         .iter()
@@ -162,7 +215,7 @@ pub async fn proxy_config(conn: &ConnArgs, which: &str) -> anyhow::Result<()> {
         crate::http_get(admin, "/config").await.ok_or_else(|| anyhow::anyhow!("sidecar admin {admin} unreachable"))?;
     anyhow::ensure!(status == 200, "sidecar admin {admin} answered {status}");
     let json: serde_json::Value = serde_json::from_str(&body).context("sidecar /config is not JSON")?;
-    println!("# sidecar {} ({}), applied version {}", p.spiffe_id, p.inbound_address, json["version"]);
-    print!("{}", serde_norway::to_string(&json)?);
+    outln!("# sidecar {} ({}), applied version {}", p.spiffe_id, p.inbound_address, json["version"])?;
+    out!("{}", serde_norway::to_string(&json)?)?;
     Ok(())
 }

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::output::{out, outln};
+
 /// One sample of the Prometheus text format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -90,53 +92,118 @@ struct LatKey {
     backend: String,
 }
 
+/// Requests a callee's sidecar refused itself, by (callee service, caller SPIFFE ID, kind).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct RefusalKey {
+    service: String,
+    caller: String,
+    kind: RefusalKind,
+}
+
+/// Why a callee's sidecar refused a request (docs/metrics.md, "Statuses the sidecars make").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// 403: an AuthorizationPolicy (or the default policy) denied it.
+    Denied,
+    /// 429: a RateLimit refused it.
+    RateLimited,
+}
+
+/// What one sidecar's own gauges and counters say about it (not per request).
+#[derive(Debug, Clone, Default)]
+pub struct SidecarScrape {
+    /// Whether /metrics answered.
+    pub reachable: bool,
+    /// `weft_proxy_svid_expiry_timestamp_seconds` (Unix seconds).
+    pub svid_expiry: Option<f64>,
+    /// `weft_proxy_config_updates_total` by outcome (`applied`, `rejected`).
+    pub config_updates: BTreeMap<String, f64>,
+    /// `weft_proxy_authz_decisions_total{outcome="deny"}` by policy.
+    pub denied_by_policy: BTreeMap<String, f64>,
+    /// `weft_proxy_rate_limited_total` by limit.
+    pub limited_by_limit: BTreeMap<String, f64>,
+}
+
+/// The counters of every target at one moment; two of them give rates.
 #[derive(Default, Clone)]
-struct Scrape {
+pub struct Scrape {
     /// (row) -> (total, successes)
     counts: HashMap<RowKey, (f64, f64)>,
     /// (caller, service, route, backend) -> le -> cumulative count
     buckets: HashMap<LatKey, Vec<(f64, f64)>>,
+    /// inbound 403/429 answers -> count
+    refusals: HashMap<RefusalKey, f64>,
+    /// per sidecar, by admin address
+    pub sidecars: HashMap<SocketAddr, SidecarScrape>,
 }
 
 async fn fetch(admin: SocketAddr) -> Option<String> {
     crate::http_get(admin, "/metrics").await.map(|(_, body)| body)
 }
 
-async fn scrape(targets: &[Target]) -> Scrape {
+/// Reads every target's /metrics (one after another; an unreachable one is
+/// marked so and skipped).
+pub async fn scrape(targets: &[Target]) -> Scrape {
     let mut s = Scrape::default();
     for t in targets {
-        let Some(text) = fetch(t.admin).await else { continue };
+        let Some(text) = fetch(t.admin).await else {
+            s.sidecars.entry(t.admin).or_default();
+            continue;
+        };
+        let sidecar = s.sidecars.entry(t.admin).or_default();
+        sidecar.reachable = true;
         for sample in parse_metrics(&text) {
             let l = |k: &str| sample.labels.get(k).cloned().unwrap_or_default();
-            if l("direction") != "outbound" {
-                continue;
-            }
-            if sample.name == "weft_proxy_requests_total" {
-                let key = RowKey {
-                    service: l("service"),
-                    backend: l("backend"),
-                    route: l("route"),
-                    caller: t.spiffe_id.clone(),
-                    server: l("peer"),
-                };
-                let ok = l("code").parse::<u16>().is_ok_and(|c| c < 400);
-                let e = s.counts.entry(key).or_default();
-                e.0 += sample.value;
-                if ok {
-                    e.1 += sample.value;
+            match sample.name.as_str() {
+                "weft_proxy_svid_expiry_timestamp_seconds" => sidecar.svid_expiry = Some(sample.value),
+                "weft_proxy_config_updates_total" => {
+                    *sidecar.config_updates.entry(l("outcome")).or_default() += sample.value
                 }
-            } else if sample.name == "weft_proxy_request_duration_seconds_bucket" {
-                let le = match l("le").as_str() {
-                    "+Inf" => f64::INFINITY,
-                    v => v.parse().unwrap_or(f64::INFINITY),
-                };
-                let key = LatKey {
-                    caller: t.spiffe_id.clone(),
-                    service: l("service"),
-                    route: l("route"),
-                    backend: l("backend"),
-                };
-                s.buckets.entry(key).or_default().push((le, sample.value));
+                "weft_proxy_authz_decisions_total" if l("outcome") == "deny" => {
+                    *sidecar.denied_by_policy.entry(l("policy")).or_default() += sample.value
+                }
+                "weft_proxy_rate_limited_total" => {
+                    *sidecar.limited_by_limit.entry(l("limit")).or_default() += sample.value
+                }
+                "weft_proxy_requests_total" if l("direction") == "inbound" => {
+                    let kind = match l("code").as_str() {
+                        "403" => RefusalKind::Denied,
+                        "429" => RefusalKind::RateLimited,
+                        _ => continue,
+                    };
+                    let key = RefusalKey { service: l("service"), caller: l("peer"), kind };
+                    *s.refusals.entry(key).or_default() += sample.value;
+                }
+                "weft_proxy_requests_total" if l("direction") == "outbound" => {
+                    let key = RowKey {
+                        service: l("service"),
+                        backend: l("backend"),
+                        route: l("route"),
+                        caller: t.spiffe_id.clone(),
+                        server: l("peer"),
+                    };
+                    let ok = l("code").parse::<u16>().is_ok_and(|c| c < 400);
+                    let e = s.counts.entry(key).or_default();
+                    e.0 += sample.value;
+                    if ok {
+                        e.1 += sample.value;
+                    }
+                }
+                "weft_proxy_request_duration_seconds_bucket" if l("direction") == "outbound" => {
+                    let le = match l("le").as_str() {
+                        "+Inf" => f64::INFINITY,
+                        v => v.parse().unwrap_or(f64::INFINITY),
+                    };
+                    let key = LatKey {
+                        caller: t.spiffe_id.clone(),
+                        service: l("service"),
+                        route: l("route"),
+                        backend: l("backend"),
+                    };
+                    s.buckets.entry(key).or_default().push((le, sample.value));
+                }
+                _ => {}
             }
         }
     }
@@ -176,45 +243,125 @@ fn short(id: &str) -> &str {
     id.strip_prefix("spiffe://").unwrap_or(id)
 }
 
-/// Renders the table for the change between two scrapes `dt` apart.
-fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
+/// One caller's requests to one service subset over one route, between two
+/// scrapes: a row of `weft top` and of the dashboard's route table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RouteTraffic {
+    /// The called service (the request's `Host`).
+    pub service: String,
+    /// The subset the split chose (`v1`), empty without subsets.
+    pub backend: String,
+    /// `<HTTPRoute>/<rule>`, empty for a service without routes.
+    pub route: String,
+    /// The calling sidecar's SPIFFE ID.
+    pub caller: String,
+    /// The SPIFFE ID of the endpoint that answered, empty if none was picked.
+    pub server: String,
+    /// Requests per second.
+    pub rps: f64,
+    /// Share of answers below 400, 0..=1; `None` without requests.
+    pub success: Option<f64>,
+    /// Median latency in seconds (from histogram buckets); `None` without requests.
+    pub p50_seconds: Option<f64>,
+    /// 99th percentile latency in seconds; `None` without requests.
+    pub p99_seconds: Option<f64>,
+}
+
+/// The per-route traffic between scrapes `prev` and `cur`, `dt` apart, sorted
+/// by service, backend, route, caller, server.
+pub fn traffic(prev: &Scrape, cur: &Scrape, dt: Duration) -> Vec<RouteTraffic> {
     let secs = dt.as_secs_f64().max(0.001);
     let mut keys: Vec<&RowKey> = cur.counts.keys().collect();
     keys.sort();
+    keys.into_iter()
+        .map(|k| {
+            let (t1, s1) = cur.counts[k];
+            let (t0, s0) = prev.counts.get(k).copied().unwrap_or((0.0, 0.0));
+            let (dn, ds) = (t1 - t0, s1 - s0);
+            let lat_key = LatKey {
+                caller: k.caller.clone(),
+                service: k.service.clone(),
+                route: k.route.clone(),
+                backend: k.backend.clone(),
+            };
+            let delta: Vec<(f64, f64)> = match (cur.buckets.get(&lat_key), prev.buckets.get(&lat_key)) {
+                (Some(c), Some(p)) if c.len() == p.len() => c.iter().zip(p).map(|(a, b)| (a.0, a.1 - b.1)).collect(),
+                (Some(c), _) => c.clone(),
+                _ => Vec::new(),
+            };
+            RouteTraffic {
+                service: k.service.clone(),
+                backend: k.backend.clone(),
+                route: k.route.clone(),
+                caller: k.caller.clone(),
+                server: k.server.clone(),
+                rps: dn / secs,
+                success: (dn > 0.0).then(|| ds / dn),
+                p50_seconds: quantile(&delta, 0.5),
+                p99_seconds: quantile(&delta, 0.99),
+            }
+        })
+        .collect()
+}
+
+/// Requests the callee's sidecar refused, per (callee service, caller, kind),
+/// between two scrapes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Refusal {
+    /// The callee service whose sidecar refused.
+    pub service: String,
+    /// The caller's verified SPIFFE ID.
+    pub caller: String,
+    pub kind: RefusalKind,
+    /// Refusals per second between the scrapes.
+    pub rps: f64,
+    /// Refusals since the callee's sidecars started.
+    pub total: f64,
+}
+
+/// Inbound 403 and 429 answers between scrapes `prev` and `cur`, `dt` apart.
+pub fn refusals(prev: &Scrape, cur: &Scrape, dt: Duration) -> Vec<Refusal> {
+    let secs = dt.as_secs_f64().max(0.001);
+    let mut keys: Vec<&RefusalKey> = cur.refusals.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| {
+            let total = cur.refusals[k];
+            let before = prev.refusals.get(k).copied().unwrap_or(0.0);
+            Refusal {
+                service: k.service.clone(),
+                caller: k.caller.clone(),
+                kind: k.kind,
+                rps: (total - before).max(0.0) / secs,
+                total,
+            }
+        })
+        .collect()
+}
+
+/// Renders the table for the change between two scrapes `dt` apart.
+fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
+    let rows = traffic(prev, cur, dt);
     let mut out = format!(
         "{:<20} {:<24} {:<36} {:<36} {:>8} {:>8} {:>9} {:>9}\n",
         "SERVICE/BACKEND", "ROUTE", "CALLER (SPIFFE ID)", "SERVER (SPIFFE ID)", "RPS", "SUCCESS", "P50", "P99"
     );
-    for k in keys {
-        let (t1, s1) = cur.counts[k];
-        let (t0, s0) = prev.counts.get(k).copied().unwrap_or((0.0, 0.0));
-        let (dn, ds) = (t1 - t0, s1 - s0);
-        let lat_key = LatKey {
-            caller: k.caller.clone(),
-            service: k.service.clone(),
-            route: k.route.clone(),
-            backend: k.backend.clone(),
-        };
-        let delta: Vec<(f64, f64)> = match (cur.buckets.get(&lat_key), prev.buckets.get(&lat_key)) {
-            (Some(c), Some(p)) if c.len() == p.len() => c.iter().zip(p).map(|(a, b)| (a.0, a.1 - b.1)).collect(),
-            (Some(c), _) => c.clone(),
-            _ => Vec::new(),
-        };
-        let success = if dn > 0.0 { format!("{:.1}%", 100.0 * ds / dn) } else { "-".into() };
-        let name = if k.backend.is_empty() { k.service.clone() } else { format!("{}/{}", k.service, k.backend) };
+    for r in &rows {
+        let success = r.success.map_or_else(|| "-".into(), |s| format!("{:.1}%", 100.0 * s));
+        let name = if r.backend.is_empty() { r.service.clone() } else { format!("{}/{}", r.service, r.backend) };
         out.push_str(&format!(
             "{:<20} {:<24} {:<36} {:<36} {:>8.1} {:>8} {:>9} {:>9}\n",
             name,
-            if k.route.is_empty() { "-" } else { &k.route },
-            short(&k.caller),
-            if k.server.is_empty() { "-" } else { short(&k.server) },
-            dn / secs,
+            if r.route.is_empty() { "-" } else { &r.route },
+            short(&r.caller),
+            if r.server.is_empty() { "-" } else { short(&r.server) },
+            r.rps,
             success,
-            fmt_latency(quantile(&delta, 0.5)),
-            fmt_latency(quantile(&delta, 0.99)),
+            fmt_latency(r.p50_seconds),
+            fmt_latency(r.p99_seconds),
         ));
     }
-    if cur.counts.is_empty() {
+    if rows.is_empty() {
         out.push_str("(no traffic yet)\n");
     }
     out
@@ -222,7 +369,15 @@ fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
 
 /// Scrapes `targets()` every `interval` and prints a table each time, with
 /// `header()` above it; `clear` redraws in place. Stops after `iterations`.
-pub async fn run<T, H>(mut targets: T, header: H, interval: Duration, iterations: Option<u64>, clear: bool)
+///
+/// Errors: only writing to stdout (e.g. `BrokenPipe` when piped into `head`).
+pub async fn run<T, H>(
+    mut targets: T,
+    header: H,
+    interval: Duration,
+    iterations: Option<u64>,
+    clear: bool,
+) -> std::io::Result<()>
 where
     T: FnMut() -> Vec<Target>,
     H: Fn() -> String,
@@ -236,14 +391,14 @@ where
         let now = Instant::now();
         let table = render(&prev, &cur, now - at);
         if clear {
-            print!("\x1b[2J\x1b[H");
+            out!("\x1b[2J\x1b[H")?;
         }
-        println!("{}{table}", header());
+        outln!("{}{table}", header())?;
         prev = cur;
         at = now;
         n += 1;
         if iterations.is_some_and(|max| n >= max) {
-            return;
+            return Ok(());
         }
     }
 }
