@@ -46,9 +46,12 @@ impl Process {
         let log_err = |source| ProcessError::Log { path: log.clone(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(log_err)?;
         let err = out.try_clone().map_err(log_err)?;
-        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().map_err(|source| {
-            ProcessError::Spawn { program: PathBuf::from(cmd.get_program()), source }
-        })?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn { program: PathBuf::from(cmd.get_program()), source })?;
         Ok(Self { name: name.into(), log, child, status: None })
     }
 
@@ -215,7 +218,8 @@ mod tests {
     #[test]
     fn output_goes_to_the_log_and_the_exit_is_noticed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Process::spawn("echo", sh("echo hello; echo oops >&2; exit 3"), dir.path().join("echo.log")).unwrap();
+        let mut p =
+            Process::spawn("echo", sh("echo hello; echo oops >&2; exit 3"), dir.path().join("echo.log")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while p.running() {
             assert!(Instant::now() < deadline, "sh did not exit");
