@@ -13,6 +13,7 @@ use rustix::process::{kill_process, Pid, Signal};
 /// How often exits and readiness are polled.
 const POLL: Duration = Duration::from_millis(20);
 
+/// Why a child process could not be started or did not become ready.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot start {}: {source}", program.display())]
@@ -55,10 +56,12 @@ impl Process {
         Ok(Self { name: name.into(), log, child, status: None })
     }
 
+    /// The name given at spawn.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The OS process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -81,6 +84,7 @@ impl Process {
         self.status
     }
 
+    /// Whether the process has not exited yet.
     pub fn running(&mut self) -> bool {
         self.exit_status().is_none()
     }

@@ -30,6 +30,7 @@ pub struct PeerIdentity {
 /// A completed handshake.
 #[derive(Debug)]
 pub struct Accepted {
+    /// The server side of the TLS connection.
     pub stream: TlsStream<TcpStream>,
     /// The verified client SVID; `None` when the client sent no certificate
     /// (only possible where the verifier makes client auth optional).
