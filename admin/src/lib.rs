@@ -4,9 +4,8 @@
 //! - `/ready`: 200 once [`Admin::set_ready`] said so (a sidecar: SVID + first config).
 //! - `/metrics`: Prometheus text exposition of the process's registry.
 //! - `/config`: what the process has applied, as JSON, from a callback.
-
-pub mod ports;
-pub mod state_lock;
+//!
+//! Process plumbing (logging, signals, state lock, ports) is in weft-runtime.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use weft_runtime::Drain;
 
 type ConfigFn = Box<dyn Fn() -> String + Send + Sync>;
 
@@ -32,14 +32,17 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Not ready yet, serving `registry` on `/metrics` and `{}` on `/config`.
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(Self { ready: AtomicBool::new(false), registry: Mutex::new(registry), config: Mutex::new(None) })
     }
 
+    /// What `/ready` answers from now on (200 or 503).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
 
+    /// Whether `/ready` answers 200.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -91,19 +94,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves the admin endpoint until the task is dropped.
+/// Serves the admin endpoint until the task is dropped. It never drains:
+/// `/ready` must keep answering (503) while the rest of the process drains.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    weft_runtime::serve(listener, Drain::never(), "admin", move |stream, _, _| {
         let admin = admin.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let resp = admin.handle(&req);
                 async move { Ok::<_, Infallible>(resp) }
@@ -111,39 +107,49 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
-        });
-    }
-}
-
-/// Sets up `tracing` logs on stderr: human-readable, or JSON with `format == "json"`.
-/// `RUST_LOG` overrides the default `info` level.
-pub fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Logs and prints a fatal error (with its causes) and turns it into an exit code.
-pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
         }
-    }
+    })
+    .await
 }
 
-/// Waits for SIGTERM or Ctrl-C (SIGINT) and names which one came.
-pub async fn shutdown_signal() -> std::io::Result<&'static str> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted",
-        _ = term.recv() => "SIGTERM",
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One raw HTTP/1.1 request; the status line and body.
+    async fn call(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.lines().next().unwrap_or_default().to_string();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn answers_live_ready_metrics_and_config() {
+        let mut reg = Registry::default();
+        let hits = prometheus_client::metrics::counter::Counter::<u64>::default();
+        reg.register("hits", "test counter", hits.clone());
+        hits.inc();
+        let admin = Admin::new(reg);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, admin.clone()));
+
+        assert!(call(addr, "GET", "/live").await.0.contains("200"));
+        assert!(call(addr, "GET", "/ready").await.0.contains("503"));
+        admin.set_ready(true);
+        assert!(call(addr, "GET", "/ready").await.0.contains("200"));
+        let (status, body) = call(addr, "GET", "/metrics").await;
+        assert!(status.contains("200") && body.contains("hits_total 1"), "{body}");
+        assert_eq!(call(addr, "GET", "/config").await.1, "{}");
+        admin.set_config_view(|| "{\"version\":3}".into());
+        assert_eq!(call(addr, "GET", "/config").await.1, "{\"version\":3}");
+        assert!(call(addr, "GET", "/nope").await.0.contains("404"));
+        assert!(call(addr, "POST", "/ready").await.0.contains("405"));
+    }
 }

@@ -8,10 +8,12 @@
 //! - [`verify`]: rustls verifiers matching peers' SPIFFE IDs.
 //! - [`resolver`]: a hot-swappable SVID resolver for rotation.
 //! - [`tls`]: TLS 1.3-only rustls configs.
+//! - [`crypto`]: the rustls crypto provider (*ring*) all of the above use.
 //! - [`pki`]: the PKI directory written by `weft certs init`.
 
 pub mod bundle;
 pub mod ca;
+pub mod crypto;
 pub mod error;
 pub mod jwt;
 pub mod pki;

@@ -30,7 +30,7 @@ impl SvidResolver {
 
     /// Replaces the SVID used by new handshakes.
     pub fn set(&self, svid: &Svid) -> Result<()> {
-        let key = crate::tls::provider().key_provider.load_private_key(svid.key_der())?;
+        let key = crate::crypto::provider().key_provider.load_private_key(svid.key_der())?;
         self.current.store(Some(Arc::new(CertifiedKey::new(svid.chain.clone(), key))));
         Ok(())
     }

@@ -2,18 +2,14 @@
 
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ServerConfig};
 
+use crate::crypto::provider;
 use crate::resolver::SvidResolver;
 use crate::verify::SpiffeVerifier;
 
 /// ALPN for sidecar-to-sidecar and control-plane traffic.
 pub const ALPN_H2: &[u8] = b"h2";
-
-pub fn provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
 
 /// A TLS 1.3-only server config presenting `resolver`'s SVID and verifying clients with `verifier`.
 pub fn server_config(resolver: Arc<SvidResolver>, verifier: SpiffeVerifier, alpn: &[&[u8]]) -> ServerConfig {

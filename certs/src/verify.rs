@@ -108,7 +108,7 @@ impl SpiffeVerifier {
         Self {
             bundle,
             matcher,
-            algs: crate::tls::provider().signature_verification_algorithms,
+            algs: crate::crypto::provider().signature_verification_algorithms,
             client_auth_mandatory: true,
         }
     }

@@ -137,12 +137,12 @@ async fn main() -> std::process::ExitCode {
     // newcomer needs only `cargo run --bin weft -- up`.
     match cli.cmd {
         Cmd::Proxy(args) => {
-            weft_admin::init_logging(&args.log_format);
-            return weft_admin::exit_code(weft_proxy::command::run(args).await);
+            weft_runtime::init_logging(&args.log_format);
+            return weft_runtime::exit_code(weft_proxy::command::run(args).await);
         }
         Cmd::ControlPlane(args) => {
-            weft_admin::init_logging(&args.log_format);
-            return weft_admin::exit_code(weft_control_plane::command::run(args).await);
+            weft_runtime::init_logging(&args.log_format);
+            return weft_runtime::exit_code(weft_control_plane::command::run(args).await);
         }
         _ => {}
     }
@@ -155,11 +155,6 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Whether `GET http://addr/path` answers 200.
-pub(crate) async fn http_get_ok(addr: std::net::SocketAddr, path: &str) -> bool {
-    http_get(addr, path).await.is_some_and(|(status, _)| status == 200)
 }
 
 /// A plain HTTP/1.1 GET; (status, body), or None when it could not be made.
@@ -182,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.cmd {
         Cmd::Proxy(_) | Cmd::ControlPlane(_) => unreachable!("handled in main"),

@@ -6,14 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::process::{Child, Command};
 use weft_certs::{pki, SpiffeId, TrustDomain};
+use weft_runtime::process::{self, Process};
 
 use crate::operator::{self, ConnArgs};
 use crate::top::{self, Target};
@@ -39,75 +38,39 @@ pub struct UpArgs {
     pub no_clear: bool,
 }
 
-/// Child processes, stopped (SIGTERM, then SIGKILL) when dropped or on `stop`.
+/// The mesh's child processes, each logging to `<logs>/<name>.log`.
 struct Procs {
-    children: Vec<(String, Child)>,
+    children: Vec<Process>,
     logs: PathBuf,
 }
 
 impl Procs {
-    fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", program.display()))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
+    fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<&mut Process> {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        self.children.push(Process::spawn(name, cmd, self.logs.join(format!("{name}.log")))?);
+        Ok(self.children.last_mut().expect("just pushed"))
     }
 
-    async fn stop(&mut self) {
-        for (_, c) in &self.children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (name, c) in &mut self.children {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::time::timeout(left, c.wait()).await.is_err() {
-                tracing::warn!(%name, "did not stop in time; killing");
-                let _ = c.kill().await;
-            }
-        }
-        self.children.clear();
-    }
-
-    /// The first child that has exited, if any (a crash during start-up).
-    fn exited(&mut self) -> Option<String> {
-        self.children.iter_mut().find_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
-    }
-
-    /// Resolves with the name of the first child to exit.
-    async fn first_exit(&mut self) -> String {
+    /// Resolves with the name and log of the first child to exit.
+    async fn first_exit(&mut self) -> (String, PathBuf) {
         loop {
-            if let Some(name) = self.exited() {
-                return name;
+            let exited =
+                self.children.iter_mut().find_map(|p| (!p.running()).then(|| (p.name().into(), p.log_path().into())));
+            if let Some(exited) = exited {
+                return exited;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }
 
-async fn wait_ready(admin: SocketAddr, procs: &mut Procs, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if crate::http_get_ok(admin, "/ready").await {
-            return Ok(());
-        }
-        if let Some(name) = procs.exited() {
-            anyhow::bail!("{name} exited during start-up; see {}", procs.logs.join(format!("{name}.log")).display());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{what} not ready after 30s; logs in {}", procs.logs.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// How long a process may take to answer /ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Workload {
+    /// Index of its sidecar in the mesh's processes.
+    proxy: usize,
     sidecar_id: SpiffeId,
     admin: SocketAddr,
     app: SocketAddr,
@@ -138,10 +101,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let result = async {
         // Every address this mesh listens on, picked outside the ephemeral range and never twice.
         let mut given = std::collections::HashSet::new();
-        let mut free_addr = || weft_admin::ports::pick_loopback_addr(|p| given.insert(p));
+        let mut free_addr = || weft_runtime::ports::pick_loopback_addr(|p| given.insert(p));
         let (cp_addr, cp_admin) = (free_addr()?, free_addr()?);
         let s = |v: &dyn std::fmt::Display| v.to_string();
-        procs.spawn(
+        let cp = procs.spawn(
             "control-plane",
             &std::env::current_exe()?,
             &[
@@ -158,7 +121,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 s(&config_path.display()),
             ],
         )?;
-        wait_ready(cp_admin, &mut procs, "control plane").await?;
+        cp.wait_ready(cp_admin, READY_TIMEOUT).await?;
         let conn = ConnArgs { control_plane: cp_addr.to_string(), pki: pki_dir.clone() };
 
         let mut workloads = Vec::new();
@@ -212,11 +175,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 }
                 procs.spawn(&format!("{name}-proxy"), &std::env::current_exe()?, &proxy_args)?;
                 let load = w.spec.load / f64::from(w.spec.replicas);
-                workloads.push(Workload { sidecar_id: id, admin, app, load });
+                workloads.push(Workload { sidecar_id: id, admin, app, load, proxy: procs.children.len() - 1 });
             }
         }
         for w in &workloads {
-            wait_ready(w.admin, &mut procs, "sidecar").await?;
+            procs.children[w.proxy].wait_ready(w.admin, READY_TIMEOUT).await?;
         }
         let served = Arc::new(AtomicUsize::new(0));
         let load_tasks: Vec<_> =
@@ -246,20 +209,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => None,
             _ = term.recv() => None,
             _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => None,
-            name = procs.first_exit() => Some(name),
+            exited = procs.first_exit() => Some(exited),
         };
         for t in load_tasks {
             t.abort();
         }
         // A mesh with a process missing would show a table that quietly lies.
-        if let Some(name) = crashed {
-            anyhow::bail!("{name} exited unexpectedly; see {}", procs.logs.join(format!("{name}.log")).display());
+        if let Some((name, log)) = crashed {
+            anyhow::bail!("{name} exited unexpectedly; see {}", log.display());
         }
         Ok::<(), anyhow::Error>(())
     }
     .await;
     println!("\nstopping {} processes…", procs.children.len());
-    procs.stop().await;
+    process::stop_all(&mut procs.children, Duration::from_secs(5)).await;
     if args.keep || result.is_err() {
         let kept = dir.keep();
         println!("state and logs kept in {}", kept.display());

@@ -43,10 +43,20 @@ pub struct Args {
     pub log_format: String,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 1h, 30m, 20s)"))?;
+/// A lifetime flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    #[error("{input:?}: {source} (e.g. 1h, 30m, 20s)")]
+    Syntax { input: String, source: humantime::DurationError },
+    #[error("{0:?} is too short; at least 2s")]
+    TooShort(String),
+}
+
+/// A lifetime of at least 2s in humantime syntax (`1h`, `30m`, `20s`).
+fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let d = humantime::parse_duration(s).map_err(|source| DurationError::Syntax { input: s.into(), source })?;
     if d < Duration::from_secs(2) {
-        return Err(format!("{s:?} is too short; at least 2s"));
+        return Err(DurationError::TooShort(s.into()));
     }
     Ok(d)
 }
@@ -66,7 +76,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     .await?;
     tokio::select! {
         _ = cp.wait() => {}
-        signal = weft_admin::shutdown_signal() => tracing::info!("{}; stopping", signal.map_err(RunError::Signal)?),
+        signal = weft_runtime::shutdown_signal() => tracing::info!("{}; stopping", signal.map_err(RunError::Signal)?),
     }
     Ok(())
 }

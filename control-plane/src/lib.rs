@@ -1,18 +1,20 @@
 //! weft-control-plane: issues SPIFFE X.509-SVIDs and pushes discovery and
 //! config to sidecars over gRPC (mutual TLS).
 //!
-//! - [`identity`]: Attest (join token + CSR) and Renew (mTLS + CSR); JWT-SVIDs
-//!   (MintJwtSvid, JwtBundle) signed with a key kept in the state directory.
-//! - [`admin`]: operator calls: join tokens, status.
-//! - [`discovery`]: per-sidecar config watch streams and ACK/NACK.
+//! - [`identity`]: `weft.identity.v1.Identity`: Attest (join token + CSR) and
+//!   Renew (mTLS + CSR); JWT-SVIDs (MintJwtSvid, JwtBundle) signed with a key
+//!   kept in the state directory.
+//! - [`admin`]: `weft.admin.v1.Admin`: operator calls: join tokens, status.
+//! - [`config_stream`]: `weft.config.v1.Config`: per-sidecar watch streams and ACK/NACK.
+//! - [`config_file`]: the mesh config file, polled for changes.
 //! - [`registry`]: connected sidecars and the versioned snapshot.
 //! - [`store`]: what survives restarts (embedded file store; etcd later).
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
 pub mod command;
-pub mod config_watch;
-pub mod discovery;
+pub mod config_file;
+pub mod config_stream;
 pub mod identity;
 pub mod metrics;
 pub mod registry;
@@ -25,12 +27,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use weft_certs::pki;
-use weft_certs::{verify, IdMatcher, SpiffeVerifier, SvidResolver, TrustDomain};
+use weft_certs::jwt::JwtSigner;
+use weft_certs::TrustDomain;
+use weft_certs::{pki, verify, Authority, IdMatcher, SpiffeVerifier, SvidResolver};
 use weft_proto::admin::v1::admin_server::AdminServer;
 use weft_proto::config::v1::config_server::ConfigServer;
 use weft_proto::identity::v1::identity_server::IdentityServer;
+use weft_runtime::state_lock::{self, StateLock};
+use weft_runtime::DrainTrigger;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -46,18 +52,24 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
-    StateDir(#[from] weft_admin::state_lock::StateLockError),
+    StateDir(#[from] state_lock::StateLockError),
 }
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The PKI directory of `weft certs init`.
     pub pki: PathBuf,
+    /// Join tokens, the JWT-SVID key and the lock live here.
     pub state_dir: PathBuf,
+    /// gRPC (TLS) listen address.
     pub listen: SocketAddr,
+    /// Admin HTTP listen address.
     pub admin: SocketAddr,
+    /// Lifetime of issued X.509-SVIDs.
     pub svid_ttl: Duration,
+    /// By default the issuer certificate's trust domain.
     pub trust_domain: Option<TrustDomain>,
-    /// Mesh config file (YAML), watched for changes.
+    /// Mesh config file (YAML), polled for changes.
     pub config: Option<PathBuf>,
     /// Lifetime of minted JWT-SVIDs.
     pub jwt_svid_ttl: Duration,
@@ -73,99 +85,161 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     pub registry: Arc<Registry>,
     serve: tokio::task::JoinHandle<()>,
-    _state_lock: weft_admin::state_lock::StateLock,
+    /// Dropped with the control plane, which stops the accept loop.
+    _drain: DrainTrigger,
+    _state_lock: StateLock,
+}
+
+/// What the control plane keeps on disk: PKI, state directory (locked), store, JWT key.
+struct State {
+    authority: Arc<Authority>,
+    lock: StateLock,
+    store: Arc<dyn store::Store>,
+    jwt_signer: Arc<JwtSigner>,
+}
+
+impl State {
+    fn open(opts: &Options) -> Result<Self, StartError> {
+        let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
+        let lock = state_lock::lock(&opts.state_dir)?;
+        let store = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
+        let jwt_signer = Arc::new(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
+        Ok(Self { authority, lock, store, jwt_signer })
+    }
+}
+
+/// Both listeners, bound first so a taken port fails start-up clearly.
+struct Listeners {
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(opts: &Options) -> Result<Self, StartError> {
+        let bind = |addr: SocketAddr| async move {
+            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+            let local = l.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+            Ok::<_, StartError>((l, local))
+        };
+        let (grpc, grpc_addr) = bind(opts.listen).await?;
+        let (admin, admin_addr) = bind(opts.admin).await?;
+        Ok(Self { grpc, grpc_addr, admin, admin_addr })
+    }
 }
 
 impl ControlPlane {
     /// Loads the PKI and store, issues the control plane's own SVID and binds
     /// both listeners. Every failure here is a clear start-up error.
     pub async fn start(opts: Options) -> Result<Self, StartError> {
-        let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
-        let td = authority.trust_domain().clone();
-        let state_lock = weft_admin::state_lock::lock(&opts.state_dir)?;
-        let store: Arc<dyn store::Store> = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
-        let jwt_signer = Arc::new(weft_certs::jwt::JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
-
+        let state = State::open(&opts)?;
+        let td = state.authority.trust_domain().clone();
         let metrics = Arc::new(Metrics::default());
-        let mut prom = prometheus_client::registry::Registry::default();
-        metrics.register(&mut prom);
-        let admin_http = weft_admin::Admin::new(prom);
         let registry = Registry::new(metrics.clone());
         if let Some(path) = &opts.config {
-            let (text, cfg) =
-                config_watch::load(path).map_err(|e| StartError::Config { errors: e, path: path.clone() })?;
-            registry.set_mesh_config(config_watch::to_json(&cfg));
-            tokio::spawn(config_watch::watch(path.clone(), text, registry.clone(), metrics.clone()));
+            watch_config_file(path, &registry, &metrics)?;
         }
-
-        // The control plane serves with an SVID it issues to itself, renewed at half-life.
-        let own_id = pki::control_plane_id(&td);
-        let resolver = SvidResolver::with_svid(&authority.issue_local(&own_id, opts.svid_ttl)?)?;
-        spawn_self_renewal(authority.clone(), resolver.clone(), opts.svid_ttl);
-
-        let bundle = verify::shared_bundle(authority.bundle().clone());
-        let verifier = SpiffeVerifier::new(bundle, IdMatcher::TrustDomain(td.clone())).client_auth_optional();
-        let tls = weft_certs::tls::server_config(resolver, verifier, &[weft_certs::tls::ALPN_H2]);
-
-        let grpc = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: opts.listen, source })?;
-        let admin_listener =
-            weft_admin::bind(opts.admin).await.map_err(|source| StartError::Bind { addr: opts.admin, source })?;
-        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: opts.listen, source })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: opts.admin, source })?;
-
-        let identity = identity::IdentityService {
-            authority: authority.clone(),
-            store: store.clone(),
-            svid_ttl: opts.svid_ttl,
-            jwt_signer,
-            jwt_svid_ttl: opts.jwt_svid_ttl,
-            metrics: metrics.clone(),
-        };
-        let admin = admin::AdminService {
-            operator: pki::operator_id(&td),
-            trust_domain: td.clone(),
-            store,
-            registry: registry.clone(),
-            metrics: metrics.clone(),
-        };
-        let discovery = discovery::DiscoveryService { registry: registry.clone(), metrics: metrics.clone() };
-        let incoming = server::tls_incoming(grpc, TlsAcceptor::from(Arc::new(tls)), metrics);
-        let router = tonic::transport::Server::builder()
-            // Sidecars that vanish without closing their connection are noticed
-            // (and deregistered) within seconds.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(IdentityServer::new(identity))
-            .add_service(AdminServer::new(admin))
-            .add_service(ConfigServer::new(discovery));
-
-        let reg = registry.clone();
-        admin_http.set_config_view(move || {
-            let s = reg.snapshot();
-            format!(
-                "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
-                s.version,
-                s.services.len(),
-                if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
-            )
-        });
-        admin_http.set_ready(true);
-        tokio::spawn(weft_admin::serve(admin_listener, admin_http));
+        let tls = server_tls(&state.authority, opts.svid_ttl)?;
+        let listeners = Listeners::bind(&opts).await?;
+        let router = grpc_router(&opts, &state, &registry, &metrics);
+        let (drain_trigger, drain) = weft_runtime::drain::channel();
+        let incoming = server::tls_incoming(listeners.grpc, TlsAcceptor::from(Arc::new(tls)), metrics.clone(), drain);
         let serve = tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         });
+        // Ready once the gRPC port is served.
+        serve_admin(listeners.admin, &metrics, &registry);
+        let (grpc_addr, admin_addr) = (listeners.grpc_addr, listeners.admin_addr);
         tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
-        Ok(Self { grpc_addr, admin_addr, registry, serve, _state_lock: state_lock })
+        Ok(Self { grpc_addr, admin_addr, registry, serve, _drain: drain_trigger, _state_lock: state.lock })
     }
 
     /// Runs until the server task ends.
     pub async fn wait(self) {
         let _ = self.serve.await;
     }
+}
+
+/// Loads the mesh config file into the registry (invalid: a start-up
+/// error) and polls it for changes from then on.
+fn watch_config_file(
+    path: &std::path::Path,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), StartError> {
+    let (text, cfg) = config_file::load(path).map_err(|errors| StartError::Config { errors, path: path.into() })?;
+    registry.set_mesh_config(config_file::to_json(&cfg));
+    tokio::spawn(config_file::poll(path.into(), text, registry.clone(), metrics.clone()));
+    Ok(())
+}
+
+/// The gRPC port's TLS config: the control plane's own SVID (issued to
+/// itself, renewed at half-life); client certificates optional (Attest
+/// callers have none), verified against the trust bundle when present.
+fn server_tls(authority: &Arc<Authority>, svid_ttl: Duration) -> Result<rustls::ServerConfig, StartError> {
+    let td = authority.trust_domain().clone();
+    let resolver = SvidResolver::with_svid(&authority.issue_local(&pki::control_plane_id(&td), svid_ttl)?)?;
+    spawn_self_renewal(authority.clone(), resolver.clone(), svid_ttl);
+    let bundle = verify::shared_bundle(authority.bundle().clone());
+    let verifier = SpiffeVerifier::new(bundle, IdMatcher::TrustDomain(td)).client_auth_optional();
+    Ok(weft_certs::tls::server_config(resolver, verifier, &[weft_certs::tls::ALPN_H2]))
+}
+
+/// The three gRPC services of the proto: Identity, Admin and Config.
+fn grpc_router(
+    opts: &Options,
+    state: &State,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+) -> tonic::transport::server::Router {
+    let td = state.authority.trust_domain().clone();
+    let identity = identity::IdentityService {
+        authority: state.authority.clone(),
+        store: state.store.clone(),
+        svid_ttl: opts.svid_ttl,
+        jwt_signer: state.jwt_signer.clone(),
+        jwt_svid_ttl: opts.jwt_svid_ttl,
+        metrics: metrics.clone(),
+    };
+    let admin = admin::AdminService {
+        operator: pki::operator_id(&td),
+        trust_domain: td,
+        store: state.store.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+    };
+    let config = config_stream::ConfigService { registry: registry.clone(), metrics: metrics.clone() };
+    tonic::transport::Server::builder()
+        // Sidecars that vanish without closing their connection are noticed
+        // (and deregistered) within seconds.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(IdentityServer::new(identity))
+        .add_service(AdminServer::new(admin))
+        .add_service(ConfigServer::new(config))
+}
+
+/// The admin endpoint: metrics, and `/config` as the snapshot's version,
+/// service count and mesh config. Ready from the start (listeners are bound).
+fn serve_admin(listener: TcpListener, metrics: &Metrics, registry: &Arc<Registry>) {
+    let mut prom = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prom);
+    let admin = weft_admin::Admin::new(prom);
+    let reg = registry.clone();
+    admin.set_config_view(move || {
+        let s = reg.snapshot();
+        format!(
+            "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
+            s.version,
+            s.services.len(),
+            if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
+        )
+    });
+    admin.set_ready(true);
+    tokio::spawn(weft_admin::serve(listener, admin));
 }
 
 fn spawn_self_renewal(authority: Arc<weft_certs::Authority>, resolver: Arc<SvidResolver>, ttl: Duration) {

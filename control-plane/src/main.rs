@@ -3,6 +3,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = weft_control_plane::command::Args::parse();
-    weft_admin::init_logging(&args.log_format);
-    weft_admin::exit_code(weft_control_plane::command::run(args).await)
+    weft_runtime::init_logging(&args.log_format);
+    weft_runtime::exit_code(weft_control_plane::command::run(args).await)
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,12 +14,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
-use weft_certs::svid::LeafInfo;
 use weft_certs::SpiffeId;
+use weft_runtime::tls_accept::tls_accept;
+use weft_runtime::Drain;
 
 use crate::metrics::Metrics;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the TLS handshake proved about the client; available to handlers as
 /// a request extension.
@@ -72,53 +71,38 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes off the accept loop;
-/// failed handshakes are logged and counted, never fatal.
+/// Accepts on `listener` (weft-runtime's serve loop: back-off, drain) and
+/// completes each TLS handshake in the connection's own task; handshakes are
+/// counted by outcome (`ok` or the refusal reason) and refusals logged,
+/// never fatal. Clients without a certificate get through (Attest); handlers
+/// that need one use [`require_peer`].
 pub fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
+    drain: Drain,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(c) => c,
+    tokio::spawn(weft_runtime::serve(listener, drain, "grpc", move |tcp, remote, _| {
+        let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+        async move {
+            match tls_accept(&acceptor, tcp).await {
+                Ok(accepted) => {
+                    metrics.handshake("ok");
+                    let peer = PeerInfo {
+                        remote,
+                        spiffe_id: accepted.peer.as_ref().map(|p| p.spiffe_id.clone()),
+                        svid_expires: accepted.peer.map(|p| p.not_after),
+                    };
+                    let _ = tx.send(Ok(TlsConn { inner: accepted.stream, peer })).await;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    metrics.handshake(e.reason());
+                    tracing::info!(%remote, reason = e.reason(), error = %e, "TLS handshake refused");
                 }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
-                        let info = leaf.and_then(|l| LeafInfo::parse(&l).ok());
-                        let peer = PeerInfo {
-                            remote,
-                            spiffe_id: info.as_ref().map(|i| i.spiffe_id.clone()),
-                            svid_expires: info.map(|i| i.not_after),
-                        };
-                        metrics.handshake("ok");
-                        let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
-                    }
-                    Ok(Err(e)) => {
-                        metrics.handshake("error");
-                        tracing::info!(%remote, error = %e, "TLS handshake refused");
-                    }
-                    Err(_) => {
-                        metrics.handshake("timeout");
-                        tracing::info!(%remote, "TLS handshake timed out");
-                    }
-                }
-            });
+            }
         }
-    });
+    }));
     ReceiverStream::new(rx)
 }
 

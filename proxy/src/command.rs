@@ -97,7 +97,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         workload_api: args.workload_api,
     })
     .await?;
-    let signal = weft_admin::shutdown_signal().await.map_err(RunError::Signal)?;
+    let signal = weft_runtime::shutdown_signal().await.map_err(RunError::Signal)?;
     tracing::info!("{signal}; draining");
     if proxy.shutdown(drain_timeout).await {
         tracing::info!("drained; exiting");

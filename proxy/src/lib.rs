@@ -5,7 +5,6 @@
 //! - [`outbound`]: app → mesh (HTTP routing, TCP upstreams, connection pool).
 //! - [`inbound`]: mesh → app (mTLS termination, caller identity, forwarding).
 //! - [`balance`]: endpoint choice.
-//! - [`shutdown`]: graceful drain.
 //! - [`workload_api`]: the SPIFFE Workload API for the app, over a Unix socket.
 
 pub mod balance;
@@ -17,7 +16,6 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod routing;
-pub mod shutdown;
 pub mod workload_api;
 
 use std::collections::HashMap;
@@ -71,7 +69,7 @@ pub enum StartError {
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
     #[error(transparent)]
-    StateDir(#[from] weft_admin::state_lock::StateLockError),
+    StateDir(#[from] weft_runtime::state_lock::StateLockError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -86,11 +84,11 @@ pub struct Proxy {
     pub upstream_addrs: Vec<(String, SocketAddr)>,
     /// The Workload API socket, removed at shutdown.
     pub workload_api: Option<PathBuf>,
-    drain: shutdown::DrainTrigger,
+    drain: weft_runtime::drain::DrainTrigger,
     admin: Arc<weft_admin::Admin>,
     /// The config watch; while it is open, this sidecar is registered.
     discovery_task: tokio::task::JoinHandle<()>,
-    _state_lock: weft_admin::state_lock::StateLock,
+    _state_lock: weft_runtime::state_lock::StateLock,
 }
 
 /// How long a draining sidecar keeps accepting after it has left discovery,
@@ -124,7 +122,7 @@ impl Proxy {
         let admin = weft_admin::Admin::new(prom);
 
         // Bind first, so a taken port fails fast and clearly.
-        let state_lock = weft_admin::state_lock::lock(&opts.state_dir)?;
+        let state_lock = weft_runtime::state_lock::lock(&opts.state_dir)?;
         let admin_listener = bind("--admin", opts.admin).await?;
         let inbound_listener = bind("--inbound", opts.inbound).await?;
         let outbound_listener = bind("--outbound", opts.outbound).await?;
@@ -191,7 +189,7 @@ impl Proxy {
             admin.set_config_view(move || serde_json::to_string_pretty(&*d.table()).unwrap_or_default());
         }
 
-        let (drain_trigger, drain) = shutdown::channel();
+        let (drain_trigger, drain) = weft_runtime::drain::channel();
         let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
         let server_tls =
             weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);

@@ -12,7 +12,7 @@ pub use control_plane::{client_tls, svid_from, within, Pki, CALL_TIMEOUT};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary next to the running test (target/<profile>/,
@@ -29,10 +29,10 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A free loopback address for a child process to listen on: outside the
-/// ephemeral range (see [`weft_admin::ports`]) and claimed across the test
+/// ephemeral range (see [`weft_runtime::ports`]) and claimed across the test
 /// processes nextest runs side by side, so no two tests are handed one port.
 pub fn free_addr() -> SocketAddr {
-    weft_admin::ports::pick_loopback_addr(claim_port).expect("a free loopback port")
+    weft_runtime::ports::pick_loopback_addr(claim_port).expect("a free loopback port")
 }
 
 /// Claims `port` for this test run with a file under the temp dir, created
@@ -55,69 +55,47 @@ fn claim_port(port: u16) -> bool {
     stale && std::fs::remove_file(&path).is_ok() && create()
 }
 
-/// A child process that is killed when dropped; its output goes to a log file.
+/// A child process that is killed when dropped; its output goes to a log
+/// file. weft-runtime's [`Process`](weft_runtime::process::Process) (SIGTERM,
+/// exits, logs), started the tests' way.
 pub struct Proc {
     pub name: String,
     pub log: PathBuf,
-    child: Option<Child>,
+    process: weft_runtime::process::Process,
 }
 
 impl Proc {
+    /// Starts `program` with `RUST_LOG` from `WEFT_TEST_LOG` (default `info`),
+    /// logging to `<log_dir>/<name>.log`; panics if it cannot start.
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        Self { name: name.into(), log, child: Some(child) }
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("RUST_LOG", std::env::var("WEFT_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        let process = weft_runtime::process::Process::spawn(name, cmd, &log).unwrap_or_else(|e| panic!("{e}"));
+        Self { name: name.into(), log, process }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.process.pid()
     }
 
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.child.as_mut()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.process.terminate(timeout)
     }
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        self.process.running()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.log_text()
     }
 }
 

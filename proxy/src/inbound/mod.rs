@@ -23,12 +23,12 @@ use weft_certs::SpiffeId;
 use crate::discovery::{Discovery, Table};
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
 use crate::metrics::{AuthzLabels, ConnLabels, Metrics, OpenConn, RequestMeta};
-use crate::shutdown::Drain;
 use futures::future::BoxFuture;
 use policy::Authorize;
 use ratelimit::RateLimit;
 use std::convert::Infallible;
 use tower::{ServiceBuilder, ServiceExt};
+use weft_runtime::drain::Drain;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -22,12 +22,12 @@ use crate::discovery::Discovery;
 use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL};
 use crate::metrics::{ConnLabels, Metrics, OpenConn, RequestMeta};
 use crate::routing::{modify_headers, Decision, RequestInfo, RouteContext};
-use crate::shutdown::Drain;
 use endpoint::{EndpointService, ServedBy};
 use pool::Pool;
 use retry::{Retry, RetryLayer};
 use timeout::{Timeout, TimeoutLayer};
 use tower::{ServiceBuilder, ServiceExt};
+use weft_runtime::drain::Drain;
 
 pub struct Outbound {
     pub discovery: Arc<Discovery>,

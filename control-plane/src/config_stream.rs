@@ -1,5 +1,6 @@
-//! `weft.config.v1.Config`: the per-sidecar watch stream (registration +
-//! versioned snapshots) and ACK/NACK.
+//! `weft.config.v1.Config`: the per-sidecar config stream (`Watch`:
+//! registration, then a versioned snapshot on every change) and `Ack`
+//! (ACK, or NACK with the sidecar's error).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,13 +14,14 @@ use weft_proto::config::v1::{AckRequest, AckResponse, Snapshot, WatchRequest};
 use crate::registry::{Registration, Registry};
 use crate::server::require_peer;
 
-pub struct DiscoveryService {
+/// The `weft.config.v1.Config` gRPC service.
+pub struct ConfigService {
     pub registry: Arc<Registry>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[tonic::async_trait]
-impl Config for DiscoveryService {
+impl Config for ConfigService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {

@@ -1,6 +1,10 @@
-//! Graceful drain on SIGTERM: listeners stop accepting, open connections are
+//! Graceful drain on shutdown: listeners stop accepting, open connections are
 //! told to finish (HTTP/2 GOAWAY, HTTP/1.1 close after the response) and the
 //! process waits for them, bounded by a drain timeout.
+//!
+//! Every listener loop and every connection task holds a [`Drain`]; the
+//! [`DrainTrigger`] signals them all and then waits until the last holder is
+//! gone.
 
 use std::pin::pin;
 use std::time::Duration;
@@ -8,27 +12,42 @@ use std::time::Duration;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::watch;
 
-/// Held by every listener and connection task.
-#[derive(Clone)]
+/// Held by every listener and connection task; dropping it tells the
+/// [`DrainTrigger`] this holder is done.
+#[derive(Clone, Debug)]
 pub struct Drain {
-    rx: watch::Receiver<bool>,
+    /// `None`: a drain that never comes (see [`Drain::never`]).
+    rx: Option<watch::Receiver<bool>>,
 }
 
 /// Starts the drain.
+#[derive(Debug)]
 pub struct DrainTrigger {
     tx: watch::Sender<bool>,
 }
 
+/// A new trigger and the first [`Drain`] it signals (clone it for each holder).
 pub fn channel() -> (DrainTrigger, Drain) {
     let (tx, rx) = watch::channel(false);
-    (DrainTrigger { tx }, Drain { rx })
+    (DrainTrigger { tx }, Drain { rx: Some(rx) })
 }
 
 impl Drain {
-    /// Resolves once draining has begun.
+    /// A drain that is never signalled, for listeners that serve until the
+    /// process ends (the admin endpoint keeps answering /ready while the rest drains).
+    pub fn never() -> Self {
+        Self { rx: None }
+    }
+
+    /// Resolves once draining has begun (or the trigger was dropped).
     pub async fn signaled(&self) {
-        let mut rx = self.rx.clone();
-        let _ = rx.wait_for(|d| *d).await;
+        match &self.rx {
+            Some(rx) => {
+                let mut rx = rx.clone();
+                let _ = rx.wait_for(|d| *d).await;
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Serves `conn` to completion, asking it to finish gracefully on drain.

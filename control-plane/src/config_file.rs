@@ -1,4 +1,4 @@
-//! The mesh config file: loaded at start, then watched. A valid change is
+//! The mesh config file (`--config`): loaded at start, then polled. A valid change is
 //! pushed to every sidecar (a new snapshot version); an invalid one is
 //! rejected as a whole, logged, counted and shown by `weft status`, while the
 //! last good config keeps serving.
@@ -16,6 +16,7 @@ const POLL: Duration = Duration::from_millis(500);
 /// Editors replace files by rename; a file briefly missing is not an error.
 const MISSING_POLLS_BEFORE_ERROR: u32 = 4;
 
+/// The config as the JSON the registry serves in snapshots.
 pub fn to_json(cfg: &MeshConfig) -> String {
     serde_json::to_string(cfg).expect("validated config serializes")
 }
@@ -26,8 +27,8 @@ pub fn load(path: &std::path::Path) -> Result<(String, MeshConfig), ConfigErrors
     Ok((std::fs::read_to_string(path).unwrap_or_default(), cfg))
 }
 
-/// Polls the file for changes forever.
-pub async fn watch(path: PathBuf, mut last_text: String, registry: Arc<Registry>, metrics: Arc<Metrics>) {
+/// Polls the file every 500ms for changes, forever.
+pub async fn poll(path: PathBuf, mut last_text: String, registry: Arc<Registry>, metrics: Arc<Metrics>) {
     let mut missing = 0;
     loop {
         tokio::time::sleep(POLL).await;
