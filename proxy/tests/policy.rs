@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_proxy::balance::BASE_EJECTION;
+use weft_proxy::state::balance::BASE_EJECTION;
 use weft_testkit::servers::{self, Failure};
 use weft_testkit::{bin, http_get, metric_sum, ControlPlane, Sidecar, SidecarSpec};
 
