@@ -116,7 +116,8 @@ async fn churn_round(cp: &ControlPlane, identity: &Identity, api: &Sidecar, web:
         s.abort();
     }
     drop(streams);
-    web.wait_endpoints("api", 1, Duration::from_secs(30)).await;
+    // Generous: every departure is a new snapshot to every stream still open.
+    web.wait_endpoints("api", 1, Duration::from_secs(60)).await;
     wait_gauge(web, "weft_proxy_balancer_endpoints", base.0, Duration::from_secs(20)).await;
     wait_gauge(web, "weft_proxy_pool_connections", base.1, Duration::from_secs(20)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
