@@ -303,7 +303,7 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRef {
     #[serde(default = "kind_service")]
@@ -372,7 +372,7 @@ pub enum RateLimitKey {
 /// A local token bucket, enforced by each of the target service's sidecars.
 /// The target is a Service (all its requests) or an HTTPRoute (the requests
 /// to its parent services that the route's rules match).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
     pub target_ref: TargetRef,

@@ -1,21 +1,30 @@
 //! weft-proxy: the sidecar beside every workload.
 //!
+//! - [`state`]: what the sidecar believes — endpoints and their identities,
+//!   compiled routes, authorization, rate limits — and the per-endpoint and
+//!   per-route state that outlives a config swap.
+//! - [`config_stream`]: the control plane's `Config` stream, applied to [`state`].
 //! - [`identity`]: attest, keep and renew the workload's SVID.
-//! - [`discovery`]: the control plane's config stream (endpoints and their IDs).
-//! - [`outbound`]: app → mesh (HTTP routing, TCP upstreams, connection pool).
-//! - [`inbound`]: mesh → app (mTLS termination, caller identity, forwarding).
-//! - [`balance`]: endpoint choice.
+//! - [`outbound`]: app → mesh request layers (routing, timeout, retry,
+//!   endpoint choice, connection pool, TCP upstreams).
+//! - [`inbound`]: mesh → app request layers (mTLS termination, caller
+//!   identity, authz, rate limits, forwarding).
+//! - [`context`], [`error`]: the per-request context and the one error type
+//!   the layers share, with its one mapping to a response.
 //! - [`workload_api`]: the SPIFFE Workload API for the app, over a Unix socket.
+//!
+//! Layers depend downward: `inbound`/`outbound` → `context`/`error` → `state`.
 
-pub mod balance;
 pub mod command;
-pub mod discovery;
+pub mod config_stream;
+pub mod context;
+pub mod error;
 pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
-pub mod routing;
+pub mod state;
 pub mod workload_api;
 
 use std::collections::HashMap;
@@ -28,9 +37,11 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use weft_certs::{pki, IdMatcher, SpiffeVerifier, TrustBundle, TrustDomain};
 
-use crate::discovery::{Discovery, Registration};
+use crate::config_stream::{ConfigStream, Registration};
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::Metrics;
+use crate::state::State;
+use crate::workload_api::WorkloadApi;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -61,9 +72,9 @@ pub enum StartError {
     #[error("cannot listen on {addr} ({what}): {err}")]
     Bind { what: &'static str, addr: SocketAddr, err: std::io::Error },
     #[error("cannot serve the Workload API on {}: {err}", path.display())]
-    WorkloadApi { path: PathBuf, err: String },
-    #[error("{0}")]
-    Config(String),
+    WorkloadApi { path: PathBuf, err: std::io::Error },
+    #[error("{}: no spiffe:// URI SAN names the trust domain; pass --trust-domain", .0.display())]
+    NoTrustDomain(PathBuf),
     #[error("--service: {0}")]
     Registration(#[from] weft_config::registration::RegistrationError),
     #[error("--trust-bundle {0}")]
@@ -86,8 +97,8 @@ pub struct Proxy {
     pub workload_api: Option<PathBuf>,
     drain: weft_runtime::drain::DrainTrigger,
     admin: Arc<weft_admin::Admin>,
-    /// The config watch; while it is open, this sidecar is registered.
-    discovery_task: tokio::task::JoinHandle<()>,
+    /// The config stream; while it is open, this sidecar is registered.
+    config_task: tokio::task::JoinHandle<()>,
     _state_lock: weft_runtime::state_lock::StateLock,
 }
 
@@ -95,6 +106,53 @@ pub struct Proxy {
 /// so that callers hear of it before its listeners close (at most half the
 /// drain timeout).
 const DEREGISTER_GRACE: Duration = Duration::from_secs(1);
+
+/// The listeners, bound before anything else so a taken port fails fast.
+struct Listeners {
+    admin: TcpListener,
+    inbound: TcpListener,
+    outbound: TcpListener,
+    upstreams: Vec<(String, TcpListener)>,
+    workload_api: Option<tokio::net::UnixListener>,
+}
+
+/// Where the listeners ended up (ports chosen by the OS resolved).
+struct Addrs {
+    admin: SocketAddr,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    upstreams: Vec<(String, SocketAddr)>,
+}
+
+impl Listeners {
+    async fn bind(opts: &Options) -> Result<(Self, Addrs), StartError> {
+        let admin = bind("--admin", opts.admin).await?;
+        let inbound = bind("--inbound", opts.inbound).await?;
+        let outbound = bind("--outbound", opts.outbound).await?;
+        let mut upstreams = Vec::new();
+        for (name, addr) in &opts.upstreams {
+            upstreams.push((name.clone(), bind("--upstream", *addr).await?));
+        }
+        let local =
+            |l: &TcpListener, what| l.local_addr().map_err(|err| StartError::Bind { what, addr: opts.inbound, err });
+        let addrs = Addrs {
+            admin: local(&admin, "--admin")?,
+            inbound: local(&inbound, "--inbound")?,
+            outbound: local(&outbound, "--outbound")?,
+            upstreams: upstreams
+                .iter()
+                .map(|(n, l)| Ok((n.clone(), local(l, "--upstream")?)))
+                .collect::<Result<Vec<_>, StartError>>()?,
+        };
+        let workload_api = match &opts.workload_api {
+            Some(path) => {
+                Some(workload_api::bind(path).map_err(|err| StartError::WorkloadApi { path: path.clone(), err })?)
+            }
+            None => None,
+        };
+        Ok((Self { admin, inbound, outbound, upstreams, workload_api }, addrs))
+    }
+}
 
 impl Proxy {
     /// Binds every listener, gets an SVID, and starts serving; readiness
@@ -107,46 +165,15 @@ impl Proxy {
             )));
         }
         let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle).map_err(StartError::TrustBundle)?;
-        let td = match &opts.trust_domain {
-            Some(td) => td.clone(),
-            None => bootstrap_bundle.roots().iter().find_map(|r| pki::trust_domain_of(r)).ok_or_else(|| {
-                StartError::Config(format!(
-                    "{}: no spiffe:// URI SAN names the trust domain; pass --trust-domain",
-                    opts.trust_bundle.display()
-                ))
-            })?,
-        };
+        let td = trust_domain(&opts, &bootstrap_bundle)?;
         let metrics = Arc::new(Metrics::default());
         let mut prom = prometheus_client::registry::Registry::default();
         metrics.register(&mut prom);
         let admin = weft_admin::Admin::new(prom);
 
-        // Bind first, so a taken port fails fast and clearly.
         let state_lock = weft_runtime::state_lock::lock(&opts.state_dir)?;
-        let admin_listener = bind("--admin", opts.admin).await?;
-        let inbound_listener = bind("--inbound", opts.inbound).await?;
-        let outbound_listener = bind("--outbound", opts.outbound).await?;
-        let mut upstream_listeners = Vec::new();
-        for (name, addr) in &opts.upstreams {
-            upstream_listeners.push((name.clone(), bind("--upstream", *addr).await?));
-        }
-        let local =
-            |l: &TcpListener, what| l.local_addr().map_err(|err| StartError::Bind { what, addr: opts.inbound, err });
-        let admin_addr = local(&admin_listener, "--admin")?;
-        let inbound_addr = local(&inbound_listener, "--inbound")?;
-        let outbound_addr = local(&outbound_listener, "--outbound")?;
-        let upstream_addrs = upstream_listeners
-            .iter()
-            .map(|(n, l)| Ok((n.clone(), local(l, "--upstream")?)))
-            .collect::<Result<Vec<_>, StartError>>()?;
-        let workload_listener = match &opts.workload_api {
-            Some(path) => Some(
-                workload_api::bind(path)
-                    .map_err(|e| StartError::WorkloadApi { path: path.clone(), err: e.to_string() })?,
-            ),
-            None => None,
-        };
-        tokio::spawn(weft_admin::serve(admin_listener, admin.clone()));
+        let (listeners, addrs) = Listeners::bind(&opts).await?;
+        tokio::spawn(weft_admin::serve(listeners.admin, admin.clone()));
 
         let identity = Identity::new(
             opts.control_plane.clone(),
@@ -155,86 +182,30 @@ impl Proxy {
             opts.state_dir.clone(),
             metrics.clone(),
         )?;
-        // Served from before the first SVID (calls get UNAVAILABLE until then),
-        // so an app started beside the sidecar finds the socket at once.
-        let workload = match (workload_listener, &opts.workload_api) {
-            (Some(listener), Some(path)) => {
-                let api = workload_api::WorkloadApi::new(identity.clone(), td.clone(), &opts.state_dir)?;
-                tokio::spawn(api.clone().serve(listener));
-                tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
-                Some(api)
-            }
-            _ => None,
-        };
-        identity.bootstrap(opts.token_file.as_deref()).await?;
-        // The control plane would refuse the registration forever; say so now.
-        if let Some(id) = identity.spiffe_id() {
-            weft_config::registration::check_registration(&id, &opts.service)?;
-        }
-        if let Some(api) = &workload {
-            api.set_started();
-        }
-        tokio::spawn(identity.clone().run_renewal());
+        let workload = start_workload_api(&opts, &identity, &td, listeners.workload_api)?;
+        attest(&opts, &identity, workload.as_ref()).await?;
 
-        let discovery = Discovery::new(&opts.service);
-        let reg = Registration {
-            service: opts.service.clone(),
-            inbound_address: inbound_addr,
-            admin_address: admin_addr,
-            labels: opts.labels.clone(),
-        };
-        let discovery_task = tokio::spawn(discovery.clone().run(identity.clone(), reg, metrics.clone()));
-        {
-            let d = discovery.clone();
-            admin.set_config_view(move || serde_json::to_string_pretty(&*d.table()).unwrap_or_default());
-        }
-
+        let state = State::new(&opts.service, metrics.clone());
+        let config_task = start_config_stream(&opts, &addrs, &state, &identity, &metrics, &admin);
         let (drain_trigger, drain) = weft_runtime::drain::channel();
-        let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
-        let server_tls =
-            weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);
-        let inbound = inbound::Inbound::new(
-            opts.app,
-            opts.app_protocol,
-            opts.service.clone(),
-            discovery.clone(),
-            metrics.clone(),
-        );
-        tokio::spawn(inbound.serve(inbound_listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
-
-        let outbound = outbound::Outbound::new(
-            discovery.clone(),
-            outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout),
-            metrics.clone(),
-        );
-        tokio::spawn(outbound.clone().serve_http(outbound_listener, drain.clone()));
-        for (name, l) in upstream_listeners {
-            tokio::spawn(outbound.clone().serve_tcp(l, name, drain.clone()));
-        }
-        {
-            let admin = admin.clone();
-            let discovery = discovery.clone();
-            tokio::spawn(async move {
-                discovery.first_applied().await;
-                admin.set_ready(true);
-                tracing::info!("ready: SVID held and first config applied");
-            });
-        }
+        serve_inbound(&opts, listeners.inbound, &state, &identity, &td, &metrics, &drain);
+        serve_outbound(&opts, listeners.outbound, listeners.upstreams, &state, &identity, &metrics, &drain);
+        report_ready(&state, &admin);
         tracing::info!(
             spiffe_id = %identity.spiffe_id().map(|i| i.to_string()).unwrap_or_default(),
-            inbound = %inbound_addr, outbound = %outbound_addr, admin = %admin_addr,
+            inbound = %addrs.inbound, outbound = %addrs.outbound, admin = %addrs.admin,
             "sidecar listening"
         );
         drop(drain);
         Ok(Self {
-            inbound_addr,
-            outbound_addr,
-            admin_addr,
-            upstream_addrs,
+            inbound_addr: addrs.inbound,
+            outbound_addr: addrs.outbound,
+            admin_addr: addrs.admin,
+            upstream_addrs: addrs.upstreams,
             workload_api: opts.workload_api.clone(),
             drain: drain_trigger,
             admin,
-            discovery_task,
+            config_task,
             _state_lock: state_lock,
         })
     }
@@ -244,8 +215,8 @@ impl Proxy {
     /// connections finish; all within `timeout`. True when everything finished.
     pub async fn shutdown(self, timeout: Duration) -> bool {
         self.admin.set_ready(false);
-        // Ending the config watch ends this sidecar's registration.
-        self.discovery_task.abort();
+        // Ending the config stream ends this sidecar's registration.
+        self.config_task.abort();
         let grace = DEREGISTER_GRACE.min(timeout / 2);
         tokio::time::sleep(grace).await;
         if let Some(path) = &self.workload_api {
@@ -253,4 +224,113 @@ impl Proxy {
         }
         self.drain.drain(timeout - grace).await
     }
+}
+
+/// The trust domain: `--trust-domain`, or the one the bootstrap bundle's root names.
+fn trust_domain(opts: &Options, bundle: &TrustBundle) -> Result<TrustDomain, StartError> {
+    match &opts.trust_domain {
+        Some(td) => Ok(td.clone()),
+        None => bundle
+            .roots()
+            .iter()
+            .find_map(|r| pki::trust_domain_of(r))
+            .ok_or_else(|| StartError::NoTrustDomain(opts.trust_bundle.clone())),
+    }
+}
+
+/// Serves the Workload API from before the first SVID (calls get
+/// UNAVAILABLE until then), so an app started beside the sidecar finds the
+/// socket at once.
+fn start_workload_api(
+    opts: &Options,
+    identity: &Arc<Identity>,
+    td: &TrustDomain,
+    listener: Option<tokio::net::UnixListener>,
+) -> Result<Option<WorkloadApi>, StartError> {
+    let (Some(listener), Some(path)) = (listener, &opts.workload_api) else { return Ok(None) };
+    let api = WorkloadApi::new(identity.clone(), td.clone(), &opts.state_dir)?;
+    tokio::spawn(api.clone().serve(listener));
+    tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
+    Ok(Some(api))
+}
+
+/// Gets the first SVID (saved, or with the join token) and keeps it renewed.
+async fn attest(opts: &Options, identity: &Arc<Identity>, workload: Option<&WorkloadApi>) -> Result<(), StartError> {
+    identity.bootstrap(opts.token_file.as_deref()).await?;
+    // The control plane would refuse the registration forever; say so now.
+    if let Some(id) = identity.spiffe_id() {
+        weft_config::registration::check_registration(&id, &opts.service)?;
+    }
+    if let Some(api) = workload {
+        api.set_started();
+    }
+    tokio::spawn(identity.clone().run_renewal());
+    Ok(())
+}
+
+/// Registers with the control plane and applies its config as it comes;
+/// `/config` on the admin port shows the applied snapshot.
+fn start_config_stream(
+    opts: &Options,
+    addrs: &Addrs,
+    state: &Arc<State>,
+    identity: &Arc<Identity>,
+    metrics: &Arc<Metrics>,
+    admin: &Arc<weft_admin::Admin>,
+) -> tokio::task::JoinHandle<()> {
+    let reg = Registration {
+        service: opts.service.clone(),
+        inbound_address: addrs.inbound,
+        admin_address: addrs.admin,
+        labels: opts.labels.clone(),
+    };
+    let stream = ConfigStream::new(state.clone(), identity.clone(), reg, metrics.clone());
+    let view = state.clone();
+    admin.set_config_view(move || serde_json::to_string_pretty(&*view.snapshot()).unwrap_or_default());
+    tokio::spawn(stream.run())
+}
+
+/// Terminates mTLS from peer sidecars (any ID of the trust domain) for the app.
+fn serve_inbound(
+    opts: &Options,
+    listener: TcpListener,
+    state: &Arc<State>,
+    identity: &Arc<Identity>,
+    td: &TrustDomain,
+    metrics: &Arc<Metrics>,
+    drain: &weft_runtime::drain::Drain,
+) {
+    let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
+    let server_tls = weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);
+    let inbound =
+        inbound::Inbound::new(opts.app, opts.app_protocol, opts.service.clone(), state.clone(), metrics.clone());
+    tokio::spawn(inbound.serve(listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
+}
+
+/// Serves the app's HTTP listener and its declared TCP upstreams.
+fn serve_outbound(
+    opts: &Options,
+    listener: TcpListener,
+    upstreams: Vec<(String, TcpListener)>,
+    state: &Arc<State>,
+    identity: &Arc<Identity>,
+    metrics: &Arc<Metrics>,
+    drain: &weft_runtime::drain::Drain,
+) {
+    let pool = outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout);
+    let outbound = outbound::Outbound::new(state.clone(), pool, metrics.clone());
+    tokio::spawn(outbound.clone().serve_http(listener, drain.clone()));
+    for (name, l) in upstreams {
+        tokio::spawn(outbound.clone().serve_tcp(l, name, drain.clone()));
+    }
+}
+
+/// Turns /ready on once the first config has been applied.
+fn report_ready(state: &Arc<State>, admin: &Arc<weft_admin::Admin>) {
+    let (admin, state) = (admin.clone(), state.clone());
+    tokio::spawn(async move {
+        state.first_applied().await;
+        admin.set_ready(true);
+        tracing::info!("ready: SVID held and first config applied");
+    });
 }

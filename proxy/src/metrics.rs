@@ -90,6 +90,10 @@ pub struct Metrics {
     pub config_updates: Family<OutcomeLabels, Counter>,
     pub svid_renewals: Family<OutcomeLabels, Counter>,
     pub svid_expiry: Gauge,
+    /// Endpoints the balancer keeps statistics for (live per-endpoint state).
+    pub balancer_endpoints: Gauge,
+    /// Pooled mTLS connections to peer sidecars held by the pool.
+    pub pool_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -108,6 +112,8 @@ impl Default for Metrics {
             config_updates: Family::default(),
             svid_renewals: Family::default(),
             svid_expiry: Gauge::default(),
+            balancer_endpoints: Gauge::default(),
+            pool_connections: Gauge::default(),
         }
     }
 }
@@ -154,6 +160,16 @@ impl Metrics {
         reg.register("rate_limited", "Inbound requests refused (429) by rate limit", self.rate_limited.clone());
         reg.register("retries", "Outbound retries by route and outcome (sent, budget_exhausted)", self.retries.clone());
         reg.register(
+            "balancer_endpoints",
+            "Endpoints the balancer keeps statistics for (those discovery lists, plus any a request in flight still holds)",
+            self.balancer_endpoints.clone(),
+        );
+        reg.register(
+            "pool_connections",
+            "Pooled mTLS connections to peer sidecars (at most one per endpoint; dropped when the endpoint leaves)",
+            self.pool_connections.clone(),
+        );
+        reg.register(
             "endpoint_ejections",
             "Endpoints ejected by outlier detection (consecutive failures)",
             self.ejections.clone(),
@@ -197,6 +213,25 @@ impl OpenConn {
 }
 
 impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Counts one live thing in a gauge for as long as it lives.
+#[derive(Debug)]
+pub struct Live {
+    gauge: Gauge,
+}
+
+impl Live {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self { gauge: gauge.clone() }
+    }
+}
+
+impl Drop for Live {
     fn drop(&mut self) {
         self.gauge.dec();
     }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use http::Method;
-use weft_proxy::balance::BASE_EJECTION;
+use weft_proxy::state::balance::BASE_EJECTION;
 use weft_testkit::mesh::{concurrent_gets, control_plane, sidecar, App, ConfigFile};
 use weft_testkit::metric_sum;
 use weft_testkit::servers::{self, Failure};

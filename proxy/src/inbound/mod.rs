@@ -2,74 +2,41 @@
 //! SPIFFE ID from its verified certificate, and forward to the local app in
 //! the protocol the calling app spoke (HTTP/1.1 or h2c), or as raw TCP for
 //! CONNECT tunnels. Authorization and rate limits apply first.
+//!
+//! A request passes: the accept loop and TLS handshake here (the edge: sets
+//! the request's context) → `RequestMetrics` → `RespondLayer` (`error.rs`:
+//! failure → response) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward,
+//! or CONNECT tunnel) → the local app.
 
+pub mod app;
+pub mod authz;
 pub mod gate;
-pub mod policy;
 pub mod ratelimit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use weft_certs::SpiffeId;
 
-use crate::discovery::{Discovery, Table};
-use crate::http::{boxed, empty, local_response, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
-use crate::metrics::{AuthzLabels, ConnLabels, Metrics, OpenConn, RequestMeta};
+use crate::context::RequestContext;
+use crate::error::RespondLayer;
+use crate::http::Body;
+use crate::metrics::{Metrics, OpenConn, RequestMeta};
+use crate::state::State;
+use app::{AppConnector, AppService};
+use authz::Authz;
 use futures::future::BoxFuture;
-use policy::Authorize;
 use ratelimit::RateLimit;
 use std::convert::Infallible;
 use tower::{ServiceBuilder, ServiceExt};
 use weft_runtime::drain::Drain;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Who is calling and which config judges the request; set per request by
-/// the inbound connection for the layers behind it.
-#[derive(Clone)]
-pub struct RequestContext {
-    pub peer: Arc<SpiffeId>,
-    pub table: Arc<Table>,
-}
-
-/// The innermost inbound service: CONNECT tunnels to the app's TCP port,
-/// everything else is forwarded as HTTP.
-#[derive(Clone)]
-struct AppService {
-    inbound: Arc<Inbound>,
-}
-
-impl tower::Service<Request<Incoming>> for AppService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let inbound = self.inbound.clone();
-        Box::pin(async move {
-            let Some(ctx) = req.extensions().get::<RequestContext>().cloned() else {
-                return Ok(policy::missing_context());
-            };
-            Ok(if req.method() == Method::CONNECT {
-                inbound.tunnel(req, &ctx.peer).await
-            } else {
-                inbound.forward(req, &ctx.peer).await
-            })
-        })
-    }
-}
 
 /// Counts each HTTP request by caller and status, and its latency.
 #[derive(Clone)]
@@ -111,7 +78,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         // Tunnels are counted as connections and bytes, not requests.
         let peer = (req.method() != Method::CONNECT)
-            .then(|| req.extensions().get::<RequestContext>().map(|c| c.peer.to_string()).unwrap_or_default());
+            .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.as_ref()).map(|p| p.to_string()))
+            .map(Option::unwrap_or_default);
         let (metrics, service) = (self.metrics.clone(), self.service.clone());
         Box::pin(async move {
             let start = Instant::now();
@@ -121,31 +89,6 @@ where
                 metrics.request("inbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
             }
             Ok(resp)
-        })
-    }
-}
-
-/// Connects every request to the local app, whatever the URI says.
-#[derive(Clone)]
-pub struct AppConnector {
-    app: SocketAddr,
-}
-
-impl tower::Service<http::Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let app = self.app;
-        Box::pin(async move {
-            let tcp = TcpStream::connect(app).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(tcp))
         })
     }
 }
@@ -165,39 +108,10 @@ pub struct Inbound {
     pub app: SocketAddr,
     pub app_protocol: AppProtocol,
     pub service: String,
-    pub discovery: Arc<Discovery>,
+    pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
     h1: Client<AppConnector, Body>,
     h2: Client<AppConnector, Body>,
-}
-
-/// Resolves when a newly applied config denies `peer` TCP access.
-async fn revoked(discovery: &Discovery, peer: &SpiffeId) {
-    let mut changes = discovery.changes();
-    loop {
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let table = discovery.table();
-        let req = policy::Request { method: None, path: None, port: table.authz.port() };
-        if !table.authz.check(peer, &req).allowed {
-            return;
-        }
-    }
-}
-
-/// Why an inbound handshake failed, as a metric label.
-fn refusal_reason(e: &std::io::Error) -> &'static str {
-    use rustls::{Error as E, PeerIncompatible};
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(E::NoCertificatesPresented) => "no_client_certificate",
-        Some(E::InvalidCertificate(_)) => "bad_certificate",
-        Some(E::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired)) => "tls_version",
-        Some(E::PeerIncompatible(_)) => "incompatible",
-        Some(E::InvalidMessage(_)) | Some(E::InappropriateMessage { .. }) => "not_tls",
-        Some(_) => "tls_error",
-        None => "io_error",
-    }
 }
 
 impl Inbound {
@@ -205,66 +119,44 @@ impl Inbound {
         app: SocketAddr,
         app_protocol: AppProtocol,
         service: String,
-        discovery: Arc<Discovery>,
+        state: Arc<State>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let connector = AppConnector { app };
+        let connector = AppConnector::new(app);
         let h1 =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
-        Arc::new(Self { app, app_protocol, service, discovery, metrics, h1, h2 })
+        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2 })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, drain: Drain) {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "inbound accept failed"); continue; }
-                },
-                _ = drain.signaled() => return,
-            };
-            let _ = tcp.set_nodelay(true);
+        weft_runtime::serve::serve(listener, drain, "inbound", move |tcp, remote, drain| {
             let this = self.clone();
             let acceptor = acceptor.clone();
-            let drain = drain.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        let reason = refusal_reason(&e);
-                        this.metrics.handshake("inbound", reason);
-                        tracing::info!(%remote, reason, error = %e, "inbound connection refused");
-                        return;
-                    }
-                    Err(_) => {
-                        this.metrics.handshake("inbound", "timeout");
-                        return;
-                    }
-                };
-                // The verifier only lets through chains that carry a SPIFFE ID.
-                let Some(peer) = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|leaf| weft_certs::svid::spiffe_id_of(leaf).ok())
-                else {
-                    this.metrics.handshake("inbound", "no_client_certificate");
-                    return;
-                };
+            async move {
+                let (tls, peer) =
+                    match weft_runtime::tls_accept::tls_accept(&acceptor, tcp).await.and_then(|a| a.require_peer()) {
+                        Ok(accepted) => accepted,
+                        Err(refused) => {
+                            let reason = refused.reason();
+                            this.metrics.handshake("inbound", reason);
+                            tracing::info!(%remote, reason, error = %refused, "inbound connection refused");
+                            return;
+                        }
+                    };
                 this.metrics.handshake("inbound", "ok");
                 let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
-                let peer = Arc::new(peer);
+                let peer = Arc::new(peer.spiffe_id);
                 let stack = ServiceBuilder::new()
                     .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
-                    .layer(Authorize::layer(this.metrics.clone()))
+                    .layer(RespondLayer)
+                    .layer(Authz::layer(this.metrics.clone()))
                     .layer(RateLimit::layer(this.metrics.clone()))
                     .service(AppService { inbound: this.clone() });
-                let discovery = this.discovery.clone();
+                let state = this.state.clone();
                 let svc = service_fn(move |mut req: Request<Incoming>| {
                     // One config version for the whole request.
-                    let ctx = RequestContext { peer: peer.clone(), table: discovery.table() };
+                    let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
                     req.extensions_mut().insert(ctx);
                     stack.clone().oneshot(req)
                 });
@@ -273,83 +165,8 @@ impl Inbound {
                     .adaptive_window(true)
                     .serve_connection(TokioIo::new(tls), svc);
                 drain.watch(conn).await;
-            });
-        }
-    }
-
-    async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        let caller_h2 = parts.headers.remove(APP_PROTOCOL).is_some_and(|v| v == "h2");
-        let app_h2 = match self.app_protocol {
-            AppProtocol::Auto => caller_h2,
-            AppProtocol::Http1 => false,
-            AppProtocol::H2c => true,
-        };
-        strip_hop_by_hop(&mut parts.headers);
-        // Only the sidecar may say who the caller is.
-        parts.headers.remove(PEER_ID);
-        if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
-            parts.headers.insert(PEER_ID, v);
-        }
-        let client = if app_h2 {
-            parts.version = Version::HTTP_2;
-            &self.h2
-        } else {
-            parts.version = Version::HTTP_11;
-            if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-                parts.headers.insert(header::HOST, host);
             }
-            &self.h1
-        };
-        match client.request(Request::from_parts(parts, boxed(body))).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.version = Version::HTTP_2;
-                Response::from_parts(parts, boxed(body))
-            }
-            Err(e) => {
-                tracing::warn!(app = %self.app, error = %e, "local app request failed");
-                local_response(StatusCode::BAD_GATEWAY, format!("weft: local app at {} failed: {e}", self.app))
-            }
-        }
-    }
-
-    async fn tunnel(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
-        let app = match TcpStream::connect(self.app).await {
-            Ok(s) => s,
-            Err(e) => {
-                return local_response(StatusCode::BAD_GATEWAY, format!("weft: local app at {}: {e}", self.app));
-            }
-        };
-        let _ = app.set_nodelay(true);
-        let metrics = self.metrics.clone();
-        let peer = peer.clone();
-        let discovery = self.discovery.clone();
-        tokio::spawn(async move {
-            let _open = OpenConn::new(&metrics, "inbound", "tcp");
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => return tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),
-            };
-            let (mut app, mut upgraded) = (app, TokioIo::new(upgraded));
-            let copy = tokio::io::copy_bidirectional(&mut upgraded, &mut app);
-            tokio::select! {
-                r = copy => match r {
-                    Ok((a, b)) => {
-                        let labels = ConnLabels { direction: "inbound", protocol: "tcp" };
-                        metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with error"),
-                },
-                // A policy change that no longer allows this caller closes its open connection.
-                () = revoked(&discovery, &peer) => {
-                    let labels = AuthzLabels { policy: "revoked".into(), outcome: "deny", protocol: "tcp" };
-                    metrics.authz.get_or_create(&labels).inc();
-                    tracing::info!(%peer, "closing TCP connection: no longer allowed by policy");
-                }
-            }
-        });
-        Response::new(empty())
+        })
+        .await
     }
 }

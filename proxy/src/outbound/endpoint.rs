@@ -1,80 +1,71 @@
 //! The innermost outbound service: pick an endpoint of the routed backend
-//! (P2C over EWMA, outliers ejected), send on the pooled mTLS connection with
-//! the per-try timeout, and feed the outcome back to the balancer.
+//! (P2C over EWMA, outliers ejected; `state/balance.rs`), send on the pooled
+//! mTLS connection with the per-try timeout, and feed the outcome back to
+//! the balancer. Failures are [`ProxyError`]s naming the endpoint.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::client::conn::http2::SendRequest;
 use tower::Service;
 use weft_certs::SpiffeId;
 
 use super::pool::Pool;
-use super::timeout::{timeout_message, Deadline};
-use crate::balance::{Balancer, InFlight};
-use crate::http::{boxed, local_response, strip_hop_by_hop, Body};
+use crate::context::{Deadline, RequestContext, ServedBy};
+use crate::error::ProxyError;
+use crate::http::{boxed, strip_hop_by_hop, Body};
 use crate::metrics::Metrics;
-use crate::routing::RouteContext;
-
-/// Which endpoint answered (a response extension, for metrics).
-#[derive(Clone, Debug)]
-pub struct ServedBy(pub SpiffeId);
-
-/// Marks a response the sidecar made because the endpoint could not be
-/// reached or did not answer: always worth a retry, whatever its code.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnectionFailure;
+use crate::state::balance::{self, InFlight};
 
 #[derive(Clone)]
 pub struct EndpointService {
     pub pool: Arc<Pool>,
-    pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Service<Request<Body>> for EndpointService {
     type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let Some(ctx) = req.extensions().get::<RouteContext>().cloned() else {
-                return Ok(local_response(StatusCode::INTERNAL_SERVER_ERROR, "weft: internal error: unrouted request"));
+            let ctx = req.extensions().get::<RequestContext>().cloned();
+            let Some((ctx, route)) = ctx.and_then(|c| c.route.clone().map(|r| (c, r))) else {
+                return Err(ProxyError::Internal { what: "unrouted request" });
             };
-            let service = ctx.backend.service.as_str();
-            let limit = AttemptLimit::new(ctx.rule.try_timeout, req.extensions().get::<Deadline>().copied());
-            let mut candidates = ctx.backend.select(ctx.table.endpoints(service));
+            let service = route.backend.service.as_str();
+            let limit = AttemptLimit::new(route.rule.try_timeout, ctx.deadline);
+            let mut candidates = route.backend.select(ctx.snapshot.endpoints(service));
             let mut req = Some(req);
             let mut refused = None;
             // An endpoint that cannot be connected to never saw the request, so
             // another one may take it, whatever the method (e.g. a peer that
             // is draining or just died and is still in discovery).
             for _ in 0..MAX_CONNECT_TRIES {
-                let Some((ep, in_flight)) = this.balancer.pick(&candidates) else { break };
+                let Some((ep, in_flight)) = balance::pick(&candidates) else { break };
                 let (addr, id) = (ep.address, ep.spiffe_id.clone());
-                let result = match limit.run(this.pool.get(addr, &id)).await {
-                    Err(_elapsed) => Err(local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service))),
+                let result = match limit.run(this.pool.get(ep)).await {
+                    Err(_elapsed) => Err(limit.error(service, &id, addr)),
                     Ok(Err(e)) => {
                         tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
                         this.report(in_flight, false);
                         candidates.retain(|c| c.address != addr);
-                        refused = Some((id, local_response(StatusCode::BAD_GATEWAY, format!("weft: {e}"))));
+                        refused = Some(e);
                         continue;
                     }
                     Ok(Ok(sender)) => {
                         let req = req.take().expect("the request is sent at most once");
-                        this.send(sender, addr, req, &limit, service).await
+                        this.send(sender, addr, &id, req, &limit, service).await
                     }
                 };
                 let failed = match &result {
@@ -82,36 +73,21 @@ impl Service<Request<Body>> for EndpointService {
                     Err(_) => true,
                 };
                 this.report(in_flight, !failed);
-                return Ok(served_by(result, id));
+                return result.map(|mut resp| {
+                    resp.extensions_mut().insert(ServedBy(id));
+                    resp
+                });
             }
-            Ok(match refused {
-                Some((id, resp)) => served_by(Err(resp), id),
-                None => {
-                    let b = &ctx.backend;
-                    let subset = if b.subset.is_empty() { String::new() } else { format!(" subset {:?}", b.subset) };
-                    local_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("weft: no endpoints for service {:?}{subset}", b.service),
-                    )
-                }
-            })
+            Err(refused.unwrap_or_else(|| ProxyError::NoEndpoints {
+                service: route.backend.service.clone(),
+                subset: route.backend.subset.clone(),
+            }))
         })
     }
 }
 
 /// How many endpoints one attempt tries to connect to before it gives up.
 const MAX_CONNECT_TRIES: usize = 3;
-
-/// The response to hand back, marked with the endpoint it went to; the
-/// sidecar's own error responses are marked as connection failures.
-fn served_by(result: Result<Response<Body>, Response<Body>>, id: SpiffeId) -> Response<Body> {
-    let mut resp = result.unwrap_or_else(|mut local| {
-        local.extensions_mut().insert(ConnectionFailure);
-        local
-    });
-    resp.extensions_mut().insert(ServedBy(id));
-    resp
-}
 
 impl EndpointService {
     /// Feeds an attempt's outcome to the balancer (latency, outlier detection).
@@ -121,25 +97,26 @@ impl EndpointService {
         }
     }
 
-    /// Sends on an open connection; an `Err` is the sidecar's own error response.
+    /// Sends on an open connection.
     async fn send(
         &self,
         mut sender: SendRequest<Body>,
         addr: SocketAddr,
+        id: &SpiffeId,
         req: Request<Body>,
         limit: &AttemptLimit,
         service: &str,
-    ) -> Result<Response<Body>, Response<Body>> {
+    ) -> Result<Response<Body>, ProxyError> {
         match limit.run(sender.send_request(req)).await {
-            Err(_elapsed) => Err(local_response(StatusCode::GATEWAY_TIMEOUT, limit.message(service))),
+            Err(_elapsed) => Err(limit.error(service, id, addr)),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, boxed(body)))
             }
-            Ok(Err(e)) => {
-                tracing::warn!(endpoint = %addr, error = %e, "request to endpoint failed");
-                Err(local_response(StatusCode::BAD_GATEWAY, format!("weft: upstream {addr}: {e}")))
+            Ok(Err(source)) => {
+                tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");
+                Err(ProxyError::UpstreamReset { addr, peer: id.clone(), source })
             }
         }
     }
@@ -173,11 +150,15 @@ impl AttemptLimit {
         }
     }
 
-    fn message(&self, service: &str) -> String {
+    /// The failure of an attempt this limit cut, at endpoint `peer`.
+    fn error(&self, service: &str, peer: &SpiffeId, addr: SocketAddr) -> ProxyError {
         match (self.per_try, self.deadline) {
-            (Some(t), _) => format!("weft: attempt timed out after {t:?}"),
-            (None, Some(d)) => timeout_message(service, d.timeout),
-            (None, None) => "weft: attempt timed out".to_string(),
+            (None, Some(d)) => ProxyError::RequestTimeout {
+                service: service.to_string(),
+                timeout: d.timeout,
+                peer: Some(peer.clone()),
+            },
+            (per_try, _) => ProxyError::AttemptTimeout { after: per_try.unwrap_or_default(), peer: peer.clone(), addr },
         }
     }
 }
@@ -195,11 +176,12 @@ mod tests {
 
         let l = AttemptLimit::new(Some(Duration::from_millis(200)), Some(deadline(1000)));
         assert_eq!(l.until, Some(now + Duration::from_millis(200)));
-        assert_eq!(l.message("api"), "weft: attempt timed out after 200ms");
+        let (id, addr) = (SpiffeId::parse("spiffe://td/api").unwrap(), "127.0.0.1:1".parse().unwrap());
+        assert_eq!(l.error("api", &id, addr).to_string(), "attempt timed out after 200ms");
 
         let l = AttemptLimit::new(Some(Duration::from_millis(900)), Some(deadline(300)));
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));
-        assert_eq!(l.message("api"), "weft: api did not answer within the route's 1s request timeout");
+        assert_eq!(l.error("api", &id, addr).to_string(), "api did not answer within the route's 1s request timeout");
 
         let l = AttemptLimit::new(None, Some(deadline(300)));
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));

@@ -1,39 +1,20 @@
-//! The route's whole-request timeout (retries included): 504 when it passes.
+//! The route's whole-request timeout (retries included): a
+//! [`ProxyError::RequestTimeout`] (504) when it passes.
 //!
-//! The deadline also travels with the request as a [`Deadline`] extension, so
-//! the endpoint service cuts the attempt that is running when it passes and
+//! The deadline also travels in the request's [`RequestContext`], so the
+//! endpoint service cuts the attempt that is running when it passes and
 //! reports it to outlier detection as a failure of that endpoint (a future
 //! dropped from outside could as well be a caller that went away).
 
-use std::convert::Infallible;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::http::{local_response, Body};
-use crate::routing::RouteContext;
-
-/// When the route's request timeout passes (a request extension).
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline {
-    pub at: tokio::time::Instant,
-    /// The route's request timeout, for the message.
-    pub timeout: Duration,
-}
-
-impl Deadline {
-    pub fn passed(&self) -> bool {
-        tokio::time::Instant::now() >= self.at
-    }
-}
-
-/// The body of the 504 a request gets when the route's timeout passes.
-pub fn timeout_message(service: &str, timeout: Duration) -> String {
-    format!("weft: {service} did not answer within the route's {timeout:?} request timeout")
-}
+use crate::context::{Deadline, RequestContext};
+use crate::error::ProxyError;
+use crate::http::Body;
 
 #[derive(Clone, Default)]
 pub struct TimeoutLayer;
@@ -52,32 +33,33 @@ pub struct Timeout<S> {
 
 impl<S, B> Service<Request<B>> for Timeout<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<B>, Response = Response<Body>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let limit = req
-            .extensions()
-            .get::<RouteContext>()
-            .and_then(|c| c.rule.request_timeout.map(|t| (t, c.backend.service.clone())));
-        let deadline = limit.as_ref().map(|(t, _)| Deadline { at: tokio::time::Instant::now() + *t, timeout: *t });
-        if let Some(d) = deadline {
-            req.extensions_mut().insert(d);
-        }
+        let ctx = req.extensions_mut().get_mut::<RequestContext>();
+        let limit = ctx.and_then(|ctx| {
+            let route = ctx.route.as_ref()?;
+            let timeout = route.rule.request_timeout?;
+            let service = route.backend.service.clone();
+            let deadline = Deadline { at: tokio::time::Instant::now() + timeout, timeout };
+            ctx.deadline = Some(deadline);
+            Some((deadline, service))
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let (Some((t, service)), Some(deadline)) = (limit, deadline) else { return fut.await };
+            let Some((deadline, service)) = limit else { return fut.await };
             match tokio::time::timeout_at(deadline.at, fut).await {
                 Ok(r) => r,
-                Err(_) => Ok(local_response(StatusCode::GATEWAY_TIMEOUT, timeout_message(&service, t))),
+                Err(_) => Err(ProxyError::RequestTimeout { service, timeout: deadline.timeout, peer: None }),
             }
         })
     }
@@ -86,8 +68,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::Table;
-    use crate::routing::Rule;
+    use crate::http::local_response;
+    use crate::state::routes::Rule;
+    use crate::state::Snapshot;
+    use http::StatusCode;
     use std::sync::Arc;
     use std::time::Duration;
     use tower::ServiceExt;
@@ -97,22 +81,30 @@ mod tests {
         rule.request_timeout = timeout;
         let backend = rule.backends[0].clone();
         let mut req = Request::new(());
-        req.extensions_mut().insert(RouteContext { table: Arc::new(Table::default()), rule: Arc::new(rule), backend });
+        req.extensions_mut().insert(RequestContext::outbound(Arc::new(Snapshot::default()), Arc::new(rule), backend));
         req
     }
 
     #[tokio::test(start_paused = true)]
     async fn answers_504_when_the_route_timeout_passes() {
-        let slow = tower::service_fn(|_req: Request<()>| async {
+        let slow = tower::service_fn(|_req: Request<()>| async move {
             tokio::time::sleep(Duration::from_secs(3)).await;
-            Ok::<_, Infallible>(local_response(StatusCode::OK, "late"))
+            Ok::<_, ProxyError>(local_response(StatusCode::OK, "late"))
         });
         let svc = TimeoutLayer.layer(slow);
-        let resp = svc.clone().oneshot(request(Some(Duration::from_millis(500)))).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        let err = svc.clone().oneshot(request(Some(Duration::from_millis(500)))).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(matches!(err, ProxyError::RequestTimeout { ref service, .. } if service == "api"));
         let resp = svc.clone().oneshot(request(Some(Duration::from_secs(5)))).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let resp = svc.oneshot(request(None)).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "no timeout configured");
+        // The deadline travels with the request for the attempt to honour.
+        let seen = tower::service_fn(|req: Request<()>| async move {
+            let d = req.extensions().get::<RequestContext>().and_then(|c| c.deadline);
+            assert_eq!(d.map(|d| d.timeout), Some(Duration::from_millis(500)));
+            Ok::<_, ProxyError>(local_response(StatusCode::OK, "ok"))
+        });
+        TimeoutLayer.layer(seen).oneshot(request(Some(Duration::from_millis(500)))).await.unwrap();
     }
 }

@@ -4,8 +4,12 @@
 //! 1), so slow or busy endpoints get less traffic than round robin would give
 //! them. An endpoint failing `EJECT_AFTER` times in a row is ejected for a
 //! growing interval, then brought back; never all endpoints at once.
+//!
+//! weft's own rather than `tower::balance`: tower's P2C has no outlier
+//! ejection, and its endpoints carry no identity to verify. The statistics
+//! are per-endpoint state ([`super::EndpointState`]): they outlive config
+//! swaps and leave with the endpoint.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::discovery::Endpoint;
+use super::{Endpoint, EndpointState};
 
 /// Consecutive failures that eject an endpoint.
 pub const EJECT_AFTER: u32 = 5;
@@ -31,6 +35,7 @@ struct Ewma {
     at: Instant,
 }
 
+/// One endpoint's latency estimate, load and outlier history.
 #[derive(Debug)]
 pub struct EndpointStats {
     in_flight: AtomicUsize,
@@ -41,7 +46,8 @@ pub struct EndpointStats {
 }
 
 impl EndpointStats {
-    fn new(now: Instant) -> Self {
+    /// Fresh stats; endpoints first seen together start equal.
+    pub fn new(now: Instant) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma { value: INITIAL_EWMA_SECS, at: now }),
@@ -97,14 +103,9 @@ impl EndpointStats {
     }
 }
 
-#[derive(Default)]
-pub struct Balancer {
-    stats: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
-}
-
 /// A request in flight on an endpoint; report its outcome with [`InFlight::done`].
 pub struct InFlight {
-    stats: Arc<EndpointStats>,
+    state: Arc<EndpointState>,
     addr: SocketAddr,
     start: Instant,
 }
@@ -113,7 +114,7 @@ impl InFlight {
     /// Records latency and success; returns true when this ejected the endpoint.
     pub fn done(self, ok: bool) -> bool {
         let now = Instant::now();
-        let ejected = self.stats.observe(now - self.start, ok, now);
+        let ejected = self.state.stats.observe(now - self.start, ok, now);
         if ejected {
             tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures");
         }
@@ -123,106 +124,83 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl Balancer {
-    /// An endpoint's stats; new ones start at `now`, so endpoints first
-    /// seen together start equal.
-    #[cfg(test)]
-    fn stats(&self, addr: SocketAddr, now: Instant) -> Arc<EndpointStats> {
-        self.stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointStats::new(now)))
-            .clone()
-    }
-
-    /// Picks an endpoint (None when there are none) and marks it busy.
-    pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
-        let now = Instant::now();
-        // One lock for all candidates, not one per endpoint (this runs per request).
-        let with_stats: Vec<(&Endpoint, Arc<EndpointStats>)> = {
-            let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-            endpoints
-                .iter()
-                .map(|e| (*e, map.entry(e.address).or_insert_with(|| Arc::new(EndpointStats::new(now))).clone()))
-                .collect()
-        };
-        let healthy: Vec<&(&Endpoint, Arc<EndpointStats>)> =
-            with_stats.iter().filter(|(_, s)| !s.ejected(now)).collect();
-        // Never eject everything: with no healthy endpoint, use them all.
-        let pool: Vec<&(&Endpoint, Arc<EndpointStats>)> =
-            if healthy.is_empty() { with_stats.iter().collect() } else { healthy };
-        let (ep, stats) = match pool.len() {
-            0 => return None,
-            1 => pool[0],
-            n => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let mut b = rng.random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                if pool[b].1.cost(now) < pool[a].1.cost(now) {
-                    pool[b]
-                } else {
-                    pool[a]
-                }
+/// Picks an endpoint (None when there are none) and marks it busy.
+pub fn pick<'a>(endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
+    let now = Instant::now();
+    let healthy: Vec<&'a Endpoint> = endpoints.iter().copied().filter(|e| !e.state.stats.ejected(now)).collect();
+    // Never eject everything: with no healthy endpoint, use them all.
+    let pool = if healthy.is_empty() { endpoints.to_vec() } else { healthy };
+    let ep = match pool.len() {
+        0 => return None,
+        1 => pool[0],
+        n => {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
             }
-        };
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((*ep, InFlight { stats: stats.clone(), addr: ep.address, start: now }))
-    }
+            if pool[b].state.stats.cost(now) < pool[a].state.stats.cost(now) {
+                pool[b]
+            } else {
+                pool[a]
+            }
+        }
+    };
+    ep.state.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    Some((ep, InFlight { state: ep.state.clone(), addr: ep.address, start: now }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use weft_certs::SpiffeId;
 
     fn ep(port: u16) -> Endpoint {
+        // Endpoints first seen together start equal.
+        static SEEN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let seen = *SEEN.get_or_init(Instant::now);
         Endpoint {
             address: SocketAddr::from(([127, 0, 0, 1], port)),
             spiffe_id: SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap(),
             labels: Default::default(),
+            state: Arc::new(EndpointState::new(&Default::default(), seen)),
         }
     }
 
     #[test]
     fn prefers_the_less_busy_endpoint() {
-        let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let _busy: Vec<_> =
-            (0..5).map(|_| b.stats(eps[0].address, Instant::now()).in_flight.fetch_add(1, Ordering::Relaxed)).collect();
+        let _busy: Vec<_> = (0..5).map(|_| eps[0].state.stats.in_flight.fetch_add(1, Ordering::Relaxed)).collect();
         for _ in 0..20 {
-            let (e, _g) = b.pick(&refs).unwrap();
+            let (e, _g) = pick(&refs).unwrap();
             assert_eq!(e.address.port(), 2);
         }
-        assert!(b.pick(&[]).is_none());
+        assert!(pick(&[]).is_none());
     }
 
     #[test]
     fn prefers_the_faster_endpoint() {
-        let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let now = Instant::now() + Duration::from_secs(1);
-        b.stats(eps[0].address, Instant::now()).observe(Duration::from_millis(200), true, now);
-        b.stats(eps[1].address, Instant::now()).observe(Duration::from_millis(2), true, now);
-        let fast = (0..100).filter(|_| b.pick(&refs).unwrap().0.address.port() == 2).count();
+        eps[0].state.stats.observe(Duration::from_millis(200), true, now);
+        eps[1].state.stats.observe(Duration::from_millis(2), true, now);
+        let fast = (0..100).filter(|_| pick(&refs).unwrap().0.address.port() == 2).count();
         assert_eq!(fast, 100, "with two endpoints P2C always compares both");
     }
 
     #[test]
     fn an_endpoint_passed_over_is_tried_again() {
-        let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let t0 = Instant::now();
-        let (one, two) = (b.stats(eps[0].address, t0), b.stats(eps[1].address, t0));
+        let (one, two) = (&eps[0].state.stats, &eps[1].state.stats);
         // A slow sample on endpoint 2 (say, its first connection's
         // handshake), then steady fast traffic on endpoint 1 only.
         let t1 = t0 + Duration::from_secs(10);
@@ -238,12 +216,11 @@ mod tests {
 
     #[test]
     fn spreads_evenly_when_idle() {
-        let b = Balancer::default();
         let eps = [ep(1), ep(2), ep(3)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let mut counts = HashMap::new();
         for _ in 0..3000 {
-            let (e, _g) = b.pick(&refs).unwrap();
+            let (e, _g) = pick(&refs).unwrap();
             *counts.entry(e.address.port()).or_insert(0) += 1;
         }
         for port in 1..=3 {
@@ -254,10 +231,9 @@ mod tests {
 
     #[test]
     fn ejects_after_consecutive_failures_and_brings_back() {
-        let b = Balancer::default();
         let eps = [ep(1), ep(2)];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let s = b.stats(eps[0].address, Instant::now());
+        let s = &eps[0].state.stats;
         let t0 = Instant::now();
         for i in 1..EJECT_AFTER {
             assert!(!s.observe(Duration::from_millis(1), false, t0), "not yet at failure {i}");
@@ -265,7 +241,7 @@ mod tests {
         assert!(s.observe(Duration::from_millis(1), false, t0));
         assert!(s.ejected(t0));
         for _ in 0..50 {
-            assert_eq!(b.pick(&refs).unwrap().0.address.port(), 2, "ejected endpoint gets no traffic");
+            assert_eq!(pick(&refs).unwrap().0.address.port(), 2, "ejected endpoint gets no traffic");
         }
         assert!(!s.ejected(t0 + BASE_EJECTION + Duration::from_millis(1)), "brought back after the interval");
         // The second ejection lasts longer.
@@ -279,6 +255,6 @@ mod tests {
         assert_eq!(s.ejections.load(Ordering::Relaxed), 0);
         // With every endpoint ejected, traffic still flows.
         let only = [&eps[0]];
-        assert!(b.pick(&only).is_some());
+        assert!(pick(&only).is_some());
     }
 }

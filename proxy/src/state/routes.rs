@@ -1,13 +1,14 @@
-//! Routing: which HTTPRoute rule a request takes, and which backend (service
-//! subset) by weight. Matches are ranked as the Gateway API defines: exact
-//! path, then longest prefix, then method, then most header matches, then
-//! most query matches, then route and rule order.
+//! The compiled routes: which HTTPRoute rule a request takes, and which
+//! backend (service subset) by weight. Matches are ranked as the Gateway API
+//! defines: exact path, then longest prefix, then method, then most header
+//! matches, then most query matches, then route and rule order. The outbound
+//! routing step and the inbound route-scoped rate limits both match here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 use rand::Rng;
 use regex::Regex;
 use weft_config::{
@@ -15,7 +16,24 @@ use weft_config::{
     ValueMatchType,
 };
 
-use crate::discovery::Endpoint;
+use super::budget::Budget;
+use super::kept::Renewal;
+use super::Endpoint;
+
+/// Why the routes of a config do not compile (the whole config is rejected).
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("HTTPRoute {route}: backend service {service:?} unknown")]
+    UnknownBackend { route: String, service: String },
+    #[error("HTTPRoute {route}: subset {subset:?} unknown")]
+    UnknownSubset { route: String, subset: String },
+    #[error("HTTPRoute {route}: regular expression {pattern:?}: {source}")]
+    Regex { route: String, pattern: String, source: regex::Error },
+    #[error("HTTPRoute {route}: header {name:?}: {source}")]
+    HeaderName { route: String, name: String, source: http::header::InvalidHeaderName },
+    #[error("HTTPRoute {route}: method {method:?}: {source}")]
+    Method { route: String, method: String, source: http::method::InvalidMethod },
+}
 
 #[derive(Debug)]
 enum PathM {
@@ -75,6 +93,9 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     pub try_timeout: Option<Duration>,
     pub retry: Option<Arc<Retry>>,
+    /// The retry budget of this rule (present with `retry`); it outlives
+    /// config swaps while the rule and its budget settings stay.
+    pub budget: Option<Arc<Budget>>,
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
 }
@@ -99,6 +120,7 @@ impl Rule {
             request_timeout: None,
             try_timeout: None,
             retry: None,
+            budget: None,
             request_headers: HeaderModifier::default(),
             response_headers: HeaderModifier::default(),
         }
@@ -115,16 +137,6 @@ impl Rule {
         }
         &self.backends[0]
     }
-}
-
-/// What the outbound layers need to know of a routed request; set as a
-/// request extension by the routing step.
-#[derive(Clone)]
-pub struct RouteContext {
-    /// The config version the request started with.
-    pub table: Arc<crate::discovery::Table>,
-    pub rule: Arc<Rule>,
-    pub backend: Arc<Backend>,
 }
 
 /// What routing decided for a request.
@@ -170,27 +182,31 @@ fn rank(m: Option<&RouteMatch>, route: usize, rule: usize) -> Rank {
     (path_rank, Reverse(prefix_len), method, Reverse(headers), Reverse(query), route, rule)
 }
 
-fn compile_value(v: &ValueMatch) -> Result<ValueM, String> {
+fn compile_value(route: &str, v: &ValueMatch) -> Result<ValueM, RouteError> {
     Ok(match v.kind {
         ValueMatchType::Exact => ValueM::Exact(v.value.clone()),
-        ValueMatchType::RegularExpression => ValueM::Regex(anchored(&v.value)?),
+        ValueMatchType::RegularExpression => ValueM::Regex(anchored(route, &v.value)?),
     })
 }
 
 /// Gateway API regex matches are full matches.
-fn anchored(re: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{re})$")).map_err(|e| e.to_string())
+fn anchored(route: &str, re: &str) -> Result<Regex, RouteError> {
+    Regex::new(&format!("^(?:{re})$")).map_err(|source| RouteError::Regex {
+        route: route.into(),
+        pattern: re.into(),
+        source,
+    })
 }
 
-fn compile_match(m: &RouteMatch) -> Result<Match, String> {
+fn compile_match(route: &str, m: &RouteMatch) -> Result<Match, RouteError> {
     let path = m
         .path
         .as_ref()
         .map(|p| {
-            Ok::<_, String>(match p.kind {
+            Ok::<_, RouteError>(match p.kind {
                 PathMatchType::Exact => PathM::Exact(p.value.clone()),
                 PathMatchType::PathPrefix => PathM::Prefix(p.value.trim_end_matches('/').to_string()),
-                PathMatchType::RegularExpression => PathM::Regex(anchored(&p.value)?),
+                PathMatchType::RegularExpression => PathM::Regex(anchored(route, &p.value)?),
             })
         })
         .transpose()?;
@@ -198,26 +214,48 @@ fn compile_match(m: &RouteMatch) -> Result<Match, String> {
         .headers
         .iter()
         .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| format!("header {:?}: {e}", h.name))?;
-            Ok((name, compile_value(h)?))
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|source| RouteError::HeaderName {
+                route: route.into(),
+                name: h.name.clone(),
+                source,
+            })?;
+            Ok((name, compile_value(route, h)?))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, RouteError>>()?;
     let method = m
         .method
         .as_ref()
-        .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| format!("method {s:?}: {e}")))
+        .map(|s| {
+            Method::from_bytes(s.as_bytes()).map_err(|source| RouteError::Method {
+                route: route.into(),
+                method: s.clone(),
+                source,
+            })
+        })
         .transpose()?;
-    let query =
-        m.query_params.iter().map(|q| Ok((q.name.clone(), compile_value(q)?))).collect::<Result<_, String>>()?;
+    let query = m
+        .query_params
+        .iter()
+        .map(|q| Ok((q.name.clone(), compile_value(route, q)?)))
+        .collect::<Result<_, RouteError>>()?;
     Ok(Match { path, headers, method, query })
 }
 
-fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Result<Rule, String> {
+fn compile_rule(
+    cfg: &MeshConfig,
+    route: &str,
+    idx: usize,
+    r: &RouteRule,
+    budgets: &mut Renewal<'_, String, Budget>,
+) -> Result<Rule, RouteError> {
     let backends = r
         .backend_refs
         .iter()
         .map(|b: &BackendRef| {
-            let svc = cfg.services.get(&b.name).ok_or_else(|| format!("backend service {:?} unknown", b.name))?;
+            let svc = cfg
+                .services
+                .get(&b.name)
+                .ok_or_else(|| RouteError::UnknownBackend { route: route.into(), service: b.name.clone() })?;
             let labels = match &b.subset {
                 None => BTreeMap::new(),
                 Some(name) => svc
@@ -225,7 +263,7 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
                     .iter()
                     .find(|s| &s.name == name)
                     .map(|s| s.labels.clone())
-                    .ok_or_else(|| format!("subset {name:?} unknown"))?,
+                    .ok_or_else(|| RouteError::UnknownSubset { route: route.into(), subset: name.clone() })?,
             };
             Ok(Arc::new(Backend {
                 service: b.name.clone(),
@@ -234,7 +272,7 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
                 weight: b.weight,
             }))
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, RouteError>>()?;
     let modifier = |kind: FilterType| {
         r.filters
             .iter()
@@ -246,13 +284,19 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
             .next()
             .unwrap_or_default()
     };
+    let name = format!("{route}/{}", r.name.clone().unwrap_or_else(|| idx.to_string()));
+    let budget = r.retry.as_ref().map(|retry| {
+        let settings = &retry.budget;
+        budgets.get(name.clone(), |b| b.settings() == settings, || Budget::new(settings))
+    });
     Ok(Rule {
-        name: format!("{route}/{}", r.name.clone().unwrap_or_else(|| idx.to_string())),
+        name,
         total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
         backends,
         request_timeout: r.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0),
         try_timeout: r.timeouts.as_ref().and_then(|t| t.backend_request).map(|d| d.0),
         retry: r.retry.clone().map(Arc::new),
+        budget,
         request_headers: modifier(FilterType::RequestHeaderModifier),
         response_headers: modifier(FilterType::ResponseHeaderModifier),
     })
@@ -260,22 +304,21 @@ fn compile_rule(cfg: &MeshConfig, route: &str, idx: usize, r: &RouteRule) -> Res
 
 impl Router {
     /// Compiles the routes of a validated config; any failure rejects it all.
-    pub fn new(cfg: &MeshConfig) -> Result<Self, String> {
+    /// Rules with retries take their budget from `budgets` (kept across swaps).
+    pub fn new(cfg: &MeshConfig, budgets: &mut Renewal<'_, String, Budget>) -> Result<Self, RouteError> {
         let mut router = Router::default();
         let mut ranked: HashMap<String, Vec<(Rank, Option<Match>, usize)>> = HashMap::new();
         for (ri, route) in cfg.routes.iter().enumerate() {
             for (ui, rule) in route.spec.rules.iter().enumerate() {
                 let rule_idx = router.rules.len();
-                router.rules.push(Arc::new(
-                    compile_rule(cfg, &route.name, ui, rule).map_err(|e| format!("HTTPRoute {}: {e}", route.name))?,
-                ));
+                router.rules.push(Arc::new(compile_rule(cfg, &route.name, ui, rule, budgets)?));
                 for parent in &route.spec.parent_refs {
                     let list = ranked.entry(parent.name.clone()).or_default();
                     if rule.matches.is_empty() {
                         list.push((rank(None, ri, ui), None, rule_idx));
                     }
                     for m in &rule.matches {
-                        let compiled = compile_match(m).map_err(|e| format!("HTTPRoute {}: {e}", route.name))?;
+                        let compiled = compile_match(&route.name, m)?;
                         list.push((rank(Some(m), ri, ui), Some(compiled), rule_idx));
                     }
                 }
@@ -286,6 +329,11 @@ impl Router {
             router.candidates.insert(svc, list.into_iter().map(|(_, m, i)| (m, i)).collect());
         }
         Ok(router)
+    }
+
+    /// Every compiled rule, in config order.
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.rules
     }
 
     pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Decision {
@@ -326,28 +374,17 @@ fn matches(m: &Match, req: &RequestInfo<'_>) -> bool {
         })
 }
 
-/// Applies a header modifier (set, add, remove) to a header map.
-pub fn modify_headers(m: &HeaderModifier, headers: &mut http::HeaderMap) {
-    for h in &m.set {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
-            headers.insert(n, v);
-        }
-    }
-    for h in &m.add {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
-            headers.append(n, v);
-        }
-    }
-    for name in &m.remove {
-        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(n);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::kept::Kept;
+    use http::HeaderValue;
+
+    fn compile(cfg: &MeshConfig) -> Router {
+        let budgets = Kept::default();
+        let mut renewal = budgets.renew();
+        Router::new(cfg, &mut renewal).unwrap()
+    }
 
     const CFG: &str = r#"
 apiVersion: weft.dev/v1alpha1
@@ -401,7 +438,7 @@ spec:
     #[test]
     fn precedence_follows_the_gateway_api() {
         let cfg = weft_config::parse(CFG).unwrap();
-        let r = Router::new(&cfg).unwrap();
+        let r = compile(&cfg);
         assert_eq!(route_name(&r, Method::GET, "/", None, &[]), "r/split");
         assert_eq!(route_name(&r, Method::GET, "/", None, &[("x-canary", "true")]), "r/canary");
         assert_eq!(route_name(&r, Method::GET, "/", None, &[("x-canary", "TRUE")]), "r/split", "exact is exact");
@@ -424,14 +461,14 @@ spec:
     #[test]
     fn no_match_when_routes_exist() {
         let cfg = weft_config::parse(&CFG.replace("    - name: split\n      backendRefs: [{name: b, subset: v1, weight: 90}, {name: b, subset: v2, weight: 10}]\n", "")).unwrap();
-        let r = Router::new(&cfg).unwrap();
+        let r = compile(&cfg);
         assert_eq!(route_name(&r, Method::GET, "/elsewhere", None, &[]), "none");
     }
 
     #[test]
     fn weights_split_traffic() {
         let cfg = weft_config::parse(CFG).unwrap();
-        let r = Router::new(&cfg).unwrap();
+        let r = compile(&cfg);
         let Decision::Rule(rule) =
             r.route("b", &RequestInfo { method: &Method::GET, path: "/", query: None, headers: &Default::default() })
         else {
@@ -439,22 +476,5 @@ spec:
         };
         let v2 = (0..10_000).filter(|_| rule.pick_backend().subset == "v2").count();
         assert!((800..1200).contains(&v2), "v2 got {v2} of 10000");
-    }
-
-    #[test]
-    fn header_modifiers() {
-        let m = HeaderModifier {
-            set: vec![weft_config::Header { name: "x-a".into(), value: "1".into() }],
-            add: vec![weft_config::Header { name: "x-b".into(), value: "2".into() }],
-            remove: vec!["x-c".into()],
-        };
-        let mut h = http::HeaderMap::new();
-        h.insert("x-a", HeaderValue::from_static("0"));
-        h.insert("x-b", HeaderValue::from_static("1"));
-        h.insert("x-c", HeaderValue::from_static("gone"));
-        modify_headers(&m, &mut h);
-        assert_eq!(h["x-a"], "1");
-        assert_eq!(h.get_all("x-b").iter().count(), 2);
-        assert!(h.get("x-c").is_none());
     }
 }

@@ -1,16 +1,12 @@
-//! Authorization on the inbound side, with the caller's verified SPIFFE ID.
-//! Deny wins over allow; when a service has ALLOW policies, or the mesh
-//! default is deny, a request needs a matching ALLOW rule.
+//! Authorization (authz) evaluation: the AuthorizationPolicies of this
+//! sidecar's service, judged with the caller's verified SPIFFE ID. Deny wins
+//! over allow; when a service has ALLOW policies, or the mesh default is
+//! deny, a request needs a matching ALLOW rule. Enforced on requests by
+//! `inbound/authz.rs`, and on open TCP tunnels after every config change.
 
-use std::sync::Arc;
-
-use http::{Method, StatusCode};
+use http::Method;
 use weft_certs::SpiffeId;
 
-use super::gate::{Gate, GateLayer};
-use super::RequestContext;
-use crate::http::{local_response, Body};
-use crate::metrics::{AuthzLabels, Metrics};
 use weft_config::{
     glob_match, Action, AuthorizationPolicySpec, AuthzRule, DefaultPolicy, MeshConfig, Named, Operation, Source,
 };
@@ -187,109 +183,5 @@ spec:
         assert!(a.check(&id("spiffe://td/a"), &Request { method: None, path: None, port: a.port() }).allowed);
         assert!(!a.check(&id("spiffe://other/a"), &Request { method: None, path: None, port: a.port() }).allowed);
         assert!(!a.check(&id("spiffe://td/a"), &Request { method: None, path: None, port: 9090 }).allowed);
-    }
-}
-
-/// The gate that enforces [`Authorizer`] on the inbound request path,
-/// reading the caller and the config from the request's [`RequestContext`].
-#[derive(Clone)]
-pub struct Authorize {
-    metrics: Arc<Metrics>,
-}
-
-/// The tower layer of [`Authorize`].
-pub type AuthorizeLayer = GateLayer<Authorize>;
-
-impl Authorize {
-    pub fn layer(metrics: Arc<Metrics>) -> AuthorizeLayer {
-        GateLayer(Self { metrics })
-    }
-}
-
-impl Gate for Authorize {
-    fn check<B>(&self, req: &http::Request<B>) -> Option<http::Response<Body>> {
-        let Some(ctx) = req.extensions().get::<RequestContext>() else { return Some(missing_context()) };
-        let tcp = req.method() == Method::CONNECT;
-        let decision = ctx.table.authz.check(
-            &ctx.peer,
-            &Request {
-                method: (!tcp).then(|| req.method()),
-                path: (!tcp).then(|| req.uri().path()),
-                port: ctx.table.authz.port(),
-            },
-        );
-        let labels = AuthzLabels {
-            policy: decision.policy.clone(),
-            outcome: if decision.allowed { "allow" } else { "deny" },
-            protocol: if tcp { "tcp" } else { "http" },
-        };
-        self.metrics.authz.get_or_create(&labels).inc();
-        if decision.allowed {
-            return None;
-        }
-        // No policy details leak to the caller; they are in logs and metrics.
-        tracing::info!(peer = %ctx.peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "denied by policy");
-        let what = if tcp { "connection" } else { "request" };
-        // For TCP, the caller's sidecar closes the app's connection on a non-200.
-        Some(local_response(StatusCode::FORBIDDEN, format!("weft: {what} denied by authorization policy")))
-    }
-}
-
-/// The layers run behind the inbound connection, which always sets the context.
-pub(crate) fn missing_context() -> http::Response<Body> {
-    local_response(StatusCode::INTERNAL_SERVER_ERROR, "weft: internal error: request without caller context")
-}
-
-#[cfg(test)]
-mod layer_tests {
-    use super::*;
-    use crate::discovery::Table;
-    use std::convert::Infallible;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tower::{Layer, Service, ServiceExt};
-
-    fn stack(
-        calls: Arc<AtomicUsize>,
-    ) -> crate::inbound::gate::Gated<
-        Authorize,
-        impl Service<http::Request<()>, Response = http::Response<Body>, Error = Infallible, Future: Send>
-            + Clone
-            + Send
-            + 'static,
-    > {
-        let inner = tower::service_fn(move |_req: http::Request<()>| {
-            calls.fetch_add(1, Ordering::Relaxed);
-            async { Ok::<_, Infallible>(local_response(StatusCode::OK, "app")) }
-        });
-        Authorize::layer(Arc::new(Metrics::default())).layer(inner)
-    }
-
-    fn request(method: Method, path: &str, peer: &str, table: &Arc<Table>) -> http::Request<()> {
-        let mut req = http::Request::builder().method(method).uri(path).body(()).unwrap();
-        req.extensions_mut()
-            .insert(RequestContext { peer: Arc::new(SpiffeId::parse(peer).unwrap()), table: table.clone() });
-        req
-    }
-
-    #[tokio::test]
-    async fn denies_before_the_app_and_allows_through() {
-        let cfg = weft_config::parse(
-            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec: {}\n---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-web}\nspec:\n  targetRef: {name: api}\n  action: ALLOW\n  rules: [{from: [{identities: ['spiffe://td/ns/a/sa/web']}]}]\n",
-        )
-        .unwrap();
-        let table = Arc::new(Table { authz: Authorizer::new(&cfg, "api"), ..Default::default() });
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = stack(calls.clone());
-        let ok = svc.clone().oneshot(request(Method::GET, "/", "spiffe://td/ns/a/sa/web", &table)).await.unwrap();
-        assert_eq!(ok.status(), StatusCode::OK);
-        let denied = svc.clone().oneshot(request(Method::GET, "/", "spiffe://td/ns/a/sa/evil", &table)).await.unwrap();
-        assert_eq!(denied.status(), StatusCode::FORBIDDEN);
-        let tcp =
-            svc.clone().oneshot(request(Method::CONNECT, "api:0", "spiffe://td/ns/a/sa/evil", &table)).await.unwrap();
-        assert_eq!(tcp.status(), StatusCode::FORBIDDEN);
-        assert_eq!(calls.load(Ordering::Relaxed), 1, "denied requests never reach the app");
-        let mut no_ctx = http::Request::new(());
-        *no_ctx.uri_mut() = "/".parse().unwrap();
-        assert_eq!(svc.oneshot(no_ctx).await.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

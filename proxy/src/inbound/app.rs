@@ -1,0 +1,175 @@
+//! The innermost inbound service: the local app. HTTP is forwarded in the
+//! protocol the calling app spoke (or the one `--app-protocol` fixes), with
+//! the caller's verified SPIFFE ID in `x-weft-peer-id`; CONNECT becomes a
+//! TCP tunnel to the app's port, closed when policy stops allowing the caller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use weft_certs::SpiffeId;
+
+use super::{AppProtocol, Inbound};
+use crate::context::RequestContext;
+use crate::error::ProxyError;
+use crate::http::{boxed, empty, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
+use crate::metrics::{AuthzLabels, ConnLabels, OpenConn};
+use crate::state::{authz, State};
+
+/// The innermost inbound service: CONNECT tunnels to the app's TCP port,
+/// everything else is forwarded as HTTP.
+#[derive(Clone)]
+pub(super) struct AppService {
+    pub(super) inbound: Arc<Inbound>,
+}
+
+impl tower::Service<Request<Incoming>> for AppService {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inbound = self.inbound.clone();
+        Box::pin(async move {
+            let peer = req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone());
+            let Some(peer) = peer else { return Err(ProxyError::Internal { what: MISSING_CONTEXT }) };
+            if req.method() == Method::CONNECT {
+                inbound.tunnel(req, &peer).await
+            } else {
+                inbound.forward(req, &peer).await
+            }
+        })
+    }
+}
+
+/// The layers run behind the inbound connection, which always sets the context.
+pub(crate) const MISSING_CONTEXT: &str = "request without caller context";
+
+/// Connects every request to the local app, whatever the URI says.
+#[derive(Clone)]
+pub struct AppConnector {
+    app: SocketAddr,
+}
+
+impl AppConnector {
+    pub fn new(app: SocketAddr) -> Self {
+        Self { app }
+    }
+}
+
+impl tower::Service<http::Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let app = self.app;
+        Box::pin(async move {
+            let tcp = TcpStream::connect(app).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}
+
+/// Resolves when a newly applied config denies `peer` TCP access.
+async fn revoked(state: &State, peer: &SpiffeId) {
+    let mut changes = state.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let snapshot = state.snapshot();
+        let req = authz::Request { method: None, path: None, port: snapshot.authz.port() };
+        if !snapshot.authz.check(peer, &req).allowed {
+            return;
+        }
+    }
+}
+
+impl Inbound {
+    async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let caller_h2 = parts.headers.remove(APP_PROTOCOL).is_some_and(|v| v == "h2");
+        let app_h2 = match self.app_protocol {
+            AppProtocol::Auto => caller_h2,
+            AppProtocol::Http1 => false,
+            AppProtocol::H2c => true,
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        // Only the sidecar may say who the caller is.
+        parts.headers.remove(PEER_ID);
+        if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+            parts.headers.insert(PEER_ID, v);
+        }
+        let client = if app_h2 {
+            parts.version = Version::HTTP_2;
+            &self.h2
+        } else {
+            parts.version = Version::HTTP_11;
+            if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                parts.headers.insert(header::HOST, host);
+            }
+            &self.h1
+        };
+        match client.request(Request::from_parts(parts, boxed(body))).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = Version::HTTP_2;
+                Ok(Response::from_parts(parts, boxed(body)))
+            }
+            Err(source) => {
+                tracing::warn!(app = %self.app, error = %source, "local app request failed");
+                Err(ProxyError::AppFailed { app: self.app, source })
+            }
+        }
+    }
+
+    async fn tunnel(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
+        let app = TcpStream::connect(self.app)
+            .await
+            .map_err(|source| ProxyError::AppUnreachable { app: self.app, source })?;
+        let _ = app.set_nodelay(true);
+        let metrics = self.metrics.clone();
+        let peer = peer.clone();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let _open = OpenConn::new(&metrics, "inbound", "tcp");
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),
+            };
+            let (mut app, mut upgraded) = (app, TokioIo::new(upgraded));
+            let copy = tokio::io::copy_bidirectional(&mut upgraded, &mut app);
+            tokio::select! {
+                r = copy => match r {
+                    Ok((a, b)) => {
+                        let labels = ConnLabels { direction: "inbound", protocol: "tcp" };
+                        metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with error"),
+                },
+                // A policy change that no longer allows this caller closes its open connection.
+                () = revoked(&state, &peer) => {
+                    let labels = AuthzLabels { policy: "revoked".into(), outcome: "deny", protocol: "tcp" };
+                    metrics.authz.get_or_create(&labels).inc();
+                    tracing::info!(%peer, "closing TCP connection: no longer allowed by policy");
+                }
+            }
+        });
+        Ok(Response::new(empty()))
+    }
+}

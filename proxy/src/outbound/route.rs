@@ -1,0 +1,139 @@
+//! The outbound routing step: which service the app called (authority or
+//! Host), which rule of its routes and which weighted backend take the
+//! request, and the request prepared for the hop to the peer sidecar, with
+//! its [`RequestContext`] for the layers behind.
+
+use std::sync::Arc;
+
+use http::{header, HeaderName, HeaderValue, Request, Uri, Version};
+use weft_config::HeaderModifier;
+
+use super::service_of;
+use crate::context::RequestContext;
+use crate::error::ProxyError;
+use crate::http::{strip_hop_by_hop, Body, APP_PROTOCOL};
+use crate::metrics::RequestMeta;
+use crate::state::routes::{Decision, RequestInfo, Rule};
+use crate::state::Snapshot;
+
+/// A request routed and ready for the stack.
+pub struct Routed {
+    /// The service the app called (the metrics' `service` label).
+    pub service: String,
+    pub req: Request<Body>,
+    pub rule: Arc<Rule>,
+}
+
+/// A request that could not be routed, with the service it named, if any.
+pub type Unrouted = (Option<String>, ProxyError);
+
+/// Routes `req` with `snapshot` (one config for the whole request: a config
+/// change applies between requests) and prepares it for the peer sidecar.
+pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMeta) -> Result<Routed, Unrouted> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let Some(authority) = authority else {
+        return Err((None, ProxyError::NoAuthority));
+    };
+    let service = service_of(&authority).to_string();
+    let (mut parts, body) = req.into_parts();
+    let info = RequestInfo {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let rule = match snapshot.routes.route(&service, &info) {
+        Decision::Rule(r) => r,
+        Decision::Default => snapshot.default_rule(&service),
+        Decision::NoMatch => {
+            let e = ProxyError::NoRoute {
+                service: service.clone(),
+                method: parts.method.clone(),
+                path: parts.uri.path().to_string(),
+            };
+            return Err((Some(service), e));
+        }
+    };
+    let backend = rule.pick_backend().clone();
+    meta.route = rule.name.clone();
+    meta.backend = backend.subset.clone();
+
+    let app_protocol = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    parts.headers.insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
+    modify_headers(&rule.request_headers, &mut parts.headers);
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build() {
+        Ok(u) => u,
+        Err(source) => return Err((Some(service), ProxyError::BadTarget { source })),
+    };
+    parts.version = Version::HTTP_2;
+    parts.extensions.insert(RequestContext::outbound(snapshot.clone(), rule.clone(), backend));
+    Ok(Routed { service, req: Request::from_parts(parts, body), rule })
+}
+
+/// Applies a header modifier (set, add, remove) to a header map.
+pub fn modify_headers(m: &HeaderModifier, headers: &mut http::HeaderMap) {
+    for h in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.insert(n, v);
+        }
+    }
+    for h in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.append(n, v);
+        }
+    }
+    for name in &m.remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::empty;
+
+    #[test]
+    fn header_modifiers() {
+        let m = HeaderModifier {
+            set: vec![weft_config::Header { name: "x-a".into(), value: "1".into() }],
+            add: vec![weft_config::Header { name: "x-b".into(), value: "2".into() }],
+            remove: vec!["x-c".into()],
+        };
+        let mut h = http::HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("0"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        h.insert("x-c", HeaderValue::from_static("gone"));
+        modify_headers(&m, &mut h);
+        assert_eq!(h["x-a"], "1");
+        assert_eq!(h.get_all("x-b").iter().count(), 2);
+        assert!(h.get("x-c").is_none());
+    }
+
+    #[test]
+    fn routes_by_authority_and_prepares_the_hop() {
+        let snapshot = Arc::new(Snapshot::default());
+        let mut meta = RequestMeta::default();
+        let req =
+            Request::get("/x?q=1").header("host", "api:8080").header("connection", "close").body(empty()).unwrap();
+        let routed = route(&snapshot, req, &mut meta).unwrap_or_else(|(_, e)| panic!("{e}"));
+        assert_eq!(routed.service, "api");
+        assert_eq!(routed.req.uri(), "http://api:8080/x?q=1");
+        assert_eq!(routed.req.version(), Version::HTTP_2);
+        assert_eq!(routed.req.headers()[APP_PROTOCOL], "h1");
+        assert!(routed.req.headers().get(header::HOST).is_none() && routed.req.headers().get("connection").is_none());
+        let ctx = routed.req.extensions().get::<RequestContext>().unwrap();
+        assert_eq!(ctx.route.as_ref().unwrap().backend.service, "api");
+
+        let no_host = Request::get("/").body(empty()).unwrap();
+        assert!(matches!(route(&snapshot, no_host, &mut meta), Err((None, ProxyError::NoAuthority))));
+    }
+}

@@ -1,0 +1,349 @@
+//! What the sidecar believes: the endpoints of every service with the
+//! identity each must prove, the compiled routes, authorization and rate
+//! limits — swapped as one [`Snapshot`] per applied config — and the state
+//! that must outlive a swap (an endpoint's balancer statistics and pooled
+//! connection, a limit's buckets, a rule's retry budget), kept one way
+//! ([`kept::Kept`]) and dropped when what it belongs to leaves the config.
+//!
+//! The request layers (`inbound/`, `outbound/`) read it; it imports none of
+//! them. The config client (`config_stream.rs`) feeds it.
+
+pub mod authz;
+pub mod balance;
+pub mod budget;
+pub mod kept;
+pub mod ratelimit;
+pub mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hyper::client::conn::http2::SendRequest;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+use tokio::sync::watch;
+use weft_certs::SpiffeId;
+use weft_config::MeshConfig;
+use weft_proto::config::v1 as pb;
+
+use crate::http::Body;
+use crate::metrics::{Live, Metrics};
+use authz::Authorizer;
+use balance::EndpointStats;
+use budget::Budget;
+use kept::Kept;
+use ratelimit::{Limit, LimitClock, RateLimits};
+use routes::{RouteError, Router, Rule};
+
+/// Why a snapshot from the control plane was rejected (sent back as the NACK
+/// reason; the last good config keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("service {service}: endpoint address {address:?}: {source}")]
+    EndpointAddress { service: String, address: String, source: std::net::AddrParseError },
+    #[error("service {service}: endpoint {address}: SPIFFE ID: {source}")]
+    EndpointId { service: String, address: String, source: weft_certs::SpiffeIdError },
+    #[error("mesh config: {0}")]
+    MeshConfig(#[from] serde_json::Error),
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+}
+
+/// An endpoint of a service, with the identity its sidecar must prove.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    #[serde(serialize_with = "ser_id")]
+    pub spiffe_id: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    /// What the sidecar keeps for this endpoint while discovery lists it.
+    #[serde(skip)]
+    pub state: Arc<EndpointState>,
+}
+
+fn ser_id<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(id.as_str())
+}
+
+/// Per-endpoint state that outlives config swaps: the balancer's statistics
+/// and the pooled mTLS connection. Keyed by address and SPIFFE ID (a new
+/// identity at the same address starts afresh); dropped, connection and
+/// all, once discovery no longer lists the endpoint and no request holds it.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub stats: EndpointStats,
+    /// The pooled connection; the lock also makes concurrent callers wait
+    /// for a single connection attempt.
+    pub conn: tokio::sync::Mutex<Option<Pooled>>,
+    /// Counts this endpoint in `weft_proxy_balancer_endpoints`.
+    _live: Live,
+}
+
+impl EndpointState {
+    /// Fresh state as of `now` (endpoints first seen together start
+    /// equal), counted in `gauge` for as long as it lives.
+    pub fn new(gauge: &Gauge, now: Instant) -> Self {
+        Self { stats: EndpointStats::new(now), conn: Default::default(), _live: Live::new(gauge) }
+    }
+}
+
+/// A pooled HTTP/2 connection to an endpoint's sidecar, counted in
+/// `weft_proxy_pool_connections` while the pool holds it.
+#[derive(Debug)]
+pub struct Pooled {
+    pub sender: SendRequest<Body>,
+    _live: Live,
+}
+
+impl Pooled {
+    pub fn new(sender: SendRequest<Body>, gauge: &Gauge) -> Self {
+        Self { sender, _live: Live::new(gauge) }
+    }
+}
+
+/// One applied config: endpoints and the mesh config, compiled, swapped as
+/// one so a request sees one consistent version from start to end.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub version: u64,
+    pub services: HashMap<String, Vec<Endpoint>>,
+    /// The mesh config as applied (None: no config from the control plane).
+    pub mesh: Option<MeshConfig>,
+    #[serde(skip)]
+    pub routes: Router,
+    #[serde(skip)]
+    pub authz: Authorizer,
+    #[serde(skip)]
+    pub rate_limits: Option<RateLimits>,
+    /// The route of each known service without HTTPRoutes (all its
+    /// endpoints), made once per version instead of once per request.
+    #[serde(skip)]
+    pub(crate) default_rules: HashMap<String, Arc<Rule>>,
+}
+
+impl Snapshot {
+    /// The default route of `service` (for services without HTTPRoutes).
+    pub fn default_rule(&self, service: &str) -> Arc<Rule> {
+        self.default_rules.get(service).cloned().unwrap_or_else(|| Arc::new(Rule::default_for(service)))
+    }
+
+    pub fn endpoints(&self, service: &str) -> &[Endpoint] {
+        self.services.get(service).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// The sidecar's state: the current [`Snapshot`] and what outlives it.
+pub struct State {
+    /// This sidecar's service (authorization and rate limits guard it).
+    service: String,
+    snapshot: ArcSwap<Snapshot>,
+    applied: watch::Sender<u64>,
+    endpoints: Kept<(SocketAddr, SpiffeId), EndpointState>,
+    limits: Kept<String, Limit>,
+    budgets: Kept<String, Budget>,
+    clock: LimitClock,
+    metrics: Arc<Metrics>,
+}
+
+impl State {
+    pub fn new(service: &str, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            service: service.to_string(),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            applied: watch::channel(0).0,
+            endpoints: Kept::default(),
+            limits: Kept::default(),
+            budgets: Kept::default(),
+            clock: LimitClock::default(),
+            metrics,
+        })
+    }
+
+    /// The current snapshot; holding it keeps that version for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Notified after every applied snapshot.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Resolves once a first snapshot has been applied.
+    pub async fn first_applied(&self) {
+        let mut rx = self.applied.subscribe();
+        let _ = rx.wait_for(|v| *v > 0).await;
+    }
+
+    /// How many endpoints have kept state (balancer statistics, pool slot).
+    pub fn kept_endpoints(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Applies a snapshot from the control plane; any bad entry rejects the
+    /// whole snapshot, so nothing half-applies. What outlives the swap is
+    /// carried over, and what the new snapshot no longer names is dropped.
+    pub fn apply(&self, s: &pb::Snapshot) -> Result<(), ConfigError> {
+        let mut endpoints = self.endpoints.renew();
+        let mut limits = self.limits.renew();
+        let mut budgets = self.budgets.renew();
+        let mut services = HashMap::new();
+        let now = Instant::now();
+        for svc in &s.services {
+            let mut eps = Vec::with_capacity(svc.endpoints.len());
+            for ep in &svc.endpoints {
+                let address = ep.address.parse().map_err(|source| ConfigError::EndpointAddress {
+                    service: svc.name.clone(),
+                    address: ep.address.clone(),
+                    source,
+                })?;
+                let spiffe_id = SpiffeId::parse(&ep.spiffe_id).map_err(|source| ConfigError::EndpointId {
+                    service: svc.name.clone(),
+                    address: ep.address.clone(),
+                    source,
+                })?;
+                let gauge = &self.metrics.balancer_endpoints;
+                let state = endpoints.get((address, spiffe_id.clone()), |_| true, || EndpointState::new(gauge, now));
+                eps.push(Endpoint { address, spiffe_id, labels: ep.labels.clone().into_iter().collect(), state });
+            }
+            services.insert(svc.name.clone(), eps);
+        }
+        let mesh: Option<MeshConfig> =
+            if s.mesh_config_json.is_empty() { None } else { Some(serde_json::from_str(&s.mesh_config_json)?) };
+        let empty = MeshConfig::default();
+        let cfg = mesh.as_ref().unwrap_or(&empty);
+        let routes = Router::new(cfg, &mut budgets)?;
+        let authz = Authorizer::new(cfg, &self.service);
+        let rate_limits = RateLimits::new(cfg, &self.service, &mut limits, &self.clock);
+        let rate_limits = (!rate_limits.is_empty()).then_some(rate_limits);
+        let default_rules = services.keys().map(|name| (name.clone(), Arc::new(Rule::default_for(name)))).collect();
+        let snapshot = Snapshot { version: s.version, services, mesh, routes, authz, rate_limits, default_rules };
+        // Nothing failed: the renewals become the kept state (the rest drops).
+        endpoints.commit();
+        limits.commit();
+        budgets.commit();
+        self.snapshot.store(Arc::new(snapshot));
+        self.applied.send_replace(s.version.max(1));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::config::v1::{Endpoint as PbEndpoint, Service as PbService};
+
+    fn snapshot(version: u64, limit_rps: u32, extra_endpoint: bool) -> pb::Snapshot {
+        let cfg = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: api}}\nspec: {{}}\n---\napiVersion: weft.dev/v1alpha1\nkind: RateLimit\nmetadata: {{name: rl}}\nspec: {{targetRef: {{name: api}}, requestsPerSecond: {limit_rps}}}\n---\napiVersion: weft.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec: {{parentRefs: [{{name: api}}], rules: [{{backendRefs: [{{name: api}}], retry: {{attempts: 2, budget: {{percent: {limit_rps}}}}}}}]}}\n"
+        );
+        let cfg = weft_config::parse(&cfg).unwrap();
+        let mut endpoints = vec![PbEndpoint {
+            address: "127.0.0.1:1".into(),
+            spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+            labels: Default::default(),
+        }];
+        if extra_endpoint {
+            endpoints.push(PbEndpoint {
+                address: "127.0.0.1:2".into(),
+                spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+                labels: Default::default(),
+            });
+        }
+        pb::Snapshot {
+            version,
+            services: vec![PbService { name: "api".into(), endpoints }],
+            mesh_config_json: serde_json::to_string(&cfg).unwrap(),
+        }
+    }
+
+    fn limit(s: &Snapshot) -> Arc<Limit> {
+        s.rate_limits.as_ref().unwrap().limit("rl").unwrap().clone()
+    }
+
+    fn budget(s: &Snapshot) -> Arc<Budget> {
+        s.routes.rules()[0].budget.clone().unwrap()
+    }
+
+    #[test]
+    fn rate_limit_buckets_survive_unrelated_updates() {
+        let state = State::new("api", Arc::new(Metrics::default()));
+        state.apply(&snapshot(1, 5, false)).unwrap();
+        let t1 = state.snapshot();
+        state.apply(&snapshot(2, 5, true)).unwrap();
+        let t2 = state.snapshot();
+        assert_eq!(t2.endpoints("api").len(), 2);
+        assert!(Arc::ptr_eq(&limit(&t1), &limit(&t2)));
+        assert!(Arc::ptr_eq(&budget(&t1), &budget(&t2)), "retry budgets too");
+        state.apply(&snapshot(3, 9, true)).unwrap();
+        let t3 = state.snapshot();
+        assert!(!Arc::ptr_eq(&limit(&t2), &limit(&t3)), "changed limits start afresh");
+        assert!(!Arc::ptr_eq(&budget(&t2), &budget(&t3)), "changed budgets start afresh");
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_rejected_whole() {
+        let state = State::new("api", Arc::new(Metrics::default()));
+        let mut s = snapshot(1, 5, true);
+        s.services[0].endpoints[1].spiffe_id = "spiffe://Bad/x".into();
+        let err = state.apply(&s).unwrap_err().to_string();
+        assert!(err.contains("127.0.0.1:2") && err.contains("SPIFFE ID"), "{err}");
+        s.services[0].endpoints[1].spiffe_id = "spiffe://td/ok".into();
+        s.mesh_config_json = "{not json".into();
+        assert!(state.apply(&s).unwrap_err().to_string().contains("mesh config"));
+        assert_eq!(state.kept_endpoints(), 0, "a rejected snapshot keeps nothing");
+    }
+
+    #[test]
+    fn endpoint_state_lives_while_discovery_lists_the_endpoint() {
+        let metrics = Arc::new(Metrics::default());
+        let state = State::new("api", metrics.clone());
+        state.apply(&snapshot(1, 5, true)).unwrap();
+        let first = state.snapshot().endpoints("api")[0].state.clone();
+        assert_eq!((state.kept_endpoints(), metrics.balancer_endpoints.get()), (2, 2));
+
+        // An unrelated update keeps the endpoint's stats and connection.
+        state.apply(&snapshot(2, 5, true)).unwrap();
+        assert!(Arc::ptr_eq(&first, &state.snapshot().endpoints("api")[0].state));
+
+        // Endpoint 2 leaves: its state is dropped with the old snapshot.
+        state.apply(&snapshot(3, 5, false)).unwrap();
+        assert_eq!((state.kept_endpoints(), metrics.balancer_endpoints.get()), (1, 1));
+
+        // Churn: hundreds of endpoints come and go, nothing stays behind.
+        let mut many = snapshot(4, 5, false);
+        for i in 0..500u16 {
+            many.services[0].endpoints.push(PbEndpoint {
+                address: format!("127.0.0.2:{}", 1000 + i),
+                spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+                labels: Default::default(),
+            });
+        }
+        state.apply(&many).unwrap();
+        assert_eq!(metrics.balancer_endpoints.get(), 501);
+        state.apply(&snapshot(5, 5, false)).unwrap();
+        assert_eq!((state.kept_endpoints(), metrics.balancer_endpoints.get()), (1, 1));
+
+        // The same address with another identity is another endpoint.
+        let mut other = snapshot(6, 5, false);
+        other.services[0].endpoints[0].spiffe_id = "spiffe://td/ns/a/sa/other".into();
+        state.apply(&other).unwrap();
+        assert!(!Arc::ptr_eq(&first, &state.snapshot().endpoints("api")[0].state));
+        drop(first);
+        assert_eq!(metrics.balancer_endpoints.get(), 1);
+    }
+
+    #[test]
+    fn budgets_and_limits_leave_with_their_rule() {
+        let state = State::new("api", Arc::new(Metrics::default()));
+        state.apply(&snapshot(1, 5, false)).unwrap();
+        assert_eq!((state.budgets.len(), state.limits.len()), (1, 1));
+        let mut bare = snapshot(2, 5, false);
+        bare.mesh_config_json.clear();
+        state.apply(&bare).unwrap();
+        assert_eq!((state.budgets.len(), state.limits.len()), (0, 0));
+    }
+}
