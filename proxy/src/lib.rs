@@ -9,6 +9,7 @@
 //! - [`workload_api`]: the SPIFFE Workload API for the app, over a Unix socket.
 
 pub mod balance;
+pub mod canonical;
 pub mod command;
 pub mod discovery;
 pub mod http;
