@@ -65,6 +65,38 @@ pub struct MeshSpec {
     /// `deny`: traffic that no ALLOW rule matches is refused.
     #[serde(default)]
     pub default_policy: DefaultPolicy,
+    /// How sidecars canonicalize request paths (docs/config.md, "Request
+    /// canonicalization"). Left out of the pushed JSON while default, so
+    /// sidecars that predate it still accept the config.
+    #[serde(default, skip_serializing_if = "PathNormalization::is_default")]
+    pub path_normalization: PathNormalization,
+}
+
+/// `spec.pathNormalization` of the Mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathNormalization {
+    /// An encoded `/` (`%2F`) or `\` (`%5C`, or a raw `\`) in a path.
+    #[serde(default)]
+    pub encoded_slashes: EncodedSlashes,
+}
+
+impl PathNormalization {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What sidecars do with an encoded slash or backslash in a request path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlashes {
+    /// Refuse the request with 400: apps disagree on whether `%2F` separates
+    /// path segments, so no policy could be sure what it matched.
+    #[default]
+    Reject,
+    /// Keep it encoded (`%2F`, `%5C`): part of a path segment, never a separator.
+    Opaque,
 }
 
 // ---------------------------------------------------------------- Service

@@ -176,3 +176,29 @@ fn errors_name_kind_name_document_and_field_across_documents() {
     );
     parse(&format!("---\n{}---\n", svc("b"))).expect("empty documents around a valid one");
 }
+
+#[test]
+fn mesh_path_normalization() {
+    let mesh = |spec: &str| format!("{HEAD}kind: Mesh\nmetadata: {{name: mesh}}\nspec:\n{spec}");
+    // Default: encoded slashes are refused, and the default is not pushed.
+    let cfg = parse(&mesh("  defaultPolicy: allow\n")).unwrap();
+    assert_eq!(cfg.mesh.path_normalization.encoded_slashes, EncodedSlashes::Reject);
+    assert!(!serde_json::to_string(&cfg).unwrap().contains("pathNormalization"));
+    let cfg = parse(&mesh("  pathNormalization: {encodedSlashes: opaque}\n")).unwrap();
+    assert_eq!(cfg.mesh.path_normalization.encoded_slashes, EncodedSlashes::Opaque);
+    let back: MeshConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back.mesh.path_normalization.encoded_slashes, EncodedSlashes::Opaque);
+    let cfg = parse(&mesh("  pathNormalization: {encodedSlashes: reject}\n")).unwrap();
+    assert_eq!(cfg.mesh.path_normalization.encoded_slashes, EncodedSlashes::Reject);
+
+    let e = one_error(&mesh("  pathNormalization: {encodedSlashes: decode}\n"));
+    assert!(
+        e.contains("Mesh \"mesh\" (document 1): spec.pathNormalization.encodedSlashes")
+            && e.contains("decode")
+            && e.contains("reject")
+            && e.contains("opaque"),
+        "{e}"
+    );
+    let e = one_error(&mesh("  pathNormalization: {mergeSlashes: true}\n"));
+    assert!(e.contains("spec.pathNormalization") && e.contains("mergeSlashes"), "{e}");
+}

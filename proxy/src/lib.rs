@@ -15,6 +15,7 @@
 //!
 //! Layers depend downward: `inbound`/`outbound` → `context`/`error` → `state`.
 
+pub mod canonical;
 pub mod command;
 pub mod config_stream;
 pub mod context;
