@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: &str = "weft.dev/v1alpha1";
 
+/// The Gateway API's standard channel (`HTTPRoute` and `GRPCRoute` are also
+/// accepted under this `apiVersion`, unchanged, in the mesh (GAMMA) profile).
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
 /// `apiVersion` / `kind` / `metadata` / `spec`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -27,6 +31,9 @@ pub struct Metadata {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Accepted (Kubernetes manifests carry them) and not acted on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A duration written as `500ms`, `2s`, `1m`.
@@ -88,6 +95,26 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     #[serde(default)]
     pub subsets: Vec<Subset>,
+    /// Workloads of other services that are also endpoints of this one (the
+    /// Kubernetes pattern of several Services selecting the pods of one
+    /// service account, e.g. `foo-v1` and `foo-v2` over the pods of `foo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admit: Option<Admit>,
+}
+
+/// Which workloads a Service admits besides those whose identity names it:
+/// a workload is admitted when its SPIFFE ID is `.../ns/<namespace>/sa/<name>`
+/// for one of `serviceAccounts` AND its registered labels include every one
+/// of `labels`. Labels alone never admit: a workload declares its own labels,
+/// so only its attested identity can keep it from attracting another
+/// service's traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Admit {
+    /// `name` (that service account in any namespace) or `namespace/name`.
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_port() -> u16 {
@@ -114,9 +141,18 @@ pub struct HttpRouteSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
+    /// The API group of the parent: `""` (the core group, where Service lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(default = "kind_service")]
     pub kind: String,
+    /// Only the route's own namespace (cross-namespace parents are not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
+    /// The Service port the route applies to; must be the Service's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 fn kind_service() -> String {
@@ -165,7 +201,13 @@ pub enum PathMatchType {
 pub struct PathMatch {
     #[serde(rename = "type", default = "prefix")]
     pub kind: PathMatchType,
+    /// Defaults to `/`, as in the Gateway API.
+    #[serde(default = "root")]
     pub value: String,
+}
+
+fn root() -> String {
+    "/".into()
 }
 
 fn prefix() -> PathMatchType {
@@ -192,6 +234,19 @@ pub struct ValueMatch {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendRef {
+    /// The API group of the backend: `""` (the core group, where Service lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Only `Service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only the route's own namespace (cross-namespace backends are not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The Service port to send to; must be the Service's port (the Gateway
+    /// API requires it for Service backends, weft does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The Service to send to (usually the route's parent; any Service of the mesh may be named).
     pub name: String,
     /// A subset of the service's workloads; none means all of them.
@@ -290,6 +345,108 @@ pub struct HeaderModifier {
 pub struct Header {
     pub name: String,
     pub value: String,
+}
+
+// ---------------------------------------------------------------- GRPCRoute
+
+/// A Gateway API `GRPCRoute` (mesh profile). weft routes it as the HTTP/2
+/// requests gRPC sends (`POST /<service>/<method>`), so it is compiled into
+/// an [`HttpRouteSpec`] ([`GrpcRouteSpec::to_http`]) before sidecars see it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one matching selects the rule; none means "every call".
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+/// `service` is the fully qualified gRPC service (`package.Service`),
+/// `method` the method name; at least one is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcMethodMatch {
+    /// The equivalent match on the request path `/<service>/<method>`:
+    /// service and method → `Exact`; service alone → `PathPrefix /<service>`
+    /// (whole segments); otherwise a `RegularExpression`.
+    pub fn to_path(&self) -> PathMatch {
+        let (service, method) = (self.service.as_deref(), self.method.as_deref());
+        let re = |s: Option<&str>| match (self.kind, s) {
+            (_, None) => "[^/]+".to_string(),
+            (ValueMatchType::Exact, Some(s)) => regex::escape(s),
+            (ValueMatchType::RegularExpression, Some(s)) => format!("(?:{s})"),
+        };
+        match (self.kind, service, method) {
+            (ValueMatchType::Exact, Some(s), Some(m)) => {
+                PathMatch { kind: PathMatchType::Exact, value: format!("/{s}/{m}") }
+            }
+            (ValueMatchType::Exact, Some(s), None) => {
+                PathMatch { kind: PathMatchType::PathPrefix, value: format!("/{s}") }
+            }
+            _ => {
+                PathMatch { kind: PathMatchType::RegularExpression, value: format!("/{}/{}", re(service), re(method)) }
+            }
+        }
+    }
+}
+
+impl GrpcRouteSpec {
+    /// The same route as an HTTPRoute over gRPC's request paths.
+    pub fn to_http(&self) -> HttpRouteSpec {
+        HttpRouteSpec {
+            parent_refs: self.parent_refs.clone(),
+            rules: self
+                .rules
+                .iter()
+                .map(|r| RouteRule {
+                    name: r.name.clone(),
+                    matches: r
+                        .matches
+                        .iter()
+                        .map(|m| RouteMatch {
+                            path: m.method.as_ref().map(GrpcMethodMatch::to_path),
+                            headers: m.headers.clone(),
+                            method: None,
+                            query_params: Vec::new(),
+                        })
+                        .collect(),
+                    backend_refs: r.backend_refs.clone(),
+                    timeouts: None,
+                    retry: None,
+                    filters: r.filters.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- AuthorizationPolicy
