@@ -1,6 +1,7 @@
 //! `weft`: the operator's command line.
 
 mod demo;
+mod inject;
 mod operator;
 mod top;
 mod up;
@@ -36,6 +37,8 @@ enum Cmd {
         /// The YAML file, e.g. examples/canary.yaml.
         file: PathBuf,
     },
+    /// Add the weft sidecar to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod, List).
+    Inject(inject::InjectArgs),
     /// The sidecar (same flags as weft-proxy); used by `weft up`.
     #[command(hide = true)]
     Proxy(weft_proxy::command::Args),
@@ -193,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Up(args) => up::run(args).await?,
+        Cmd::Inject(args) => inject::run(args)?,
         Cmd::DemoApp(args) => demo::run(args).await?,
         Cmd::Top { conn, interval, iterations, no_clear } => {
             let targets = operator::sidecar_targets(&conn).await?;

@@ -1,0 +1,13 @@
+//! weft-k8s: weft on Kubernetes.
+//!
+//! - [`inject`]: the sidecar injection transformation (`weft inject` and the
+//!   control plane's admission webhook share it).
+//! - [`admission`]: `AdmissionReview` v1 in, JSONPatch out (the webhook's logic,
+//!   without its TLS listener).
+//! - [`manifests`]: reading and printing multi-document YAML.
+
+pub mod admission;
+pub mod inject;
+pub mod manifests;
+
+pub use inject::{inject, InjectError, InjectOptions, Injected, Outcome};
