@@ -41,6 +41,8 @@ pub struct Args {
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    #[command(flatten)]
+    injector: crate::injector::InjectorArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -53,6 +55,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), RunError> {
+    let _injector = crate::injector::Injector::start(&args.injector).await?;
     let cp = ControlPlane::start(Options {
         pki: args.pki,
         state_dir: args.state_dir,
@@ -75,6 +78,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 pub enum RunError {
     #[error(transparent)]
     Start(#[from] crate::StartError),
+    #[error(transparent)]
+    Injector(#[from] crate::injector::InjectorError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }

@@ -14,6 +14,7 @@ pub mod command;
 pub mod config_watch;
 pub mod discovery;
 pub mod identity;
+pub mod injector;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -5,9 +5,11 @@
 //! - [`admission`]: `AdmissionReview` v1 in, JSONPatch out (the webhook's logic,
 //!   without its TLS listener).
 //! - [`manifests`]: reading and printing multi-document YAML.
+//! - [`tls`]: the injector's serving certificate and its CA.
 
 pub mod admission;
 pub mod inject;
 pub mod manifests;
+pub mod tls;
 
 pub use inject::{inject, InjectError, InjectOptions, Injected, Outcome};
