@@ -2,6 +2,7 @@
 
 mod demo;
 mod inject;
+mod install;
 mod operator;
 mod top;
 mod up;
@@ -39,6 +40,8 @@ enum Cmd {
     },
     /// Add the weft sidecar to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod, List).
     Inject(inject::InjectArgs),
+    /// Print the manifests that run weft in a Kubernetes cluster (CRDs, control plane, RBAC, sidecar injector).
+    Install(install::InstallArgs),
     /// The sidecar (same flags as weft-proxy); used by `weft up`.
     #[command(hide = true)]
     Proxy(weft_proxy::command::Args),
@@ -197,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Up(args) => up::run(args).await?,
         Cmd::Inject(args) => inject::run(args)?,
+        Cmd::Install(args) => install::run(args)?,
         Cmd::DemoApp(args) => demo::run(args).await?,
         Cmd::Top { conn, interval, iterations, no_clear } => {
             let targets = operator::sidecar_targets(&conn).await?;

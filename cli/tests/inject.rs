@@ -11,6 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod k8s_validate;
+use k8s_validate::kubernetes_validate;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inject")
 }
@@ -32,39 +35,6 @@ fn weft_inject(args: &[&str], stdin: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Validates a manifest file against the Kubernetes schemas (strict: unknown
-/// fields are errors) with the `kubernetes-validate` tool. The tool has no
-/// schema for `List`, so a List's items are validated as documents of their
-/// own; a document the tool has no schema for fails the test.
-pub fn kubernetes_validate(file: &Path) {
-    let text = std::fs::read_to_string(file).unwrap();
-    let mut docs = Vec::new();
-    // weft's output starts every document with a `---` line.
-    for part in text.split("---\n").filter(|p| !p.trim().is_empty()) {
-        let doc: serde_norway::Value = serde_norway::from_str(part).unwrap();
-        match doc.get("items").and_then(|i| i.as_sequence()) {
-            Some(items) if doc.get("kind").and_then(|k| k.as_str()) == Some("List") => docs.extend(items.clone()),
-            _ => docs.push(doc),
-        }
-    }
-    let expanded = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
-    let body: String = docs.iter().map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap())).collect();
-    std::fs::write(expanded.path(), body).unwrap();
-    let out =
-        Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(expanded.path()).output().unwrap_or_else(
-            |e| panic!("cannot run kubernetes-validate ({e}): pip install kubernetes-validate==1.37.0"),
-        );
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!report.contains("Couldn't find schema"), "{}: not validated: {report}", file.display());
-    assert!(
-        out.status.success(),
-        "{} does not validate against the Kubernetes schemas:\n{}{}",
-        file.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn inputs() -> Vec<PathBuf> {

@@ -23,7 +23,7 @@ pub struct Document {
     pub spec: serde_norway::Value,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
@@ -49,6 +49,20 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// In the schema a duration is a string (`500ms`, `2s`, `1m`).
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as 500ms, 2s, 1m or 1m 30s."
+        })
+    }
+}
+
 impl Serialize for Dur {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
@@ -57,7 +71,7 @@ impl Serialize for Dur {
 
 // ---------------------------------------------------------------- Mesh
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultPolicy {
     #[default]
@@ -66,7 +80,7 @@ pub enum DefaultPolicy {
 }
 
 /// Mesh-wide settings (kind `Mesh`, at most one).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshSpec {
     /// `deny`: traffic that no ALLOW rule matches is refused.
@@ -76,7 +90,7 @@ pub struct MeshSpec {
 
 // ---------------------------------------------------------------- Service
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -86,7 +100,7 @@ pub enum Protocol {
     Opaque,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(default = "default_port")]
@@ -108,7 +122,7 @@ pub struct ServiceSpec {
 /// of `labels`. Labels alone never admit: a workload declares its own labels,
 /// so only its attested identity can keep it from attracting another
 /// service's traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Admit {
     /// `name` (that service account in any namespace) or `namespace/name`.
@@ -122,7 +136,7 @@ fn default_port() -> u16 {
 }
 
 /// The workloads of a service that carry all of `labels` (`--label k=v`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
@@ -131,14 +145,14 @@ pub struct Subset {
 
 // ---------------------------------------------------------------- HTTPRoute
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
     /// The API group of the parent: `""` (the core group, where Service lives).
@@ -159,7 +173,7 @@ fn kind_service() -> String {
     "Service".into()
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,7 +190,7 @@ pub struct RouteRule {
     pub filters: Vec<Filter>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,14 +203,14 @@ pub struct RouteMatch {
     pub query_params: Vec<ValueMatch>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum PathMatchType {
     Exact,
     PathPrefix,
     RegularExpression,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     #[serde(rename = "type", default = "prefix")]
@@ -214,7 +228,7 @@ fn prefix() -> PathMatchType {
     PathMatchType::PathPrefix
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum ValueMatchType {
     #[default]
     Exact,
@@ -222,7 +236,7 @@ pub enum ValueMatchType {
 }
 
 /// A header or query parameter match.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ValueMatch {
     #[serde(rename = "type", default)]
@@ -231,7 +245,7 @@ pub struct ValueMatch {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendRef {
     /// The API group of the backend: `""` (the core group, where Service lives).
@@ -260,7 +274,7 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Timeouts {
     /// Whole request, retries included → 504.
@@ -271,7 +285,7 @@ pub struct Timeouts {
     pub backend_request: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Retry {
     /// Retries after the first attempt.
@@ -290,7 +304,7 @@ fn retry_codes() -> Vec<u16> {
 }
 
 /// Retries may add at most `percent` of recent requests, plus a small floor.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     #[serde(default = "twenty")]
@@ -312,13 +326,13 @@ fn ten() -> u32 {
     10
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Filter {
     #[serde(rename = "type")]
@@ -329,7 +343,7 @@ pub struct Filter {
     pub response_header_modifier: Option<HeaderModifier>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderModifier {
     #[serde(default)]
@@ -340,7 +354,7 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Header {
     pub name: String,
@@ -352,14 +366,14 @@ pub struct Header {
 /// A Gateway API `GRPCRoute` (mesh profile). weft routes it as the HTTP/2
 /// requests gRPC sends (`POST /<service>/<method>`), so it is compiled into
 /// an [`HttpRouteSpec`] ([`GrpcRouteSpec::to_http`]) before sidecars see it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<GrpcRouteRule>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -372,7 +386,7 @@ pub struct GrpcRouteRule {
     pub backend_refs: Vec<BackendRef>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,7 +397,7 @@ pub struct GrpcRouteMatch {
 
 /// `service` is the fully qualified gRPC service (`package.Service`),
 /// `method` the method name; at least one is set.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcMethodMatch {
     #[serde(rename = "type", default)]
@@ -451,7 +465,7 @@ impl GrpcRouteSpec {
 
 // ---------------------------------------------------------------- AuthorizationPolicy
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     #[serde(alias = "allow", alias = "Allow")]
@@ -460,7 +474,7 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRef {
     #[serde(default = "kind_service")]
@@ -468,7 +482,7 @@ pub struct TargetRef {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
@@ -480,7 +494,7 @@ pub struct AuthorizationPolicySpec {
 
 /// Matches when one of `from` matches the caller (or `from` is empty) and one
 /// of `to` matches the request (or `to` is empty).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzRule {
     #[serde(default)]
@@ -490,7 +504,7 @@ pub struct AuthzRule {
 }
 
 /// Each non-empty list must match (AND); within a list any entry (OR).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     /// Exact SPIFFE IDs or `*` globs (`spiffe://example.org/ns/prod/*`).
@@ -502,7 +516,7 @@ pub struct Source {
     pub trust_domains: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     /// Exact paths or `*` globs (`/api/*`).
@@ -516,7 +530,7 @@ pub struct Operation {
 
 // ---------------------------------------------------------------- RateLimit
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitKey {
     /// One bucket for all callers.
@@ -529,7 +543,7 @@ pub enum RateLimitKey {
 /// A local token bucket, enforced by each of the target service's sidecars.
 /// The target is a Service (all its requests) or an HTTPRoute (the requests
 /// to its parent services that the route's rules match).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
     pub target_ref: TargetRef,
@@ -547,7 +561,7 @@ pub struct RateLimitSpec {
 
 /// A workload for `weft up` to run: a demo app with its sidecar. The control
 /// plane itself does not act on these (real workloads register themselves).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     pub service: String,

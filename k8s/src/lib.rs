@@ -4,11 +4,13 @@
 //!   control plane's admission webhook share it).
 //! - [`admission`]: `AdmissionReview` v1 in, JSONPatch out (the webhook's logic,
 //!   without its TLS listener).
+//! - [`install`]: the manifests of `weft install`, CRDs generated from the config types.
 //! - [`manifests`]: reading and printing multi-document YAML.
 //! - [`tls`]: the injector's serving certificate and its CA.
 
 pub mod admission;
 pub mod inject;
+pub mod install;
 pub mod manifests;
 pub mod tls;
 
