@@ -43,6 +43,8 @@ pub struct Args {
     pub log_format: String,
     #[command(flatten)]
     injector: crate::injector::InjectorArgs,
+    #[command(flatten)]
+    k8s_tokens: crate::attest::k8s::K8sTokenArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -56,6 +58,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), RunError> {
     let _injector = crate::injector::Injector::start(&args.injector).await?;
+    let sa_tokens = crate::attest::k8s::SaTokenAttestor::from_args(&args.k8s_tokens).await?;
     let cp = ControlPlane::start(Options {
         pki: args.pki,
         state_dir: args.state_dir,
@@ -65,6 +68,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         trust_domain: args.trust_domain,
         config: args.config,
         jwt_svid_ttl: args.jwt_svid_ttl,
+        sa_tokens,
     })
     .await?;
     tokio::select! {
@@ -80,6 +84,8 @@ pub enum RunError {
     Start(#[from] crate::StartError),
     #[error(transparent)]
     Injector(#[from] crate::injector::InjectorError),
+    #[error(transparent)]
+    K8sTokens(#[from] crate::attest::k8s::K8sTokenError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }

@@ -10,6 +10,7 @@
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
+pub mod attest;
 pub mod command;
 pub mod config_watch;
 pub mod discovery;
@@ -62,6 +63,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Lifetime of minted JWT-SVIDs.
     pub jwt_svid_ttl: Duration,
+    /// Kubernetes service-account token attestation, if configured.
+    pub sa_tokens: Option<Arc<attest::k8s::SaTokenAttestor>>,
 }
 
 /// The JWT-SVID signing key's file in the state directory (PEM PKCS#8, 0600),
@@ -123,6 +126,7 @@ impl ControlPlane {
             jwt_signer,
             jwt_svid_ttl: opts.jwt_svid_ttl,
             metrics: metrics.clone(),
+            sa_tokens: opts.sa_tokens.clone(),
         };
         let admin = admin::AdminService {
             operator: pki::operator_id(&td),

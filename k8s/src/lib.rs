@@ -6,12 +6,14 @@
 //!   without its TLS listener).
 //! - [`install`]: the manifests of `weft install`, CRDs generated from the config types.
 //! - [`manifests`]: reading and printing multi-document YAML.
+//! - [`sa_token`]: verifying projected service-account tokens (attestation).
 //! - [`tls`]: the injector's serving certificate and its CA.
 
 pub mod admission;
 pub mod inject;
 pub mod install;
 pub mod manifests;
+pub mod sa_token;
 pub mod tls;
 
 pub use inject::{inject, InjectError, InjectOptions, Injected, Outcome};
