@@ -3,6 +3,8 @@
 mod dashboard;
 mod demo;
 mod human;
+mod inject;
+mod install;
 mod operator;
 mod output;
 mod top;
@@ -44,6 +46,10 @@ enum Cmd {
         /// The YAML file, e.g. examples/canary.yaml.
         file: PathBuf,
     },
+    /// Add the weft sidecar to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod, List).
+    Inject(inject::InjectArgs),
+    /// Print the manifests that run weft in a Kubernetes cluster (CRDs, control plane, RBAC, sidecar injector).
+    Install(install::InstallArgs),
     /// The sidecar (same flags as weft-proxy); used by `weft up`.
     #[command(hide = true)]
     Proxy(weft_proxy::command::Args),
@@ -206,6 +212,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Up(args) => up::run(args).await?,
+        Cmd::Inject(args) => inject::run(args)?,
+        Cmd::Install(args) => install::run(args)?,
         Cmd::DemoApp(args) => demo::run(args).await?,
         Cmd::Dashboard(args) => dashboard::run(args).await?,
         Cmd::Top { conn, interval, iterations, no_clear } => {

@@ -7,9 +7,12 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::Report;
-use crate::{valid_name, Document, MeshConfig, Named, API_VERSION};
+use crate::{gateway, valid_name, Document, MeshConfig, Named, API_VERSION, GATEWAY_API_VERSION};
 
-const KINDS: &str = "Mesh, Service, HTTPRoute, AuthorizationPolicy, RateLimit, Workload";
+const KINDS: &str = "Mesh, Service, HTTPRoute, GRPCRoute, AuthorizationPolicy, RateLimit, Workload";
+
+/// The kinds accepted under the Gateway API's `apiVersion` as well as weft's.
+const GATEWAY_KINDS: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
 
 /// A document whose header parsed, with the label its errors are reported under.
 pub(crate) struct Labelled {
@@ -61,8 +64,24 @@ pub(crate) fn read(text: &str, report: &mut Report) -> Vec<Labelled> {
 /// Checks the API version and the name, which must be unique per kind.
 fn check_header(doc: Document, index: usize, names: &mut BTreeSet<(String, String)>, report: &mut Report) -> Labelled {
     let label = label(&doc.kind, &doc.metadata.name, index);
-    if doc.api_version != API_VERSION {
-        report.err(&label, "apiVersion", format!("{:?} is not supported; use {API_VERSION}", doc.api_version));
+    let gateway_kind = GATEWAY_KINDS.contains(&doc.kind.as_str());
+    let weft_kind = KINDS.split(", ").any(|k| k == doc.kind);
+    match doc.api_version.as_str() {
+        API_VERSION => {}
+        GATEWAY_API_VERSION if gateway_kind => {}
+        v if v.starts_with(gateway::GROUP_PREFIX) && gateway_kind => report.err(
+            &label,
+            "apiVersion",
+            format!("{v:?} is not supported; use {GATEWAY_API_VERSION} (the Gateway API's standard channel)"),
+        ),
+        // Other Gateway API kinds get one clear message from `decode`.
+        v if v.starts_with(gateway::GROUP_PREFIX) && !weft_kind => {}
+        v if gateway_kind => report.err(
+            &label,
+            "apiVersion",
+            format!("{v:?} is not supported; use {GATEWAY_API_VERSION} or {API_VERSION}"),
+        ),
+        v => report.err(&label, "apiVersion", format!("{v:?} is not supported; use {API_VERSION}")),
     }
     if !valid_name(&doc.metadata.name) {
         report.err(&label, "metadata.name", "must be lower-case letters, digits, '-' or '.', at most 63 characters");
@@ -97,10 +116,26 @@ pub(crate) fn decode(docs: Vec<Labelled>, report: &mut Report) -> (MeshConfig, L
                     cfg.services.insert(name, s);
                 }
             }
-            "HTTPRoute" => push(report, &mut labels, "HTTPRoute", label, doc, &mut cfg.routes),
+            "HTTPRoute" | "GRPCRoute" => {
+                let mut doc = doc;
+                gateway::screen(&doc.kind, doc.metadata.namespace.as_deref(), &mut doc.spec, &label, report);
+                if doc.kind == "HTTPRoute" {
+                    push(report, &mut labels, "HTTPRoute", label, doc, &mut cfg.routes)
+                } else {
+                    push(report, &mut labels, "GRPCRoute", label, doc, &mut cfg.grpc_routes)
+                }
+            }
             "AuthorizationPolicy" => push(report, &mut labels, "AuthorizationPolicy", label, doc, &mut cfg.policies),
             "RateLimit" => push(report, &mut labels, "RateLimit", label, doc, &mut cfg.rate_limits),
             "Workload" => push(report, &mut labels, "Workload", label, doc, &mut cfg.workloads),
+            other if doc.api_version.starts_with(gateway::GROUP_PREFIX) => report.err(
+                &label,
+                "kind",
+                format!(
+                    "the Gateway API kind {other:?} is not implemented yet: weft implements the mesh (GAMMA) profile, \
+                     HTTPRoute and GRPCRoute with Services as parents"
+                ),
+            ),
             other => report.err(&label, "kind", format!("unknown kind {other:?}; expected one of {KINDS}")),
         }
     }

@@ -7,6 +7,8 @@
 
 mod documents;
 mod error;
+mod gateway;
+pub mod membership;
 pub mod model;
 pub mod registration;
 mod validate;
@@ -31,7 +33,12 @@ pub struct Named<T> {
 pub struct MeshConfig {
     pub mesh: MeshSpec,
     pub services: BTreeMap<String, ServiceSpec>,
+    /// HTTPRoutes, then every GRPCRoute as its HTTPRoute equivalent
+    /// ([`GrpcRouteSpec::to_http`]), which is what sidecars route by.
     pub routes: Vec<Named<HttpRouteSpec>>,
+    /// The GRPCRoutes as written (already compiled into `routes`; not pushed).
+    #[serde(default, skip_serializing)]
+    pub grpc_routes: Vec<Named<GrpcRouteSpec>>,
     pub policies: Vec<Named<AuthorizationPolicySpec>>,
     pub rate_limits: Vec<Named<RateLimitSpec>>,
     #[serde(default)]
@@ -48,6 +55,9 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigErrors> {
     let docs = documents::read(text, &mut report);
     let (cfg, labels) = documents::decode(docs, &mut report);
     validate::mesh(&cfg, &labels, &mut report);
+    let mut cfg = cfg;
+    let grpc: Vec<_> = cfg.grpc_routes.iter().map(|r| Named { name: r.name.clone(), spec: r.spec.to_http() }).collect();
+    cfg.routes.extend(grpc);
     report.finish(cfg)
 }
 

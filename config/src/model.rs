@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: &str = "weft.dev/v1alpha1";
 
+/// The Gateway API's standard channel (`HTTPRoute` and `GRPCRoute` are also
+/// accepted under this `apiVersion`, unchanged, in the mesh (GAMMA) profile).
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
 /// `apiVersion` / `kind` / `metadata` / `spec`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -19,7 +23,7 @@ pub struct Document {
     pub spec: serde_norway::Value,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
@@ -27,6 +31,9 @@ pub struct Metadata {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Accepted (Kubernetes manifests carry them) and not acted on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A duration written as `500ms`, `2s`, `1m`.
@@ -42,6 +49,20 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// In the schema a duration is a string (`500ms`, `2s`, `1m`).
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as 500ms, 2s, 1m or 1m 30s."
+        })
+    }
+}
+
 impl Serialize for Dur {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
@@ -50,7 +71,7 @@ impl Serialize for Dur {
 
 // ---------------------------------------------------------------- Mesh
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultPolicy {
     #[default]
@@ -59,7 +80,7 @@ pub enum DefaultPolicy {
 }
 
 /// Mesh-wide settings (kind `Mesh`, at most one).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshSpec {
     /// `deny`: traffic that no ALLOW rule matches is refused.
@@ -73,7 +94,7 @@ pub struct MeshSpec {
 }
 
 /// `spec.pathNormalization` of the Mesh.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathNormalization {
     /// An encoded `/` (`%2F`) or `\` (`%5C`, or a raw `\`) in a path.
@@ -88,7 +109,7 @@ impl PathNormalization {
 }
 
 /// What sidecars do with an encoded slash or backslash in a request path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodedSlashes {
     /// Refuse the request with 400: apps disagree on whether `%2F` separates
@@ -101,7 +122,7 @@ pub enum EncodedSlashes {
 
 // ---------------------------------------------------------------- Service
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -111,7 +132,7 @@ pub enum Protocol {
     Opaque,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(default = "default_port")]
@@ -120,6 +141,26 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     #[serde(default)]
     pub subsets: Vec<Subset>,
+    /// Workloads of other services that are also endpoints of this one (the
+    /// Kubernetes pattern of several Services selecting the pods of one
+    /// service account, e.g. `foo-v1` and `foo-v2` over the pods of `foo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admit: Option<Admit>,
+}
+
+/// Which workloads a Service admits besides those whose identity names it:
+/// a workload is admitted when its SPIFFE ID is `.../ns/<namespace>/sa/<name>`
+/// for one of `serviceAccounts` AND its registered labels include every one
+/// of `labels`. Labels alone never admit: a workload declares its own labels,
+/// so only its attested identity can keep it from attracting another
+/// service's traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Admit {
+    /// `name` (that service account in any namespace) or `namespace/name`.
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_port() -> u16 {
@@ -127,7 +168,7 @@ fn default_port() -> u16 {
 }
 
 /// The workloads of a service that carry all of `labels` (`--label k=v`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
@@ -136,26 +177,35 @@ pub struct Subset {
 
 // ---------------------------------------------------------------- HTTPRoute
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
+    /// The API group of the parent: `""` (the core group, where Service lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(default = "kind_service")]
     pub kind: String,
+    /// Only the route's own namespace (cross-namespace parents are not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
+    /// The Service port the route applies to; must be the Service's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 fn kind_service() -> String {
     "Service".into()
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,7 +222,7 @@ pub struct RouteRule {
     pub filters: Vec<Filter>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,26 +235,32 @@ pub struct RouteMatch {
     pub query_params: Vec<ValueMatch>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum PathMatchType {
     Exact,
     PathPrefix,
     RegularExpression,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     #[serde(rename = "type", default = "prefix")]
     pub kind: PathMatchType,
+    /// Defaults to `/`, as in the Gateway API.
+    #[serde(default = "root")]
     pub value: String,
+}
+
+fn root() -> String {
+    "/".into()
 }
 
 fn prefix() -> PathMatchType {
     PathMatchType::PathPrefix
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum ValueMatchType {
     #[default]
     Exact,
@@ -212,7 +268,7 @@ pub enum ValueMatchType {
 }
 
 /// A header or query parameter match.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ValueMatch {
     #[serde(rename = "type", default)]
@@ -221,9 +277,22 @@ pub struct ValueMatch {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendRef {
+    /// The API group of the backend: `""` (the core group, where Service lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Only `Service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only the route's own namespace (cross-namespace backends are not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The Service port to send to; must be the Service's port (the Gateway
+    /// API requires it for Service backends, weft does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The Service to send to (usually the route's parent; any Service of the mesh may be named).
     pub name: String,
     /// A subset of the service's workloads; none means all of them.
@@ -237,7 +306,7 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Timeouts {
     /// Whole request, retries included → 504.
@@ -248,7 +317,7 @@ pub struct Timeouts {
     pub backend_request: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Retry {
     /// Retries after the first attempt.
@@ -267,7 +336,7 @@ fn retry_codes() -> Vec<u16> {
 }
 
 /// Retries may add at most `percent` of recent requests, plus a small floor.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     #[serde(default = "twenty")]
@@ -289,13 +358,13 @@ fn ten() -> u32 {
     10
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 pub enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Filter {
     #[serde(rename = "type")]
@@ -306,7 +375,7 @@ pub struct Filter {
     pub response_header_modifier: Option<HeaderModifier>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderModifier {
     #[serde(default)]
@@ -317,16 +386,118 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Header {
     pub name: String,
     pub value: String,
 }
 
+// ---------------------------------------------------------------- GRPCRoute
+
+/// A Gateway API `GRPCRoute` (mesh profile). weft routes it as the HTTP/2
+/// requests gRPC sends (`POST /<service>/<method>`), so it is compiled into
+/// an [`HttpRouteSpec`] ([`GrpcRouteSpec::to_http`]) before sidecars see it.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one matching selects the rule; none means "every call".
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+/// `service` is the fully qualified gRPC service (`package.Service`),
+/// `method` the method name; at least one is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcMethodMatch {
+    /// The equivalent match on the request path `/<service>/<method>`:
+    /// service and method → `Exact`; service alone → `PathPrefix /<service>`
+    /// (whole segments); otherwise a `RegularExpression`.
+    pub fn to_path(&self) -> PathMatch {
+        let (service, method) = (self.service.as_deref(), self.method.as_deref());
+        let re = |s: Option<&str>| match (self.kind, s) {
+            (_, None) => "[^/]+".to_string(),
+            (ValueMatchType::Exact, Some(s)) => regex::escape(s),
+            (ValueMatchType::RegularExpression, Some(s)) => format!("(?:{s})"),
+        };
+        match (self.kind, service, method) {
+            (ValueMatchType::Exact, Some(s), Some(m)) => {
+                PathMatch { kind: PathMatchType::Exact, value: format!("/{s}/{m}") }
+            }
+            (ValueMatchType::Exact, Some(s), None) => {
+                PathMatch { kind: PathMatchType::PathPrefix, value: format!("/{s}") }
+            }
+            _ => {
+                PathMatch { kind: PathMatchType::RegularExpression, value: format!("/{}/{}", re(service), re(method)) }
+            }
+        }
+    }
+}
+
+impl GrpcRouteSpec {
+    /// The same route as an HTTPRoute over gRPC's request paths.
+    pub fn to_http(&self) -> HttpRouteSpec {
+        HttpRouteSpec {
+            parent_refs: self.parent_refs.clone(),
+            rules: self
+                .rules
+                .iter()
+                .map(|r| RouteRule {
+                    name: r.name.clone(),
+                    matches: r
+                        .matches
+                        .iter()
+                        .map(|m| RouteMatch {
+                            path: m.method.as_ref().map(GrpcMethodMatch::to_path),
+                            headers: m.headers.clone(),
+                            method: None,
+                            query_params: Vec::new(),
+                        })
+                        .collect(),
+                    backend_refs: r.backend_refs.clone(),
+                    timeouts: None,
+                    retry: None,
+                    filters: r.filters.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- AuthorizationPolicy
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     #[serde(alias = "allow", alias = "Allow")]
@@ -335,7 +506,7 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRef {
     #[serde(default = "kind_service")]
@@ -343,7 +514,7 @@ pub struct TargetRef {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
@@ -355,7 +526,7 @@ pub struct AuthorizationPolicySpec {
 
 /// Matches when one of `from` matches the caller (or `from` is empty) and one
 /// of `to` matches the request (or `to` is empty).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzRule {
     #[serde(default)]
@@ -365,7 +536,7 @@ pub struct AuthzRule {
 }
 
 /// Each non-empty list must match (AND); within a list any entry (OR).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     /// Exact SPIFFE IDs or `*` globs (`spiffe://example.org/ns/prod/*`).
@@ -377,7 +548,7 @@ pub struct Source {
     pub trust_domains: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     /// Exact paths or `*` globs (`/api/*`).
@@ -391,7 +562,7 @@ pub struct Operation {
 
 // ---------------------------------------------------------------- RateLimit
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitKey {
     /// One bucket for all callers.
@@ -404,7 +575,7 @@ pub enum RateLimitKey {
 /// A local token bucket, enforced by each of the target service's sidecars.
 /// The target is a Service (all its requests) or an HTTPRoute (the requests
 /// to its parent services that the route's rules match).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
     pub target_ref: TargetRef,
@@ -422,7 +593,7 @@ pub struct RateLimitSpec {
 
 /// A workload for `weft up` to run: a demo app with its sidecar. The control
 /// plane itself does not act on these (real workloads register themselves).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     pub service: String,

@@ -20,6 +20,20 @@ pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
     for r in &cfg.routes {
         route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services);
     }
+    for r in &cfg.grpc_routes {
+        let lbl = labels.of("GRPCRoute", &r.name);
+        grpc_route(report, lbl, &r.spec, &cfg.services);
+        if cfg.routes.iter().any(|h| h.name == r.name) {
+            report.err(
+                lbl,
+                "metadata.name",
+                format!(
+                    "an HTTPRoute is already named {:?}; routes share one set of names (metrics name rules by route)",
+                    r.name
+                ),
+            );
+        }
+    }
     for p in &cfg.policies {
         let lbl = labels.of("AuthorizationPolicy", &p.name);
         target(report, lbl, &p.spec.target_ref, &cfg.services);
@@ -34,6 +48,25 @@ pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
 }
 
 fn service(report: &mut Report, lbl: &str, name: &str, svc: &ServiceSpec) {
+    if let Some(admit) = &svc.admit {
+        if admit.service_accounts.is_empty() {
+            report.err(
+                lbl,
+                "spec.admit.serviceAccounts",
+                "name at least one service account: labels alone cannot admit (workloads declare their own labels)",
+            );
+        }
+        for (i, sa) in admit.service_accounts.iter().enumerate() {
+            let parts: Vec<&str> = sa.split('/').collect();
+            if parts.len() > 2 || !parts.iter().all(|p| registration::valid_service_name(p)) {
+                report.err(
+                    lbl,
+                    format!("spec.admit.serviceAccounts[{i}]"),
+                    format!("{sa:?} is not `name` or `namespace/name` (DNS labels)"),
+                );
+            }
+        }
+    }
     // Sidecars register under this name, which must be a DNS label.
     if !registration::valid_service_name(name) {
         report.err(lbl, "metadata.name", "a Service name is a DNS label: no '.' (sidecars register under this name)");
@@ -106,13 +139,17 @@ fn workload(report: &mut Report, lbl: &str, w: &WorkloadSpec, services: &Service
 
 // ---------------------------------------------------------------- HTTPRoute
 
-fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services) {
-    if r.parent_refs.is_empty() {
+fn parent_refs(report: &mut Report, lbl: &str, refs: &[ParentRef], services: &Services) {
+    if refs.is_empty() {
         report.err(lbl, "spec.parentRefs", "needs at least one parent Service");
     }
-    for (i, p) in r.parent_refs.iter().enumerate() {
+    for (i, p) in refs.iter().enumerate() {
         parent_ref(report, lbl, &format!("spec.parentRefs[{i}]"), p, services);
     }
+}
+
+fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services) {
+    parent_refs(report, lbl, &r.parent_refs, services);
     if r.rules.is_empty() {
         report.err(lbl, "spec.rules", "needs at least one rule");
     }
@@ -134,8 +171,25 @@ fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services)
     }
 }
 
-/// A parent must be an existing HTTP or gRPC Service.
+/// A parent must be an existing HTTP or gRPC Service (the Gateway API's
+/// mesh profile: `group: ""`, `kind: Service`), on its port if one is named.
 fn parent_ref(report: &mut Report, lbl: &str, at: &str, p: &ParentRef, services: &Services) {
+    match p.group.as_deref() {
+        None | Some("") => {}
+        Some("gateway.networking.k8s.io") => {
+            report.err(
+                lbl,
+                format!("{at}.group"),
+                "Gateway parents are not implemented yet: weft implements the Gateway API's mesh (GAMMA) profile, \
+                 where a route's parent is a Service (group: \"\", kind: Service)",
+            );
+            return;
+        }
+        Some(g) => {
+            report.err(lbl, format!("{at}.group"), format!("{g:?} is not supported; a Service's group is \"\" (core)"));
+            return;
+        }
+    }
     if p.kind != "Service" {
         report.err(lbl, format!("{at}.kind"), format!("{:?} is not supported; only Service", p.kind));
         return;
@@ -147,7 +201,18 @@ fn parent_ref(report: &mut Report, lbl: &str, at: &str, p: &ParentRef, services:
             format!("{at}.name"),
             format!("Service {:?} is {:?}; HTTPRoutes apply only to http and grpc services", p.name, s.protocol),
         ),
-        Some(_) => {}
+        Some(s) => service_port(report, lbl, at, &p.name, p.port, s),
+    }
+}
+
+/// A reference's `port`, if given, must be the Service's (weft Services have one port).
+fn service_port(report: &mut Report, lbl: &str, at: &str, name: &str, port: Option<u16>, svc: &ServiceSpec) {
+    if let Some(port) = port.filter(|p| *p != svc.port) {
+        report.err(
+            lbl,
+            format!("{at}.port"),
+            format!("Service {name:?} has port {}, not {port} (a weft Service has one port: spec.port)", svc.port),
+        );
     }
 }
 
@@ -189,12 +254,20 @@ fn backend_refs(report: &mut Report, lbl: &str, at: &str, refs: &[BackendRef], s
         if b.weight > 1_000_000 {
             report.err(lbl, format!("{at}.weight"), "must be at most 1000000");
         }
+        if let Some(g) = b.group.as_deref().filter(|g| !g.is_empty()) {
+            report.err(lbl, format!("{at}.group"), format!("{g:?} is not supported; a Service's group is \"\" (core)"));
+            continue;
+        }
+        if let Some(k) = b.kind.as_deref().filter(|k| *k != "Service") {
+            report.err(lbl, format!("{at}.kind"), format!("{k:?} is not supported; backends are Services"));
+            continue;
+        }
         match (services.get(&b.name), &b.subset) {
             (None, _) => report.err(lbl, format!("{at}.name"), format!("Service {:?} does not exist", b.name)),
             (Some(svc), Some(sub)) if !svc.subsets.iter().any(|s| &s.name == sub) => {
                 report.err(lbl, format!("{at}.subset"), format!("Service {:?} has no subset {sub:?}", b.name))
             }
-            (Some(_), _) => {}
+            (Some(svc), _) => service_port(report, lbl, &at, &b.name, b.port, svc),
         }
     }
     if !refs.is_empty() && total == 0 {
@@ -248,6 +321,51 @@ fn filter(report: &mut Report, lbl: &str, at: &str, f: &Filter) {
     }
     for (hi, h) in m.remove.iter().enumerate() {
         check_header_name(report, lbl, &format!("{at}.{want}.remove[{hi}]"), h);
+    }
+}
+
+// ---------------------------------------------------------------- GRPCRoute
+
+/// A gRPC service name as the Gateway API accepts it (`package.Service`).
+const GRPC_SERVICE: &str = r"^(?i)\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*$";
+/// A gRPC method name.
+const GRPC_METHOD: &str = r"^[A-Za-z_][A-Za-z_0-9]*$";
+
+fn grpc_route(report: &mut Report, lbl: &str, r: &GrpcRouteSpec, services: &Services) {
+    parent_refs(report, lbl, &r.parent_refs, services);
+    if r.rules.is_empty() {
+        report.err(lbl, "spec.rules", "needs at least one rule");
+    }
+    for (ri, rule) in r.rules.iter().enumerate() {
+        let at = format!("spec.rules[{ri}]");
+        for (mi, m) in rule.matches.iter().enumerate() {
+            let at = format!("{at}.matches[{mi}]");
+            if let Some(method) = &m.method {
+                grpc_method(report, lbl, &format!("{at}.method"), method);
+            }
+            let headers = RouteMatch { headers: m.headers.clone(), ..Default::default() };
+            route_match(report, lbl, &at, &headers);
+        }
+        backend_refs(report, lbl, &at, &rule.backend_refs, services);
+        for (fi, f) in rule.filters.iter().enumerate() {
+            filter(report, lbl, &format!("{at}.filters[{fi}]"), f);
+        }
+    }
+}
+
+fn grpc_method(report: &mut Report, lbl: &str, at: &str, m: &GrpcMethodMatch) {
+    if m.service.is_none() && m.method.is_none() {
+        report.err(lbl, at, "set service, method or both");
+    }
+    for (field, value, pattern) in [("service", &m.service, GRPC_SERVICE), ("method", &m.method, GRPC_METHOD)] {
+        let Some(value) = value else { continue };
+        match m.kind {
+            ValueMatchType::RegularExpression => check_regex(report, lbl, &format!("{at}.{field}"), value),
+            ValueMatchType::Exact if !regex::Regex::new(pattern).is_ok_and(|re| re.is_match(value)) => {
+                report.err(lbl, format!("{at}.{field}"), format!("{value:?} is not a gRPC {field} name"))
+            }
+            ValueMatchType::Exact => {}
+        }
     }
 }
 

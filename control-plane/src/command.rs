@@ -41,6 +41,10 @@ pub struct Args {
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    #[command(flatten)]
+    injector: crate::injector::InjectorArgs,
+    #[command(flatten)]
+    k8s_tokens: crate::attest::k8s::K8sTokenArgs,
 }
 
 /// A lifetime flag that cannot be used.
@@ -63,6 +67,8 @@ fn parse_duration(s: &str) -> Result<Duration, DurationError> {
 
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), RunError> {
+    let _injector = crate::injector::Injector::start(&args.injector).await?;
+    let sa_tokens = crate::attest::k8s::SaTokenAttestor::from_args(&args.k8s_tokens).await?;
     let cp = ControlPlane::start(Options {
         pki: args.pki,
         state_dir: args.state_dir,
@@ -72,6 +78,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         trust_domain: args.trust_domain,
         config: args.config,
         jwt_svid_ttl: args.jwt_svid_ttl,
+        sa_tokens,
     })
     .await?;
     tokio::select! {
@@ -85,6 +92,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 pub enum RunError {
     #[error(transparent)]
     Start(#[from] crate::StartError),
+    #[error(transparent)]
+    Injector(#[from] crate::injector::InjectorError),
+    #[error(transparent)]
+    K8sTokens(#[from] crate::attest::k8s::K8sTokenError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }

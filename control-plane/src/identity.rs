@@ -28,6 +28,8 @@ pub struct IdentityService {
     pub jwt_signer: Arc<JwtSigner>,
     pub jwt_svid_ttl: Duration,
     pub metrics: Arc<Metrics>,
+    /// Kubernetes service-account token attestation, if configured.
+    pub sa_tokens: Option<Arc<crate::attest::k8s::SaTokenAttestor>>,
 }
 
 /// `spiffe_sequence` of the JWT bundle: one key, made once.
@@ -41,6 +43,30 @@ fn csr_or_invalid(der: &[u8]) -> Result<VerifiedCsr, Status> {
 }
 
 impl IdentityService {
+    /// Attests with a Kubernetes service-account token: `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    #[allow(clippy::result_large_err)]
+    async fn attest_sa_token(&self, req: &AttestRequest) -> Result<X509SvidResponse, Status> {
+        let Some(sa_tokens) = &self.sa_tokens else {
+            return Err(Status::unauthenticated(
+                "a Kubernetes service-account token was presented, but this control plane does not accept them \
+                 (start it with --k8s-token-issuer)",
+            ));
+        };
+        let csr = csr_or_invalid(&req.csr)?;
+        let account = sa_tokens.verify(&req.join_token).await.map_err(|e| {
+            self.metrics.sa_token_refused(e.reason());
+            tracing::warn!(reason = e.reason(), error = %e, "service-account token refused");
+            Status::unauthenticated(format!("service-account token refused: {e}"))
+        })?;
+        let id = self.authority.trust_domain().workload_id(&account.namespace, &account.name).map_err(|e| {
+            Status::invalid_argument(format!("service account {}/{}: {e}", account.namespace, account.name))
+        })?;
+        let resp = self.issue(&csr, &id)?;
+        tracing::info!(spiffe_id = %id, pod = account.pod.as_deref().unwrap_or(""), "attested with a service-account token");
+        self.metrics.issued("k8s_sa_token");
+        Ok(resp)
+    }
+
     #[allow(clippy::result_large_err)]
     fn issue(&self, csr: &VerifiedCsr, id: &SpiffeId) -> Result<X509SvidResponse, Status> {
         let chain = self.authority.sign(csr, id, self.svid_ttl).map_err(|e| match e {
@@ -68,6 +94,9 @@ impl Identity for IdentityService {
             let req = req.into_inner();
             if req.join_token.trim().is_empty() {
                 return Err(Status::unauthenticated("join token is empty"));
+            }
+            if weft_k8s::sa_token::looks_like_jwt(&req.join_token) {
+                return self.attest_sa_token(&req).await;
             }
             // Check the CSR before spending the token, so a bad CSR loses nothing.
             let csr = csr_or_invalid(&req.csr)?;

@@ -12,10 +12,12 @@
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
+pub mod attest;
 pub mod command;
 pub mod config_file;
 pub mod config_stream;
 pub mod identity;
+pub mod injector;
 pub mod metrics;
 pub mod registry;
 pub mod server;
@@ -73,6 +75,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Lifetime of minted JWT-SVIDs.
     pub jwt_svid_ttl: Duration,
+    /// Kubernetes service-account token attestation, if configured.
+    pub sa_tokens: Option<Arc<attest::k8s::SaTokenAttestor>>,
 }
 
 /// The JWT-SVID signing key's file in the state directory (PEM PKCS#8, 0600),
@@ -203,6 +207,7 @@ fn grpc_router(
         jwt_signer: state.jwt_signer.clone(),
         jwt_svid_ttl: opts.jwt_svid_ttl,
         metrics: metrics.clone(),
+        sa_tokens: opts.sa_tokens.clone(),
     };
     let admin = admin::AdminService {
         operator: pki::operator_id(&td),

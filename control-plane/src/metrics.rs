@@ -25,6 +25,7 @@ pub struct Metrics {
     pub sidecars_connected: Gauge,
     pub config_version: Gauge,
     config_reloads: Family<OutcomeLabels, Counter>,
+    sa_token_refusals: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -40,6 +41,11 @@ impl Metrics {
         reg.register("sidecars_connected", "Sidecars with an open config watch", self.sidecars_connected.clone());
         reg.register("config_version", "Version of the config being served", self.config_version.clone());
         reg.register("config_reloads", "Mesh config reloads by outcome", self.config_reloads.clone());
+        reg.register(
+            "sa_token_refusals",
+            "Kubernetes service-account tokens refused at attestation, by reason",
+            self.sa_token_refusals.clone(),
+        );
     }
 
     pub fn handshake(&self, outcome: &str) {
@@ -53,6 +59,11 @@ impl Metrics {
 
     pub fn issued(&self, how: &str) {
         self.svids_issued.get_or_create(&OutcomeLabels { outcome: how.into() }).inc();
+    }
+
+    /// A service-account token refused for `reason` ([`weft_k8s::sa_token::TokenError::reason`]).
+    pub fn sa_token_refused(&self, reason: &str) {
+        self.sa_token_refusals.get_or_create(&OutcomeLabels { outcome: reason.into() }).inc();
     }
 
     pub fn config_reload(&self, outcome: &str) {

@@ -37,6 +37,9 @@ struct Inner {
     next_key: u64,
     sidecars: BTreeMap<u64, Entry>,
     mesh_config_json: String,
+    /// `mesh_config_json` decoded, for the Services' `admit` rules (none
+    /// before a config is set).
+    mesh: Option<weft_config::MeshConfig>,
     config_error: String,
 }
 
@@ -105,6 +108,8 @@ impl Registry {
         let mut inner = self.lock();
         inner.config_error.clear();
         if inner.mesh_config_json != json {
+            // The JSON is always a serialized, validated MeshConfig.
+            inner.mesh = serde_json::from_str(&json).ok();
             inner.mesh_config_json = json;
             self.bump(&mut inner);
         }
@@ -122,12 +127,17 @@ impl Registry {
     pub fn snapshot(&self) -> Snapshot {
         let inner = self.lock();
         let mut services: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
+        let no_config = weft_config::MeshConfig::default();
+        let cfg = inner.mesh.as_ref().unwrap_or(&no_config);
         for e in inner.sidecars.values() {
-            services.entry(&e.reg.service).or_default().push(Endpoint {
-                address: e.reg.address.clone(),
-                spiffe_id: e.reg.spiffe_id.to_string(),
-                labels: e.reg.labels.clone(),
-            });
+            // Its own service, and every Service whose `admit` takes it in.
+            for service in weft_config::membership::services_of(cfg, &e.reg.spiffe_id, &e.reg.service, &e.reg.labels) {
+                services.entry(service).or_default().push(Endpoint {
+                    address: e.reg.address.clone(),
+                    spiffe_id: e.reg.spiffe_id.to_string(),
+                    labels: e.reg.labels.clone(),
+                });
+            }
         }
         Snapshot {
             version: *self.version.borrow(),
@@ -212,6 +222,36 @@ mod tests {
         assert_eq!(st.sidecars[0].acked_version, s2.version);
         drop(g2);
         assert!(r.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn admitted_workloads_are_endpoints_of_the_admitting_services() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let cfg = weft_config::parse(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: foo}\nspec: {}\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: foo-v1}\n\
+             spec: {admit: {serviceAccounts: [foo], labels: {version: v1}}}\n",
+        )
+        .unwrap();
+        r.set_mesh_config(serde_json::to_string(&cfg).unwrap());
+        let mut v1 = reg("spiffe://td/ns/a/sa/foo", "foo", "127.0.0.1:1");
+        v1.labels.insert("version".into(), "v1".into());
+        let _g1 = r.register(v1);
+        // Same labels, another service account: not admitted.
+        let mut bar = reg("spiffe://td/ns/a/sa/bar", "bar", "127.0.0.1:2");
+        bar.labels.insert("version".into(), "v1".into());
+        let _g2 = r.register(bar);
+        let s = r.snapshot();
+        let eps = |name: &str| -> Vec<String> {
+            s.services
+                .iter()
+                .filter(|x| x.name == name)
+                .flat_map(|x| x.endpoints.iter().map(|e| e.address.clone()))
+                .collect()
+        };
+        assert_eq!(eps("foo"), ["127.0.0.1:1"]);
+        assert_eq!(eps("foo-v1"), ["127.0.0.1:1"]);
+        assert_eq!(eps("bar"), ["127.0.0.1:2"]);
     }
 
     #[test]
