@@ -77,10 +77,48 @@ struct Workload {
     load: f64,
 }
 
+/// The mesh's files and addresses, shared by the start-up steps.
+struct Mesh {
+    root: PathBuf,
+    pki_dir: PathBuf,
+    config_path: PathBuf,
+    logs: PathBuf,
+    td: TrustDomain,
+    /// Ports already handed out, so no address is used twice.
+    given: std::collections::HashSet<u16>,
+}
+
+impl Mesh {
+    /// A loopback address outside the ephemeral range, never the same twice.
+    fn free_addr(&mut self) -> anyhow::Result<SocketAddr> {
+        let given = &mut self.given;
+        Ok(weft_runtime::ports::pick_loopback_addr(|p| given.insert(p))?)
+    }
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = tempfile::Builder::new().prefix("weft-up-").tempdir()?;
-    let root = dir.path().to_path_buf();
+    let (mut mesh, cfg) = prepare(&args, dir.path())?;
+    let mut procs = Procs { children: Vec::new(), logs: mesh.logs.clone() };
+    let result = async {
+        let (cp_addr, conn) = start_control_plane(&mut mesh, &mut procs).await?;
+        let workloads = start_workloads(&mut mesh, &mut procs, &cfg, &conn).await?;
+        watch(&args, &mesh, &mut procs, &workloads, cp_addr, started).await
+    }
+    .await;
+    println!("\nstopping {} processes…", procs.children.len());
+    process::stop_all(&mut procs.children, Duration::from_secs(5)).await;
+    if args.keep || result.is_err() {
+        let kept = dir.keep();
+        println!("state and logs kept in {}", kept.display());
+    }
+    result
+}
+
+/// Reads the mesh file (or writes the embedded example), validates it and
+/// makes a fresh PKI and the logs directory under `root`.
+fn prepare(args: &UpArgs, root: &Path) -> anyhow::Result<(Mesh, weft_config::MeshConfig)> {
     let (config_path, text) = match &args.file {
         Some(f) => (std::fs::canonicalize(f).with_context(|| format!("{}", f.display()))?, std::fs::read_to_string(f)?),
         None => {
@@ -96,138 +134,143 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     pki::init(&td, &pki_dir, None, false)?;
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let mut procs = Procs { children: Vec::new(), logs: logs.clone() };
+    let mesh = Mesh { root: root.to_path_buf(), pki_dir, config_path, logs, td, given: Default::default() };
+    Ok((mesh, cfg))
+}
 
-    let result = async {
-        // Every address this mesh listens on, picked outside the ephemeral range and never twice.
-        let mut given = std::collections::HashSet::new();
-        let mut free_addr = || weft_runtime::ports::pick_loopback_addr(|p| given.insert(p));
-        let (cp_addr, cp_admin) = (free_addr()?, free_addr()?);
-        let s = |v: &dyn std::fmt::Display| v.to_string();
-        let cp = procs.spawn(
-            "control-plane",
-            &std::env::current_exe()?,
-            &[
-                "control-plane".into(),
-                "--pki".into(),
-                s(&pki_dir.display()),
+fn arg(v: &dyn std::fmt::Display) -> String {
+    v.to_string()
+}
+
+/// Starts the control plane (watching the mesh file) and waits until it is ready.
+async fn start_control_plane(mesh: &mut Mesh, procs: &mut Procs) -> anyhow::Result<(SocketAddr, ConnArgs)> {
+    let (cp_addr, cp_admin) = (mesh.free_addr()?, mesh.free_addr()?);
+    let cp = procs.spawn(
+        "control-plane",
+        &std::env::current_exe()?,
+        &[
+            "control-plane".into(),
+            "--pki".into(),
+            arg(&mesh.pki_dir.display()),
+            "--state-dir".into(),
+            arg(&mesh.root.join("cp-state").display()),
+            "--listen".into(),
+            arg(&cp_addr),
+            "--admin".into(),
+            arg(&cp_admin),
+            "--config".into(),
+            arg(&mesh.config_path.display()),
+        ],
+    )?;
+    cp.wait_ready(cp_admin, READY_TIMEOUT).await?;
+    Ok((cp_addr, ConnArgs { control_plane: cp_addr.to_string(), pki: mesh.pki_dir.clone() }))
+}
+
+/// Starts a demo app and its sidecar (with a fresh join token) per Workload
+/// replica, and waits until every sidecar is ready.
+async fn start_workloads(
+    mesh: &mut Mesh,
+    procs: &mut Procs,
+    cfg: &weft_config::MeshConfig,
+    conn: &ConnArgs,
+) -> anyhow::Result<Vec<Workload>> {
+    let mut workloads = Vec::new();
+    for w in &cfg.workloads {
+        for replica in 0..w.spec.replicas {
+            let name = if w.spec.replicas > 1 { format!("{}-{replica}", w.name) } else { w.name.clone() };
+            let id = mesh.td.workload_id("default", &w.spec.service)?;
+            let token = operator::create_token(conn, &id, Duration::from_secs(300)).await?;
+            let token_file = mesh.root.join(format!("{name}.token"));
+            std::fs::write(&token_file, &token.token)?;
+            let (app, inbound, outbound, admin) =
+                (mesh.free_addr()?, mesh.free_addr()?, mesh.free_addr()?, mesh.free_addr()?);
+            let version = w.spec.labels.get("version").cloned().unwrap_or_default();
+            let mut app_args =
+                vec!["demo-app".into(), "--service".into(), w.spec.service.clone(), "--version".into(), version];
+            app_args.extend(["--listen".into(), arg(&app), "--via".into(), arg(&outbound)]);
+            for c in &w.spec.calls {
+                app_args.extend(["--call".into(), c.clone()]);
+            }
+            procs.spawn(&format!("{name}-app"), &std::env::current_exe()?, &app_args)?;
+            let mut proxy_args = vec![
+                "proxy".into(),
+                "--control-plane".into(),
+                conn.control_plane.clone(),
+                "--trust-bundle".into(),
+                arg(&mesh.pki_dir.join(pki::TRUST_BUNDLE).display()),
+                "--token-file".into(),
+                arg(&token_file.display()),
                 "--state-dir".into(),
-                s(&root.join("cp-state").display()),
-                "--listen".into(),
-                s(&cp_addr),
-                "--admin".into(),
-                s(&cp_admin),
-                "--config".into(),
-                s(&config_path.display()),
-            ],
-        )?;
-        cp.wait_ready(cp_admin, READY_TIMEOUT).await?;
-        let conn = ConnArgs { control_plane: cp_addr.to_string(), pki: pki_dir.clone() };
+                arg(&mesh.root.join(format!("{name}-state")).display()),
+                "--service".into(),
+                w.spec.service.clone(),
+            ];
+            for (flag, addr) in [("--app", app), ("--inbound", inbound), ("--outbound", outbound), ("--admin", admin)] {
+                proxy_args.extend([flag.into(), arg(&addr)]);
+            }
+            for (k, v) in &w.spec.labels {
+                proxy_args.extend(["--label".into(), format!("{k}={v}")]);
+            }
+            procs.spawn(&format!("{name}-proxy"), &std::env::current_exe()?, &proxy_args)?;
+            let load = w.spec.load / f64::from(w.spec.replicas);
+            workloads.push(Workload { sidecar_id: id, admin, app, load, proxy: procs.children.len() - 1 });
+        }
+    }
+    for w in &workloads {
+        procs.children[w.proxy].wait_ready(w.admin, READY_TIMEOUT).await?;
+    }
+    Ok(workloads)
+}
 
-        let mut workloads = Vec::new();
-        for w in &cfg.workloads {
-            for replica in 0..w.spec.replicas {
-                let name = if w.spec.replicas > 1 { format!("{}-{replica}", w.name) } else { w.name.clone() };
-                let id = td.workload_id("default", &w.spec.service)?;
-                let token = operator::create_token(&conn, &id, Duration::from_secs(300)).await?;
-                let token_file = root.join(format!("{name}.token"));
-                std::fs::write(&token_file, &token.token)?;
-                let (app, inbound, outbound, admin) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
-                let version = w.spec.labels.get("version").cloned().unwrap_or_default();
-                let mut app_args = vec![
-                    "demo-app".into(),
-                    "--service".into(),
-                    w.spec.service.clone(),
-                    "--version".into(),
-                    version,
-                    "--listen".into(),
-                    s(&app),
-                    "--via".into(),
-                    s(&outbound),
-                ];
-                for c in &w.spec.calls {
-                    app_args.extend(["--call".into(), c.clone()]);
-                }
-                procs.spawn(&format!("{name}-app"), &std::env::current_exe()?, &app_args)?;
-                let mut proxy_args = vec![
-                    "proxy".into(),
-                    "--control-plane".into(),
-                    s(&cp_addr),
-                    "--trust-bundle".into(),
-                    s(&pki_dir.join(pki::TRUST_BUNDLE).display()),
-                    "--token-file".into(),
-                    s(&token_file.display()),
-                    "--state-dir".into(),
-                    s(&root.join(format!("{name}-state")).display()),
-                    "--service".into(),
-                    w.spec.service.clone(),
-                    "--app".into(),
-                    s(&app),
-                    "--inbound".into(),
-                    s(&inbound),
-                    "--outbound".into(),
-                    s(&outbound),
-                    "--admin".into(),
-                    s(&admin),
-                ];
-                for (k, v) in &w.spec.labels {
-                    proxy_args.extend(["--label".into(), format!("{k}={v}")]);
-                }
-                procs.spawn(&format!("{name}-proxy"), &std::env::current_exe()?, &proxy_args)?;
-                let load = w.spec.load / f64::from(w.spec.replicas);
-                workloads.push(Workload { sidecar_id: id, admin, app, load, proxy: procs.children.len() - 1 });
-            }
-        }
-        for w in &workloads {
-            procs.children[w.proxy].wait_ready(w.admin, READY_TIMEOUT).await?;
-        }
-        let served = Arc::new(AtomicUsize::new(0));
-        let load_tasks: Vec<_> =
-            workloads.iter().filter(|w| w.load > 0.0).map(|w| tokio::spawn(load(w.app, w.load, served.clone()))).collect();
-        // Wait for the first answered request, to report start-up time honestly.
-        let first_deadline = Instant::now() + Duration::from_secs(10);
-        while served.load(Ordering::Relaxed) == 0 && Instant::now() < first_deadline && !load_tasks.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let startup = started.elapsed();
-        let targets: Vec<Target> =
-            workloads.iter().map(|w| Target { spiffe_id: w.sidecar_id.to_string(), admin: w.admin }).collect();
-        let header = {
-            let (cfg_path, logs, n) = (config_path.display().to_string(), logs.display().to_string(), targets.len());
-            move || {
-                format!(
-                    "weft up: control plane {cp_addr}, {n} sidecars; first request served {:.1}s after start\n\
-                     config {cfg_path} (edit it: changes apply within seconds)\nlogs {logs}    Ctrl-C to stop\n\n",
-                    startup.as_secs_f64()
-                )
-            }
-        };
-        let table = top::run(move || targets.clone(), header, Duration::from_secs(1), None, !args.no_clear);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let crashed = tokio::select! {
-            _ = table => None,
-            _ = tokio::signal::ctrl_c() => None,
-            _ = term.recv() => None,
-            _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => None,
-            exited = procs.first_exit() => Some(exited),
-        };
-        for t in load_tasks {
-            t.abort();
-        }
-        // A mesh with a process missing would show a table that quietly lies.
-        if let Some((name, log)) = crashed {
-            anyhow::bail!("{name} exited unexpectedly; see {}", log.display());
-        }
-        Ok::<(), anyhow::Error>(())
+/// Runs the load and the live table until Ctrl-C, SIGTERM, `--duration`,
+/// or a process of the mesh exiting (an error naming its log).
+async fn watch(
+    args: &UpArgs,
+    mesh: &Mesh,
+    procs: &mut Procs,
+    workloads: &[Workload],
+    cp_addr: SocketAddr,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let served = Arc::new(AtomicUsize::new(0));
+    let load_tasks: Vec<_> =
+        workloads.iter().filter(|w| w.load > 0.0).map(|w| tokio::spawn(load(w.app, w.load, served.clone()))).collect();
+    // Wait for the first answered request, to report start-up time honestly.
+    let first_deadline = Instant::now() + Duration::from_secs(10);
+    while served.load(Ordering::Relaxed) == 0 && Instant::now() < first_deadline && !load_tasks.is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    .await;
-    println!("\nstopping {} processes…", procs.children.len());
-    process::stop_all(&mut procs.children, Duration::from_secs(5)).await;
-    if args.keep || result.is_err() {
-        let kept = dir.keep();
-        println!("state and logs kept in {}", kept.display());
+    let startup = started.elapsed();
+    let targets: Vec<Target> =
+        workloads.iter().map(|w| Target { spiffe_id: w.sidecar_id.to_string(), admin: w.admin }).collect();
+    let header = {
+        let (cfg_path, logs, n) =
+            (mesh.config_path.display().to_string(), mesh.logs.display().to_string(), targets.len());
+        move || {
+            format!(
+                "weft up: control plane {cp_addr}, {n} sidecars; first request served {:.1}s after start\n\
+                 config {cfg_path} (edit it: changes apply within seconds)\nlogs {logs}    Ctrl-C to stop\n\n",
+                startup.as_secs_f64()
+            )
+        }
+    };
+    let table = top::run(move || targets.clone(), header, Duration::from_secs(1), None, !args.no_clear);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let crashed = tokio::select! {
+        _ = table => None,
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        _ = async { match args.duration { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => None,
+        exited = procs.first_exit() => Some(exited),
+    };
+    for t in load_tasks {
+        t.abort();
     }
-    result
+    // A mesh with a process missing would show a table that quietly lies.
+    if let Some((name, log)) = crashed {
+        anyhow::bail!("{name} exited unexpectedly; see {}", log.display());
+    }
+    Ok(())
 }
 
 /// Sends GETs to `app` at `rps`, forever.
