@@ -14,16 +14,17 @@ type Services = BTreeMap<String, ServiceSpec>;
 
 /// Checks every decoded document, kind by kind, in the order errors are reported.
 pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
+    let slashes = cfg.mesh.path_normalization.encoded_slashes;
     for (name, svc) in &cfg.services {
         service(report, labels.of("Service", name), name, svc);
     }
     for r in &cfg.routes {
-        route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services);
+        route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services, slashes);
     }
     for p in &cfg.policies {
         let lbl = labels.of("AuthorizationPolicy", &p.name);
         target(report, lbl, &p.spec.target_ref, &cfg.services);
-        policy(report, lbl, &p.spec);
+        policy(report, lbl, &p.spec, slashes);
     }
     for r in &cfg.rate_limits {
         rate_limit(report, labels.of("RateLimit", &r.name), &r.spec, cfg);
@@ -83,7 +84,7 @@ fn rate_limit(report: &mut Report, lbl: &str, r: &RateLimitSpec, cfg: &MeshConfi
         report.err(lbl, "spec.requestsPerSecond", "must be a number greater than 0");
     }
     for (i, p) in r.paths.iter().enumerate() {
-        check_path_glob(report, lbl, &format!("spec.paths[{i}]"), p);
+        check_path_glob(report, lbl, &format!("spec.paths[{i}]"), p, cfg.mesh.path_normalization.encoded_slashes);
     }
 }
 
@@ -106,7 +107,7 @@ fn workload(report: &mut Report, lbl: &str, w: &WorkloadSpec, services: &Service
 
 // ---------------------------------------------------------------- HTTPRoute
 
-fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services) {
+fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services, slashes: EncodedSlashes) {
     if r.parent_refs.is_empty() {
         report.err(lbl, "spec.parentRefs", "needs at least one parent Service");
     }
@@ -119,7 +120,7 @@ fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services)
     for (ri, rule) in r.rules.iter().enumerate() {
         let at = format!("spec.rules[{ri}]");
         for (mi, m) in rule.matches.iter().enumerate() {
-            route_match(report, lbl, &format!("{at}.matches[{mi}]"), m);
+            route_match(report, lbl, &format!("{at}.matches[{mi}]"), m, slashes);
         }
         backend_refs(report, lbl, &at, &rule.backend_refs, services);
         if let Some(t) = &rule.timeouts {
@@ -151,14 +152,14 @@ fn parent_ref(report: &mut Report, lbl: &str, at: &str, p: &ParentRef, services:
     }
 }
 
-fn route_match(report: &mut Report, lbl: &str, at: &str, m: &RouteMatch) {
+fn route_match(report: &mut Report, lbl: &str, at: &str, m: &RouteMatch, slashes: EncodedSlashes) {
     if let Some(p) = &m.path {
         match p.kind {
             PathMatchType::RegularExpression => check_regex(report, lbl, &format!("{at}.path.value"), &p.value),
             _ if !p.value.starts_with('/') => {
                 report.err(lbl, format!("{at}.path.value"), format!("{:?} must start with '/'", p.value))
             }
-            _ => {}
+            _ => check_canonical_path(report, lbl, &format!("{at}.path.value"), &p.value, slashes),
         }
     }
     for (hi, h) in m.headers.iter().enumerate() {
@@ -253,7 +254,7 @@ fn filter(report: &mut Report, lbl: &str, at: &str, f: &Filter) {
 
 // ---------------------------------------------------------------- AuthorizationPolicy
 
-fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec) {
+fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec, slashes: EncodedSlashes) {
     for (ri, rule) in p.rules.iter().enumerate() {
         for (si, s) in rule.from.iter().enumerate() {
             source(report, lbl, &format!("spec.rules[{ri}].from[{si}]"), s);
@@ -261,7 +262,7 @@ fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec) {
         for (oi, o) in rule.to.iter().enumerate() {
             let at = format!("spec.rules[{ri}].to[{oi}]");
             for (pi, path) in o.paths.iter().enumerate() {
-                check_path_glob(report, lbl, &format!("{at}.paths[{pi}]"), path);
+                check_path_glob(report, lbl, &format!("{at}.paths[{pi}]"), path, slashes);
             }
             for (mi, m) in o.methods.iter().enumerate() {
                 check_method(report, lbl, &format!("{at}.methods[{mi}]"), m);
@@ -315,8 +316,42 @@ fn check_header_name(report: &mut Report, lbl: &str, field: &str, name: &str) {
     }
 }
 
-fn check_path_glob(report: &mut Report, lbl: &str, field: &str, p: &str) {
+fn check_path_glob(report: &mut Report, lbl: &str, field: &str, p: &str, slashes: EncodedSlashes) {
     if !(p.starts_with('/') || p.starts_with('*')) {
         report.err(lbl, field, format!("{p:?} must start with '/' (or be a '*' glob)"));
+        return;
+    }
+    // A leading '*' matches any prefix; what follows is checked when it is a path.
+    let rest = p.trim_start_matches('*');
+    if rest.starts_with('/') {
+        check_canonical_path(report, lbl, field, rest, slashes);
+    }
+}
+
+/// Requests are matched in their canonical form (docs/config.md "Request
+/// canonicalization"), so a path or glob written otherwise (`//x`,
+/// `/a/../b`, `%61`) could never match: refused, with the spelling that would.
+/// `*` is an ordinary path character to the canonical rules, so a glob's
+/// literal parts are checked where they stand.
+fn check_canonical_path(report: &mut Report, lbl: &str, field: &str, p: &str, slashes: EncodedSlashes) {
+    if let Some(at) = p.find(['?', '#']) {
+        report.err(
+            lbl,
+            field,
+            format!(
+                "{p:?} has {:?} at byte {at}: paths are matched without the query, so it could never match",
+                &p[at..=at]
+            ),
+        );
+        return;
+    }
+    match canonical::canonical_path(p, slashes) {
+        Ok(c) if c == p => {}
+        Ok(c) => report.err(
+            lbl,
+            field,
+            format!("{p:?} is not in canonical form, so no request could match it (requests are matched once canonical); write {c:?}"),
+        ),
+        Err(e) => report.err(lbl, field, format!("{p:?} could never match a request: {e}")),
     }
 }
