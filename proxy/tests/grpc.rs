@@ -127,7 +127,7 @@ async fn local_errors_reach_grpc_callers_as_grpc_status_and_message() {
     assert!(s.message().starts_with("weft: api did not answer within the route's 300ms request timeout"), "{s:?}");
 
     // Denied (DENY on the Bidi method): PERMISSION_DENIED, the sidecar's words.
-    let s = c.bidi(futures::stream::iter(vec![msg(1)])).await.err().expect("denied");
+    let s = c.bidi(futures::stream::iter(vec![msg(1)])).await.expect_err("denied");
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
     assert_eq!(s.message(), "weft: request denied by authorization policy", "{s:?}");
 
