@@ -138,6 +138,13 @@ pub struct Scrape {
     pub sidecars: HashMap<SocketAddr, SidecarScrape>,
 }
 
+/// Whether a request counts as a success: an HTTP status below 400 and, for
+/// a gRPC call (`grpc_status` label not empty), grpc-status 0 (OK). A gRPC
+/// failure is carried in HTTP 200, so the HTTP status alone would count it.
+pub fn succeeded(code: &str, grpc_status: &str) -> bool {
+    code.parse::<u16>().is_ok_and(|c| c < 400) && (grpc_status.is_empty() || grpc_status == "0")
+}
+
 async fn fetch(admin: SocketAddr) -> Option<String> {
     crate::http_get(admin, "/metrics").await.map(|(_, body)| body)
 }
@@ -167,9 +174,11 @@ pub async fn scrape(targets: &[Target]) -> Scrape {
                     *sidecar.limited_by_limit.entry(l("limit")).or_default() += sample.value
                 }
                 "weft_proxy_requests_total" if l("direction") == "inbound" => {
-                    let kind = match l("code").as_str() {
-                        "403" => RefusalKind::Denied,
-                        "429" => RefusalKind::RateLimited,
+                    // A gRPC caller is refused in gRPC form: HTTP 200 with
+                    // grpc-status 7 (denied) or 8 (rate limited).
+                    let kind = match (l("code").as_str(), l("grpc_status").as_str()) {
+                        ("403", _) | ("200", "7") => RefusalKind::Denied,
+                        ("429", _) | ("200", "8") => RefusalKind::RateLimited,
                         _ => continue,
                     };
                     let key = RefusalKey { service: l("service"), caller: l("peer"), kind };
@@ -183,7 +192,7 @@ pub async fn scrape(targets: &[Target]) -> Scrape {
                         caller: t.spiffe_id.clone(),
                         server: l("peer"),
                     };
-                    let ok = l("code").parse::<u16>().is_ok_and(|c| c < 400);
+                    let ok = succeeded(&l("code"), &l("grpc_status"));
                     let e = s.counts.entry(key).or_default();
                     e.0 += sample.value;
                     if ok {
@@ -416,6 +425,24 @@ mod tests {
         assert_eq!(s[0].value, 42.0);
         assert_eq!(s[1].name, "up");
         assert_eq!(s[2].labels["a"], "q\"uote");
+    }
+
+    #[test]
+    fn grpc_failures_in_http_200_are_failures() {
+        assert!(succeeded("200", ""));
+        assert!(succeeded("200", "0"));
+        assert!(!succeeded("200", "14"), "UNAVAILABLE");
+        assert!(!succeeded("200", "7"), "PERMISSION_DENIED");
+        assert!(!succeeded("200", "none"), "a call that ended without a status");
+        assert!(!succeeded("503", ""));
+        assert!(!succeeded("", ""));
+
+        // Through scrape's parsing: a row of grpc-status 14 calls has no successes.
+        let text = "weft_proxy_requests_total{direction=\"outbound\",service=\"b\",peer=\"spiffe://td/a\",code=\"200\",grpc_status=\"14\"} 5\nweft_proxy_requests_total{direction=\"outbound\",service=\"b\",peer=\"spiffe://td/a\",code=\"200\",grpc_status=\"0\"} 3\n";
+        let samples = parse_metrics(text);
+        let ok: f64 =
+            samples.iter().filter(|s| succeeded(&s.labels["code"], &s.labels["grpc_status"])).map(|s| s.value).sum();
+        assert_eq!(ok, 3.0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! names the document, the field path and the reason. A file with any error
 //! is rejected as a whole.
 
+pub mod canonical;
 mod documents;
 mod error;
 mod gateway;

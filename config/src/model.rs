@@ -108,8 +108,9 @@ impl PathNormalization {
     }
 }
 
-/// What sidecars do with an encoded slash or backslash in a request path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+/// What sidecars do with an encoded slash or backslash in a request path
+/// (also the mode argument of [`crate::canonical::canonical_path`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodedSlashes {
     /// Refuse the request with 400: apps disagree on whether `%2F` separates

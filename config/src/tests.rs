@@ -202,3 +202,59 @@ fn mesh_path_normalization() {
     let e = one_error(&mesh("  pathNormalization: {mergeSlashes: true}\n"));
     assert!(e.contains("spec.pathNormalization") && e.contains("mergeSlashes"), "{e}");
 }
+
+#[test]
+fn paths_that_are_not_canonical_could_never_match_and_are_refused() {
+    let policy = |path: &str| {
+        format!(
+            "{}---\n{HEAD}kind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: b}}\n  action: DENY\n  rules: [{{to: [{{paths: ['{path}']}}]}}]\n",
+            svc("b")
+        )
+    };
+    for (path, canonical) in
+        [("/a/../b", "/b"), ("//x", "/x"), ("/%61dmin/*", "/admin/*"), ("/a/./b/", "/a/b/"), ("*//x", "/x")]
+    {
+        let e = one_error(&policy(path));
+        assert!(
+            e.contains("spec.rules[0].to[0].paths[0]")
+                && e.contains("not in canonical form")
+                && e.contains(&format!("write {canonical:?}")),
+            "{path}: {e}"
+        );
+    }
+    // No canonical form at all: the reason is given.
+    let e = one_error(&policy("/admin%2F*"));
+    assert!(e.contains("could never match") && e.contains("encoded '/'"), "{e}");
+    let e = one_error(&policy("/admin;x=1/*"));
+    assert!(e.contains("could never match") && e.contains("path parameter"), "{e}");
+    let e = one_error(&policy("/a?b=1"));
+    assert!(e.contains("without the query"), "{e}");
+    // Canonical spellings (and globs) are fine.
+    for ok in ["/admin/*", "/", "*", "/a%2Cb", "*/x", "/caf%C3%A9"] {
+        parse(&policy(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    // With opaque encoded slashes, '%2F' is canonical (upper-case hex).
+    let opaque = |path: &str| {
+        format!(
+            "{}---\n{HEAD}kind: Mesh\nmetadata: {{name: m}}\nspec: {{pathNormalization: {{encodedSlashes: opaque}}}}\n",
+            policy(path)
+        )
+    };
+    parse(&opaque("/a%2Fb")).unwrap();
+    assert!(one_error(&opaque("/a%2fb")).contains("write \"/a%2Fb\""));
+
+    // HTTPRoute path matches and RateLimit paths too.
+    let text = format!(
+        "{}---\n{}",
+        svc("b"),
+        route("  parentRefs: [{name: b}]\n  rules:\n    - matches: [{path: {type: PathPrefix, value: '/api//v1'}}]\n      backendRefs: [{name: b}]\n")
+    );
+    let e = one_error(&text);
+    assert!(e.contains("spec.rules[0].matches[0].path.value") && e.contains("write \"/api/v1\""), "{e}");
+    let text = format!(
+        "{}---\n{HEAD}kind: RateLimit\nmetadata: {{name: rl}}\nspec: {{targetRef: {{name: b}}, requestsPerSecond: 5, paths: ['/x/%7e*']}}\n",
+        svc("b")
+    );
+    let e = one_error(&text);
+    assert!(e.contains("spec.paths[0]") && e.contains("write \"/x/~*\""), "{e}");
+}

@@ -14,11 +14,12 @@ type Services = BTreeMap<String, ServiceSpec>;
 
 /// Checks every decoded document, kind by kind, in the order errors are reported.
 pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
+    let slashes = cfg.mesh.path_normalization.encoded_slashes;
     for (name, svc) in &cfg.services {
         service(report, labels.of("Service", name), name, svc);
     }
     for r in &cfg.routes {
-        route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services);
+        route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services, slashes);
     }
     for r in &cfg.grpc_routes {
         let lbl = labels.of("GRPCRoute", &r.name);
@@ -37,7 +38,7 @@ pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
     for p in &cfg.policies {
         let lbl = labels.of("AuthorizationPolicy", &p.name);
         target(report, lbl, &p.spec.target_ref, &cfg.services);
-        policy(report, lbl, &p.spec);
+        policy(report, lbl, &p.spec, slashes);
     }
     for r in &cfg.rate_limits {
         rate_limit(report, labels.of("RateLimit", &r.name), &r.spec, cfg);
@@ -116,7 +117,7 @@ fn rate_limit(report: &mut Report, lbl: &str, r: &RateLimitSpec, cfg: &MeshConfi
         report.err(lbl, "spec.requestsPerSecond", "must be a number greater than 0");
     }
     for (i, p) in r.paths.iter().enumerate() {
-        check_path_glob(report, lbl, &format!("spec.paths[{i}]"), p);
+        check_path_glob(report, lbl, &format!("spec.paths[{i}]"), p, cfg.mesh.path_normalization.encoded_slashes);
     }
 }
 
@@ -148,7 +149,7 @@ fn parent_refs(report: &mut Report, lbl: &str, refs: &[ParentRef], services: &Se
     }
 }
 
-fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services) {
+fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services, slashes: EncodedSlashes) {
     parent_refs(report, lbl, &r.parent_refs, services);
     if r.rules.is_empty() {
         report.err(lbl, "spec.rules", "needs at least one rule");
@@ -156,7 +157,7 @@ fn route(report: &mut Report, lbl: &str, r: &HttpRouteSpec, services: &Services)
     for (ri, rule) in r.rules.iter().enumerate() {
         let at = format!("spec.rules[{ri}]");
         for (mi, m) in rule.matches.iter().enumerate() {
-            route_match(report, lbl, &format!("{at}.matches[{mi}]"), m);
+            route_match(report, lbl, &format!("{at}.matches[{mi}]"), m, slashes);
         }
         backend_refs(report, lbl, &at, &rule.backend_refs, services);
         if let Some(t) = &rule.timeouts {
@@ -216,14 +217,14 @@ fn service_port(report: &mut Report, lbl: &str, at: &str, name: &str, port: Opti
     }
 }
 
-fn route_match(report: &mut Report, lbl: &str, at: &str, m: &RouteMatch) {
+fn route_match(report: &mut Report, lbl: &str, at: &str, m: &RouteMatch, slashes: EncodedSlashes) {
     if let Some(p) = &m.path {
         match p.kind {
             PathMatchType::RegularExpression => check_regex(report, lbl, &format!("{at}.path.value"), &p.value),
             _ if !p.value.starts_with('/') => {
                 report.err(lbl, format!("{at}.path.value"), format!("{:?} must start with '/'", p.value))
             }
-            _ => {}
+            _ => check_canonical_path(report, lbl, &format!("{at}.path.value"), &p.value, slashes),
         }
     }
     for (hi, h) in m.headers.iter().enumerate() {
@@ -344,7 +345,7 @@ fn grpc_route(report: &mut Report, lbl: &str, r: &GrpcRouteSpec, services: &Serv
                 grpc_method(report, lbl, &format!("{at}.method"), method);
             }
             let headers = RouteMatch { headers: m.headers.clone(), ..Default::default() };
-            route_match(report, lbl, &at, &headers);
+            route_match(report, lbl, &at, &headers, EncodedSlashes::default());
         }
         backend_refs(report, lbl, &at, &rule.backend_refs, services);
         for (fi, f) in rule.filters.iter().enumerate() {
@@ -371,7 +372,7 @@ fn grpc_method(report: &mut Report, lbl: &str, at: &str, m: &GrpcMethodMatch) {
 
 // ---------------------------------------------------------------- AuthorizationPolicy
 
-fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec) {
+fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec, slashes: EncodedSlashes) {
     for (ri, rule) in p.rules.iter().enumerate() {
         for (si, s) in rule.from.iter().enumerate() {
             source(report, lbl, &format!("spec.rules[{ri}].from[{si}]"), s);
@@ -379,7 +380,7 @@ fn policy(report: &mut Report, lbl: &str, p: &AuthorizationPolicySpec) {
         for (oi, o) in rule.to.iter().enumerate() {
             let at = format!("spec.rules[{ri}].to[{oi}]");
             for (pi, path) in o.paths.iter().enumerate() {
-                check_path_glob(report, lbl, &format!("{at}.paths[{pi}]"), path);
+                check_path_glob(report, lbl, &format!("{at}.paths[{pi}]"), path, slashes);
             }
             for (mi, m) in o.methods.iter().enumerate() {
                 check_method(report, lbl, &format!("{at}.methods[{mi}]"), m);
@@ -433,8 +434,42 @@ fn check_header_name(report: &mut Report, lbl: &str, field: &str, name: &str) {
     }
 }
 
-fn check_path_glob(report: &mut Report, lbl: &str, field: &str, p: &str) {
+fn check_path_glob(report: &mut Report, lbl: &str, field: &str, p: &str, slashes: EncodedSlashes) {
     if !(p.starts_with('/') || p.starts_with('*')) {
         report.err(lbl, field, format!("{p:?} must start with '/' (or be a '*' glob)"));
+        return;
+    }
+    // A leading '*' matches any prefix; what follows is checked when it is a path.
+    let rest = p.trim_start_matches('*');
+    if rest.starts_with('/') {
+        check_canonical_path(report, lbl, field, rest, slashes);
+    }
+}
+
+/// Requests are matched in their canonical form (docs/config.md "Request
+/// canonicalization"), so a path or glob written otherwise (`//x`,
+/// `/a/../b`, `%61`) could never match: refused, with the spelling that would.
+/// `*` is an ordinary path character to the canonical rules, so a glob's
+/// literal parts are checked where they stand.
+fn check_canonical_path(report: &mut Report, lbl: &str, field: &str, p: &str, slashes: EncodedSlashes) {
+    if let Some(at) = p.find(['?', '#']) {
+        report.err(
+            lbl,
+            field,
+            format!(
+                "{p:?} has {:?} at byte {at}: paths are matched without the query, so it could never match",
+                &p[at..=at]
+            ),
+        );
+        return;
+    }
+    match canonical::canonical_path(p, slashes) {
+        Ok(c) if c == p => {}
+        Ok(c) => report.err(
+            lbl,
+            field,
+            format!("{p:?} is not in canonical form, so no request could match it (requests are matched once canonical); write {c:?}"),
+        ),
+        Err(e) => report.err(lbl, field, format!("{p:?} could never match a request: {e}")),
     }
 }

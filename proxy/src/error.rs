@@ -5,15 +5,24 @@
 //! routing step) turns it into the response with [`respond`] — status,
 //! plain-text body `weft: <message>`, and headers such as `Retry-After` —
 //! and the response's status is the `code` label of the request metrics.
-//! gRPC callers are to get their `grpc-status` from this same mapping.
+//! A gRPC caller (request `content-type: application/grpc*`) gets the same
+//! failure in gRPC form: HTTP 200, trailers-only, with `grpc-status` and a
+//! percent-encoded `grpc-message` (gRPC over HTTP/2, PROTOCOL-HTTP2.md).
+//!
+//! Every message says what failed and where: the hop (caller's sidecar →
+//! callee's sidecar, callee's sidecar → its local app), the peer (SPIFFE ID
+//! and address), the limit; and for I/O failures the cause, found by walking
+//! the error's source chain ([`cause`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use weft_certs::SpiffeId;
 
-use crate::http::{local_response, Body};
+use crate::canonical::CanonicalError;
+use crate::grpc::{self, code};
+use crate::http::{empty, local_response, Body};
 
 /// Why a pooled connection to an endpoint's sidecar could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +31,11 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr },
     #[error("connect to {addr}: {source}")]
     Tcp { addr: SocketAddr, source: std::io::Error },
-    #[error("mTLS with {addr} (expecting {id}) failed: {source}")]
+    #[error("mTLS with {addr} (expecting {id}) failed: {}", cause(.source))]
     Tls { addr: SocketAddr, id: SpiffeId, source: std::io::Error },
     #[error("peer {addr} did not negotiate ALPN h2")]
     NoH2 { addr: SocketAddr },
-    #[error("HTTP/2 handshake with {addr}: {source}")]
+    #[error("HTTP/2 handshake with {addr}: {}", cause(.source))]
     H2 { addr: SocketAddr, source: hyper::Error },
 }
 
@@ -34,9 +43,15 @@ pub enum ConnectError {
 /// endpoint's address and identity, the local app).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// Outbound: the app's request names no service.
-    #[error("request has no Host header or authority to route by")]
-    NoAuthority,
+    /// Either edge: the request has no canonical form (`canonical.rs`), or
+    /// names no host at all; refused before routing, authorization and rate
+    /// limits see it.
+    #[error("{0}")]
+    NonCanonical(#[from] CanonicalError),
+    /// Outbound: the host names no service the mesh knows (neither
+    /// discovery nor the config has it).
+    #[error("no service named {service:?} in the mesh; send Host: <service>")]
+    UnknownService { service: String },
     /// Outbound: the request target cannot be carried on.
     #[error("bad request target: {source}")]
     BadTarget { source: http::Error },
@@ -47,25 +62,27 @@ pub enum ProxyError {
     #[error("no endpoints for service {service:?}{}", subset_note(.subset))]
     NoEndpoints { service: String, subset: String },
     /// Outbound: no connection to the endpoint's sidecar (it never saw the request).
-    #[error("{source}")]
+    #[error("{source} (caller's sidecar → the sidecar of {peer})")]
     ConnectFailed { peer: SpiffeId, source: Box<ConnectError> },
     /// Outbound: the endpoint's sidecar did not prove the identity discovery gave for it.
-    #[error("mTLS with {addr} (expecting {expected}) failed: {source}")]
+    #[error("mTLS with {addr} (expecting {expected}) failed: {} (caller's sidecar → callee's sidecar)", cause(.source))]
     PeerIdentity { addr: SocketAddr, expected: SpiffeId, source: std::io::Error },
     /// Outbound: one attempt ran past the route's per-try timeout.
-    #[error("attempt timed out after {after:?}")]
+    #[error(
+        "attempt timed out after {after:?} (the route's per-try timeout) waiting for the sidecar of {peer} at {addr}"
+    )]
     AttemptTimeout { after: Duration, peer: SpiffeId, addr: SocketAddr },
     /// Outbound: the route's whole-request timeout passed.
-    #[error("{service} did not answer within the route's {timeout:?} request timeout")]
+    #[error("{service} did not answer within the route's {timeout:?} request timeout{}", last_peer(.peer))]
     RequestTimeout { service: String, timeout: Duration, peer: Option<SpiffeId> },
     /// Outbound: the connection to the endpoint's sidecar failed mid-request.
-    #[error("upstream {addr}: {source}")]
+    #[error("upstream {addr}: {} (caller's sidecar → the sidecar of {peer})", cause(.source))]
     UpstreamReset { addr: SocketAddr, peer: SpiffeId, source: hyper::Error },
     /// Outbound TCP: the endpoint's sidecar refused the CONNECT tunnel.
     #[error("peer {addr} refused the tunnel: {status}")]
     TunnelRefused { addr: SocketAddr, status: StatusCode },
     /// Outbound TCP: the tunnel broke while carrying bytes.
-    #[error("tunnel to {addr}: {source}")]
+    #[error("tunnel to {addr}: {}", cause(.source))]
     TunnelIo { addr: SocketAddr, source: std::io::Error },
     /// Inbound: the caller is not allowed (details only in logs and metrics).
     #[error("{} denied by authorization policy", if *.tcp { "connection" } else { "request" })]
@@ -74,14 +91,45 @@ pub enum ProxyError {
     #[error("rate limit exceeded")]
     RateLimited { limit: String, retry_after: Duration },
     /// Inbound: the local app failed to answer the request.
-    #[error("local app at {app} failed: {source}")]
+    #[error("local app at {app} failed: {} (callee's sidecar → its local app)", app_cause(.source))]
     AppFailed { app: SocketAddr, source: hyper_util::client::legacy::Error },
     /// Inbound TCP: the local app's port cannot be reached.
-    #[error("local app at {app}: {source}")]
+    #[error("local app at {app}: {} (callee's sidecar → its local app)", cause(.source))]
     AppUnreachable { app: SocketAddr, source: std::io::Error },
     /// A layer ran without the context its edge sets (a bug in the stack).
     #[error("internal error: {what}")]
     Internal { what: &'static str },
+}
+
+fn last_peer(peer: &Option<SpiffeId>) -> String {
+    peer.as_ref().map(|p| format!(" (last attempt: the sidecar of {p})")).unwrap_or_default()
+}
+
+/// An error and its causes, outermost first (`a: b: c`), each said once:
+/// wrappers that repeat their source's text, or add nothing, are skipped.
+pub fn cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+/// The cause of a failed request to the local app. hyper-util's own text
+/// ("client error (SendRequest)") names its step, not the cause; the cause
+/// is in its source chain.
+fn app_cause(err: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error as _;
+    let step = if err.is_connect() { "cannot connect" } else { "no response" };
+    match err.source() {
+        Some(source) => format!("{step}: {}", cause(source)),
+        None => step.to_string(),
+    }
 }
 
 fn subset_note(subset: &str) -> String {
@@ -97,8 +145,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError as E;
         match self {
-            E::NoAuthority | E::BadTarget { .. } => StatusCode::BAD_REQUEST,
-            E::NoRoute { .. } => StatusCode::NOT_FOUND,
+            E::NonCanonical(_) | E::BadTarget { .. } => StatusCode::BAD_REQUEST,
+            E::NoRoute { .. } | E::UnknownService { .. } => StatusCode::NOT_FOUND,
             E::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::ConnectFailed { .. }
             | E::PeerIdentity { .. }
@@ -111,6 +159,43 @@ impl ProxyError {
             E::Denied { .. } => StatusCode::FORBIDDEN,
             E::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             E::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `grpc-status` a gRPC caller gets for this failure (grpc/grpc
+    /// doc/statuscodes.md): refused requests INVALID_ARGUMENT, no route or
+    /// service UNIMPLEMENTED, anything unreachable UNAVAILABLE (a client may
+    /// retry it), timeouts DEADLINE_EXCEEDED, denials PERMISSION_DENIED, rate
+    /// limits RESOURCE_EXHAUSTED, bugs INTERNAL.
+    pub fn grpc_status(&self) -> u32 {
+        use ProxyError as E;
+        match self {
+            E::NonCanonical(_) | E::BadTarget { .. } => code::INVALID_ARGUMENT,
+            E::NoRoute { .. } | E::UnknownService { .. } => code::UNIMPLEMENTED,
+            E::NoEndpoints { .. }
+            | E::ConnectFailed { .. }
+            | E::PeerIdentity { .. }
+            | E::UpstreamReset { .. }
+            | E::TunnelRefused { .. }
+            | E::TunnelIo { .. }
+            | E::AppFailed { .. }
+            | E::AppUnreachable { .. } => code::UNAVAILABLE,
+            E::AttemptTimeout { .. } | E::RequestTimeout { .. } => code::DEADLINE_EXCEEDED,
+            E::Denied { .. } => code::PERMISSION_DENIED,
+            E::RateLimited { .. } => code::RESOURCE_EXHAUSTED,
+            E::Internal { .. } => code::INTERNAL,
+        }
+    }
+
+    /// Why the request was refused before routing, for
+    /// `weft_proxy_requests_refused_total{reason}`: `non_canonical`,
+    /// `missing_host`, `unknown_service`; None for other failures.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::NonCanonical(CanonicalError::MissingHost) => Some("missing_host"),
+            ProxyError::NonCanonical(_) => Some("non_canonical"),
+            ProxyError::UnknownService { .. } => Some("unknown_service"),
+            _ => None,
         }
     }
 
@@ -144,14 +229,36 @@ impl ProxyError {
 }
 
 /// The response for a failure: the one place that decides status, body and
-/// headers.
-pub fn respond(err: &ProxyError) -> Response<Body> {
-    let mut resp = local_response(err.status(), format!("weft: {err}"));
+/// headers. `grpc`: the request was gRPC ([`grpc::is_grpc`] of its headers),
+/// so the answer is a trailers-only gRPC response (HTTP 200, empty body,
+/// `grpc-status`, `grpc-message`); otherwise the HTTP status and a
+/// plain-text `weft: <message>` body.
+pub fn respond(err: &ProxyError, grpc: bool) -> Response<Body> {
+    let message = format!("weft: {err}");
+    let mut resp = if grpc {
+        let mut resp = Response::new(empty());
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(grpc::GRPC_STATUS, HeaderValue::from(err.grpc_status()));
+        // Printable ASCII once encoded, so always a valid header value.
+        if let Ok(v) = HeaderValue::from_str(&grpc::encode_message(&message)) {
+            h.insert(grpc::GRPC_MESSAGE, v);
+        }
+        h.insert("server", HeaderValue::from_static("weft"));
+        resp
+    } else {
+        local_response(err.status(), message)
+    };
     if let ProxyError::RateLimited { retry_after, .. } = err {
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
+}
+
+/// Whether a request with these headers gets its failures in gRPC form.
+pub fn wants_grpc(headers: &HeaderMap) -> bool {
+    grpc::is_grpc(headers)
 }
 
 /// The tower layer at an edge: a stack that fails with [`ProxyError`]
@@ -172,9 +279,9 @@ pub struct Respond<S> {
     inner: S,
 }
 
-impl<S, R> tower::Service<R> for Respond<S>
+impl<S, B> tower::Service<http::Request<B>> for Respond<S>
 where
-    S: tower::Service<R, Response = Response<Body>, Error = ProxyError>,
+    S: tower::Service<http::Request<B>, Response = Response<Body>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -189,9 +296,10 @@ where
         }
     }
 
-    fn call(&mut self, req: R) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let grpc = wants_grpc(req.headers());
         let fut = self.inner.call(req);
-        Box::pin(async move { Ok(fut.await.unwrap_or_else(|e| respond(&e))) })
+        Box::pin(async move { Ok(fut.await.unwrap_or_else(|e| respond(&e, grpc))) })
     }
 }
 
@@ -234,9 +342,24 @@ mod tests {
         client.get(uri.parse().unwrap()).await.unwrap_err()
     }
 
+    async fn app_closes() -> hyper_util::client::legacy::Error {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut tcp, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            // Closed without a response.
+        });
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<crate::http::Body>();
+        client.get(format!("http://{at}/").parse().unwrap()).await.unwrap_err()
+    }
+
     /// The status, body and Retry-After of `err`'s response.
     async fn answer(err: ProxyError) -> (u16, String, Option<String>) {
-        let resp = respond(&err);
+        let resp = respond(&err, false);
         let retry = resp.headers().get(http::header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string());
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -244,9 +367,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_authority() {
-        let r = answer(ProxyError::NoAuthority).await;
-        assert_eq!(r, (400, "weft: request has no Host header or authority to route by\n".into(), None));
+    async fn non_canonical() {
+        let r = answer(ProxyError::NonCanonical(CanonicalError::MissingHost)).await;
+        let expected =
+            "weft: the request names no host: send a Host header (or an absolute-form target) naming the service\n";
+        assert_eq!(r, (400, expected.into(), None));
+        let e = ProxyError::NonCanonical(CanonicalError::EncodedSlash { at: 6, which: '/' });
+        assert_eq!(e.refusal(), Some("non_canonical"));
+        assert_eq!(ProxyError::NonCanonical(CanonicalError::MissingHost).refusal(), Some("missing_host"));
+        let (code, body, _) = answer(e).await;
+        assert_eq!(code, 400);
+        assert!(body.starts_with("weft: the path has an encoded '/' at byte 6"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn unknown_service() {
+        let e = ProxyError::UnknownService { service: "x".into() };
+        assert_eq!(e.refusal(), Some("unknown_service"));
+        let r = answer(e).await;
+        assert_eq!(r, (404, "weft: no service named \"x\" in the mesh; send Host: <service>\n".into(), None));
+        let e = ProxyError::NoEndpoints { service: "x".into(), subset: String::new() };
+        assert_eq!((e.status(), e.refusal()), (StatusCode::SERVICE_UNAVAILABLE, None), "known, no endpoints: 503");
     }
 
     #[tokio::test]
@@ -281,8 +422,16 @@ mod tests {
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
         assert!(body.starts_with("weft: connect to 127.0.0.1:9: "), "{body}");
+        assert!(body.to_lowercase().contains("connection refused"), "the cause: {body}");
+        assert!(
+            body.contains("(caller's sidecar → the sidecar of spiffe://td/ns/a/sa/api)"),
+            "the hop and peer: {body}"
+        );
         let e = ProxyError::ConnectFailed { peer: id(), source: Box::new(ConnectError::Timeout { addr: addr() }) };
-        assert_eq!(answer(e).await.1, "weft: connect to 127.0.0.1:9 timed out\n");
+        assert_eq!(
+            answer(e).await.1,
+            "weft: connect to 127.0.0.1:9 timed out (caller's sidecar → the sidecar of spiffe://td/ns/a/sa/api)\n"
+        );
     }
 
     #[tokio::test]
@@ -292,13 +441,15 @@ mod tests {
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
         assert!(body.starts_with("weft: mTLS with 127.0.0.1:9 (expecting spiffe://td/ns/a/sa/api) failed"), "{body}");
+        assert!(body.contains("caller's sidecar → callee's sidecar"), "{body}");
     }
 
     #[tokio::test]
     async fn attempt_timeout() {
         let e = ProxyError::AttemptTimeout { after: Duration::from_millis(200), peer: id(), addr: addr() };
         assert!(e.is_connection_failure());
-        assert_eq!(answer(e).await, (504, "weft: attempt timed out after 200ms\n".into(), None));
+        let expected = "weft: attempt timed out after 200ms (the route's per-try timeout) waiting for the sidecar of spiffe://td/ns/a/sa/api at 127.0.0.1:9\n";
+        assert_eq!(answer(e).await, (504, expected.into(), None));
     }
 
     #[tokio::test]
@@ -307,6 +458,8 @@ mod tests {
         assert!(!e.is_connection_failure(), "cut outside any attempt");
         let expected = "weft: api did not answer within the route's 1s request timeout\n";
         assert_eq!(answer(e).await, (504, expected.into(), None));
+        let e = ProxyError::RequestTimeout { service: "api".into(), timeout: Duration::from_secs(1), peer: Some(id()) };
+        assert!(answer(e).await.1.ends_with("(last attempt: the sidecar of spiffe://td/ns/a/sa/api)\n"));
     }
 
     #[tokio::test]
@@ -316,6 +469,8 @@ mod tests {
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
         assert!(body.starts_with("weft: upstream 127.0.0.1:9: "), "{body}");
+        assert!(body.contains("(caller's sidecar → the sidecar of spiffe://td/ns/a/sa/api)"), "{body}");
+        assert!(!body.contains("SendRequest"), "{body}");
     }
 
     #[tokio::test]
@@ -354,7 +509,17 @@ mod tests {
         let e = ProxyError::AppFailed { app: addr(), source: app_error().await };
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
-        assert!(body.starts_with("weft: local app at 127.0.0.1:9 failed: "), "{body}");
+        assert!(body.starts_with("weft: local app at 127.0.0.1:9 failed: cannot connect: "), "{body}");
+        assert!(body.to_lowercase().contains("connection refused"), "the cause, from the source chain: {body}");
+        assert!(body.contains("(callee's sidecar → its local app)"), "{body}");
+        assert!(!body.contains("client error"), "hyper-util's step name is not a cause: {body}");
+        // An app that closes the connection without answering.
+        let e = ProxyError::AppFailed { app: addr(), source: app_closes().await };
+        let (code, body, _) = answer(e).await;
+        assert_eq!(code, 502);
+        assert!(body.starts_with("weft: local app at 127.0.0.1:9 failed: no response: "), "{body}");
+        assert!(body.contains("closed before"), "{body}");
+        assert!(!body.contains("SendRequest"), "{body}");
     }
 
     #[tokio::test]
@@ -370,5 +535,136 @@ mod tests {
         let e = ProxyError::Internal { what: "request without caller context" };
         let expected = "weft: internal error: request without caller context\n";
         assert_eq!(answer(e).await, (500, expected.into(), None));
+    }
+
+    /// (grpc-status, decoded grpc-message) of `err`'s gRPC-form response,
+    /// checking its shape: HTTP 200, application/grpc, trailers-only.
+    async fn grpc_answer(err: &ProxyError) -> (u32, String) {
+        let resp = respond(err, true);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/grpc");
+        let status = grpc::status(resp.headers()).expect("grpc-status in the headers (trailers-only)");
+        let raw = resp.headers()[grpc::GRPC_MESSAGE].to_str().unwrap().to_string();
+        assert!(raw.bytes().all(|b| (0x20..=0x7E).contains(&b)), "{raw}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty(), "trailers-only: no body");
+        let mut bytes = Vec::new();
+        let mut i = 0;
+        let rb = raw.as_bytes();
+        while i < rb.len() {
+            if rb[i] == b'%' {
+                bytes.push(u8::from_str_radix(&raw[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                bytes.push(rb[i]);
+                i += 1;
+            }
+        }
+        (status, String::from_utf8(bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn grpc_callers_get_grpc_status_and_message() {
+        let cases: Vec<(ProxyError, u32, &str)> = vec![
+            (
+                ProxyError::Denied { tcp: false, policy: "p".into(), peer: id() },
+                7,
+                "weft: request denied by authorization policy",
+            ),
+            (
+                ProxyError::NoEndpoints { service: "api".into(), subset: String::new() },
+                14,
+                "weft: no endpoints for service \"api\"",
+            ),
+            (
+                ProxyError::ConnectFailed { peer: id(), source: Box::new(ConnectError::Timeout { addr: addr() }) },
+                14,
+                "weft: connect to 127.0.0.1:9 timed out",
+            ),
+            (
+                ProxyError::UpstreamReset { addr: addr(), peer: id(), source: hyper_error().await },
+                14,
+                "weft: upstream 127.0.0.1:9: ",
+            ),
+            (
+                ProxyError::AppFailed { app: addr(), source: app_error().await },
+                14,
+                "weft: local app at 127.0.0.1:9 failed",
+            ),
+            (ProxyError::AppUnreachable { app: addr(), source: io() }, 14, "weft: local app at 127.0.0.1:9"),
+            (
+                ProxyError::PeerIdentity { addr: addr(), expected: id(), source: io() },
+                14,
+                "weft: mTLS with 127.0.0.1:9",
+            ),
+            (
+                ProxyError::TunnelRefused { addr: addr(), status: StatusCode::FORBIDDEN },
+                14,
+                "weft: peer 127.0.0.1:9 refused",
+            ),
+            (
+                ProxyError::AttemptTimeout { after: Duration::from_millis(200), peer: id(), addr: addr() },
+                4,
+                "weft: attempt timed out after 200ms",
+            ),
+            (
+                ProxyError::RequestTimeout { service: "api".into(), timeout: Duration::from_secs(1), peer: None },
+                4,
+                "weft: api did not answer within",
+            ),
+            (
+                ProxyError::RateLimited { limit: "rl".into(), retry_after: Duration::from_millis(100) },
+                8,
+                "weft: rate limit exceeded",
+            ),
+            (
+                ProxyError::NoRoute { service: "api".into(), method: http::Method::POST, path: "/x".into() },
+                12,
+                "weft: no route of service \"api\" matches POST /x",
+            ),
+            (
+                ProxyError::UnknownService { service: "nowhere".into() },
+                12,
+                "weft: no service named \"nowhere\" in the mesh",
+            ),
+            (
+                ProxyError::NonCanonical(CanonicalError::PathParameter { at: 6 }),
+                3,
+                "weft: the path has a ';' path parameter at byte 6",
+            ),
+            (ProxyError::NonCanonical(CanonicalError::MissingHost), 3, "weft: the request names no host"),
+            (ProxyError::Internal { what: "x" }, 13, "weft: internal error: x"),
+        ];
+        for (err, want, message) in cases {
+            let (status, got) = grpc_answer(&err).await;
+            assert_eq!(status, want, "{err}");
+            assert_eq!(status, err.grpc_status());
+            assert!(got.starts_with(message), "{err}: grpc-message {got:?}");
+            assert_eq!(got, format!("weft: {err}"), "the same message as the HTTP form");
+        }
+        // Retry-After rides along for a rate limit; the HTTP form is unchanged.
+        let e = ProxyError::RateLimited { limit: "rl".into(), retry_after: Duration::from_millis(100) };
+        assert_eq!(respond(&e, true).headers()[header::RETRY_AFTER], "1");
+        assert_eq!(respond(&e, false).status(), StatusCode::TOO_MANY_REQUESTS);
+        // Non-ASCII in a message (a path the caller sent) is percent-encoded.
+        let e = ProxyError::NoRoute { service: "api".into(), method: http::Method::GET, path: "/café 100%".into() };
+        let raw = respond(&e, true).headers()[grpc::GRPC_MESSAGE].to_str().unwrap().to_string();
+        assert!(raw.ends_with("/caf%C3%A9 100%25"), "{raw}");
+    }
+
+    #[tokio::test]
+    async fn the_respond_layer_answers_grpc_callers_in_grpc_form() {
+        use tower::{Layer, ServiceExt};
+        let failing = tower::service_fn(|_req: http::Request<()>| async {
+            Err::<Response<Body>, _>(ProxyError::Denied { tcp: false, policy: "p".into(), peer: id() })
+        });
+        let svc = RespondLayer.layer(failing);
+        let grpc_req =
+            http::Request::post("/pkg.Svc/M").header("content-type", "application/grpc+proto").body(()).unwrap();
+        let resp = svc.clone().oneshot(grpc_req).await.unwrap();
+        assert_eq!((resp.status(), grpc::status(resp.headers())), (StatusCode::OK, Some(7)));
+        let plain = http::Request::get("/").body(()).unwrap();
+        let resp = svc.oneshot(plain).await.unwrap();
+        assert_eq!((resp.status(), grpc::status(resp.headers())), (StatusCode::FORBIDDEN, None));
     }
 }

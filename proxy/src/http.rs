@@ -15,6 +15,12 @@ pub type Body = BoxBody<Bytes, BodyError>;
 #[derive(Debug)]
 pub struct BodyError(BoxError);
 
+impl BodyError {
+    pub fn new(e: impl Into<BoxError>) -> Self {
+        Self(e.into())
+    }
+}
+
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)

@@ -10,7 +10,10 @@
 //! - [`inbound`]: mesh → app request layers (mTLS termination, caller
 //!   identity, authz, rate limits, forwarding).
 //! - [`context`], [`error`]: the per-request context and the one error type
-//!   the layers share, with its one mapping to a response.
+//!   the layers share, with its one mapping to a response (plain text, or
+//!   gRPC form for gRPC callers).
+//! - [`canonical`]: the one canonical form of a request, made at both edges.
+//! - [`grpc`]: gRPC classification by `grpc-status`, trailers watched.
 //! - [`workload_api`]: the SPIFFE Workload API for the app, over a Unix socket.
 //!
 //! Layers depend downward: `inbound`/`outbound` → `context`/`error` → `state`.
@@ -20,6 +23,7 @@ pub mod command;
 pub mod config_stream;
 pub mod context;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod inbound;

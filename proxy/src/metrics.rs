@@ -1,4 +1,8 @@
-//! The sidecar's Prometheus metrics.
+//! The sidecar's Prometheus metrics (docs/metrics.md lists them).
+
+use std::sync::Arc;
+
+use http::Response;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -6,6 +10,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::grpc;
+use crate::http::Body;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -17,6 +24,16 @@ pub struct RequestLabels {
     pub backend: String,
     pub peer: String,
     pub code: u16,
+    /// The gRPC call's `grpc-status` (`0`, `14`, …; `none` when a gRPC
+    /// response ended without one); empty for non-gRPC responses.
+    pub grpc_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub direction: &'static str,
+    /// `non_canonical`, `missing_host`, `unknown_service` ([`crate::error::ProxyError::refusal`]).
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +95,9 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     pub authz: Family<AuthzLabels, Counter>,
+    /// Requests refused at the edge before routing (not in `requests`:
+    /// their host is not a service, and would be an unbounded label).
+    pub refused: Family<RefusedLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub ejections: Counter,
@@ -100,6 +120,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             authz: Family::default(),
+            refused: Family::default(),
             rate_limited: Family::default(),
             retries: Family::default(),
             ejections: Counter::default(),
@@ -123,8 +144,13 @@ impl Metrics {
         let reg = reg.sub_registry_with_prefix("weft_proxy");
         reg.register(
             "requests",
-            "HTTP requests by direction, service, peer SPIFFE ID and status code",
+            "HTTP requests by direction, service, peer SPIFFE ID, status code and gRPC status (counted when the response ends)",
             self.requests.clone(),
+        );
+        reg.register(
+            "requests_refused",
+            "Requests refused with 400/404 before routing, by direction and reason (non_canonical, missing_host, unknown_service)",
+            self.refused.clone(),
         );
         reg.register_with_unit(
             "request_duration",
@@ -181,19 +207,55 @@ impl Metrics {
         self.handshakes.get_or_create(&HandshakeLabels { direction, outcome, tls_version }).inc();
     }
 
-    pub fn request(&self, direction: &'static str, service: &str, meta: &RequestMeta, code: u16, secs: f64) {
-        let labels = RequestLabels {
+    /// Counts a request refused at the edge (see [`RefusedLabels`]).
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.refused.get_or_create(&RefusedLabels { direction, reason }).inc();
+    }
+
+    /// Records a response: its latency now (to response headers), and its
+    /// count with its `grpc_status` — now, or for a gRPC response whose
+    /// status comes in trailers, when its body ends (the response's body is
+    /// then watched, [`grpc::ObservedBody`]).
+    pub fn response(
+        self: &Arc<Self>,
+        direction: &'static str,
+        service: &str,
+        meta: &RequestMeta,
+        resp: Response<Body>,
+        secs: f64,
+    ) -> Response<Body> {
+        let mut labels = RequestLabels {
             direction,
             service: service.to_string(),
             route: meta.route.clone(),
             backend: meta.backend.clone(),
             peer: meta.peer.clone(),
-            code,
+            code: resp.status().as_u16(),
+            grpc_status: String::new(),
         };
-        self.requests.get_or_create(&labels).inc();
-        let latency =
-            LatencyLabels { direction, service: labels.service, route: labels.route, backend: labels.backend };
+        let latency = LatencyLabels {
+            direction,
+            service: labels.service.clone(),
+            route: labels.route.clone(),
+            backend: labels.backend.clone(),
+        };
         self.latency.get_or_create(&latency).observe(secs);
+        if !grpc::is_grpc(resp.headers()) {
+            self.requests.get_or_create(&labels).inc();
+            return resp;
+        }
+        if let Some(code) = grpc::status(resp.headers()) {
+            labels.grpc_status = code.to_string();
+            self.requests.get_or_create(&labels).inc();
+            return resp;
+        }
+        let this = self.clone();
+        resp.map(|body| {
+            http_body_util::BodyExt::boxed(grpc::ObservedBody::new(body, move |outcome| {
+                labels.grpc_status = outcome.label();
+                this.requests.get_or_create(&labels).inc();
+            }))
+        })
     }
 }
 

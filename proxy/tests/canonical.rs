@@ -473,3 +473,94 @@ async fn h2_get(addr: SocketAddr, uri: &str, host: Option<&str>) -> (u16, String
     let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+// ------------------------------------------------------------------ inbound edge
+
+/// An mTLS HTTP/2 client holding a real SVID of the mesh (attested with a
+/// join token, as a sidecar would), for speaking straight to a sidecar's
+/// inbound port: a peer that skips its own sidecar.
+struct Peer {
+    send: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    async fn connect(cp: &ControlPlane, name: &str, to: SocketAddr) -> Self {
+        use std::sync::Arc;
+        use weft_certs::{pki, IdMatcher, SpiffeVerifier, TrustBundle, TrustDomain};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = TrustBundle::load(&cp.trust_bundle()).expect("trust bundle");
+        let td = TrustDomain::new(TD).expect("trust domain");
+        let identity = weft_proxy::identity::Identity::new(
+            cp.addr.to_string(),
+            bundle,
+            pki::control_plane_id(&td),
+            dir.path().join(name),
+            Arc::new(weft_proxy::metrics::Metrics::default()),
+        )
+        .expect("identity");
+        let token = cp.token_file(&format!("spiffe://{TD}/ns/default/sa/{name}"));
+        identity.bootstrap(Some(&token)).await.expect("attest the peer");
+        let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td));
+        let tls =
+            weft_certs::tls::client_config(Some(identity.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2]);
+        let tcp = TcpStream::connect(to).await.expect("connect inbound");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(weft_certs::tls::server_name(), tcp)
+            .await
+            .expect("mTLS with the inbound sidecar");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        Self { send, _dir: dir }
+    }
+
+    /// GET `uri` (absolute: `:authority` and `:path` as given); (status, body).
+    async fn get(&mut self, uri: &str) -> (u16, String) {
+        let req = http::Request::get(uri).body(Empty::<Bytes>::new()).expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.send.send_request(req))
+            .await
+            .unwrap_or_else(|_| panic!("{uri}: no answer within 10s"))
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_skips_its_sidecar_gets_no_spelling_past_the_callees_policy() {
+    let config = ConfigFile::new(&deny_admin());
+    let cp = ControlPlane::start(TD, &["--config", &config.path.display().to_string()]).await;
+    let backend_app = servers::http("backend").await;
+    let backend = Sidecar::start(&cp, TD, SidecarSpec::new("backend", backend_app.addr)).await;
+    let mut peer = Peer::connect(&cp, "frontend", backend.inbound).await;
+
+    // Through the front door: denied as spelled; allowed paths reach the app.
+    let (status, body) = peer.get("http://backend/admin/users").await;
+    assert_eq!((status, body.trim_end()), (403, DENIED));
+    assert_eq!(peer.get("http://backend/public/x").await, (200, "backend /public/x".into()));
+
+    // Spellings the app would read as /admin/users: denied or refused, never served.
+    let before = refused_non_canonical(&backend).await;
+    let cases: &[(&str, u16)] = &[
+        ("http://backend//admin/users", 403),
+        ("http://backend/%61dmin/users", 403),
+        ("http://backend/public/../admin/users", 403),
+        ("http://backend/public/%2e%2e/admin/users", 403),
+        ("http://BACKEND.:8080/admin//users", 403),
+        ("http://backend/admin%2Fusers", 400),
+        ("http://backend/admin;x=1/users", 400),
+        ("http://backend/admin\\users", 400),
+        ("http://backend/%2e%2e/admin/users", 400),
+    ];
+    for (uri, want) in cases {
+        let (status, body) = peer.get(uri).await;
+        assert_eq!(status, *want, "{uri}: {body:?}");
+        assert!(!body.starts_with("backend "), "{uri}: reached the app: {body:?}");
+    }
+    let after = refused_non_canonical(&backend).await;
+    assert_eq!(after - before, 4.0, "each inbound refusal counted once");
+    // What does get through is canonical for the app too.
+    assert_eq!(peer.get("http://backend//public/./x").await, (200, "backend /public/x".into()));
+}

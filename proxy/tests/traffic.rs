@@ -91,9 +91,10 @@ async fn http1_and_h2c_through_two_sidecars() {
     assert_eq!(body.len(), payload.len(), "stderr: {err}");
     assert!(body == payload, "echoed body differs");
 
-    // Unknown service: a clear 503 from the sidecar.
+    // Unknown service: a clear 404 from the sidecar (issue #14: not the 503
+    // of a known service without endpoints).
     let (body, _) = curl(&["-H", "Host: nowhere", &format!("http://{}/", m.client.outbound)]);
-    assert!(body.contains("no endpoints for service \"nowhere\""), "{body}");
+    assert!(body.contains("no service named \"nowhere\" in the mesh"), "{body}");
 
     let metrics = m.client.metrics().await;
     assert!(metric_sum(&metrics, "weft_proxy_requests_total", &["direction=\"outbound\"", "service=\"api\""]) >= 3.0);

@@ -52,12 +52,18 @@ impl Drain {
 
     /// Serves `conn` to completion, asking it to finish gracefully on drain.
     pub async fn watch<C: GracefulConnection>(self, conn: C) {
+        let _ = self.watch_result(conn).await;
+    }
+
+    /// [`Drain::watch`], returning how the connection ended, for the caller
+    /// to log a connection-level error with its peer and address.
+    pub async fn watch_result<C: GracefulConnection>(self, conn: C) -> Result<(), C::Error> {
         let mut conn = pin!(conn);
         tokio::select! {
-            _ = conn.as_mut() => {}
+            r = conn.as_mut() => r,
             _ = self.signaled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                conn.await
             }
         }
     }

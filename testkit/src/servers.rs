@@ -123,11 +123,25 @@ pub async fn tcp_echo_counting() -> (Server, std::sync::Arc<std::sync::atomic::A
 }
 
 #[derive(Default)]
-struct EchoService;
+struct EchoService {
+    /// Fails every call with this status instead of answering.
+    fail: Option<tonic::Code>,
+    /// Calls received.
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
 
 #[tonic::async_trait]
 impl echo::echo_server::Echo for EchoService {
     async fn unary(&self, req: GrpcRequest<echo::Msg>) -> Result<GrpcResponse<echo::Msg>, Status> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(code) = self.fail {
+            return Err(Status::new(code, "echo fails every call on purpose"));
+        }
+        // `x-sleep-ms: N` makes the call take N ms (for timeouts).
+        let sleep = req.metadata().get("x-sleep-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        if let Some(ms) = sleep {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let caller = req.metadata().get("x-weft-peer-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let mut resp = GrpcResponse::new(req.into_inner());
         resp.metadata_mut().insert("x-echo-caller", caller.parse().unwrap_or_else(|_| "bad".parse().expect("ascii")));
@@ -137,6 +151,14 @@ impl echo::echo_server::Echo for EchoService {
     type BidiStream = Pin<Box<dyn Stream<Item = Result<echo::Msg, Status>> + Send>>;
 
     async fn bidi(&self, req: GrpcRequest<Streaming<echo::Msg>>) -> Result<GrpcResponse<Self::BidiStream>, Status> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(code) = self.fail {
+            // Response headers first, the failure in the trailers.
+            let out = async_stream_lite(move |tx| async move {
+                let _ = tx.send(Err(Status::new(code, "echo fails every stream on purpose"))).await;
+            });
+            return Ok(GrpcResponse::new(out));
+        }
         let mut inbound = req.into_inner();
         let out = async_stream_lite(move |tx| async move {
             let mut count = 0u64;
@@ -172,13 +194,27 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// A tonic gRPC server (h2c) with the Echo service.
+/// A tonic gRPC server (h2c) with the Echo service. Unary calls with
+/// `x-sleep-ms: N` metadata take N ms.
 pub async fn grpc_echo() -> Server {
+    grpc_serve(EchoService::default()).await
+}
+
+/// A tonic gRPC server (h2c) whose Echo service fails every call with
+/// `code` (e.g. `Unavailable`, grpc-status 14, in trailers-only form as
+/// tonic sends it), with a counter of the calls it got.
+pub async fn grpc_failing(code: tonic::Code) -> (Server, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let svc = EchoService { fail: Some(code), ..Default::default() };
+    let calls = svc.calls.clone();
+    (grpc_serve(svc).await, calls)
+}
+
+async fn grpc_serve(svc: EchoService) -> Server {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(echo::echo_server::EchoServer::new(EchoService))
+            .add_service(echo::echo_server::EchoServer::new(svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
             .await;
     });

@@ -5,11 +5,13 @@
 //!
 //! A request passes: the accept loop and TLS handshake here (the edge: sets
 //! the request's context) → `RequestMetrics` → `RespondLayer` (`error.rs`:
-//! failure → response) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward,
-//! or CONNECT tunnel) → the local app.
+//! failure → response) → `canonical.rs` (the request made canonical, or
+//! refused) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward, or CONNECT
+//! tunnel) → the local app.
 
 pub mod app;
 pub mod authz;
+pub mod canonical;
 pub mod gate;
 pub mod ratelimit;
 
@@ -32,6 +34,7 @@ use crate::metrics::{Metrics, OpenConn, RequestMeta};
 use crate::state::State;
 use app::{AppConnector, AppService};
 use authz::Authz;
+use canonical::CanonicalLayer;
 use futures::future::BoxFuture;
 use ratelimit::RateLimit;
 use std::convert::Infallible;
@@ -84,11 +87,9 @@ where
         Box::pin(async move {
             let start = Instant::now();
             let resp = inner.call(req).await?;
-            if let Some(peer) = peer {
-                let meta = RequestMeta { peer, ..Default::default() };
-                metrics.request("inbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
-            }
-            Ok(resp)
+            let Some(peer) = peer else { return Ok(resp) };
+            let meta = RequestMeta { peer, ..Default::default() };
+            Ok(metrics.response("inbound", &service, &meta, resp, start.elapsed().as_secs_f64()))
         })
     }
 }
@@ -147,9 +148,11 @@ impl Inbound {
                 this.metrics.handshake("inbound", "ok");
                 let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
                 let peer = Arc::new(peer.spiffe_id);
+                let peer_id = peer.clone();
                 let stack = ServiceBuilder::new()
                     .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
                     .layer(RespondLayer)
+                    .layer(CanonicalLayer::new(this.metrics.clone()))
                     .layer(Authz::layer(this.metrics.clone()))
                     .layer(RateLimit::layer(this.metrics.clone()))
                     .service(AppService { inbound: this.clone() });
@@ -164,7 +167,11 @@ impl Inbound {
                     .timer(TokioTimer::new())
                     .adaptive_window(true)
                     .serve_connection(TokioIo::new(tls), svc);
-                drain.watch(conn).await;
+                // A connection-level failure ends every stream on it: say whose.
+                if let Err(e) = drain.watch_result(conn).await {
+                    let error = crate::error::cause(&e);
+                    tracing::warn!(%remote, peer = %peer_id, %error, "inbound HTTP/2 connection from a peer sidecar failed");
+                }
             }
         })
         .await

@@ -2,6 +2,12 @@
 //! (P2C over EWMA, outliers ejected; `state/balance.rs`), send on the pooled
 //! mTLS connection with the per-try timeout, and feed the outcome back to
 //! the balancer. Failures are [`ProxyError`]s naming the endpoint.
+//!
+//! The outcome: an HTTP response fails the endpoint on 5xx; a gRPC response
+//! on a server-fault `grpc-status` ([`grpc::is_endpoint_failure`]), read
+//! from its headers (trailers-only) or, when the status comes in trailers,
+//! at the end of its body (the balancer hears of the call then, with the
+//! latency to its response headers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +23,7 @@ use weft_certs::SpiffeId;
 use super::pool::Pool;
 use crate::context::{Deadline, RequestContext, ServedBy};
 use crate::error::ProxyError;
+use crate::grpc;
 use crate::http::{boxed, strip_hop_by_hop, Body};
 use crate::metrics::Metrics;
 use crate::state::balance::{self, InFlight};
@@ -68,15 +75,22 @@ impl Service<Request<Body>> for EndpointService {
                         this.send(sender, addr, &id, req, &limit, service).await
                     }
                 };
-                let failed = match &result {
-                    Ok(r) => r.status().is_server_error(),
-                    Err(_) => true,
+                let resp = match result {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        this.report(in_flight, false);
+                        return Err(e);
+                    }
                 };
-                this.report(in_flight, !failed);
-                return result.map(|mut resp| {
-                    resp.extensions_mut().insert(ServedBy(id));
-                    resp
-                });
+                let mut resp = match classify(&resp) {
+                    Verdict::Now { ok } => {
+                        this.report(in_flight, ok);
+                        resp
+                    }
+                    Verdict::AtTrailers => this.report_at_trailers(resp, in_flight),
+                };
+                resp.extensions_mut().insert(ServedBy(id));
+                return Ok(resp);
             }
             Err(refused.unwrap_or_else(|| ProxyError::NoEndpoints {
                 service: route.backend.service.clone(),
@@ -89,12 +103,53 @@ impl Service<Request<Body>> for EndpointService {
 /// How many endpoints one attempt tries to connect to before it gives up.
 const MAX_CONNECT_TRIES: usize = 3;
 
+/// When a response's outcome is known.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// From its headers: HTTP status, or a trailers-only gRPC status.
+    Now { ok: bool },
+    /// A gRPC response whose `grpc-status` comes in its trailers.
+    AtTrailers,
+}
+
+fn classify(resp: &Response<Body>) -> Verdict {
+    let status = resp.status();
+    if status != http::StatusCode::OK || !grpc::is_grpc(resp.headers()) {
+        return Verdict::Now { ok: !status.is_server_error() };
+    }
+    match grpc::status(resp.headers()) {
+        Some(code) => Verdict::Now { ok: !grpc::is_endpoint_failure(code) },
+        None => Verdict::AtTrailers,
+    }
+}
+
 impl EndpointService {
     /// Feeds an attempt's outcome to the balancer (latency, outlier detection).
     fn report(&self, in_flight: InFlight, ok: bool) {
         if in_flight.done(ok) {
             self.metrics.ejections.inc();
         }
+    }
+
+    /// Reports a gRPC call to the balancer when its body ends: failed on a
+    /// server-fault status, a missing status or a broken stream; not at all
+    /// when the caller cancels it (not the endpoint's doing). The latency
+    /// is the time to the response headers, whatever the stream's length.
+    fn report_at_trailers(&self, resp: Response<Body>, in_flight: InFlight) -> Response<Body> {
+        let latency = in_flight.elapsed();
+        let metrics = self.metrics.clone();
+        resp.map(move |body| {
+            http_body_util::BodyExt::boxed(grpc::ObservedBody::new(body, move |outcome| {
+                let ok = match outcome {
+                    grpc::Outcome::Status(code) => !grpc::is_endpoint_failure(code),
+                    grpc::Outcome::NoStatus | grpc::Outcome::Error => false,
+                    grpc::Outcome::Cancelled => return,
+                };
+                if in_flight.done_after(latency, ok) {
+                    metrics.ejections.inc();
+                }
+            }))
+        })
     }
 
     /// Sends on an open connection.
@@ -168,6 +223,27 @@ mod tests {
     use super::*;
     use tokio::time::Instant;
 
+    #[test]
+    fn grpc_responses_are_judged_by_grpc_status() {
+        let resp = |status: u16, headers: &[(&str, &str)]| {
+            let mut b = Response::builder().status(status);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(crate::http::empty()).unwrap()
+        };
+        let grpc = ("content-type", "application/grpc");
+        assert_eq!(classify(&resp(200, &[])), Verdict::Now { ok: true });
+        assert_eq!(classify(&resp(503, &[])), Verdict::Now { ok: false });
+        assert_eq!(classify(&resp(200, &[grpc])), Verdict::AtTrailers);
+        assert_eq!(classify(&resp(200, &[grpc, ("grpc-status", "14")])), Verdict::Now { ok: false });
+        assert_eq!(classify(&resp(200, &[grpc, ("grpc-status", "13")])), Verdict::Now { ok: false });
+        assert_eq!(classify(&resp(200, &[grpc, ("grpc-status", "0")])), Verdict::Now { ok: true });
+        assert_eq!(classify(&resp(200, &[grpc, ("grpc-status", "7")])), Verdict::Now { ok: true });
+        assert_eq!(classify(&resp(200, &[grpc, ("grpc-status", "8")])), Verdict::Now { ok: true });
+        assert_eq!(classify(&resp(502, &[grpc])), Verdict::Now { ok: false });
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_attempt_ends_at_the_earlier_of_per_try_timeout_and_request_deadline() {
         let now = Instant::now();
@@ -177,11 +253,17 @@ mod tests {
         let l = AttemptLimit::new(Some(Duration::from_millis(200)), Some(deadline(1000)));
         assert_eq!(l.until, Some(now + Duration::from_millis(200)));
         let (id, addr) = (SpiffeId::parse("spiffe://td/api").unwrap(), "127.0.0.1:1".parse().unwrap());
-        assert_eq!(l.error("api", &id, addr).to_string(), "attempt timed out after 200ms");
+        assert_eq!(
+            l.error("api", &id, addr).to_string(),
+            "attempt timed out after 200ms (the route's per-try timeout) waiting for the sidecar of spiffe://td/api at 127.0.0.1:1"
+        );
 
         let l = AttemptLimit::new(Some(Duration::from_millis(900)), Some(deadline(300)));
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));
-        assert_eq!(l.error("api", &id, addr).to_string(), "api did not answer within the route's 1s request timeout");
+        assert_eq!(
+            l.error("api", &id, addr).to_string(),
+            "api did not answer within the route's 1s request timeout (last attempt: the sidecar of spiffe://td/api)"
+        );
 
         let l = AttemptLimit::new(None, Some(deadline(300)));
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));

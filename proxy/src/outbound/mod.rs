@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::context::ServedBy;
-use crate::error::{respond, ProxyError};
+use crate::error::{respond, wants_grpc, ProxyError};
 use crate::http::{boxed, Body};
 use crate::metrics::{Metrics, OpenConn, RequestMeta};
 use crate::state::State;
@@ -51,14 +51,6 @@ impl Outbound {
             .layer(RetryLayer::new(metrics.clone()))
             .service(EndpointService { pool: pool.clone(), metrics: metrics.clone() });
         Arc::new(Self { state, pool, metrics, stack })
-    }
-}
-
-/// The service an authority names: `reviews`, `reviews:9080` → `reviews`.
-pub fn service_of(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
-        _ => authority,
     }
 }
 
@@ -96,6 +88,7 @@ impl Outbound {
     /// the stack, turns a failure into its response, and counts it.
     async fn route_http(&self, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let grpc = wants_grpc(req.headers());
         let mut meta = RequestMeta::default();
         let (service, resp) = match route::route(&self.state.snapshot(), req.map(boxed), &mut meta) {
             Ok(route::Routed { service, req, rule }) => {
@@ -106,25 +99,31 @@ impl Outbound {
                         }
                         resp
                     }
-                    Err(e) => self.failed(&e, &mut meta),
+                    Err(e) => self.failed(&e, &mut meta, grpc),
                 };
                 route::modify_headers(&rule.response_headers, resp.headers_mut());
                 (service, resp)
             }
-            // A request that names no service is answered, not counted.
-            Err((None, e)) => return respond(&e),
-            Err((Some(service), e)) => (service, self.failed(&e, &mut meta)),
+            // A request that names no service of the mesh is answered, and
+            // counted as a refusal (its host is no service label).
+            Err((None, e)) => {
+                if let Some(reason) = e.refusal() {
+                    self.metrics.refused("outbound", reason);
+                }
+                tracing::debug!(error = %e, "request refused before routing");
+                return respond(&e, grpc);
+            }
+            Err((Some(service), e)) => (service, self.failed(&e, &mut meta, grpc)),
         };
-        self.metrics.request("outbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
-        resp
+        self.metrics.response("outbound", &service, &meta, resp, start.elapsed().as_secs_f64())
     }
 
     /// The response for a failed request, with the endpoint it failed at.
-    fn failed(&self, e: &ProxyError, meta: &mut RequestMeta) -> Response<Body> {
+    fn failed(&self, e: &ProxyError, meta: &mut RequestMeta, grpc: bool) -> Response<Body> {
         if let Some(id) = e.peer() {
             meta.peer = id.to_string();
         }
-        respond(e)
+        respond(e, grpc)
     }
 
     /// Serves a declared TCP upstream: each connection becomes an HTTP
@@ -158,13 +157,6 @@ pub fn parse_upstream(s: &str) -> Result<(String, SocketAddr), UpstreamFlagError
 }
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn service_from_authority() {
-        assert_eq!(super::service_of("reviews"), "reviews");
-        assert_eq!(super::service_of("reviews:9080"), "reviews");
-        assert_eq!(super::service_of("[::1]:80"), "[::1]");
-    }
-
     #[test]
     fn upstream_flag() {
         assert_eq!(super::parse_upstream("db=127.0.0.1:1").unwrap().0, "db");

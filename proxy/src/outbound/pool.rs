@@ -82,10 +82,15 @@ impl Pool {
             .await
             .map_err(|source| ConnectError::H2 { addr, source })?;
         let open = OpenConn::new(&self.metrics, "outbound", "mtls");
+        let peer = id.clone();
         tokio::spawn(async move {
             let _open = open;
+            // Every request and tunnel on it fails with it: say which peer.
             if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "pooled connection closed");
+                let error = crate::error::cause(&e);
+                tracing::warn!(%addr, %peer, %error, "HTTP/2 connection to the peer's sidecar failed");
+            } else {
+                tracing::debug!(%addr, %peer, "HTTP/2 connection to the peer's sidecar closed");
             }
         });
         tracing::debug!(%addr, peer = %id, "pooled connection open");

@@ -1,14 +1,16 @@
-//! The outbound routing step: which service the app called (authority or
-//! Host), which rule of its routes and which weighted backend take the
-//! request, and the request prepared for the hop to the peer sidecar, with
-//! its [`RequestContext`] for the layers behind.
+//! The outbound routing step: the request made canonical (`canonical.rs`:
+//! the one form routing, the callee's policy and rate limits, metrics and the
+//! app see), which service the app called (the canonical host), which rule
+//! of its routes and which weighted backend take the request, and the
+//! request prepared for the hop to the peer sidecar, with its
+//! [`RequestContext`] for the layers behind.
 
 use std::sync::Arc;
 
 use http::{header, HeaderName, HeaderValue, Request, Uri, Version};
 use weft_config::HeaderModifier;
 
-use super::service_of;
+use crate::canonical::canonicalize;
 use crate::context::RequestContext;
 use crate::error::ProxyError;
 use crate::http::{strip_hop_by_hop, Body, APP_PROTOCOL};
@@ -24,22 +26,22 @@ pub struct Routed {
     pub rule: Arc<Rule>,
 }
 
-/// A request that could not be routed, with the service it named, if any.
+/// A request that could not be routed, with the service it named if that
+/// is a service of the mesh (None: refused before routing, not counted as a
+/// request of any service).
 pub type Unrouted = (Option<String>, ProxyError);
 
 /// Routes `req` with `snapshot` (one config for the whole request: a config
 /// change applies between requests) and prepares it for the peer sidecar.
+///
+/// Errors: [`ProxyError::NonCanonical`] (no canonical form, or no host),
+/// [`ProxyError::UnknownService`], [`ProxyError::NoRoute`], [`ProxyError::BadTarget`].
 pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMeta) -> Result<Routed, Unrouted> {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
-    let Some(authority) = authority else {
-        return Err((None, ProxyError::NoAuthority));
-    };
-    let service = service_of(&authority).to_string();
     let (mut parts, body) = req.into_parts();
+    let service = canonicalize(&mut parts, snapshot.encoded_slashes()).map_err(|e| (None, e.into()))?.service;
+    if !snapshot.knows(&service) {
+        return Err((None, ProxyError::UnknownService { service }));
+    }
     let info = RequestInfo {
         method: &parts.method,
         path: parts.uri.path(),
@@ -68,7 +70,9 @@ pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMet
     parts.headers.insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
     modify_headers(&rule.request_headers, &mut parts.headers);
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build() {
+    // The canonical host, without the port the app may have named: the
+    // callee's sidecar and app see the service name.
+    parts.uri = match Uri::builder().scheme("http").authority(service.as_str()).path_and_query(path).build() {
         Ok(u) => u,
         Err(source) => return Err((Some(service), ProxyError::BadTarget { source })),
     };
@@ -118,15 +122,20 @@ mod tests {
         assert!(h.get("x-c").is_none());
     }
 
+    fn knowing(services: &[&str]) -> Arc<Snapshot> {
+        let services = services.iter().map(|s| (s.to_string(), Vec::new())).collect();
+        Arc::new(Snapshot { services, ..Default::default() })
+    }
+
     #[test]
     fn routes_by_authority_and_prepares_the_hop() {
-        let snapshot = Arc::new(Snapshot::default());
+        let snapshot = knowing(&["api"]);
         let mut meta = RequestMeta::default();
         let req =
-            Request::get("/x?q=1").header("host", "api:8080").header("connection", "close").body(empty()).unwrap();
+            Request::get("/x?q=1").header("host", "API.:8080").header("connection", "close").body(empty()).unwrap();
         let routed = route(&snapshot, req, &mut meta).unwrap_or_else(|(_, e)| panic!("{e}"));
         assert_eq!(routed.service, "api");
-        assert_eq!(routed.req.uri(), "http://api:8080/x?q=1");
+        assert_eq!(routed.req.uri(), "http://api/x?q=1", "the canonical host, without the port");
         assert_eq!(routed.req.version(), Version::HTTP_2);
         assert_eq!(routed.req.headers()[APP_PROTOCOL], "h1");
         assert!(routed.req.headers().get(header::HOST).is_none() && routed.req.headers().get("connection").is_none());
@@ -134,6 +143,37 @@ mod tests {
         assert_eq!(ctx.route.as_ref().unwrap().backend.service, "api");
 
         let no_host = Request::get("/").body(empty()).unwrap();
-        assert!(matches!(route(&snapshot, no_host, &mut meta), Err((None, ProxyError::NoAuthority))));
+        let e = route(&snapshot, no_host, &mut meta).err().map(|(s, e)| (s, e.refusal()));
+        assert_eq!(e, Some((None, Some("missing_host"))));
+    }
+
+    #[test]
+    fn routing_sees_the_canonical_path() {
+        let snapshot = knowing(&["api"]);
+        let mut meta = RequestMeta::default();
+        let req = Request::get("//%61dmin/./x/../users?q=/..").header("host", "api").body(empty()).unwrap();
+        let routed = route(&snapshot, req, &mut meta).unwrap_or_else(|(_, e)| panic!("{e}"));
+        assert_eq!(routed.req.uri(), "http://api/admin/users?q=/..");
+        let req = Request::get("/admin%2Fusers").header("host", "api").body(empty()).unwrap();
+        let (service, e) = route(&snapshot, req, &mut meta).err().expect("refused");
+        assert!(service.is_none() && matches!(e, ProxyError::NonCanonical(_)), "{e}");
+        assert_eq!(e.refusal(), Some("non_canonical"));
+    }
+
+    #[test]
+    fn an_unknown_service_is_not_a_service_without_endpoints() {
+        let cfg =
+            weft_config::parse("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: declared}\nspec: {}\n")
+                .unwrap();
+        let snapshot = Arc::new(Snapshot { mesh: Some(cfg), ..Default::default() });
+        let mut meta = RequestMeta::default();
+        let req = Request::get("/").header("host", "nowhere").body(empty()).unwrap();
+        let (service, e) = route(&snapshot, req, &mut meta).err().expect("refused");
+        assert!(service.is_none());
+        assert_eq!(e.to_string(), "no service named \"nowhere\" in the mesh; send Host: <service>");
+        assert_eq!(e.status(), http::StatusCode::NOT_FOUND);
+        // Declared in the config, no endpoints yet: routed (the endpoint layer answers 503).
+        let req = Request::get("/").header("host", "declared").body(empty()).unwrap();
+        assert_eq!(route(&snapshot, req, &mut meta).map(|r| r.service).ok().as_deref(), Some("declared"));
     }
 }

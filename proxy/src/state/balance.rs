@@ -6,7 +6,11 @@
 //! growing interval, then brought back; never all endpoints at once.
 //!
 //! weft's own rather than `tower::balance`: tower's P2C has no outlier
-//! ejection, and its endpoints carry no identity to verify. The statistics
+//! ejection, and its endpoints carry no identity to verify.
+//!
+//! A failed request's latency never lowers an endpoint's estimate: a replica
+//! that fails fast (a 503 or a gRPC UNAVAILABLE in a millisecond) would
+//! otherwise look like the fastest and draw more traffic, not less. The statistics
 //! are per-endpoint state ([`super::EndpointState`]): they outlive config
 //! swaps and leave with the endpoint.
 
@@ -78,7 +82,8 @@ impl EndpointStats {
             let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
             let dt = now.saturating_duration_since(e.at).as_secs_f64();
             let w = (-dt / DECAY.as_secs_f64()).exp();
-            e.value = e.value * w + latency.as_secs_f64() * (1.0 - w);
+            let sample = if ok { latency.as_secs_f64() } else { latency.as_secs_f64().max(e.value) };
+            e.value = e.value * w + sample * (1.0 - w);
             e.at = now;
         }
         if ok {
@@ -113,8 +118,21 @@ pub struct InFlight {
 impl InFlight {
     /// Records latency and success; returns true when this ejected the endpoint.
     pub fn done(self, ok: bool) -> bool {
+        let latency = self.elapsed();
+        self.done_after(latency, ok)
+    }
+
+    /// How long since the endpoint was picked.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Records `latency` (measured earlier: a gRPC call's time to its
+    /// response headers) and success, now that the outcome is known; returns
+    /// true when this ejected the endpoint.
+    pub fn done_after(self, latency: Duration, ok: bool) -> bool {
         let now = Instant::now();
-        let ejected = self.state.stats.observe(now - self.start, ok, now);
+        let ejected = self.state.stats.observe(latency, ok, now);
         if ejected {
             tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures");
         }
@@ -194,6 +212,32 @@ mod tests {
         eps[1].state.stats.observe(Duration::from_millis(2), true, now);
         let fast = (0..100).filter(|_| pick(&refs).unwrap().0.address.port() == 2).count();
         assert_eq!(fast, 100, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn a_fast_failure_does_not_make_an_endpoint_look_fast() {
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let (good, bad) = (&eps[0].state.stats, &eps[1].state.stats);
+        let ewma = |s: &EndpointStats| s.ewma.lock().unwrap().value;
+        // Both measured at 5 ms for a while.
+        let mut t = Instant::now() + Duration::from_secs(1);
+        for _ in 0..100 {
+            t += Duration::from_millis(500);
+            good.observe(Duration::from_millis(5), true, t);
+            bad.observe(Duration::from_millis(5), true, t);
+        }
+        let before = ewma(bad);
+        // Then good answers in 5 ms and bad fails in 0.1 ms, for seconds.
+        for _ in 0..(EJECT_AFTER - 1) {
+            t += Duration::from_secs(2);
+            good.observe(Duration::from_millis(5), true, t);
+            bad.observe(Duration::from_micros(100), false, t);
+        }
+        assert!(ewma(bad) >= before, "fast failures lowered the estimate: {before} -> {}", ewma(bad));
+        // Before this rule, bad's estimate fell toward 0.1 ms and P2C sent it everything.
+        let bad_share = (0..100).filter(|_| pick(&refs).unwrap().0.address.port() == 2).count();
+        assert!(ewma(bad) > 0.004, "bad looks faster than it ever answered: {} s ({bad_share} of 100)", ewma(bad));
     }
 
     #[test]

@@ -133,6 +133,18 @@ impl Snapshot {
     pub fn endpoints(&self, service: &str) -> &[Endpoint] {
         self.services.get(service).map(Vec::as_slice).unwrap_or_default()
     }
+
+    /// Whether the mesh knows `service`: discovery lists it (a sidecar of
+    /// it registered), or the config declares it (a `Service`, which may
+    /// have no endpoints right now).
+    pub fn knows(&self, service: &str) -> bool {
+        self.services.contains_key(service) || self.mesh.as_ref().is_some_and(|m| m.services.contains_key(service))
+    }
+
+    /// The Mesh's `spec.pathNormalization.encodedSlashes` (default: reject).
+    pub fn encoded_slashes(&self) -> weft_config::EncodedSlashes {
+        self.mesh.as_ref().map(|m| m.mesh.path_normalization.encoded_slashes).unwrap_or_default()
+    }
 }
 
 /// The sidecar's state: the current [`Snapshot`] and what outlives it.
