@@ -10,7 +10,7 @@ cd "$here"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
-targets=(spiffe_id config csr canonical)
+targets=(spiffe_id config csr canonical detect)
 if [[ -n "${FUZZ_TARGETS:-}" ]]; then
     read -r -a targets <<<"$FUZZ_TARGETS"
 fi

@@ -19,6 +19,7 @@ pub mod canonical;
 pub mod command;
 pub mod config_stream;
 pub mod context;
+pub mod detect;
 pub mod error;
 pub mod http;
 pub mod identity;
