@@ -182,6 +182,22 @@ pub fn server_speaks_h2(reply: &[u8]) -> Option<bool> {
     Some(header[3] == SETTINGS && header[4] & 1 == 0 && stream == 0 && len % 6 == 0)
 }
 
+/// Whether a server's first bytes, after it was sent an HTTP/1.1 request,
+/// are an HTTP/1.x status line (`HTTP/1.1 200 OK`, RFC 9112 4). `None`:
+/// too few bytes, and all so far are those of `HTTP/1.`. An HTTP/2-only
+/// server answers with its SETTINGS frame (first byte 0), or closes.
+pub fn server_speaks_http1(reply: &[u8]) -> Option<bool> {
+    const STATUS_LINE: &[u8] = b"HTTP/1.";
+    let n = reply.len().min(STATUS_LINE.len());
+    if reply[..n] != STATUS_LINE[..n] {
+        Some(false)
+    } else if n == STATUS_LINE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +307,12 @@ mod tests {
         assert_eq!(server_speaks_h2(&[0, 0, 0, 4, 1, 0, 0, 0, 0]), Some(false), "a SETTINGS ACK first");
         assert_eq!(server_speaks_h2(&[0, 0, 8, 7, 0, 0, 0, 0, 0]), Some(false), "a GOAWAY first");
         assert_eq!(server_speaks_h2(&[0, 0, 6, 4, 0, 0, 0, 0, 1]), Some(false), "on a stream");
+
+        assert_eq!(server_speaks_http1(b""), None);
+        assert_eq!(server_speaks_http1(b"HTTP/"), None);
+        assert_eq!(server_speaks_http1(b"HTTP/1.1 400 Bad Request"), Some(true));
+        assert_eq!(server_speaks_http1(b"HTTP/1.0 200 OK"), Some(true));
+        assert_eq!(server_speaks_http1(&[0, 0, 18, 4]), Some(false));
+        assert_eq!(server_speaks_http1(b"HTTP/2"), Some(false));
     }
 }

@@ -1,6 +1,6 @@
 //! Inbound: terminate mutual TLS from peer sidecars, learn the caller's
 //! SPIFFE ID from its verified certificate, and forward to the local app in
-//! the protocol the calling app spoke (HTTP/1.1 or h2c), or as raw TCP for
+//! the version the app speaks (`app_protocol.rs`), or as raw TCP for
 //! CONNECT tunnels. Authorization and rate limits apply first.
 //!
 //! A request passes: the accept loop and TLS handshake here (the edge: sets
@@ -9,6 +9,7 @@
 //! or CONNECT tunnel) → the local app.
 
 pub mod app;
+pub mod app_protocol;
 pub mod authz;
 pub mod gate;
 pub mod ratelimit;
@@ -96,7 +97,8 @@ where
 /// Which protocol the local app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AppProtocol {
-    /// Whatever the calling app spoke (HTTP/1.1 or h2c).
+    /// The Service's declared protocol, or learned by probing the app
+    /// (`app_protocol.rs`); the caller's version where the app speaks both.
     Auto,
     /// HTTP/1.1 only.
     Http1,
@@ -112,6 +114,8 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     h1: Client<AppConnector, Body>,
     h2: Client<AppConnector, Body>,
+    /// The HTTP versions the app speaks, as declared or learned.
+    app_versions: app_protocol::AppProtocols,
 }
 
 impl Inbound {
@@ -126,7 +130,8 @@ impl Inbound {
         let h1 =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
-        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2 })
+        let app_versions = app_protocol::AppProtocols::new(app, app_protocol);
+        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2, app_versions })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, drain: Drain) {
