@@ -179,7 +179,7 @@ pub fn server_speaks_h2(reply: &[u8]) -> Option<bool> {
     let header = reply.get(..9)?;
     let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
     let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-    Some(header[3] == SETTINGS && header[4] & 1 == 0 && stream == 0 && len % 6 == 0)
+    Some(header[3] == SETTINGS && header[4] & 1 == 0 && stream == 0 && len.is_multiple_of(6))
 }
 
 /// Whether a server's first bytes, after it was sent an HTTP/1.1 request,

@@ -67,6 +67,10 @@ pub enum ProxyError {
     /// Outbound TCP: the tunnel broke while carrying bytes.
     #[error("tunnel to {addr}: {source}")]
     TunnelIo { addr: SocketAddr, source: std::io::Error },
+    /// Inbound: a peer's extended CONNECT is no well-formed carried exchange
+    /// (`extended_connect.rs`).
+    #[error("bad carried HTTP exchange from the peer sidecar: {what}")]
+    BadExchange { what: &'static str },
     /// Inbound: the caller is not allowed (details only in logs and metrics).
     #[error("{} denied by authorization policy", if *.tcp { "connection" } else { "request" })]
     Denied { tcp: bool, policy: String, peer: SpiffeId },
@@ -97,7 +101,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError as E;
         match self {
-            E::NoAuthority | E::BadTarget { .. } => StatusCode::BAD_REQUEST,
+            E::NoAuthority | E::BadTarget { .. } | E::BadExchange { .. } => StatusCode::BAD_REQUEST,
             E::NoRoute { .. } => StatusCode::NOT_FOUND,
             E::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::ConnectFailed { .. }

@@ -21,6 +21,7 @@ pub mod config_stream;
 pub mod context;
 pub mod detect;
 pub mod error;
+pub mod extended_connect;
 pub mod http;
 pub mod identity;
 pub mod inbound;

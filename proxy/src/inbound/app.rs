@@ -16,11 +16,13 @@ use weft_certs::SpiffeId;
 use super::{app_protocol, Inbound};
 use crate::context::RequestContext;
 use crate::error::ProxyError;
+use crate::extended_connect::Exchange;
 use crate::http::{boxed, empty, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
 use crate::metrics::{AuthzLabels, ConnLabels, OpenConn};
 use crate::state::{authz, State};
 
-/// The innermost inbound service: CONNECT tunnels to the app's TCP port,
+/// The innermost inbound service: carried exchanges (upgrades,
+/// 100-continue; `exchange.rs`), CONNECT tunnels to the app's TCP port,
 /// everything else is forwarded as HTTP.
 #[derive(Clone)]
 pub(super) struct AppService {
@@ -41,7 +43,10 @@ impl tower::Service<Request<Incoming>> for AppService {
         Box::pin(async move {
             let peer = req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone());
             let Some(peer) = peer else { return Err(ProxyError::Internal { what: MISSING_CONTEXT }) };
-            if req.method() == Method::CONNECT {
+            if let Some(exchange) = req.extensions().get::<Exchange>() {
+                let kind = exchange.kind.clone();
+                inbound.exchange(req, kind, &peer).await
+            } else if req.method() == Method::CONNECT {
                 inbound.tunnel(req, &peer).await
             } else {
                 inbound.forward(req, &peer).await
@@ -100,7 +105,7 @@ async fn revoked(state: &State, peer: &SpiffeId) {
 }
 
 impl Inbound {
-    async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
+    pub(super) async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let caller_h2 = parts.headers.remove(APP_PROTOCOL).is_some_and(|v| v == "h2");
         let ask = app_protocol::Ask {

@@ -108,7 +108,7 @@ impl AppProtocols {
 async fn probe(app: SocketAddr, v: Version) -> Option<bool> {
     let run = async {
         let mut tcp = TcpStream::connect(app).await.ok()?;
-        let (hello, judge): (&[u8], fn(&[u8]) -> Option<bool>) = match v {
+        let (hello, judge): (&[u8], Judge) = match v {
             // The preface and an empty SETTINGS frame (RFC 9113 3.4).
             Version::H2c => (H2_HELLO, detect::server_speaks_h2),
             // A request every HTTP/1.1 server must parse (RFC 9110 9.3.7).
@@ -132,6 +132,9 @@ async fn probe(app: SocketAddr, v: Version) -> Option<bool> {
     };
     tokio::time::timeout(PROBE_TIMEOUT, run).await.ok().flatten()
 }
+
+/// Reads a probe's answer: whether the app spoke the version (None: read more).
+type Judge = fn(&[u8]) -> Option<bool>;
 
 const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 

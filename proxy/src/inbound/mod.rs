@@ -6,11 +6,13 @@
 //! A request passes: the accept loop and TLS handshake here (the edge: sets
 //! the request's context) → `RequestMetrics` → `RespondLayer` (`error.rs`:
 //! failure → response) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward,
-//! or CONNECT tunnel) → the local app.
+//! `exchange.rs` for a carried upgrade or 100-continue, or CONNECT tunnel)
+//! → the local app.
 
 pub mod app;
 pub mod app_protocol;
 pub mod authz;
+pub mod exchange;
 pub mod gate;
 pub mod ratelimit;
 
@@ -85,7 +87,9 @@ where
         Box::pin(async move {
             let start = Instant::now();
             let resp = inner.call(req).await?;
-            if let Some(peer) = peer {
+            // A carried exchange's 200 is counted when the app has answered.
+            let later = resp.extensions().get::<crate::extended_connect::CountedLater>().is_some();
+            if let Some(peer) = peer.filter(|_| !later) {
                 let meta = RequestMeta { peer, ..Default::default() };
                 metrics.request("inbound", &service, &meta, resp.status().as_u16(), start.elapsed().as_secs_f64());
             }
@@ -163,10 +167,20 @@ impl Inbound {
                     // One config version for the whole request.
                     let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
                     req.extensions_mut().insert(ctx);
-                    stack.clone().oneshot(req)
+                    // A carried exchange is judged as the request it carries.
+                    let refused = crate::extended_connect::accept(&mut req).err();
+                    let stack = stack.clone();
+                    async move {
+                        match refused {
+                            Some(e) => Ok(crate::error::respond(&e)),
+                            None => stack.oneshot(req).await,
+                        }
+                    }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    // RFC 8441: upgrades and 100-continue arrive as extended CONNECT.
+                    .enable_connect_protocol()
                     .adaptive_window(true)
                     .serve_connection(TokioIo::new(tls), svc);
                 drain.watch(conn).await;
