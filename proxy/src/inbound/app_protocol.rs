@@ -1,10 +1,13 @@
 //! Which HTTP version the inbound sidecar speaks to its app: a property of
 //! the app, not of the caller. `--app-protocol http1|h2c` fixes it; with
 //! `auto` it is the Service's declared `protocol` (`http2`, `grpc`: h2c), or
-//! else learned by probing the app once per version (`detect.rs` reads the
-//! answer) and kept until a request to the app fails. Within what the app
-//! speaks, the caller's version is kept (a dual-stack app sees what the
-//! calling app sent); gRPC always needs HTTP/2.
+//! else learned by probing the app (`detect.rs` reads the answer) and kept
+//! until a request to the app fails. Within what the app speaks, the
+//! caller's version is kept (a dual-stack app sees what the calling app
+//! sent); gRPC always needs HTTP/2. The probes reach no request handler:
+//! an h2 preface and SETTINGS (an HTTP/1.1 server refuses `PRI * HTTP/2.0`
+//! with a status line), and — only for an HTTP/1.1 caller to an app that
+//! speaks h2 — a malformed HTTP/1.1 request that HTTP/1.1 servers refuse.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,8 +20,7 @@ use super::AppProtocol;
 use crate::detect;
 
 /// How long a probe waits for the app to connect and answer; an app that
-/// says nothing in this time is taken not to speak that version (for now:
-/// the answer is not kept).
+/// says nothing in this time is taken not to speak that version.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An HTTP version the app may speak.
@@ -65,15 +67,19 @@ impl AppProtocols {
         if ask.grpc || matches!(ask.declared, Some(P::Http2 | P::Grpc)) {
             return Version::H2c;
         }
-        let (first, second) =
-            if ask.caller_h2 { (Version::H2c, Version::Http1) } else { (Version::Http1, Version::H2c) };
-        if self.speaks(first).await != Some(false) {
-            return first;
+        // The h2 probe reaches no request handler of any app; it comes first.
+        let h2 = self.speaks(Version::H2c).await;
+        if ask.caller_h2 {
+            return if h2 == Some(false) { Version::Http1 } else { Version::H2c };
         }
-        match self.speaks(second).await {
-            Some(true) => second,
-            // Neither answered: keep the caller's; the request's failure says why.
-            _ => first,
+        if h2 != Some(true) {
+            return Version::Http1;
+        }
+        // The app speaks h2: only h2, or HTTP/1.1 as well?
+        if self.speaks(Version::Http1).await == Some(false) {
+            Version::H2c
+        } else {
+            Version::Http1
         }
     }
 
@@ -111,10 +117,9 @@ async fn probe(app: SocketAddr, v: Version) -> Option<bool> {
         let (hello, judge): (&[u8], Judge) = match v {
             // The preface and an empty SETTINGS frame (RFC 9113 3.4).
             Version::H2c => (H2_HELLO, detect::server_speaks_h2),
-            // A request every HTTP/1.1 server must parse (RFC 9110 9.3.7).
-            Version::Http1 => {
-                (b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", detect::server_speaks_http1)
-            }
+            // A request any HTTP/1.1 server refuses with a status line (a space
+            // in a field name, RFC 9112 5.1), so it reaches no request handler.
+            Version::Http1 => (H1_HELLO, detect::server_speaks_http1),
         };
         tcp.write_all(hello).await.ok()?;
         let mut reply = Vec::with_capacity(64);
@@ -130,11 +135,15 @@ async fn probe(app: SocketAddr, v: Version) -> Option<bool> {
             }
         }
     };
-    tokio::time::timeout(PROBE_TIMEOUT, run).await.ok().flatten()
+    // Silence for that long is an answer too: probing again would delay
+    // every request (a failing request makes the next one probe anyway).
+    tokio::time::timeout(PROBE_TIMEOUT, run).await.unwrap_or(Some(false))
 }
 
 /// Reads a probe's answer: whether the app spoke the version (None: read more).
 type Judge = fn(&[u8]) -> Option<bool>;
+
+const H1_HELLO: &[u8] = b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nweft probe: 1\r\n\r\n";
 
 const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 
@@ -176,6 +185,47 @@ mod tests {
         assert_eq!(h1_only.choose(declared).await, Version::H2c);
         let fixed = AppProtocols::new(h2_only.app, AppProtocol::Http1);
         assert_eq!(fixed.choose(ask(true)).await, Version::Http1);
+    }
+
+    /// A hyper server (HTTP/1.1 and h2c, or h2c only) counting the requests its handler sees.
+    async fn hyper_app(h1: bool) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = handled.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let count = count.clone();
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<_, std::convert::Infallible>(http::Response::new(crate::http::empty())) }
+                });
+                tokio::spawn(async move {
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if !h1 {
+                        b = b.http2_only();
+                    }
+                    let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        (addr, handled)
+    }
+
+    #[tokio::test]
+    async fn probes_reach_no_request_handler() {
+        let (both, handled) = hyper_app(true).await;
+        let p = AppProtocols::new(both, AppProtocol::Auto);
+        assert_eq!(p.choose(ask(false)).await, Version::Http1, "the caller's version");
+        assert_eq!(p.choose(ask(true)).await, Version::H2c, "the caller's version");
+        assert_eq!((*p.http1.lock().await, *p.h2c.lock().await), (Some(true), Some(true)));
+        let (h2_only, handled_h2) = hyper_app(false).await;
+        let p = AppProtocols::new(h2_only, AppProtocol::Auto);
+        assert_eq!(p.choose(ask(false)).await, Version::H2c);
+        let n = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((n(&handled), n(&handled_h2)), (0, 0), "a probe was served as a request");
     }
 
     #[tokio::test]
