@@ -10,7 +10,7 @@ cd "$here"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
-targets=(spiffe_id config csr canonical)
+targets=(spiffe_id config csr canonical detect)
 # The workspace forbids unsafe code, so AddressSanitizer finds little that
 # the fuzzer's own panics do not; without it (and unoptimized) the build takes
 # minutes less. FUZZ_FLAGS="" gives the cargo-fuzz defaults (ASan, release).

@@ -123,11 +123,17 @@ pub enum EncodedSlashes {
 
 // ---------------------------------------------------------------- Service
 
+/// What a service's workloads speak; the callee's sidecar talks to its app
+/// in this protocol (`weft-proxy --app-protocol auto`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// HTTP; whether the app takes HTTP/1.1, h2c or both is learned by probing it.
     #[default]
     Http,
+    /// HTTP/2 without TLS (prior knowledge, RFC 9113 3.3) only.
+    Http2,
+    /// gRPC: HTTP/2 without TLS.
     Grpc,
     Tcp,
     Opaque,

@@ -200,7 +200,7 @@ fn parent_ref(report: &mut Report, lbl: &str, at: &str, p: &ParentRef, services:
         Some(s) if matches!(s.protocol, Protocol::Tcp | Protocol::Opaque) => report.err(
             lbl,
             format!("{at}.name"),
-            format!("Service {:?} is {:?}; HTTPRoutes apply only to http and grpc services", p.name, s.protocol),
+            format!("Service {:?} is {:?}; HTTPRoutes apply only to http, http2 and grpc services", p.name, s.protocol),
         ),
         Some(s) => service_port(report, lbl, at, &p.name, p.port, s),
     }

@@ -38,7 +38,7 @@ pub struct Args {
     /// The local app's address.
     #[arg(long)]
     app: SocketAddr,
-    /// The local app's protocol: auto (mirror the caller), http1 or h2c.
+    /// The local app's protocol: auto (declared by its Service, or learned by probing the app), http1 or h2c.
     #[arg(long, value_enum, default_value = "auto")]
     app_protocol: crate::inbound::AppProtocol,
     /// mTLS listener for peer sidecars.

@@ -84,6 +84,10 @@ pub enum ProxyError {
     /// Outbound TCP: the tunnel broke while carrying bytes.
     #[error("tunnel to {addr}: {}", cause(.source))]
     TunnelIo { addr: SocketAddr, source: std::io::Error },
+    /// Inbound: a peer's extended CONNECT is no well-formed carried exchange
+    /// (`extended_connect.rs`).
+    #[error("bad carried HTTP exchange from the peer sidecar: {what}")]
+    BadExchange { what: &'static str },
     /// Inbound: the caller is not allowed (details only in logs and metrics).
     #[error("{} denied by authorization policy", if *.tcp { "connection" } else { "request" })]
     Denied { tcp: bool, policy: String, peer: SpiffeId },
@@ -145,7 +149,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError as E;
         match self {
-            E::NonCanonical(_) | E::BadTarget { .. } => StatusCode::BAD_REQUEST,
+            E::NonCanonical(_) | E::BadTarget { .. } | E::BadExchange { .. } => StatusCode::BAD_REQUEST,
             E::NoRoute { .. } | E::UnknownService { .. } => StatusCode::NOT_FOUND,
             E::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::ConnectFailed { .. }
@@ -170,7 +174,7 @@ impl ProxyError {
     pub fn grpc_status(&self) -> u32 {
         use ProxyError as E;
         match self {
-            E::NonCanonical(_) | E::BadTarget { .. } => code::INVALID_ARGUMENT,
+            E::NonCanonical(_) | E::BadTarget { .. } | E::BadExchange { .. } => code::INVALID_ARGUMENT,
             E::NoRoute { .. } | E::UnknownService { .. } => code::UNIMPLEMENTED,
             E::NoEndpoints { .. }
             | E::ConnectFailed { .. }

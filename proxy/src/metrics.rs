@@ -163,7 +163,7 @@ impl Metrics {
         reg.register("tls_handshakes", "mTLS handshakes by direction and outcome", self.handshakes.clone());
         reg.register_with_unit(
             "tcp",
-            "Bytes carried for opaque TCP, by direction",
+            "Bytes carried for opaque TCP (protocol=\"tcp\") and upgraded HTTP connections (protocol=\"upgrade\"), by direction",
             prometheus_client::registry::Unit::Bytes,
             self.tcp_bytes.clone(),
         );

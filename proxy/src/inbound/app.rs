@@ -1,5 +1,5 @@
 //! The innermost inbound service: the local app. HTTP is forwarded in the
-//! protocol the calling app spoke (or the one `--app-protocol` fixes), with
+//! version the app speaks (`app_protocol.rs`), with
 //! the caller's verified SPIFFE ID in `x-weft-peer-id`; CONNECT becomes a
 //! TCP tunnel to the app's port, closed when policy stops allowing the caller.
 
@@ -13,14 +13,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use weft_certs::SpiffeId;
 
-use super::{AppProtocol, Inbound};
+use super::{app_protocol, Inbound};
 use crate::context::RequestContext;
 use crate::error::ProxyError;
+use crate::extended_connect::Exchange;
 use crate::http::{boxed, empty, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
 use crate::metrics::{AuthzLabels, ConnLabels, OpenConn};
 use crate::state::{authz, State};
 
-/// The innermost inbound service: CONNECT tunnels to the app's TCP port,
+/// The innermost inbound service: carried exchanges (upgrades,
+/// 100-continue; `exchange.rs`), CONNECT tunnels to the app's TCP port,
 /// everything else is forwarded as HTTP.
 #[derive(Clone)]
 pub(super) struct AppService {
@@ -41,7 +43,10 @@ impl tower::Service<Request<Incoming>> for AppService {
         Box::pin(async move {
             let peer = req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone());
             let Some(peer) = peer else { return Err(ProxyError::Internal { what: MISSING_CONTEXT }) };
-            if req.method() == Method::CONNECT {
+            if let Some(exchange) = req.extensions().get::<Exchange>() {
+                let kind = exchange.kind.clone();
+                inbound.exchange(req, kind, &peer).await
+            } else if req.method() == Method::CONNECT {
                 inbound.tunnel(req, &peer).await
             } else {
                 inbound.forward(req, &peer).await
@@ -100,14 +105,21 @@ async fn revoked(state: &State, peer: &SpiffeId) {
 }
 
 impl Inbound {
-    async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
+    pub(super) async fn forward(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let caller_h2 = parts.headers.remove(APP_PROTOCOL).is_some_and(|v| v == "h2");
-        let app_h2 = match self.app_protocol {
-            AppProtocol::Auto => caller_h2,
-            AppProtocol::Http1 => false,
-            AppProtocol::H2c => true,
+        let ask = app_protocol::Ask {
+            caller_h2,
+            grpc: parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            declared: parts
+                .extensions
+                .get::<RequestContext>()
+                .and_then(|c| c.snapshot.mesh.as_ref()?.services.get(&self.service).map(|s| s.protocol)),
         };
+        let app_h2 = self.app_versions.choose(ask).await == app_protocol::Version::H2c;
         strip_hop_by_hop(&mut parts.headers);
         // Only the sidecar may say who the caller is.
         parts.headers.remove(PEER_ID);
@@ -133,6 +145,8 @@ impl Inbound {
             }
             Err(source) => {
                 tracing::warn!(app = %self.app, error = %source, "local app request failed");
+                // It may have been answered in a version the app no longer speaks.
+                self.app_versions.forget().await;
                 Err(ProxyError::AppFailed { app: self.app, source })
             }
         }

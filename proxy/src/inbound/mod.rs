@@ -1,17 +1,20 @@
 //! Inbound: terminate mutual TLS from peer sidecars, learn the caller's
 //! SPIFFE ID from its verified certificate, and forward to the local app in
-//! the protocol the calling app spoke (HTTP/1.1 or h2c), or as raw TCP for
+//! the version the app speaks (`app_protocol.rs`), or as raw TCP for
 //! CONNECT tunnels. Authorization and rate limits apply first.
 //!
 //! A request passes: the accept loop and TLS handshake here (the edge: sets
 //! the request's context) → `RequestMetrics` → `RespondLayer` (`error.rs`:
 //! failure → response) → `canonical.rs` (the request made canonical, or
-//! refused) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward, or CONNECT
-//! tunnel) → the local app.
+//! refused) → `authz.rs` → `ratelimit.rs` → `app.rs` (forward,
+//! `exchange.rs` for a carried upgrade or 100-continue, or CONNECT tunnel)
+//! → the local app.
 
 pub mod app;
+pub mod app_protocol;
 pub mod authz;
 pub mod canonical;
+pub mod exchange;
 pub mod gate;
 pub mod ratelimit;
 
@@ -87,7 +90,9 @@ where
         Box::pin(async move {
             let start = Instant::now();
             let resp = inner.call(req).await?;
-            let Some(peer) = peer else { return Ok(resp) };
+            // A carried exchange's 200 is counted when the app has answered.
+            let later = resp.extensions().get::<crate::extended_connect::CountedLater>().is_some();
+            let Some(peer) = peer.filter(|_| !later) else { return Ok(resp) };
             let meta = RequestMeta { peer, ..Default::default() };
             Ok(metrics.response("inbound", &service, &meta, resp, start.elapsed().as_secs_f64()))
         })
@@ -97,7 +102,8 @@ where
 /// Which protocol the local app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AppProtocol {
-    /// Whatever the calling app spoke (HTTP/1.1 or h2c).
+    /// The Service's declared protocol, or learned by probing the app
+    /// (`app_protocol.rs`); the caller's version where the app speaks both.
     Auto,
     /// HTTP/1.1 only.
     Http1,
@@ -113,6 +119,8 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     h1: Client<AppConnector, Body>,
     h2: Client<AppConnector, Body>,
+    /// The HTTP versions the app speaks, as declared or learned.
+    app_versions: app_protocol::AppProtocols,
 }
 
 impl Inbound {
@@ -127,7 +135,8 @@ impl Inbound {
         let h1 =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
-        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2 })
+        let app_versions = app_protocol::AppProtocols::new(app, app_protocol);
+        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2, app_versions })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, drain: Drain) {
@@ -161,10 +170,20 @@ impl Inbound {
                     // One config version for the whole request.
                     let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
                     req.extensions_mut().insert(ctx);
-                    stack.clone().oneshot(req)
+                    // A carried exchange is judged as the request it carries.
+                    let refused = crate::extended_connect::accept(&mut req).err();
+                    let stack = stack.clone();
+                    async move {
+                        match refused {
+                            Some(e) => Ok(crate::error::respond(&e, crate::error::wants_grpc(req.headers()))),
+                            None => stack.oneshot(req).await,
+                        }
+                    }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    // RFC 8441: upgrades and 100-continue arrive as extended CONNECT.
+                    .enable_connect_protocol()
                     .adaptive_window(true)
                     .serve_connection(TokioIo::new(tls), svc);
                 // A connection-level failure ends every stream on it: say whose.

@@ -23,6 +23,7 @@ use weft_certs::SpiffeId;
 use super::pool::Pool;
 use crate::context::{Deadline, RequestContext, ServedBy};
 use crate::error::ProxyError;
+use crate::extended_connect::{self, Carried};
 use crate::grpc;
 use crate::http::{boxed, strip_hop_by_hop, Body};
 use crate::metrics::Metrics;
@@ -158,11 +159,20 @@ impl EndpointService {
         mut sender: SendRequest<Body>,
         addr: SocketAddr,
         id: &SpiffeId,
-        req: Request<Body>,
+        mut req: Request<Body>,
         limit: &AttemptLimit,
         service: &str,
     ) -> Result<Response<Body>, ProxyError> {
-        match limit.run(sender.send_request(req)).await {
+        // A carried exchange (upgrade, 100-continue) goes on after the CONNECT's answer.
+        let carried = req.extensions_mut().remove::<Carried>();
+        let exchange = async move {
+            let resp = sender.send_request(req).await?;
+            match carried {
+                Some(carried) => extended_connect::finish(resp, carried).await,
+                None => Ok(resp),
+            }
+        };
+        match limit.run(exchange).await {
             Err(_elapsed) => Err(limit.error(service, id, addr)),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::context::ServedBy;
 use crate::error::{respond, wants_grpc, ProxyError};
+use crate::extended_connect;
 use crate::http::{boxed, Body};
 use crate::metrics::{Metrics, OpenConn, RequestMeta};
 use crate::state::State;
@@ -86,12 +87,19 @@ impl Outbound {
 
     /// The edge of an app's HTTP request: routes it and sends it through
     /// the stack, turns a failure into its response, and counts it.
-    async fn route_http(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn route_http(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let grpc = wants_grpc(req.headers());
         let mut meta = RequestMeta::default();
+        extended_connect::strip_internal(req.headers_mut());
+        let carried = extended_connect::kind_of(&req);
+        let caller = carried.as_ref().and_then(|kind| extended_connect::take_caller(&mut req, kind));
         let (service, resp) = match route::route(&self.state.snapshot(), req.map(boxed), &mut meta) {
             Ok(route::Routed { service, req, rule }) => {
+                let req = match carried {
+                    Some(kind) => extended_connect::to_connect(req, kind),
+                    None => req,
+                };
                 let mut resp = match self.stack.clone().oneshot(req).await {
                     Ok(mut resp) => {
                         if let Some(ServedBy(id)) = resp.extensions_mut().remove::<ServedBy>() {
@@ -102,6 +110,9 @@ impl Outbound {
                     Err(e) => self.failed(&e, &mut meta, grpc),
                 };
                 route::modify_headers(&rule.response_headers, resp.headers_mut());
+                if let Some(caller) = caller {
+                    self.upgrade_caller(caller, &mut resp);
+                }
                 (service, resp)
             }
             // A request that names no service of the mesh is answered, and
@@ -116,6 +127,20 @@ impl Outbound {
             Err((Some(service), e)) => (service, self.failed(&e, &mut meta, grpc)),
         };
         self.metrics.response("outbound", &service, &meta, resp, start.elapsed().as_secs_f64())
+    }
+
+    /// On the app's 101 to a carried upgrade: the caller gets the 101 with
+    /// `Connection`/`Upgrade` restored, and its connection is spliced to the
+    /// stream to the peer sidecar.
+    fn upgrade_caller(&self, caller: extended_connect::CallerUpgrade, resp: &mut Response<Body>) {
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let to = resp.extensions_mut().remove::<extended_connect::UpgradedTo>();
+        let value = to.map(|t| t.0).unwrap_or(caller.requested);
+        extended_connect::upgrade_headers(resp.headers_mut(), &value);
+        let peer = hyper::upgrade::on(&mut *resp);
+        extended_connect::splice(caller.on_upgrade, peer, self.metrics.clone(), "outbound");
     }
 
     /// The response for a failed request, with the endpoint it failed at.
