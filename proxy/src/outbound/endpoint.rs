@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{Request, Response};
-use hyper::client::conn::http2::SendRequest;
+use http_body_util::BodyExt;
 use tower::Service;
 use weft_certs::SpiffeId;
 
-use super::pool::Pool;
+use super::pool::{Lease, Pool};
 use crate::context::{Deadline, RequestContext, ServedBy};
-use crate::error::ProxyError;
+use crate::error::{HeaderHop, ProxyError, LOCAL_LIMIT};
 use crate::http::{boxed, strip_hop_by_hop, Body};
+use crate::limits::header_list_size;
+use crate::metrics::HeaderLimitLabels;
 use crate::metrics::Metrics;
 use crate::state::balance::{self, InFlight};
 
@@ -63,13 +65,15 @@ impl Service<Request<Body>> for EndpointService {
                         refused = Some(e);
                         continue;
                     }
-                    Ok(Ok(sender)) => {
+                    Ok(Ok(lease)) => {
                         let req = req.take().expect("the request is sent at most once");
-                        this.send(sender, addr, &id, req, &limit, service).await
+                        this.send(lease, addr, &id, req, &limit, service).await
                     }
                 };
+                // A local limit (this sidecar's or the peer's) says nothing of the endpoint's health.
                 let failed = match &result {
-                    Ok(r) => r.status().is_server_error(),
+                    Ok(r) => r.status().is_server_error() && !r.headers().contains_key(LOCAL_LIMIT),
+                    Err(ProxyError::HeadersTooLarge { .. }) => false,
                     Err(_) => true,
                 };
                 this.report(in_flight, !failed);
@@ -97,22 +101,41 @@ impl EndpointService {
         }
     }
 
-    /// Sends on an open connection.
+    /// Sends on an open connection; the lease is held until the response body ends.
     async fn send(
         &self,
-        mut sender: SendRequest<Body>,
+        lease: Lease,
         addr: SocketAddr,
         id: &SpiffeId,
         req: Request<Body>,
         limit: &AttemptLimit,
         service: &str,
     ) -> Result<Response<Body>, ProxyError> {
+        let Lease { mut sender, guard } = lease;
         match limit.run(sender.send_request(req)).await {
             Err(_elapsed) => Err(limit.error(service, id, addr)),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
+                let max = self.pool.limits().max_header_bytes;
+                let size = header_list_size(&parts.headers);
+                if size > max {
+                    let labels = HeaderLimitLabels { direction: "outbound", message: "response" };
+                    self.metrics.headers_too_large.get_or_create(&labels).inc();
+                    return Err(ProxyError::HeadersTooLarge {
+                        hop: HeaderHop::ResponseFromPeer,
+                        size: Some(size),
+                        limit: max,
+                    });
+                }
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, boxed(body)))
+                Ok(Response::from_parts(
+                    parts,
+                    boxed(body.map_frame(move |f| {
+                        // The stream stays counted on its connection until the body ends.
+                        let _held = &guard;
+                        f
+                    })),
+                ))
             }
             Ok(Err(source)) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");
