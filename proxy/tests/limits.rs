@@ -85,13 +85,16 @@ async fn large_headers_pass_every_hop_and_too_large_ones_get_431_from_the_caller
 async fn oversized_response_headers_are_a_local_limit_and_never_eject_the_endpoint() {
     let m = pair(servers::http("api").await, &[], &[]).await;
     let app = App::of(&m.caller);
+    let mut replies = Vec::new();
     for _ in 0..8 {
-        let r = app.get("api", "/response-header/102400").await;
-        assert_eq!(r.status, 502, "{}", r.body);
-        assert!(r.body.contains("response from the local app") && r.body.contains("--max-header-bytes"), "{}", r.body);
+        replies.push(app.get("api", "/response-header/102400").await);
     }
     let caller = m.caller.metrics().await;
     assert_eq!(metric_sum(&caller, "weft_proxy_endpoint_ejections_total", &[]), 0.0, "{caller}");
+    for r in replies {
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert!(r.body.contains("response from the local app") && r.body.contains("--max-header-bytes"), "{}", r.body);
+    }
     let callee = m.callee.metrics().await;
     let hit = ["direction=\"inbound\"", "message=\"response\""];
     assert_eq!(metric_sum(&callee, "weft_proxy_headers_too_large_total", &hit), 8.0, "{callee}");
@@ -234,7 +237,10 @@ async fn three_hundred_tunnels_to_one_peer_survive_simultaneous_small_writes() {
             echo(&mut tcp, format!("hello {i}\n").as_bytes()).await.map_err(|e| format!("{i}: first echo: {e}"))?;
             // All open at once; then all write a few bytes at the same moment, repeatedly.
             for round in 0..5 {
-                barrier.wait().await;
+                // A tunnel that never opened must not hold the others forever.
+                tokio::time::timeout(Duration::from_secs(15), barrier.wait())
+                    .await
+                    .map_err(|_| format!("{i}: round {round}: other tunnels never got there"))?;
                 let msg = format!("{round}:{i};");
                 echo(&mut tcp, msg.as_bytes()).await.map_err(|e| format!("{i}: round {round}: {e}"))?;
             }
@@ -243,8 +249,9 @@ async fn three_hundred_tunnels_to_one_peer_survive_simultaneous_small_writes() {
     }
     let mut tunnels = Vec::new();
     let mut failed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
     for t in tasks {
-        match tokio::time::timeout(Duration::from_secs(20), t).await {
+        match tokio::time::timeout_at(deadline, t).await {
             Ok(Ok(Ok(tcp))) => tunnels.push(tcp),
             Ok(Ok(Err(e))) => failed.push(e),
             Ok(Err(e)) => failed.push(e.to_string()),
