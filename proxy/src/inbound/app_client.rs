@@ -8,9 +8,10 @@
 //! - An HTTP/1.1 request that fails on a *reused* connection before any byte
 //!   of its response arrived is sent once more on a fresh connection (never
 //!   pooled), if its body could be kept: no body, or a body of known length up
-//!   to [`REPLAY_MAX`] bytes (buffered before sending). Whatever the method:
-//!   a connection closed with no answer on reuse is the app closing its idle
-//!   connection, which has not read the request. A request with a larger or
+//!   to [`REPLAY_MAX`] bytes without `Expect: 100-continue` (buffered before
+//!   sending). Whatever the method: a connection closed with no answer on
+//!   reuse is the app closing its idle connection, which has not read the
+//!   request. A request with a larger or
 //!   streamed body is not retried (its bytes are gone): the caller gets the
 //!   502 and decides, as it would for any non-idempotent request.
 //! - Response heads are read into a buffer bounded by the header limit
@@ -79,7 +80,11 @@ impl AppClient {
     pub async fn request(&self, req: Request<Body>) -> Result<Response<Incoming>, Error> {
         let Some(fresh) = &self.fresh else { return self.pooled.request(req).await };
         let (parts, body) = req.into_parts();
-        let replayable = body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX);
+        // A caller waiting on `Expect: 100-continue` sends its body only once
+        // the app agrees: buffering it first would take that choice from the app.
+        let expects = parts.headers.contains_key(http::header::EXPECT);
+        let replayable =
+            body.is_end_stream() || (!expects && body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX));
         if !replayable {
             return self.pooled.request(Request::from_parts(parts, body)).await;
         }
