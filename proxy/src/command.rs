@@ -60,12 +60,52 @@ pub struct Args {
     /// unix:///run/weft/agent.sock; point the app's SPIFFE_ENDPOINT_SOCKET at it.
     #[arg(long, value_parser = crate::workload_api::parse_socket_addr)]
     workload_api: Option<PathBuf>,
+    /// Largest header section of a request or response, in bytes (HTTP/2
+    /// counting: name + value + 32 per field), on every hop. A request over it
+    /// gets 431 from the sidecar that met it; a response over it, 502.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_HEADER_BYTES, value_parser = parse_header_bytes)]
+    max_header_bytes: usize,
+    /// How long a client may take to send a request's headers (from the
+    /// first byte; for a new connection, from accept) before the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// How long a keep-alive connection (HTTP/1.1 or HTTP/2) may stay open
+    /// with no request in flight before the sidecar closes it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Connections each listener (inbound, outbound, each upstream) serves at
+    /// once; further connections wait in the kernel's backlog until one closes.
+    #[arg(long, default_value_t = 10_000, value_parser = parse_max_connections)]
+    max_connections: usize,
+    /// How long an idle connection to the local app is kept for reuse; keep
+    /// it below the app's own keep-alive timeout.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    app_idle_timeout: Duration,
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+}
+
+/// `--max-header-bytes`: 1 KiB .. 16 MiB (h2's setting is 32-bit, and hyper's
+/// HTTP/1.1 buffer is twice this).
+fn parse_header_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{s:?}: {e}; expected a number of bytes, e.g. 65536"))?;
+    if !(1024..=16 * 1024 * 1024).contains(&n) {
+        return Err(format!("{n}: must be between 1024 and 16777216 bytes"));
+    }
+    Ok(n)
+}
+
+/// `--max-connections`: at least 1.
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -94,6 +134,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         admin: args.admin,
         upstreams: args.upstreams,
         connect_timeout: args.connect_timeout,
+        limits: crate::limits::Limits {
+            max_header_bytes: args.max_header_bytes,
+            header_read_timeout: args.header_read_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+            app_idle_timeout: args.app_idle_timeout,
+        },
         workload_api: args.workload_api,
     })
     .await?;

@@ -100,6 +100,18 @@ pub enum ProxyError {
     /// Inbound TCP: the local app's port cannot be reached.
     #[error("local app at {app}: {} (callee's sidecar → its local app)", cause(.source))]
     AppUnreachable { app: SocketAddr, source: std::io::Error },
+    /// A header section over `--max-header-bytes`, refused by the sidecar
+    /// that met it: 431 for a request (the app or peer never sees it), 502
+    /// for a response (it cannot be carried). A local limit: it never counts
+    /// against an endpoint.
+    /// `size`: the header section's size (RFC 9113 §6.5.2), or `None` when
+    /// the HTTP/1.1 parser refused it for being far over the limit.
+    #[error(
+        "{hop} headers are {}, over this sidecar's limit of {limit} bytes; \
+         send smaller headers or raise --max-header-bytes on every sidecar",
+        size_note(.size)
+    )]
+    HeadersTooLarge { hop: HeaderHop, size: Option<usize>, limit: usize },
     /// A layer ran without the context its edge sets (a bug in the stack).
     #[error("internal error: {what}")]
     Internal { what: &'static str },
@@ -136,6 +148,50 @@ fn app_cause(err: &hyper_util::client::legacy::Error) -> String {
     }
 }
 
+/// Where a header section over the limit was met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderHop {
+    /// The app's request, at the caller's sidecar.
+    RequestFromApp,
+    /// The calling sidecar's request, at the callee's sidecar.
+    RequestFromPeer,
+    /// The local app's response, at the callee's sidecar.
+    ResponseFromApp,
+    /// The peer sidecar's response, at the caller's sidecar.
+    ResponseFromPeer,
+}
+
+impl HeaderHop {
+    /// Whether the headers are a request's (else a response's).
+    pub fn is_request(self) -> bool {
+        matches!(self, HeaderHop::RequestFromApp | HeaderHop::RequestFromPeer)
+    }
+}
+
+impl std::fmt::Display for HeaderHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeaderHop::RequestFromApp => "request from the app:",
+            HeaderHop::RequestFromPeer => "request from the calling sidecar:",
+            HeaderHop::ResponseFromApp => "response from the local app:",
+            HeaderHop::ResponseFromPeer => "response from the peer sidecar:",
+        })
+    }
+}
+
+/// Set by a sidecar on a response it made for a local limit (value: the
+/// limit's flag name), so the caller's sidecar does not count it against the
+/// endpoint. Only a sidecar may set it: the callee's sidecar strips it from
+/// the app's responses.
+pub const LOCAL_LIMIT: http::HeaderName = http::HeaderName::from_static("weft-local-limit");
+
+fn size_note(size: &Option<usize>) -> String {
+    match size {
+        Some(n) => format!("{n} bytes"),
+        None => "far larger".to_string(),
+    }
+}
+
 fn subset_note(subset: &str) -> String {
     if subset.is_empty() {
         String::new()
@@ -162,6 +218,8 @@ impl ProxyError {
             E::AttemptTimeout { .. } | E::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             E::Denied { .. } => StatusCode::FORBIDDEN,
             E::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            E::HeadersTooLarge { hop, .. } if hop.is_request() => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            E::HeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
             E::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -175,6 +233,10 @@ impl ProxyError {
         use ProxyError as E;
         match self {
             E::NonCanonical(_) | E::BadTarget { .. } | E::BadExchange { .. } => code::INVALID_ARGUMENT,
+            // Metadata over a size limit is RESOURCE_EXHAUSTED in gRPC; an app's
+            // response that cannot be carried is the callee side's INTERNAL.
+            E::HeadersTooLarge { hop, .. } if hop.is_request() => code::RESOURCE_EXHAUSTED,
+            E::HeadersTooLarge { .. } => code::INTERNAL,
             E::NoRoute { .. } | E::UnknownService { .. } => code::UNIMPLEMENTED,
             E::NoEndpoints { .. }
             | E::ConnectFailed { .. }
@@ -256,6 +318,9 @@ pub fn respond(err: &ProxyError, grpc: bool) -> Response<Body> {
     if let ProxyError::RateLimited { retry_after, .. } = err {
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let ProxyError::HeadersTooLarge { .. } = err {
+        resp.headers_mut().insert(LOCAL_LIMIT, HeaderValue::from_static("max-header-bytes"));
     }
     resp
 }
@@ -532,6 +597,25 @@ mod tests {
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
         assert!(body.starts_with("weft: local app at 127.0.0.1:9: "), "{body}");
+    }
+
+    #[tokio::test]
+    async fn headers_too_large() {
+        let e = ProxyError::HeadersTooLarge { hop: HeaderHop::RequestFromApp, size: Some(102_450), limit: 65_536 };
+        let resp = respond(&e, false);
+        assert_eq!(resp.headers()[LOCAL_LIMIT], "max-header-bytes");
+        let (code, body, _) = answer(e).await;
+        assert_eq!(code, 431);
+        assert_eq!(
+            body,
+            "weft: request from the app: headers are 102450 bytes, over this sidecar's limit of 65536 bytes; \
+             send smaller headers or raise --max-header-bytes on every sidecar\n"
+        );
+        let e = ProxyError::HeadersTooLarge { hop: HeaderHop::ResponseFromApp, size: Some(70_000), limit: 65_536 };
+        assert!(!e.is_connection_failure() && e.peer().is_none());
+        let (code, body, _) = answer(e).await;
+        assert_eq!(code, 502);
+        assert!(body.starts_with("weft: response from the local app: headers are 70000 bytes"), "{body}");
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod state;
@@ -66,6 +68,8 @@ pub struct Options {
     pub admin: SocketAddr,
     pub upstreams: Vec<(String, SocketAddr)>,
     pub connect_timeout: Duration,
+    /// Header size, timeouts and connection caps on every hop.
+    pub limits: limits::Limits,
     /// Serve the SPIFFE Workload API on this Unix socket (mode 0600).
     pub workload_api: Option<PathBuf>,
 }
@@ -309,8 +313,14 @@ fn serve_inbound(
 ) {
     let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
     let server_tls = weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);
-    let inbound =
-        inbound::Inbound::new(opts.app, opts.app_protocol, opts.service.clone(), state.clone(), metrics.clone());
+    let inbound = inbound::Inbound::new(
+        opts.app,
+        opts.app_protocol,
+        opts.service.clone(),
+        state.clone(),
+        metrics.clone(),
+        opts.limits,
+    );
     tokio::spawn(inbound.serve(listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
 }
 
@@ -324,7 +334,7 @@ fn serve_outbound(
     metrics: &Arc<Metrics>,
     drain: &weft_runtime::drain::Drain,
 ) {
-    let pool = outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout);
+    let pool = outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout, opts.limits);
     let outbound = outbound::Outbound::new(state.clone(), pool, metrics.clone());
     tokio::spawn(outbound.clone().serve_http(listener, drain.clone()));
     for (name, l) in upstreams {

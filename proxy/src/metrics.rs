@@ -114,6 +114,20 @@ pub struct Metrics {
     pub balancer_endpoints: Gauge,
     /// Pooled mTLS connections to peer sidecars held by the pool.
     pub pool_connections: Gauge,
+    /// Connections a listener closed itself: header-read or idle timeout.
+    pub listener_timeouts: Family<crate::listener::TimeoutLabels, Counter>,
+    /// Every listener's accept-loop counters, read at scrape time.
+    pub listeners: std::sync::Arc<crate::listener::ListenerCollector>,
+    /// Requests or responses refused for headers over `--max-header-bytes`.
+    pub headers_too_large: Family<HeaderLimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLimitLabels {
+    /// `outbound` (caller's sidecar) or `inbound` (callee's sidecar).
+    pub direction: &'static str,
+    /// `request` or `response`.
+    pub message: &'static str,
 }
 
 impl Default for Metrics {
@@ -135,6 +149,9 @@ impl Default for Metrics {
             svid_expiry: Gauge::default(),
             balancer_endpoints: Gauge::default(),
             pool_connections: Gauge::default(),
+            listener_timeouts: Family::default(),
+            listeners: Default::default(),
+            headers_too_large: Family::default(),
         }
     }
 }
@@ -192,9 +209,20 @@ impl Metrics {
         );
         reg.register(
             "pool_connections",
-            "Pooled mTLS connections to peer sidecars (at most one per endpoint; dropped when the endpoint leaves)",
+            "Pooled mTLS connections to peer sidecars (more than one per endpoint only while one connection's streams are all in use; dropped when idle or when the endpoint leaves)",
             self.pool_connections.clone(),
         );
+        reg.register(
+            "listener_timeouts",
+            "Connections a listener closed for a request's headers not arriving in time (header_read) or no request for the idle timeout (idle)",
+            self.listener_timeouts.clone(),
+        );
+        reg.register(
+            "headers_too_large",
+            "Requests (answered 431) and responses (answered 502) whose headers exceed --max-header-bytes, by direction and message",
+            self.headers_too_large.clone(),
+        );
+        reg.register_collector(Box::new(self.listeners.clone()));
         reg.register(
             "endpoint_ejections",
             "Endpoints ejected by outlier detection (consecutive failures)",

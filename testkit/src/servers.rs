@@ -35,7 +35,8 @@ impl Drop for Server {
 /// HTTP/1.1 + h2c server. `GET /echo-headers` answers with the request's
 /// headers (one `name: value` per line) and the protocol version; any
 /// request with a body gets the body streamed back; everything else answers
-/// `<name> <path>`. `/status/<code>` answers that status; `/sleep/<ms>`
+/// `<name> <path>`. `/status/<code>` answers that status;
+/// `/response-header/<n>` answers with a header `x-big` of `n` bytes; `/sleep/<ms>`
 /// answers `<name> slept <ms>` after that many milliseconds (at most 60 s).
 pub async fn http(name: &'static str) -> Server {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -75,6 +76,12 @@ async fn handle_http(name: &str, req: Request<Incoming>) -> Response<HttpBody> {
         *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
         return r;
     }
+    if let Some(n) = path.strip_prefix("/response-header/").and_then(|n| n.parse::<usize>().ok()) {
+        let mut r = Response::new(full(format!("{name} response header of {n} bytes")));
+        let value = "h".repeat(n.min(1 << 20));
+        r.headers_mut().insert("x-big", http::HeaderValue::from_str(&value).expect("ascii"));
+        return r;
+    }
     if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
         let ms = ms.min(60_000);
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -85,6 +92,106 @@ async fn handle_http(name: &str, req: Request<Incoming>) -> Response<HttpBody> {
         return Response::new(req.into_body().boxed());
     }
     Response::new(full(format!("{name} {path}")))
+}
+
+/// An HTTP/1.1 server written on raw sockets that, like many app servers,
+/// closes a keep-alive connection once it has been idle for `idle`: it stops
+/// reading then, and closes 20 ms later (the time a server spends on its
+/// close: logging, a TLS close_notify...), so a request sent in that window
+/// is never read. It answers every request `200 ok <path>` (reading a
+/// `Content-Length` body first); the counter is the requests answered.
+pub async fn http1_closing_idle(idle: std::time::Duration) -> (Server, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let answered = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = answered.clone();
+    const CLOSING: std::time::Duration = std::time::Duration::from_millis(20);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = l.accept().await else { continue };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Wait for the next request's head, closing once idle.
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let wait = if buf.is_empty() { idle } else { std::time::Duration::from_secs(10) };
+                        match tokio::time::timeout(wait, tcp.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            Ok(_) => return,
+                            // Idle: stop reading, and close after the server's closing work.
+                            Err(_) => return tokio::time::sleep(CLOSING).await,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + length {
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    buf.drain(..end + length);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let body = format!("ok {path}");
+                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if tcp.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (Server { addr, task }, answered)
+}
+
+/// A TCP echo server that also answers HTTP: a connection whose first bytes
+/// are `GET ` gets `200 echo-http` (and is closed); any other connection is
+/// echoed byte for byte, like [`tcp_echo`].
+pub async fn tcp_echo_or_http() -> Server {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut first = true;
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if std::mem::take(&mut first) && buf[..n].starts_with(b"GET ") {
+                                let _ = tcp
+                                    .write_all(
+                                        b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\necho-http",
+                                    )
+                                    .await;
+                                break;
+                            }
+                            if tcp.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Server { addr, task }
 }
 
 /// A TCP server that echoes every byte back.

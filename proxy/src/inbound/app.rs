@@ -152,7 +152,7 @@ impl Inbound {
         }
     }
 
-    async fn tunnel(&self, req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
+    async fn tunnel(&self, mut req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
         let app = TcpStream::connect(self.app)
             .await
             .map_err(|source| ProxyError::AppUnreachable { app: self.app, source })?;
@@ -160,8 +160,11 @@ impl Inbound {
         let metrics = self.metrics.clone();
         let peer = peer.clone();
         let state = self.state.clone();
+        // Keeps the connection from the idle close while the tunnel is open.
+        let in_flight = req.extensions_mut().remove::<crate::listener::InFlight>();
         tokio::spawn(async move {
             let _open = OpenConn::new(&metrics, "inbound", "tcp");
+            let _in_flight = in_flight;
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => u,
                 Err(e) => return tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),

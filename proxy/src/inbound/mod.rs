@@ -11,34 +11,40 @@
 //! → the local app.
 
 pub mod app;
+pub mod app_client;
 pub mod app_protocol;
 pub mod authz;
 pub mod canonical;
 pub mod exchange;
 pub mod gate;
+pub mod headers;
 pub mod ratelimit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use weft_runtime::serve::Server;
 
 use crate::context::RequestContext;
 use crate::error::RespondLayer;
-use crate::http::Body;
+use crate::http::{boxed, Body};
+use crate::limits::{self, Limits};
+use crate::listener::{self, Activity, Guarded, Watched};
 use crate::metrics::{Metrics, OpenConn, RequestMeta};
 use crate::state::State;
-use app::{AppConnector, AppService};
+use app::AppService;
+use app_client::AppClient;
 use authz::Authz;
 use canonical::CanonicalLayer;
 use futures::future::BoxFuture;
+use headers::HeaderLimitLayer;
 use ratelimit::RateLimit;
 use std::convert::Infallible;
 use tower::{ServiceBuilder, ServiceExt};
@@ -117,8 +123,9 @@ pub struct Inbound {
     pub service: String,
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
-    h1: Client<AppConnector, Body>,
-    h2: Client<AppConnector, Body>,
+    pub limits: Limits,
+    h1: AppClient,
+    h2: AppClient,
     /// The HTTP versions the app speaks, as declared or learned.
     app_versions: app_protocol::AppProtocols,
 }
@@ -130,69 +137,87 @@ impl Inbound {
         service: String,
         state: Arc<State>,
         metrics: Arc<Metrics>,
+        limits: Limits,
     ) -> Arc<Self> {
-        let connector = AppConnector::new(app);
-        let h1 =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
+        let (h1, h2) = (AppClient::http1(app, &limits), AppClient::h2(app, &limits));
         let app_versions = app_protocol::AppProtocols::new(app, app_protocol);
-        Arc::new(Self { app, app_protocol, service, state, metrics, h1, h2, app_versions })
+        Arc::new(Self { app, app_protocol, service, state, metrics, limits, h1, h2, app_versions })
     }
 
+    /// Serves peer sidecars' mTLS HTTP/2 connections, with the idle timeout
+    /// and connection cap of [`Limits`] (the TLS handshake has its own 10 s).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, drain: Drain) {
-        weft_runtime::serve::serve(listener, drain, "inbound", move |tcp, remote, drain| {
-            let this = self.clone();
-            let acceptor = acceptor.clone();
-            async move {
-                let (tls, peer) =
-                    match weft_runtime::tls_accept::tls_accept(&acceptor, tcp).await.and_then(|a| a.require_peer()) {
-                        Ok(accepted) => accepted,
-                        Err(refused) => {
-                            let reason = refused.reason();
-                            this.metrics.handshake("inbound", reason);
-                            tracing::info!(%remote, reason, error = %refused, "inbound connection refused");
-                            return;
+        let limits = self.limits;
+        let server = Server::new("inbound").max_connections(limits.max_connections);
+        self.metrics.listeners.add("inbound".into(), server.stats());
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+            .initial_stream_window_size(limits::H2_STREAM_WINDOW)
+            .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_header_list_size(limits.parser_bytes_u32())
+            .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT)
+            // RFC 8441: upgrades and 100-continue arrive as extended CONNECT.
+            .enable_connect_protocol();
+        let builder = Arc::new(builder);
+        server
+            .serve(listener, drain, move |tcp, remote, drain| {
+                let this = self.clone();
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                async move {
+                    let (tls, peer) =
+                        match weft_runtime::tls_accept::tls_accept(&acceptor, tcp).await.and_then(|a| a.require_peer())
+                        {
+                            Ok(accepted) => accepted,
+                            Err(refused) => {
+                                let reason = refused.reason();
+                                this.metrics.handshake("inbound", reason);
+                                tracing::info!(%remote, reason, error = %refused, "inbound connection refused");
+                                return;
+                            }
+                        };
+                    this.metrics.handshake("inbound", "ok");
+                    let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
+                    let peer = Arc::new(peer.spiffe_id);
+                    let stack = ServiceBuilder::new()
+                        .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
+                        .layer(RespondLayer)
+                        .layer(HeaderLimitLayer { limit: this.limits.max_header_bytes, metrics: this.metrics.clone() })
+                        .layer(CanonicalLayer::new(this.metrics.clone()))
+                        .layer(Authz::layer(this.metrics.clone()))
+                        .layer(RateLimit::layer(this.metrics.clone()))
+                        .service(AppService { inbound: this.clone() });
+                    let state = this.state.clone();
+                    let activity = Activity::new(true);
+                    let counted = activity.clone();
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        // One config version for the whole request.
+                        let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
+                        req.extensions_mut().insert(ctx);
+                        // Counted in flight until the response body ends; a CONNECT
+                        // tunnel takes its own count along (app.rs).
+                        let guard = counted.start();
+                        if req.method() == Method::CONNECT {
+                            req.extensions_mut().insert(counted.start());
                         }
-                    };
-                this.metrics.handshake("inbound", "ok");
-                let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
-                let peer = Arc::new(peer.spiffe_id);
-                let peer_id = peer.clone();
-                let stack = ServiceBuilder::new()
-                    .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
-                    .layer(RespondLayer)
-                    .layer(CanonicalLayer::new(this.metrics.clone()))
-                    .layer(Authz::layer(this.metrics.clone()))
-                    .layer(RateLimit::layer(this.metrics.clone()))
-                    .service(AppService { inbound: this.clone() });
-                let state = this.state.clone();
-                let svc = service_fn(move |mut req: Request<Incoming>| {
-                    // One config version for the whole request.
-                    let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
-                    req.extensions_mut().insert(ctx);
-                    // A carried exchange is judged as the request it carries.
-                    let refused = crate::extended_connect::accept(&mut req).err();
-                    let stack = stack.clone();
-                    async move {
-                        match refused {
-                            Some(e) => Ok(crate::error::respond(&e, crate::error::wants_grpc(req.headers()))),
-                            None => stack.oneshot(req).await,
+                        // A carried exchange is judged as the request it carries.
+                        let refused = crate::extended_connect::accept(&mut req).err();
+                        let stack = stack.clone();
+                        async move {
+                            let resp = match refused {
+                                Some(e) => Ok(crate::error::respond(&e, crate::error::wants_grpc(req.headers()))),
+                                None => stack.oneshot(req).await,
+                            };
+                            resp.map(|r| r.map(|b| boxed(Guarded::new(b, guard))))
                         }
-                    }
-                });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    // RFC 8441: upgrades and 100-continue arrive as extended CONNECT.
-                    .enable_connect_protocol()
-                    .adaptive_window(true)
-                    .serve_connection(TokioIo::new(tls), svc);
-                // A connection-level failure ends every stream on it: say whose.
-                if let Err(e) = drain.watch_result(conn).await {
-                    let error = crate::error::cause(&e);
-                    tracing::warn!(%remote, peer = %peer_id, %error, "inbound HTTP/2 connection from a peer sidecar failed");
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(Watched::new(tls, activity.clone())), svc);
+                    listener::serve_conn(conn, activity, limits, drain, this.metrics.clone(), "inbound").await;
                 }
-            }
-        })
-        .await
+            })
+            .await
     }
 }

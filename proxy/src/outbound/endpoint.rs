@@ -16,16 +16,18 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{Request, Response};
-use hyper::client::conn::http2::SendRequest;
+use http_body_util::BodyExt;
 use tower::Service;
 use weft_certs::SpiffeId;
 
-use super::pool::Pool;
+use super::pool::{Lease, Pool};
 use crate::context::{Deadline, RequestContext, ServedBy};
-use crate::error::ProxyError;
+use crate::error::{HeaderHop, ProxyError, LOCAL_LIMIT};
 use crate::extended_connect::{self, Carried};
 use crate::grpc;
 use crate::http::{boxed, strip_hop_by_hop, Body};
+use crate::limits::header_list_size;
+use crate::metrics::HeaderLimitLabels;
 use crate::metrics::Metrics;
 use crate::state::balance::{self, InFlight};
 
@@ -71,13 +73,18 @@ impl Service<Request<Body>> for EndpointService {
                         refused = Some(e);
                         continue;
                     }
-                    Ok(Ok(sender)) => {
+                    Ok(Ok(lease)) => {
                         let req = req.take().expect("the request is sent at most once");
-                        this.send(sender, addr, &id, req, &limit, service).await
+                        this.send(lease, addr, &id, req, &limit, service).await
                     }
                 };
                 let resp = match result {
                     Ok(resp) => resp,
+                    // A local limit (this sidecar's or the peer's) says nothing of the endpoint's health.
+                    Err(e @ ProxyError::HeadersTooLarge { .. }) => {
+                        this.report(in_flight, true);
+                        return Err(e);
+                    }
                     Err(e) => {
                         this.report(in_flight, false);
                         return Err(e);
@@ -116,7 +123,8 @@ enum Verdict {
 fn classify(resp: &Response<Body>) -> Verdict {
     let status = resp.status();
     if status != http::StatusCode::OK || !grpc::is_grpc(resp.headers()) {
-        return Verdict::Now { ok: !status.is_server_error() };
+        let local_limit = resp.headers().contains_key(LOCAL_LIMIT);
+        return Verdict::Now { ok: !status.is_server_error() || local_limit };
     }
     match grpc::status(resp.headers()) {
         Some(code) => Verdict::Now { ok: !grpc::is_endpoint_failure(code) },
@@ -153,16 +161,17 @@ impl EndpointService {
         })
     }
 
-    /// Sends on an open connection.
+    /// Sends on an open connection; the lease is held until the response body ends.
     async fn send(
         &self,
-        mut sender: SendRequest<Body>,
+        lease: Lease,
         addr: SocketAddr,
         id: &SpiffeId,
         mut req: Request<Body>,
         limit: &AttemptLimit,
         service: &str,
     ) -> Result<Response<Body>, ProxyError> {
+        let Lease { mut sender, guard } = lease;
         // A carried exchange (upgrade, 100-continue) goes on after the CONNECT's answer.
         let carried = req.extensions_mut().remove::<Carried>();
         let exchange = async move {
@@ -176,8 +185,26 @@ impl EndpointService {
             Err(_elapsed) => Err(limit.error(service, id, addr)),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
+                let max = self.pool.limits().max_header_bytes;
+                let size = header_list_size(&parts.headers);
+                if size > max {
+                    let labels = HeaderLimitLabels { direction: "outbound", message: "response" };
+                    self.metrics.headers_too_large.get_or_create(&labels).inc();
+                    return Err(ProxyError::HeadersTooLarge {
+                        hop: HeaderHop::ResponseFromPeer,
+                        size: Some(size),
+                        limit: max,
+                    });
+                }
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, boxed(body)))
+                Ok(Response::from_parts(
+                    parts,
+                    boxed(body.map_frame(move |f| {
+                        // The stream stays counted on its connection until the body ends.
+                        let _held = &guard;
+                        f
+                    })),
+                ))
             }
             Ok(Err(source)) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");

@@ -21,14 +21,17 @@ use std::time::Instant;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use weft_runtime::serve::Server;
 
 use crate::context::ServedBy;
-use crate::error::{respond, wants_grpc, ProxyError};
+use crate::error::{respond, wants_grpc, HeaderHop, ProxyError};
 use crate::extended_connect;
 use crate::http::{boxed, Body};
-use crate::metrics::{Metrics, OpenConn, RequestMeta};
+use crate::limits;
+use crate::listener::{self, Activity, Guarded, Watched};
+use crate::metrics::{HeaderLimitLabels, Metrics, OpenConn, RequestMeta};
 use crate::state::State;
 use endpoint::EndpointService;
 use pool::Pool;
@@ -67,22 +70,46 @@ pub enum UpstreamFlagError {
 }
 
 impl Outbound {
-    /// Serves the app-facing HTTP listener (HTTP/1.1 and h2c on one port).
+    /// Serves the app-facing HTTP listener (HTTP/1.1 and h2c on one port),
+    /// with the header-read and idle timeouts and the connection cap of
+    /// [`Limits`](crate::limits::Limits).
     pub async fn serve_http(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        weft_runtime::serve::serve(listener, drain, "outbound", move |tcp, _, drain| {
-            let this = self.clone();
-            async move {
-                let _open = OpenConn::new(&this.metrics, "outbound", "http");
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.route_http(req).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                drain.watch(conn).await;
-            }
-        })
-        .await
+        let limits = *self.pool.limits();
+        let server = Server::new("outbound").max_connections(limits.max_connections);
+        self.metrics.listeners.add("outbound".into(), server.stats());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The header-read timeout is the watchdog's (listener.rs): hyper's would also cut idle keep-alives.
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(limits.parser_bytes());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.parser_bytes_u32())
+            .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT);
+        let builder = Arc::new(builder);
+        server
+            .serve(listener, drain, move |tcp, _, drain| {
+                let this = self.clone();
+                let builder = builder.clone();
+                async move {
+                    let _open = OpenConn::new(&this.metrics, "outbound", "http");
+                    let activity = Activity::new(false);
+                    let counted = activity.clone();
+                    let metrics = this.metrics.clone();
+                    let svc = service_fn(move |req| {
+                        let this = this.clone();
+                        let guard = counted.start();
+                        async move {
+                            let resp = this.route_http(req).await;
+                            Ok::<_, std::convert::Infallible>(resp.map(|b| boxed(Guarded::new(b, guard))))
+                        }
+                    });
+                    let io = TokioIo::new(Watched::new(tcp, activity.clone()));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    listener::serve_conn(conn, activity, limits, drain, metrics, "outbound").await;
+                }
+            })
+            .await
     }
 
     /// The edge of an app's HTTP request: routes it and sends it through
@@ -90,6 +117,14 @@ impl Outbound {
     async fn route_http(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let grpc = wants_grpc(req.headers());
+        let max = self.pool.limits().max_header_bytes;
+        let size = limits::request_header_size(&req);
+        if size > max {
+            let labels = HeaderLimitLabels { direction: "outbound", message: "request" };
+            self.metrics.headers_too_large.get_or_create(&labels).inc();
+            let e = ProxyError::HeadersTooLarge { hop: HeaderHop::RequestFromApp, size: Some(size), limit: max };
+            return respond(&e, grpc);
+        }
         let mut meta = RequestMeta::default();
         extended_connect::strip_internal(req.headers_mut());
         let carried = extended_connect::kind_of(&req);
@@ -153,17 +188,22 @@ impl Outbound {
 
     /// Serves a declared TCP upstream: each connection becomes an HTTP
     /// CONNECT stream to an endpoint of `service`.
+    /// Connections beyond `--max-connections` wait in the backlog. Tunnels
+    /// have no idle timeout: the app's protocol decides how long they live.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, service: String, drain: Drain) {
-        weft_runtime::serve::serve(listener, drain, "upstream", move |tcp, from, _| {
-            let this = self.clone();
-            let service = service.clone();
-            async move {
-                if let Err(e) = this.tunnel(tcp, &service).await {
-                    tracing::info!(%from, %service, error = %e, "TCP tunnel failed");
+        let server = Server::new("upstream").max_connections(self.pool.limits().max_connections);
+        self.metrics.listeners.add(format!("upstream:{service}"), server.stats());
+        server
+            .serve(listener, drain, move |tcp, from, _| {
+                let this = self.clone();
+                let service = service.clone();
+                async move {
+                    if let Err(e) = this.tunnel(tcp, &service).await {
+                        tracing::info!(%from, %service, error = %e, "TCP tunnel failed");
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await
     }
 }
 

@@ -1,8 +1,17 @@
-//! One mutual-TLS HTTP/2 connection per peer sidecar, shared by every
-//! request and TCP tunnel to that peer. The peer must present exactly the
-//! SPIFFE ID that discovery gave for it. The connection is kept in the
-//! endpoint's state (`state::EndpointState`), so it leaves with the endpoint.
+//! Mutual-TLS HTTP/2 connections to peer sidecars, shared by every request
+//! and TCP tunnel to that peer. The peer must present exactly the SPIFFE ID
+//! that discovery gave for it. The connections are kept in the endpoint's
+//! state (`state::EndpointState`), so they leave with the endpoint.
+//!
+//! Each stream (request until its response body ends, tunnel until it
+//! closes) holds a [`Lease`] on its connection. A caller gets the first
+//! connection with a free stream under the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS; when every connection is full, a new one
+//! is opened, so long-lived tunnels never stall new streams. A connection
+//! with no stream for [`Limits::pool_idle_timeout`] is closed (before the
+//! peer's own idle close could race a new request).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,41 +25,77 @@ use weft_certs::{IdMatcher, SpiffeId, SpiffeVerifier};
 use crate::error::{ConnectError, ProxyError};
 use crate::http::Body;
 use crate::identity::Identity;
+use crate::limits::{self, Limits};
 use crate::metrics::{Metrics, OpenConn};
-use crate::state::{Endpoint, Pooled};
+use crate::state::{Endpoint, EndpointState, Pooled, StreamCount, StreamGuard};
 
 pub struct Pool {
     identity: Arc<Identity>,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
+    limits: Limits,
 }
 
+/// A stream's hold on a pooled connection: the sender to use, and the count
+/// of the connection's open streams, until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pub sender: SendRequest<Body>,
+    pub guard: StreamGuard,
+}
+
+/// Streams one connection carries at most, whatever the peer allows: hyper's
+/// default SETTINGS_MAX_CONCURRENT_STREAMS for peers of older versions.
+const MAX_STREAMS_PER_CONNECTION: usize = limits::H2_MAX_CONCURRENT_STREAMS as usize;
+
 impl Pool {
-    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { identity, metrics, connect_timeout })
+    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>, connect_timeout: Duration, limits: Limits) -> Arc<Self> {
+        Arc::new(Self { identity, metrics, connect_timeout, limits })
     }
 
-    /// A sender on the pooled connection to `ep`, connecting if needed.
-    /// Concurrent callers for one peer wait for a single connection attempt.
-    pub async fn get(&self, ep: &Endpoint) -> Result<SendRequest<Body>, ProxyError> {
-        let mut slot = ep.state.conn.lock().await;
-        if let Some(pooled) = slot.as_ref() {
-            if !pooled.sender.is_closed() {
-                return Ok(pooled.sender.clone());
-            }
+    /// The limits the pool's connections are built with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A stream on a pooled connection to `ep`: the first one with a free
+    /// stream, else a new one. Concurrent callers for one peer wait for a
+    /// single connection attempt.
+    pub async fn get(&self, ep: &Endpoint) -> Result<Lease, ProxyError> {
+        let mut conns = ep.state.conn.lock().await;
+        conns.retain(|c| !c.sender.is_closed());
+        let free = |c: &&Pooled| c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION);
+        if let Some(c) = conns.iter().find(free) {
+            return Ok(Lease { sender: c.sender.clone(), guard: c.streams.open_one() });
         }
-        let sender = self.connect(ep.address, &ep.spiffe_id).await.map_err(|e| match e {
+        let streams = Arc::new(StreamCount::default());
+        let sender = self.connect(ep.address, &ep.spiffe_id, streams.clone()).await.map_err(|e| match e {
             // A certificate the verifier refused: not the identity discovery named.
             ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
                 ProxyError::PeerIdentity { addr, expected: id, source }
             }
             source => ProxyError::ConnectFailed { peer: ep.spiffe_id.clone(), source: Box::new(source) },
         })?;
-        *slot = Some(Pooled::new(sender.clone(), &self.metrics.pool_connections));
-        Ok(sender)
+        let pooled = Pooled::new(sender.clone(), streams, &self.metrics.pool_connections);
+        let lease = Lease { sender, guard: pooled.streams.open_one() };
+        tokio::spawn(close_when_idle(
+            Arc::downgrade(&ep.state),
+            pooled.streams.clone(),
+            self.limits.pool_idle_timeout(),
+        ));
+        conns.push(pooled);
+        if conns.len() > 1 {
+            tracing::debug!(addr = %ep.address, connections = conns.len(), "every pooled connection is at its stream limit; opened another");
+        }
+        Ok(lease)
     }
 
-    async fn connect(&self, addr: SocketAddr, id: &SpiffeId) -> Result<SendRequest<Body>, ConnectError> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        id: &SpiffeId,
+        streams: Arc<StreamCount>,
+    ) -> Result<SendRequest<Body>, ConnectError> {
         let verifier = SpiffeVerifier::new(self.identity.bundle.clone(), IdMatcher::Exact(id.clone()));
         let tls =
             weft_certs::tls::client_config(Some(self.identity.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2]);
@@ -75,9 +120,12 @@ impl Pool {
         self.metrics.handshake("outbound", "ok");
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .adaptive_window(true)
+            .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(limits::H2_STREAM_WINDOW)
+            .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_header_list_size(self.limits.parser_bytes_u32())
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| ConnectError::H2 { addr, source })?;
@@ -85,8 +133,15 @@ impl Pool {
         let peer = id.clone();
         tokio::spawn(async move {
             let _open = open;
+            let mut conn = std::pin::pin!(conn);
+            // The peer's stream limit can change with any SETTINGS frame.
+            let done = std::future::poll_fn(|cx| {
+                let r = conn.as_mut().poll(cx);
+                streams.set_max(conn.current_max_send_streams());
+                r
+            });
             // Every request and tunnel on it fails with it: say which peer.
-            if let Err(e) = conn.await {
+            if let Err(e) = done.await {
                 let error = crate::error::cause(&e);
                 tracing::warn!(%addr, %peer, %error, "HTTP/2 connection to the peer's sidecar failed");
             } else {
@@ -95,6 +150,28 @@ impl Pool {
         });
         tracing::debug!(%addr, peer = %id, "pooled connection open");
         Ok(sender)
+    }
+}
+
+/// Drops the pooled connection counted by `streams` from the endpoint's
+/// pool once it has had no stream for `idle`; hyper closes it when the last
+/// sender is gone.
+async fn close_when_idle(ep: std::sync::Weak<EndpointState>, streams: Arc<StreamCount>, idle: Duration) {
+    loop {
+        let wait = idle.saturating_sub(streams.idle_for()).max(idle / 4);
+        tokio::time::sleep(wait).await;
+        let Some(ep) = ep.upgrade() else { return };
+        let mut conns = ep.conn.lock().await;
+        let Some(i) = conns.iter().position(|c| Arc::ptr_eq(&c.streams, &streams)) else { return };
+        if conns[i].sender.is_closed() {
+            conns.remove(i);
+            return;
+        }
+        if streams.idle_for() >= idle {
+            conns.remove(i);
+            tracing::debug!("closing idle pooled connection");
+            return;
+        }
     }
 }
 

@@ -22,7 +22,9 @@ impl Outbound {
         let ep = ep.clone();
         drop(snapshot);
         let addr = ep.address;
-        let mut sender = self.pool.get(&ep).await?;
+        // The lease keeps the tunnel's stream counted on its connection until the tunnel ends.
+        let lease = self.pool.get(&ep).await?;
+        let mut sender = lease.sender.clone();
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(format!("{service}:0"))

@@ -69,15 +69,16 @@ fn ser_id<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> 
 }
 
 /// Per-endpoint state that outlives config swaps: the balancer's statistics
-/// and the pooled mTLS connection. Keyed by address and SPIFFE ID (a new
-/// identity at the same address starts afresh); dropped, connection and
+/// and the pooled mTLS connections. Keyed by address and SPIFFE ID (a new
+/// identity at the same address starts afresh); dropped, connections and
 /// all, once discovery no longer lists the endpoint and no request holds it.
 #[derive(Debug)]
 pub struct EndpointState {
     pub stats: EndpointStats,
-    /// The pooled connection; the lock also makes concurrent callers wait
-    /// for a single connection attempt.
-    pub conn: tokio::sync::Mutex<Option<Pooled>>,
+    /// The pooled connections (one, more while every one's streams are in
+    /// use); the lock also makes concurrent callers wait for a single
+    /// connection attempt.
+    pub conn: tokio::sync::Mutex<Vec<Pooled>>,
     /// Counts this endpoint in `weft_proxy_balancer_endpoints`.
     _live: Live,
 }
@@ -95,12 +96,80 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct Pooled {
     pub sender: SendRequest<Body>,
+    /// Streams (requests, tunnels) open on it now.
+    pub streams: Arc<StreamCount>,
     _live: Live,
 }
 
 impl Pooled {
-    pub fn new(sender: SendRequest<Body>, gauge: &Gauge) -> Self {
-        Self { sender, _live: Live::new(gauge) }
+    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, gauge: &Gauge) -> Self {
+        Self { sender, streams, _live: Live::new(gauge) }
+    }
+}
+
+/// The streams open on one pooled connection, how many the peer allows, and
+/// since when it has had none.
+#[derive(Debug)]
+pub struct StreamCount {
+    open: std::sync::atomic::AtomicUsize,
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
+    max: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<Instant>,
+}
+
+impl Default for StreamCount {
+    fn default() -> Self {
+        Self {
+            open: Default::default(),
+            // hyper's assumption until the peer's SETTINGS arrive.
+            max: std::sync::atomic::AtomicUsize::new(100),
+            idle_since: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl StreamCount {
+    /// Records the peer's current SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub fn set_max(&self, n: usize) {
+        self.max.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether one more stream fits under the peer's limit and `cap`.
+    pub fn has_room(&self, cap: usize) -> bool {
+        self.open() < self.max.load(std::sync::atomic::Ordering::Relaxed).min(cap)
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How long the connection has had no stream open (zero while it has one).
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.open() > 0 {
+            return std::time::Duration::ZERO;
+        }
+        self.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
+
+    /// Counts one stream open until the guard drops.
+    pub fn open_one(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StreamGuard { count: self.clone() }
+    }
+}
+
+/// One stream open on a pooled connection (see [`StreamCount::open_one`]).
+#[derive(Debug)]
+pub struct StreamGuard {
+    count: Arc<StreamCount>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.count.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            *self.count.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
     }
 }
 

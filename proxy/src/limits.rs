@@ -1,0 +1,136 @@
+//! The limits every hop of a request shares (the sidecar's flags
+//! `--max-header-bytes`, `--header-read-timeout`, `--idle-timeout`,
+//! `--max-connections`, `--app-idle-timeout`), how header size is measured,
+//! and the HTTP/2 settings of the sidecar-to-sidecar hop.
+//!
+//! Header size is checked by the sidecar itself at the edges (the app's
+//! request at the caller's sidecar, the peer's request and the app's response
+//! at the callee's sidecar) so that a hit is answered with a message naming
+//! the limit; hyper's and h2's own parsers get a larger bound
+//! ([`Limits::parser_bytes`]) so they never cut first.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// Bytes of headers a request or response may carry, by default (64 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// HTTP/2 flow-control window of one stream between sidecars (bytes). Large
+/// windows let many streams send without waiting for WINDOW_UPDATEs, and h2's
+/// guard against floods of small DATA frames scales with the connection window.
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of a whole sidecar-to-sidecar connection (bytes).
+/// h2 allows buffered small DATA frames worth half of it (see h2's
+/// `DataFrameBudget`): 8 MiB, about 34 000 one-byte frames.
+pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams a peer may open at once on one inbound connection (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS). The caller's pool opens another
+/// connection when every one it has is at the limit the peer advertised.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// How often an HTTP/2 connection between sidecars is pinged, and how long
+/// an unanswered ping may wait before the connection is closed as dead.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// See [`H2_KEEP_ALIVE_INTERVAL`].
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The sidecar's per-hop limits, from its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest header section of a request or response, in bytes as HTTP/2
+    /// counts them (RFC 9113 §6.5.2: name + value + 32 per field).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a request's headers, from its
+    /// first byte (or from accept, for a connection's first request).
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Connections each listener serves at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long an idle connection to the local app is kept for reuse.
+    pub app_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            app_idle_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Limits {
+    /// The bound given to hyper's and h2's parsers (HTTP/1.1 read buffer,
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE): twice the limit plus 16 KiB.
+    /// Above the limit, so headers the sidecars add fit and the sidecar's own
+    /// check answers first; bounded, so memory per connection stays bounded.
+    pub fn parser_bytes(&self) -> usize {
+        self.max_header_bytes.saturating_mul(2).saturating_add(16 * 1024)
+    }
+
+    /// [`Limits::parser_bytes`] as an HTTP/2 setting value.
+    pub fn parser_bytes_u32(&self) -> u32 {
+        u32::try_from(self.parser_bytes()).unwrap_or(u32::MAX)
+    }
+
+    /// How long the pool keeps a connection to a peer sidecar with no stream
+    /// open: half the idle timeout, so the caller closes it before the peer's
+    /// idle close (same flags mesh-wide) could race a new request.
+    pub fn pool_idle_timeout(&self) -> Duration {
+        self.idle_timeout / 2
+    }
+}
+
+/// The size of a header section as HTTP/2 counts it (RFC 9113 §6.5.2,
+/// RFC 7541 §4.1): per field, name length + value length + 32 bytes.
+pub fn header_list_size(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum()
+}
+
+/// The size of a request's header section, pseudo-header fields (method,
+/// target) included.
+pub fn request_header_size<B>(req: &http::Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
+    header_list_size(req.headers()) + req.method().as_str().len() + target + 2 * 32
+}
+
+/// Whether `err` (or an error it wraps) is a parser refusing a header section
+/// as too large: hyper's HTTP/1.1 head over its buffer.
+pub fn is_header_overflow(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse_too_large) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_size_counts_names_values_and_32_per_field() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a".repeat(100).parse().unwrap());
+        h.append("x-a", "bc".parse().unwrap());
+        assert_eq!(header_list_size(&h), (6 + 100 + 32) + (3 + 2 + 32));
+        let req = http::Request::get("http://api/x?y").header("cookie", "z").body(()).unwrap();
+        assert_eq!(request_header_size(&req), (6 + 1 + 32) + 3 + ("/x?y".len() + 3) + 64);
+    }
+
+    #[test]
+    fn parsers_get_room_above_the_limit() {
+        let l = Limits { max_header_bytes: 64 * 1024, ..Limits::default() };
+        assert_eq!(l.parser_bytes(), 144 * 1024);
+        assert_eq!(Limits { max_header_bytes: usize::MAX, ..l }.parser_bytes_u32(), u32::MAX);
+        assert_eq!(l.pool_idle_timeout(), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,399 @@
+//! Per-connection limits of the sidecar's listeners: a header-read timeout
+//! (slowloris), an idle timeout for keep-alive connections (HTTP/1.1 and
+//! HTTP/2), and the listener's counters as metrics. The connection cap itself
+//! is `weft_runtime::serve::Server::max_connections`.
+//!
+//! hyper's own HTTP/1.1 header-read timer also runs between keep-alive
+//! requests (it would close every idle connection after the header-read
+//! timeout), and hyper has no idle close for HTTP/2, so both are kept here:
+//! each connection's [`Activity`] (requests in flight, when it went idle,
+//! when the next request's first byte came) drives a watchdog that closes it:
+//!
+//! - no request in flight and a request head begun (HTTP/1.1), or no first
+//!   request yet (a new connection that is not HTTP/2): closed once
+//!   `--header-read-timeout` has passed since that first byte (since accept);
+//! - no request in flight otherwise: closed after `--idle-timeout`; an
+//!   HTTP/2 connection gets a GOAWAY and finishes what it has.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper_util::server::graceful::GracefulConnection;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use weft_runtime::drain::Drain;
+use weft_runtime::serve::ListenerStats;
+
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+
+/// The first bytes of an HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Why the sidecar closed a connection on its own (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A request's headers did not arrive within `--header-read-timeout`.
+    HeaderRead,
+    /// No request for `--idle-timeout`.
+    Idle,
+}
+
+impl Closed {
+    pub fn label(self) -> &'static str {
+        match self {
+            Closed::HeaderRead => "header_read",
+            Closed::Idle => "idle",
+        }
+    }
+}
+
+/// What one connection is doing, shared by its I/O ([`Watched`]), its
+/// requests ([`InFlight`]) and its watchdog.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    h2: AtomicBool,
+    /// When the last request ended (or the connection was accepted).
+    idle_since: Mutex<Instant>,
+    /// When the first byte arrived while no request was in flight.
+    head_started: Mutex<Option<Instant>>,
+    changed: Notify,
+}
+
+impl Activity {
+    /// A connection accepted now; `h2` when it is known to speak HTTP/2.
+    pub fn new(h2: bool) -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            h2: AtomicBool::new(h2),
+            idle_since: Mutex::new(Instant::now()),
+            head_started: Mutex::new(None),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Counts a request (or CONNECT tunnel) in flight until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.head_started) = None;
+        InFlight { activity: self.clone() }
+    }
+
+    fn read(&self, bytes: &[u8], first: bool) {
+        if first && !bytes.is_empty() {
+            let n = bytes.len().min(H2_PREFACE.len());
+            if bytes[..n] == H2_PREFACE[..n] {
+                self.h2.store(true, Ordering::Relaxed);
+            }
+        }
+        if self.in_flight.load(Ordering::SeqCst) == 0 && !bytes.is_empty() {
+            let mut head = lock(&self.head_started);
+            if head.is_none() {
+                *head = Some(Instant::now());
+                drop(head);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// When the connection must close, and why; `None` while a request is in flight.
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let idle_since = *lock(&self.idle_since);
+        if !self.h2.load(Ordering::Relaxed) {
+            if self.requests.load(Ordering::Relaxed) == 0 {
+                return Some((idle_since + limits.header_read_timeout, Closed::HeaderRead));
+            }
+            if let Some(t) = *lock(&self.head_started) {
+                return Some((t + limits.header_read_timeout, Closed::HeaderRead));
+            }
+        }
+        Some((idle_since + limits.idle_timeout, Closed::Idle))
+    }
+
+    /// Resolves when the connection has broken a limit.
+    async fn expired(&self, limits: &Limits) -> Closed {
+        loop {
+            let changed = self.changed.notified();
+            match self.deadline(limits) {
+                None => changed.await,
+                Some((at, why)) if at <= Instant::now() => return why,
+                Some((at, _)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A request in flight on a connection (see [`Activity::start`]).
+#[derive(Debug)]
+pub struct InFlight {
+    activity: Arc<Activity>,
+}
+
+impl Clone for InFlight {
+    fn clone(&self) -> Self {
+        self.activity.start()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *lock(&self.activity.idle_since) = Instant::now();
+            *lock(&self.activity.head_started) = None;
+            self.activity.changed.notify_one();
+        }
+    }
+}
+
+/// A connection's byte stream, reporting reads to its [`Activity`].
+#[derive(Debug)]
+pub struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    first: bool,
+}
+
+impl<T> Watched<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self { inner, activity, first: true }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let first = std::mem::replace(&mut self.first, false);
+            self.activity.read(&buf.filled()[before..], first);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A response body that keeps its request counted in flight until it ends
+/// (or is dropped).
+pub struct Guarded<B> {
+    inner: B,
+    guard: Option<InFlight>,
+}
+
+impl<B> Guarded<B> {
+    pub fn new(inner: B, guard: InFlight) -> Self {
+        Self { inner, guard: Some(guard) }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `conn` until it ends, the drain asks it to finish, or it breaks
+/// the header-read or idle limit (counted in `metrics` under `listener`).
+pub async fn serve_conn<C: GracefulConnection>(
+    conn: C,
+    activity: Arc<Activity>,
+    limits: Limits,
+    drain: Drain,
+    metrics: Arc<Metrics>,
+    listener: &'static str,
+) {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+        why = activity.expired(&limits) => {
+            metrics.listener_timeouts.get_or_create(&TimeoutLabels { listener, reason: why.label() }).inc();
+            tracing::debug!(listener, reason = why.label(), "closing connection");
+            if activity.h2.load(Ordering::Relaxed) {
+                // GOAWAY: streams the client has already sent still finish.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(GOAWAY_GRACE, conn).await;
+            }
+            // HTTP/1.1 with nothing in flight: dropping the connection closes it.
+        }
+    }
+}
+
+/// How long an HTTP/2 connection closed for idleness may take to finish after its GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+/// Exports every listener's [`ListenerStats`] at scrape time.
+#[derive(Debug, Default)]
+pub struct ListenerCollector {
+    listeners: Mutex<Vec<(String, Arc<ListenerStats>)>>,
+}
+
+impl ListenerCollector {
+    /// Exports `stats` with the label `listener="<name>"`.
+    pub fn add(&self, name: String, stats: Arc<ListenerStats>) {
+        lock(&self.listeners).push((name, stats));
+    }
+}
+
+impl prometheus_client::collector::Collector for ListenerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let listeners = lock(&self.listeners).clone();
+        type Value = fn(&ListenerStats) -> u64;
+        let counters: [(&str, &str, Value); 3] = [
+            ("listener_accepted", "Connections accepted, by listener", ListenerStats::accepted),
+            (
+                "listener_at_capacity",
+                "Times a listener stopped accepting because --max-connections were open (new connections wait in the backlog)",
+                ListenerStats::at_capacity,
+            ),
+            ("listener_accept_errors", "Failed accepts (e.g. out of file descriptors), by listener", ListenerStats::accept_errors),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (listener, stats) in &listeners {
+                let labels = ListenerLabels { listener: listener.clone() };
+                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "listener_open_connections",
+            "Connections open now, by listener",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (listener, stats) in &listeners {
+            let labels = ListenerLabels { listener: listener.clone() };
+            ConstGauge::new(i64::try_from(stats.open()).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_must_send_its_first_request_within_the_header_read_timeout() {
+        let a = Activity::new(false);
+        let start = Instant::now();
+        a.read(b"GET / HT", true);
+        assert_eq!(a.expired(&limits()).await, Closed::HeaderRead);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_keep_alive_idles_until_the_idle_timeout_then_a_slow_head_gets_the_header_timeout() {
+        let a = Activity::new(false);
+        drop(a.start());
+        let start = Instant::now();
+        assert_eq!(a.expired(&limits()).await, Closed::Idle);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+
+        let a = Activity::new(false);
+        drop(a.start());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.read(b"G", false);
+        let start = Instant::now();
+        assert_eq!(a.expired(&limits()).await, Closed::HeaderRead);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_expires_while_a_request_is_in_flight_and_http2_only_idles() {
+        let a = Activity::new(false);
+        a.read(H2_PREFACE, true);
+        let guard = a.start();
+        let expired = tokio::time::timeout(Duration::from_secs(60), a.expired(&limits())).await;
+        assert!(expired.is_err(), "closed with a request in flight");
+        drop(guard);
+        let start = Instant::now();
+        a.read(b"\0\0\0\x04", false); // a frame, not a request head
+        assert_eq!(a.expired(&limits()).await, Closed::Idle);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+}
