@@ -24,9 +24,15 @@ struct Pair {
 
 /// `web` (the caller) and `api` fronting `app`, with extra flags for each sidecar.
 async fn pair(app: servers::Server, caller_args: &[&str], upstreams: &[&str]) -> Pair {
+    pair_with(app, &[], caller_args, upstreams).await
+}
+
+/// [`pair`] with flags for the callee's sidecar too.
+async fn pair_with(app: servers::Server, callee_args: &[&str], caller_args: &[&str], upstreams: &[&str]) -> Pair {
     let cp = ControlPlane::start(TD, &[]).await;
     let web_app = servers::http("web").await;
-    let callee = Sidecar::start(&cp, TD, SidecarSpec::new("api", app.addr)).await;
+    let callee =
+        Sidecar::start(&cp, TD, SidecarSpec { extra_args: callee_args, ..SidecarSpec::new("api", app.addr) }).await;
     let caller = Sidecar::start(
         &cp,
         TD,
@@ -150,9 +156,9 @@ async fn slowloris_connections_are_closed_after_the_header_read_timeout() {
     let labels = ["listener=\"outbound\"", "reason=\"header_read\""];
     assert_eq!(metric_sum(&metrics, "weft_proxy_listener_timeouts_total", &labels), N as f64, "{metrics}");
     assert!(metric_sum(&metrics, "weft_proxy_listener_accepted_total", &["listener=\"outbound\""]) >= N as f64);
-    // And the listener still serves.
+    // And the listener still serves (404: "nowhere" is no service of the mesh).
     let r = App::of(&sidecar).get("nowhere", "/").await;
-    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.status, 404, "{}", r.body);
 }
 
 /// Sends one keep-alive request on `tcp` and reads its whole response (Content-Length).
@@ -182,7 +188,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
     let (_cp, sidecar, _app) = lone(&["--idle-timeout", "2s", "--header-read-timeout", "10s"]).await;
     let mut tcp = TcpStream::connect(sidecar.outbound).await.unwrap();
     let first = exchange(&mut tcp).await;
-    assert!(first.starts_with("HTTP/1.1 503"), "{first}");
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
     // Still open well inside the idle timeout: a second request is served.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     exchange(&mut tcp).await;
@@ -220,7 +226,7 @@ async fn at_max_connections_new_connections_wait_and_the_open_ones_keep_being_se
     // One closes: the waiting one is taken and answered.
     drop(open.pop());
     let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("served once a slot freed");
-    assert!(String::from_utf8_lossy(&buf[..n.unwrap()]).starts_with("HTTP/1.1 503"));
+    assert!(String::from_utf8_lossy(&buf[..n.unwrap()]).starts_with("HTTP/1.1 404"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -286,7 +292,8 @@ async fn echo(tcp: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_app_closing_idle_keep_alives_costs_no_request() {
     let (app, answered) = servers::http1_closing_idle(Duration::from_millis(200)).await;
-    let m = pair(app, &[], &[]).await;
+    // Declared, so no protocol probe reaches this app and every answer it counts is a request.
+    let m = pair_with(app, &["--app-protocol", "http1"], &[], &[]).await;
     let client = App::of(&m.caller);
     let mut failures = Vec::new();
     for i in 0..60u64 {
