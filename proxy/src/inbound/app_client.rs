@@ -57,6 +57,7 @@ impl AppClient {
                 .pool_idle_timeout(limits.app_idle_timeout)
                 .pool_max_idle_per_host(idle)
                 .http1_max_buf_size(limits.parser_bytes())
+                .http1_max_headers(crate::limits::HTTP1_MAX_HEADER_FIELDS)
                 .build(TrackedConnector { app })
         };
         Self { pooled: build(usize::MAX), fresh: Some(build(0)) }

@@ -79,7 +79,12 @@ impl Outbound {
         self.metrics.listeners.add("outbound".into(), server.stats());
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // The header-read timeout is the watchdog's (listener.rs): hyper's would also cut idle keep-alives.
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(limits.parser_bytes());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(limits.parser_bytes())
+            .max_headers(limits::HTTP1_MAX_HEADER_FIELDS);
         builder
             .http2()
             .timer(TokioTimer::new())
