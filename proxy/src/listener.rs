@@ -23,17 +23,13 @@ use std::time::Duration;
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use weft_runtime::drain::Drain;
-use weft_runtime::serve::ListenerStats;
 
 use crate::limits::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TimeoutLabels};
 
 /// The first bytes of an HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -284,66 +280,6 @@ pub async fn serve_conn<C: GracefulConnection>(
 
 /// How long an HTTP/2 connection closed for idleness may take to finish after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(10);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TimeoutLabels {
-    pub listener: &'static str,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: String,
-}
-
-/// Exports every listener's [`ListenerStats`] at scrape time.
-#[derive(Debug, Default)]
-pub struct ListenerCollector {
-    listeners: Mutex<Vec<(String, Arc<ListenerStats>)>>,
-}
-
-impl ListenerCollector {
-    /// Exports `stats` with the label `listener="<name>"`.
-    pub fn add(&self, name: String, stats: Arc<ListenerStats>) {
-        lock(&self.listeners).push((name, stats));
-    }
-}
-
-impl prometheus_client::collector::Collector for ListenerCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let listeners = lock(&self.listeners).clone();
-        type Value = fn(&ListenerStats) -> u64;
-        let counters: [(&str, &str, Value); 3] = [
-            ("listener_accepted", "Connections accepted, by listener", ListenerStats::accepted),
-            (
-                "listener_at_capacity",
-                "Times a listener stopped accepting because --max-connections were open (new connections wait in the backlog)",
-                ListenerStats::at_capacity,
-            ),
-            ("listener_accept_errors", "Failed accepts (e.g. out of file descriptors), by listener", ListenerStats::accept_errors),
-        ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(0u64);
-            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            for (listener, stats) in &listeners {
-                let labels = ListenerLabels { listener: listener.clone() };
-                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let gauge = ConstGauge::new(0i64);
-        let mut family = encoder.encode_descriptor(
-            "listener_open_connections",
-            "Connections open now, by listener",
-            None,
-            gauge.metric_type(),
-        )?;
-        for (listener, stats) in &listeners {
-            let labels = ListenerLabels { listener: listener.clone() };
-            ConstGauge::new(i64::try_from(stats.open()).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

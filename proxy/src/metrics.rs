@@ -5,11 +5,15 @@ use std::sync::Arc;
 use http::Response;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use weft_runtime::serve::ListenerStats;
 
 use crate::grpc;
 use crate::http::Body;
@@ -115,9 +119,9 @@ pub struct Metrics {
     /// Pooled mTLS connections to peer sidecars held by the pool.
     pub pool_connections: Gauge,
     /// Connections a listener closed itself: header-read or idle timeout.
-    pub listener_timeouts: Family<crate::listener::TimeoutLabels, Counter>,
+    pub listener_timeouts: Family<TimeoutLabels, Counter>,
     /// Every listener's accept-loop counters, read at scrape time.
-    pub listeners: std::sync::Arc<crate::listener::ListenerCollector>,
+    pub listeners: std::sync::Arc<ListenerCollector>,
     /// Requests or responses refused for headers over `--max-header-bytes`.
     pub headers_too_large: Family<HeaderLimitLabels, Counter>,
 }
@@ -324,5 +328,66 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// Connections closed by a listener's watchdog (`listener.rs`), by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+/// Exports every listener's [`ListenerStats`] at scrape time.
+#[derive(Debug, Default)]
+pub struct ListenerCollector {
+    listeners: std::sync::Mutex<Vec<(String, Arc<ListenerStats>)>>,
+}
+
+impl ListenerCollector {
+    /// Exports `stats` with the label `listener="<name>"`.
+    pub fn add(&self, name: String, stats: Arc<ListenerStats>) {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push((name, stats));
+    }
+}
+
+impl prometheus_client::collector::Collector for ListenerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        type Value = fn(&ListenerStats) -> u64;
+        let counters: [(&str, &str, Value); 3] = [
+            ("listener_accepted", "Connections accepted, by listener", ListenerStats::accepted),
+            (
+                "listener_at_capacity",
+                "Times a listener stopped accepting because --max-connections were open (new connections wait in the backlog)",
+                ListenerStats::at_capacity,
+            ),
+            ("listener_accept_errors", "Failed accepts (e.g. out of file descriptors), by listener", ListenerStats::accept_errors),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (listener, stats) in &listeners {
+                let labels = ListenerLabels { listener: listener.clone() };
+                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "listener_open_connections",
+            "Connections open now, by listener",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (listener, stats) in &listeners {
+            let labels = ListenerLabels { listener: listener.clone() };
+            ConstGauge::new(i64::try_from(stats.open()).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

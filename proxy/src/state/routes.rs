@@ -17,8 +17,8 @@ use weft_config::{
 };
 
 use super::budget::Budget;
+use super::endpoints::Endpoint;
 use super::kept::Renewal;
-use super::Endpoint;
 
 /// Why the routes of a config do not compile (the whole config is rejected).
 #[derive(Debug, thiserror::Error)]
