@@ -3,7 +3,6 @@
 //! the caller's verified SPIFFE ID in `x-weft-peer-id`; CONNECT becomes a
 //! TCP tunnel to the app's port, closed when policy stops allowing the caller.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -57,37 +56,6 @@ impl tower::Service<Request<Incoming>> for AppService {
 
 /// The layers run behind the inbound connection, which always sets the context.
 pub(crate) const MISSING_CONTEXT: &str = "request without caller context";
-
-/// Connects every request to the local app, whatever the URI says.
-#[derive(Clone)]
-pub struct AppConnector {
-    app: SocketAddr,
-}
-
-impl AppConnector {
-    pub fn new(app: SocketAddr) -> Self {
-        Self { app }
-    }
-}
-
-impl tower::Service<http::Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let app = self.app;
-        Box::pin(async move {
-            let tcp = TcpStream::connect(app).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(tcp))
-        })
-    }
-}
 
 /// Resolves when a newly applied config denies `peer` TCP access.
 async fn revoked(state: &State, peer: &SpiffeId) {
