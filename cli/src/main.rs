@@ -3,6 +3,7 @@
 mod dashboard;
 mod demo;
 mod human;
+mod init_iptables;
 mod inject;
 mod install;
 mod operator;
@@ -48,6 +49,8 @@ enum Cmd {
     },
     /// Add the weft sidecar to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod, List).
     Inject(inject::InjectArgs),
+    /// Redirect this network namespace's TCP through the sidecar (run as root in the pod's init step).
+    InitIptables(init_iptables::InitIptablesArgs),
     /// Print the manifests that run weft in a Kubernetes cluster (CRDs, control plane, RBAC, sidecar injector).
     Install(install::InstallArgs),
     /// The sidecar (same flags as weft-proxy); used by `weft up`.
@@ -214,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up(args) => up::run(args).await?,
         Cmd::Inject(args) => inject::run(args)?,
         Cmd::Install(args) => install::run(args)?,
+        Cmd::InitIptables(args) => init_iptables::run(args)?,
         Cmd::DemoApp(args) => demo::run(args).await?,
         Cmd::Dashboard(args) => dashboard::run(args).await?,
         Cmd::Top { conn, interval, iterations, no_clear } => {

@@ -1,0 +1,88 @@
+//! `weft init-iptables`: the pod's interception rules (weft-intercept),
+//! installed or removed in the current network namespace.
+
+use anyhow::Context;
+use clap::Args;
+use weft_intercept::{Cidr, Spec};
+
+use crate::output::outln;
+
+/// Flags of `weft init-iptables`; `weft inject` writes them (k8s/src/inject.rs).
+#[derive(Args, Debug)]
+pub struct InitIptablesArgs {
+    /// The UID the sidecar runs as: its own connections are never redirected.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The sidecar's inbound (mTLS) port; arriving TCP is redirected to it.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The sidecar's outbound port; the pod's outgoing TCP is redirected to it.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Arriving ports that reach the app directly (comma-separated, may be empty), e.g. 15020,22.
+    #[arg(long, default_value = "", value_parser = parse_ports)]
+    skip_inbound_ports: PortList,
+    /// Destination ports that leave directly (comma-separated), e.g. 5432.
+    #[arg(long, default_value = "", value_parser = parse_ports)]
+    skip_outbound_ports: PortList,
+    /// Destination networks that leave directly (comma-separated CIDRs), e.g. 169.254.169.254/32.
+    #[arg(long, default_value = "", value_parser = parse_cidrs)]
+    skip_outbound_cidrs: CidrList,
+    /// Remove weft's chains and jumps (only those) instead of installing them.
+    #[arg(long)]
+    uninstall: bool,
+    /// Print the rules (iptables-restore input) and change nothing.
+    #[arg(long, conflicts_with = "uninstall")]
+    dry_run: bool,
+}
+
+#[derive(Debug, Clone)]
+struct PortList(Vec<u16>);
+#[derive(Debug, Clone)]
+struct CidrList(Vec<Cidr>);
+
+fn items(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|p| !p.is_empty())
+}
+
+fn parse_ports(s: &str) -> Result<PortList, String> {
+    items(s)
+        .map(|p| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+            Ok(n) => Ok(n),
+        })
+        .collect::<Result<_, _>>()
+        .map(PortList)
+}
+
+fn parse_cidrs(s: &str) -> Result<CidrList, String> {
+    items(s).map(|c| c.parse::<Cidr>().map_err(|e| e.to_string())).collect::<Result<_, _>>().map(CidrList)
+}
+
+pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
+    if args.uninstall {
+        weft_intercept::uninstall().context("removing weft's iptables rules")?;
+        outln!("removed weft's nat chains ({})", weft_intercept::CHAINS.join(", "))?;
+        return Ok(());
+    }
+    let spec = Spec {
+        proxy_uid: args.proxy_uid,
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        skip_inbound_ports: args.skip_inbound_ports.0,
+        skip_outbound_ports: args.skip_outbound_ports.0,
+        skip_outbound_cidrs: args.skip_outbound_cidrs.0,
+    };
+    if args.dry_run {
+        outln!("{}", weft_intercept::rules(&spec).trim_end())?;
+        return Ok(());
+    }
+    weft_intercept::install(&spec).context("installing weft's iptables rules")?;
+    outln!(
+        "installed: inbound TCP → :{}, outbound TCP → :{} (uid {} exempt)",
+        spec.inbound_port,
+        spec.outbound_port,
+        spec.proxy_uid
+    )?;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Transparent interception: the `nat` table rules that send a pod's TCP
+//! through its sidecar, as `weft init-iptables` installs them in the pod's
+//! network namespace.
+//!
+//! - [`Spec`]: what to redirect and what to leave alone (the proxy's UID,
+//!   its ports, skipped ports and CIDRs).
+//! - [`rules`]: the rule set as `iptables-restore` input (pure, unit-tested).
+//! - [`install`] / [`uninstall`]: apply it with Debian's `iptables` tools.
+//!
+//! Every rule lives in weft's own chains ([`CHAINS`]), reached by one jump
+//! from each built-in chain, so uninstalling removes exactly those jumps and
+//! chains and nothing another tool added. Installing first uninstalls, so
+//! running it twice leaves one copy.
+//!
+//! Only IPv4 is intercepted (`iptables`, not `ip6tables`): IPv6 traffic
+//! keeps its direct path, so an IPv6 skip CIDR has nothing to exempt and is
+//! accepted as a no-op.
+//!
+//! The rules (nat table; REDIRECT sends locally made packets to 127.0.0.1
+//! and arriving packets to the arriving interface's address, keeping the
+//! original destination for `SO_ORIGINAL_DST`):
+//!
+//! ```text
+//! PREROUTING  -p tcp -j WEFT_INBOUND
+//! WEFT_INBOUND  --dport <inbound port>  RETURN    (peers' mTLS lands directly)
+//! WEFT_INBOUND  --dport <skipped port>  RETURN
+//! WEFT_INBOUND  -p tcp  REDIRECT --to-ports <inbound port>
+//! OUTPUT      -p tcp -j WEFT_OUTPUT
+//! WEFT_OUTPUT  -o lo  RETURN                      (loopback: the sidecar itself, the pod's own ports)
+//! WEFT_OUTPUT  --uid-owner <proxy uid>  RETURN    (the sidecar's own connections)
+//! WEFT_OUTPUT  --dport <skipped port>  RETURN
+//! WEFT_OUTPUT  -d <skipped cidr>  RETURN
+//! WEFT_OUTPUT  -j WEFT_REDIRECT
+//! WEFT_REDIRECT  -p tcp  REDIRECT --to-ports <outbound port>
+//! ```
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::Command;
+
+/// weft's chains in the nat table.
+pub const INBOUND_CHAIN: &str = "WEFT_INBOUND";
+pub const OUTPUT_CHAIN: &str = "WEFT_OUTPUT";
+pub const REDIRECT_CHAIN: &str = "WEFT_REDIRECT";
+/// Every chain weft adds, in the order they are removed.
+pub const CHAINS: [&str; 3] = [INBOUND_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN];
+/// The jumps from built-in chains into weft's: `(built-in chain, rule spec)`.
+const JUMPS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)];
+
+/// An IPv4 or IPv6 network, `address/prefix` (prefix 0..=32 or 0..=128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+/// Why a `--skip-outbound-cidrs` entry is not a CIDR.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a CIDR: expected ADDRESS/PREFIX, e.g. 10.0.0.0/8 (prefix at most 32 for IPv4, 128 for IPv6)")]
+pub struct CidrError(pub String);
+
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let bad = || CidrError(s.to_string());
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// What to intercept: flags of `weft init-iptables`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The UID the sidecar runs as; its own connections are never redirected.
+    pub proxy_uid: u32,
+    /// The sidecar's inbound (mTLS) port: arriving TCP is redirected here.
+    pub inbound_port: u16,
+    /// The sidecar's outbound port: the pod's outgoing TCP is redirected here.
+    pub outbound_port: u16,
+    /// Arriving TCP to these ports reaches the app directly.
+    pub skip_inbound_ports: Vec<u16>,
+    /// Outgoing TCP to these ports leaves directly.
+    pub skip_outbound_ports: Vec<u16>,
+    /// Outgoing TCP to these networks leaves directly (IPv6 ones are no-ops).
+    pub skip_outbound_cidrs: Vec<Cidr>,
+}
+
+/// Why the rules could not be installed or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("weft init-iptables must run as root (uid 0; in Kubernetes, the init container with NET_ADMIN), not uid {0}")]
+    NotRoot(u32),
+    #[error("cannot run {tool}: {source}; install Debian's iptables package (apt-get install iptables)")]
+    Missing { tool: &'static str, source: std::io::Error },
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed { command: String, status: std::process::ExitStatus, stderr: String },
+    #[error("--inbound-port and --outbound-port must differ and be non-zero (got {inbound} and {outbound})")]
+    Ports { inbound: u16, outbound: u16 },
+}
+
+/// The rule set for `spec` as `iptables-restore --noflush` input (nat
+/// table). Declaring a chain flushes it, so restoring twice gives one copy of
+/// every rule in weft's chains; the jumps are removed first by [`install`].
+pub fn rules(spec: &Spec) -> String {
+    let mut s = String::from("*nat\n");
+    for chain in CHAINS {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    for (builtin, chain) in JUMPS {
+        let _ = writeln!(s, "-A {builtin} {}", jump_spec(chain).join(" "));
+    }
+    let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp --dport {} -j RETURN", spec.inbound_port);
+    for p in &spec.skip_inbound_ports {
+        let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp --dport {p} -j RETURN");
+    }
+    let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}", spec.inbound_port);
+    let _ = writeln!(s, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
+    let _ = writeln!(s, "-A {OUTPUT_CHAIN} -m owner --uid-owner {} -j RETURN", spec.proxy_uid);
+    for p in &spec.skip_outbound_ports {
+        let _ = writeln!(s, "-A {OUTPUT_CHAIN} -p tcp --dport {p} -j RETURN");
+    }
+    for c in spec.skip_outbound_cidrs.iter().filter(|c| c.addr.is_ipv4()) {
+        let _ = writeln!(s, "-A {OUTPUT_CHAIN} -d {c} -j RETURN");
+    }
+    let _ = writeln!(s, "-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}");
+    let _ = writeln!(s, "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}", spec.outbound_port);
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The match of a jump from a built-in chain into `chain`.
+fn jump_spec(chain: &str) -> [&str; 4] {
+    ["-p", "tcp", "-j", chain]
+}
+
+/// The `iptables` invocations that remove weft's rules, in order: every
+/// jump into weft's chains, then the chains' rules, then the chains. Each
+/// may fail because there is nothing to remove, which [`uninstall`] ignores.
+pub fn uninstall_steps() -> Vec<Vec<String>> {
+    let mut steps = Vec::new();
+    for (builtin, chain) in JUMPS {
+        let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), "-D".into(), builtin.into()];
+        args.extend(jump_spec(chain).iter().map(|s| s.to_string()));
+        steps.push(args);
+    }
+    for op in ["-F", "-X"] {
+        for chain in CHAINS {
+            steps.push(["-w", "-t", "nat", op, chain].iter().map(|s| s.to_string()).collect());
+        }
+    }
+    steps
+}
+
+/// Removes weft's rules and chains (and only those); succeeds when there
+/// were none.
+///
+/// # Errors
+/// Not root, or `iptables` missing.
+pub fn uninstall() -> Result<(), InterceptError> {
+    require_root()?;
+    for step in uninstall_steps() {
+        // A jump added twice by hand is removed too: delete until none is left.
+        let repeat = step.iter().any(|a| a == "-D");
+        loop {
+            let out = Command::new("iptables")
+                .args(&step)
+                .output()
+                .map_err(|source| InterceptError::Missing { tool: "iptables", source })?;
+            if !out.status.success() || !repeat {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Installs the rules for `spec`, replacing any weft rules already there.
+///
+/// # Errors
+/// Not root, `iptables`/`iptables-restore` missing, bad ports, or the
+/// kernel refused a rule (the message has iptables' own words).
+pub fn install(spec: &Spec) -> Result<(), InterceptError> {
+    if spec.inbound_port == 0 || spec.outbound_port == 0 || spec.inbound_port == spec.outbound_port {
+        return Err(InterceptError::Ports { inbound: spec.inbound_port, outbound: spec.outbound_port });
+    }
+    uninstall()?;
+    let text = rules(spec);
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    }
+    let out = child.wait_with_output().map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    if !out.status.success() {
+        return Err(InterceptError::Failed {
+            command: "iptables-restore --noflush".into(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn require_root() -> Result<(), InterceptError> {
+    let uid = rustix::process::geteuid().as_raw();
+    if uid != 0 {
+        return Err(InterceptError::NotRoot(uid));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        Spec {
+            proxy_uid: 1337,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            skip_inbound_ports: vec![15020, 22],
+            skip_outbound_ports: vec![5432],
+            skip_outbound_cidrs: vec!["169.254.169.254/32".parse().unwrap(), "fd00::/8".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn the_rule_set_redirects_everything_but_the_proxy_loopback_and_skips() {
+        let text = rules(&spec());
+        let expected = "*nat
+:WEFT_INBOUND - [0:0]
+:WEFT_OUTPUT - [0:0]
+:WEFT_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j WEFT_INBOUND
+-A OUTPUT -p tcp -j WEFT_OUTPUT
+-A WEFT_INBOUND -p tcp --dport 15006 -j RETURN
+-A WEFT_INBOUND -p tcp --dport 15020 -j RETURN
+-A WEFT_INBOUND -p tcp --dport 22 -j RETURN
+-A WEFT_INBOUND -p tcp -j REDIRECT --to-ports 15006
+-A WEFT_OUTPUT -o lo -j RETURN
+-A WEFT_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A WEFT_OUTPUT -p tcp --dport 5432 -j RETURN
+-A WEFT_OUTPUT -d 169.254.169.254/32 -j RETURN
+-A WEFT_OUTPUT -j WEFT_REDIRECT
+-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn every_rule_is_in_a_weft_chain_or_a_jump_into_one() {
+        for line in rules(&spec()).lines().filter(|l| l.starts_with("-A ")) {
+            let chain = line.split_whitespace().nth(1).unwrap();
+            assert!(CHAINS.contains(&chain) || line.ends_with("-j WEFT_INBOUND") || line.ends_with("-j WEFT_OUTPUT"));
+        }
+    }
+
+    #[test]
+    fn uninstall_removes_the_jumps_before_the_chains() {
+        let steps = uninstall_steps();
+        assert_eq!(steps[0].join(" "), "-w -t nat -D PREROUTING -p tcp -j WEFT_INBOUND");
+        assert_eq!(steps[1].join(" "), "-w -t nat -D OUTPUT -p tcp -j WEFT_OUTPUT");
+        let deletes: Vec<_> = steps.iter().filter(|s| s[3] == "-X").map(|s| s[4].clone()).collect();
+        assert_eq!(deletes, CHAINS);
+        assert!(steps.iter().all(|s| s[4] == "PREROUTING" || s[4] == "OUTPUT" || CHAINS.contains(&s[4].as_str())));
+    }
+
+    #[test]
+    fn cidrs_parse_with_their_limits() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        assert!("10.0.0.0".parse::<Cidr>().unwrap_err().to_string().contains("ADDRESS/PREFIX"));
+        assert!("x/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn equal_or_zero_ports_are_refused_before_anything_runs() {
+        let mut s = spec();
+        s.outbound_port = s.inbound_port;
+        assert!(matches!(install(&s), Err(InterceptError::Ports { .. })));
+    }
+}
