@@ -91,6 +91,28 @@ pub struct MeshSpec {
     /// sidecars that predate it still accept the config.
     #[serde(default, skip_serializing_if = "PathNormalization::is_default")]
     pub path_normalization: PathNormalization,
+    /// What an intercepted connection to a destination the mesh does not
+    /// know gets (Istio's term). Left out of the pushed JSON while default.
+    #[serde(default, skip_serializing_if = "OutboundTrafficPolicy::is_default")]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+/// `spec.outboundTrafficPolicy` of the Mesh: intercepted connections whose
+/// original destination is no endpoint or Service address of the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OutboundTrafficPolicy {
+    /// Passed through to the original destination untouched (no mTLS).
+    #[default]
+    AllowAny,
+    /// Refused (the connection is closed); only the mesh's own services are reachable.
+    RegistryOnly,
+}
+
+impl OutboundTrafficPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `spec.pathNormalization` of the Mesh.
@@ -153,6 +175,10 @@ pub struct ServiceSpec {
     /// service account, e.g. `foo-v1` and `foo-v2` over the pods of `foo`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admit: Option<Admit>,
+    /// Virtual IP addresses of the service (e.g. a Kubernetes ClusterIP): an
+    /// intercepted connection to one of them on `port` is this service's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Which workloads a Service admits besides those whose identity names it:

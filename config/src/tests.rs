@@ -258,3 +258,29 @@ fn paths_that_are_not_canonical_could_never_match_and_are_refused() {
     let e = one_error(&text);
     assert!(e.contains("spec.paths[0]") && e.contains("write \"/x/~*\""), "{e}");
 }
+
+#[test]
+fn mesh_outbound_traffic_policy_and_service_virtual_addresses() {
+    let mesh = |spec: &str| format!("{HEAD}kind: Mesh\nmetadata: {{name: mesh}}\nspec:\n{spec}");
+    let cfg = parse(&mesh("  defaultPolicy: allow\n")).unwrap();
+    assert_eq!(cfg.mesh.outbound_traffic_policy, OutboundTrafficPolicy::AllowAny);
+    assert!(!serde_json::to_string(&cfg).unwrap().contains("outboundTrafficPolicy"), "the default is not pushed");
+    let cfg = parse(&mesh("  outboundTrafficPolicy: registryOnly\n")).unwrap();
+    assert_eq!(cfg.mesh.outbound_traffic_policy, OutboundTrafficPolicy::RegistryOnly);
+    let back: MeshConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back.mesh.outbound_traffic_policy, OutboundTrafficPolicy::RegistryOnly);
+    let e = one_error(&mesh("  outboundTrafficPolicy: REGISTRY_ONLY\n"));
+    assert!(e.contains("spec.outboundTrafficPolicy") && e.contains("registryOnly"), "{e}");
+
+    let service = |name: &str, addrs: &str| {
+        format!("{HEAD}kind: Service\nmetadata: {{name: {name}}}\nspec: {{port: 8080, addresses: {addrs}}}\n")
+    };
+    let cfg = parse(&service("b", "[10.96.0.10, \"fd00::10\"]")).unwrap();
+    assert_eq!(cfg.services["b"].addresses.len(), 2);
+    let e = one_error(&service("b", "[10.96.0.300]"));
+    assert!(e.contains("spec.addresses"), "{e}");
+    let e = one_error(&service("b", "[0.0.0.0]"));
+    assert!(e.contains("spec.addresses[0]: 0.0.0.0 cannot be"), "{e}");
+    let e = one_error(&format!("{}---\n{}", service("a", "[10.96.0.10]"), service("b", "[10.96.0.10]")));
+    assert!(e.contains("Service \"b\"") && e.contains("already an address of Service \"a\""), "{e}");
+}

@@ -15,8 +15,21 @@ type Services = BTreeMap<String, ServiceSpec>;
 /// Checks every decoded document, kind by kind, in the order errors are reported.
 pub(crate) fn mesh(cfg: &MeshConfig, labels: &Labels, report: &mut Report) {
     let slashes = cfg.mesh.path_normalization.encoded_slashes;
+    let mut virtual_ips: BTreeMap<std::net::IpAddr, &str> = BTreeMap::new();
     for (name, svc) in &cfg.services {
-        service(report, labels.of("Service", name), name, svc);
+        let lbl = labels.of("Service", name);
+        service(report, lbl, name, svc);
+        for (i, ip) in svc.addresses.iter().enumerate() {
+            match virtual_ips.insert(*ip, name) {
+                Some(other) if other != name => report.err(
+                    lbl,
+                    format!("spec.addresses[{i}]"),
+                    format!("{ip} is already an address of Service {other:?}; a virtual address names one service"),
+                ),
+                Some(_) => report.err(lbl, format!("spec.addresses[{i}]"), format!("{ip} is listed twice")),
+                None => {}
+            }
+        }
     }
     for r in &cfg.routes {
         route(report, labels.of("HTTPRoute", &r.name), &r.spec, &cfg.services, slashes);
@@ -74,6 +87,15 @@ fn service(report: &mut Report, lbl: &str, name: &str, svc: &ServiceSpec) {
     }
     if svc.port == 0 {
         report.err(lbl, "spec.port", "must be between 1 and 65535");
+    }
+    for (i, ip) in svc.addresses.iter().enumerate() {
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            report.err(
+                lbl,
+                format!("spec.addresses[{i}]"),
+                format!("{ip} cannot be a service's virtual address (unspecified, loopback or multicast)"),
+            );
+        }
     }
     let mut seen = BTreeSet::new();
     for (i, s) in svc.subsets.iter().enumerate() {
