@@ -44,6 +44,12 @@ pub struct Args {
     /// mTLS listener for peer sidecars.
     #[arg(long, default_value = "127.0.0.1:15006")]
     inbound: SocketAddr,
+    /// The inbound address registered in discovery (what peer sidecars dial),
+    /// IP or IP:PORT (port default: --inbound's). Default: --inbound itself,
+    /// which must then not be a wildcard; with --inbound 0.0.0.0:15006 pass
+    /// the pod's IP, e.g. --advertise-address 10.1.0.5.
+    #[arg(long, value_parser = parse_advertise)]
+    advertise_address: Option<Advertise>,
     /// Plain HTTP listener for the local app's outgoing calls.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -53,6 +59,10 @@ pub struct Args {
     /// Opaque TCP upstream NAME=ADDR: connections to ADDR reach service NAME (repeatable).
     #[arg(long = "upstream", value_parser = parse_upstream)]
     upstreams: Vec<(String, SocketAddr)>,
+    /// How long an intercepted outbound connection's first bytes are awaited
+    /// before it is carried as opaque TCP (server-speaks-first protocols wait this long at most).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    detect_timeout: Duration,
     /// Timeout for connecting to a peer sidecar.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -99,6 +109,23 @@ fn parse_header_bytes(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// `--advertise-address`: an IP, with or without a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advertise {
+    pub ip: std::net::IpAddr,
+    pub port: Option<u16>,
+}
+
+fn parse_advertise(s: &str) -> Result<Advertise, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(Advertise { ip, port: None });
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Ok(Advertise { ip: a.ip(), port: Some(a.port()) }),
+        Err(_) => Err(format!("{s:?}: expected IP or IP:PORT, e.g. 10.1.0.5 or 10.1.0.5:15006")),
+    }
+}
+
 /// `--max-connections`: at least 1.
 fn parse_max_connections(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
@@ -130,6 +157,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         app: args.app,
         app_protocol: args.app_protocol,
         inbound: args.inbound,
+        advertise: args.advertise_address.map(|a| (a.ip, a.port)),
+        detect_timeout: args.detect_timeout,
         outbound: args.outbound,
         admin: args.admin,
         upstreams: args.upstreams,

@@ -64,6 +64,12 @@ pub struct Options {
     pub app: SocketAddr,
     pub app_protocol: inbound::AppProtocol,
     pub inbound: SocketAddr,
+    /// The inbound address to register in discovery: IP and optional port
+    /// (default: the inbound listener's port). None: the inbound listener's
+    /// address, which must then be a specific IP.
+    pub advertise: Option<(std::net::IpAddr, Option<u16>)>,
+    /// How long an intercepted connection's first bytes are awaited.
+    pub detect_timeout: Duration,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -90,6 +96,8 @@ pub enum StartError {
     Registration(#[from] weft_config::registration::RegistrationError),
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
+    #[error("cannot register inbound address {0} in discovery: peers cannot dial a wildcard or unspecified address; pass --advertise-address <pod IP> (or a specific --inbound)")]
+    Unadvertisable(SocketAddr),
     #[error(transparent)]
     StateDir(#[from] weft_runtime::state_lock::StateLockError),
 }
@@ -131,6 +139,8 @@ struct Listeners {
 struct Addrs {
     admin: SocketAddr,
     inbound: SocketAddr,
+    /// The inbound address registered in discovery.
+    advertised: SocketAddr,
     outbound: SocketAddr,
     upstreams: Vec<(String, SocketAddr)>,
 }
@@ -149,6 +159,7 @@ impl Listeners {
         let addrs = Addrs {
             admin: local(&admin, "--admin")?,
             inbound: local(&inbound, "--inbound")?,
+            advertised: opts.inbound,
             outbound: local(&outbound, "--outbound")?,
             upstreams: upstreams
                 .iter()
@@ -183,7 +194,8 @@ impl Proxy {
         let admin = weft_admin::Admin::new(prom);
 
         let state_lock = weft_runtime::state_lock::lock(&opts.state_dir)?;
-        let (listeners, addrs) = Listeners::bind(&opts).await?;
+        let (listeners, mut addrs) = Listeners::bind(&opts).await?;
+        addrs.advertised = advertised(&opts, addrs.inbound)?;
         tokio::spawn(weft_admin::serve(listeners.admin, admin.clone()));
 
         let identity = Identity::new(
@@ -235,6 +247,20 @@ impl Proxy {
         }
         self.drain.drain(timeout - grace).await
     }
+}
+
+/// The inbound address to register: `--advertise-address` (its port
+/// defaulting to the bound inbound port), else the bound inbound address;
+/// never an unspecified IP, which no peer could dial.
+fn advertised(opts: &Options, bound: SocketAddr) -> Result<SocketAddr, StartError> {
+    let addr = match opts.advertise {
+        Some((ip, port)) => SocketAddr::new(ip, port.unwrap_or(bound.port())),
+        None => bound,
+    };
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(StartError::Unadvertisable(addr));
+    }
+    Ok(addr)
 }
 
 /// The trust domain: `--trust-domain`, or the one the bootstrap bundle's root names.
@@ -291,7 +317,7 @@ fn start_config_stream(
 ) -> tokio::task::JoinHandle<()> {
     let reg = Registration {
         service: opts.service.clone(),
-        inbound_address: addrs.inbound,
+        inbound_address: addrs.advertised,
         admin_address: addrs.admin,
         labels: opts.labels.clone(),
     };
@@ -335,7 +361,7 @@ fn serve_outbound(
     drain: &weft_runtime::drain::Drain,
 ) {
     let pool = outbound::pool::Pool::new(identity.clone(), metrics.clone(), opts.connect_timeout, opts.limits);
-    let outbound = outbound::Outbound::new(state.clone(), pool, metrics.clone());
+    let outbound = outbound::Outbound::with_detect_timeout(state.clone(), pool, metrics.clone(), opts.detect_timeout);
     tokio::spawn(outbound.clone().serve_http(listener, drain.clone()));
     for (name, l) in upstreams {
         tokio::spawn(outbound.clone().serve_tcp(l, name, drain.clone()));

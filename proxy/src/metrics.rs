@@ -124,6 +124,26 @@ pub struct Metrics {
     pub listeners: std::sync::Arc<ListenerCollector>,
     /// Requests or responses refused for headers over `--max-header-bytes`.
     pub headers_too_large: Family<HeaderLimitLabels, Counter>,
+    /// Intercepted outbound connections to services of the mesh, by detected protocol.
+    pub intercepted: Family<InterceptedLabels, Counter>,
+    /// Intercepted outbound connections to destinations outside the mesh.
+    pub unknown_destinations: Family<UnknownDestinationLabels, Counter>,
+}
+
+/// An intercepted outbound connection to a service of the mesh.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptedLabels {
+    pub service: String,
+    /// What detection found, or the Service declared: `http1`, `http2`,
+    /// `tls`, `opaque` (also for a client silent past `--detect-timeout`).
+    pub protocol: &'static str,
+}
+
+/// An intercepted outbound connection to a destination the mesh does not know.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnknownDestinationLabels {
+    /// `passthrough` (Mesh `outboundTrafficPolicy: allowAny`) or `refused` (`registryOnly`).
+    pub action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,6 +176,8 @@ impl Default for Metrics {
             listener_timeouts: Family::default(),
             listeners: Default::default(),
             headers_too_large: Family::default(),
+            intercepted: Family::default(),
+            unknown_destinations: Family::default(),
         }
     }
 }
@@ -225,6 +247,16 @@ impl Metrics {
             "headers_too_large",
             "Requests (answered 431) and responses (answered 502) whose headers exceed --max-header-bytes, by direction and message",
             self.headers_too_large.clone(),
+        );
+        reg.register(
+            "intercepted_connections",
+            "Intercepted outbound connections (iptables REDIRECT) to services of the mesh, by service and protocol (http1, http2, tls, opaque)",
+            self.intercepted.clone(),
+        );
+        reg.register(
+            "unknown_destinations",
+            "Intercepted outbound connections to destinations the mesh does not know, by action (passthrough, refused)",
+            self.unknown_destinations.clone(),
         );
         reg.register_collector(Box::new(self.listeners.clone()));
         reg.register(

@@ -8,6 +8,7 @@
 //! pick, `pool.rs` connection) → the peer sidecar. TCP: `tunnel.rs`.
 
 pub mod endpoint;
+pub mod intercept;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -22,7 +23,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use weft_config::OutboundTrafficPolicy;
 use weft_runtime::serve::Server;
 
 use crate::context::ServedBy;
@@ -31,7 +33,10 @@ use crate::extended_connect;
 use crate::http::{boxed, Body};
 use crate::limits;
 use crate::listener::{self, Activity, Guarded, Watched};
-use crate::metrics::{HeaderLimitLabels, Metrics, OpenConn, RequestMeta};
+use crate::detect::Protocol;
+use crate::metrics::{
+    ConnLabels, HeaderLimitLabels, InterceptedLabels, Metrics, OpenConn, RequestMeta, UnknownDestinationLabels,
+};
 use crate::state::State;
 use endpoint::EndpointService;
 use pool::Pool;
@@ -46,15 +51,37 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     /// The per-request stack behind routing: each concern a tower layer.
     stack: Timeout<Retry<EndpointService>>,
+    /// How long an intercepted connection's first bytes are awaited before
+    /// it is treated as opaque TCP (`--detect-timeout`).
+    detect_timeout: std::time::Duration,
 }
 
+/// The app-facing listener's HTTP/1.1 + h2c connection builder.
+type HttpBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
+
+/// How long an intercepted connection's first bytes are awaited by default.
+pub const DEFAULT_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Outbound {
+    /// The outbound side; intercepted connections wait [`DEFAULT_DETECT_TIMEOUT`]
+    /// for their first bytes (see [`Outbound::with_detect_timeout`]).
     pub fn new(state: Arc<State>, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_detect_timeout(state, pool, metrics, DEFAULT_DETECT_TIMEOUT)
+    }
+
+    /// The outbound side, waiting `detect_timeout` for an intercepted
+    /// connection's first bytes before treating it as opaque TCP.
+    pub fn with_detect_timeout(
+        state: Arc<State>,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        detect_timeout: std::time::Duration,
+    ) -> Arc<Self> {
         let stack = ServiceBuilder::new()
             .layer(TimeoutLayer)
             .layer(RetryLayer::new(metrics.clone()))
             .service(EndpointService { pool: pool.clone(), metrics: metrics.clone() });
-        Arc::new(Self { state, pool, metrics, stack })
+        Arc::new(Self { state, pool, metrics, stack, detect_timeout })
     }
 }
 
@@ -97,30 +124,106 @@ impl Outbound {
                 let this = self.clone();
                 let builder = builder.clone();
                 async move {
-                    let _open = OpenConn::new(&this.metrics, "outbound", "http");
-                    let activity = Activity::new(false);
-                    let counted = activity.clone();
-                    let metrics = this.metrics.clone();
-                    let svc = service_fn(move |req| {
-                        let this = this.clone();
-                        let guard = counted.start();
-                        async move {
-                            let resp = this.route_http(req).await;
-                            Ok::<_, std::convert::Infallible>(resp.map(|b| boxed(Guarded::new(b, guard))))
-                        }
-                    });
-                    let io = TokioIo::new(Watched::new(tcp, activity.clone()));
-                    let conn = builder.serve_connection_with_upgrades(io, svc);
-                    listener::serve_conn(conn, activity, limits, drain, metrics, "outbound").await;
+                    match intercept::original_dst(&tcp) {
+                        None => this.serve_http_conn(tcp, &builder, drain, None).await,
+                        Some(dst) => this.intercepted(tcp, dst, &builder, drain).await,
+                    }
                 }
             })
             .await
     }
 
+    /// Serves one app connection as HTTP/1.1 or h2c until it ends. `aimed`:
+    /// the service an intercepted connection was for (its requests go there
+    /// whatever their `Host`); None: the `Host` header names the service.
+    async fn serve_http_conn<I>(self: Arc<Self>, io: I, builder: &HttpBuilder, drain: Drain, aimed: Option<Arc<str>>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = *self.pool.limits();
+        let _open = OpenConn::new(&self.metrics, "outbound", "http");
+        let activity = Activity::new(false);
+        let counted = activity.clone();
+        let metrics = self.metrics.clone();
+        let svc = service_fn(move |req| {
+            let this = self.clone();
+            let guard = counted.start();
+            let aimed = aimed.clone();
+            async move {
+                let resp = this.route_http(req, aimed.as_deref()).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| boxed(Guarded::new(b, guard))))
+            }
+        });
+        let io = TokioIo::new(Watched::new(io, activity.clone()));
+        let conn = builder.serve_connection_with_upgrades(io, svc);
+        listener::serve_conn(conn, activity, limits, drain, metrics, "outbound").await;
+    }
+
+    /// An intercepted connection to `dst` (see `intercept.rs`).
+    async fn intercepted(self: Arc<Self>, tcp: TcpStream, dst: SocketAddr, builder: &HttpBuilder, drain: Drain) {
+        let snapshot = self.state.snapshot();
+        let Some(service) = snapshot.service_at(dst).map(str::to_string) else {
+            let policy = snapshot.outbound_traffic_policy();
+            drop(snapshot);
+            return self.unknown_destination(tcp, dst, policy).await;
+        };
+        let declared_opaque = snapshot.declared_opaque(&service);
+        drop(snapshot);
+        let (protocol, io) = if declared_opaque {
+            (Protocol::Opaque, intercept::Rewind::new(tcp, Vec::new()))
+        } else {
+            match intercept::detect_within(tcp, self.detect_timeout).await {
+                Ok(detected) => detected,
+                Err(e) => {
+                    tracing::debug!(%dst, error = %e, "intercepted connection failed before its protocol was known");
+                    return;
+                }
+            }
+        };
+        let labels = InterceptedLabels { service: service.clone(), protocol: intercept::label(protocol) };
+        self.metrics.intercepted.get_or_create(&labels).inc();
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => self.serve_http_conn(io, builder, drain, Some(service.into())).await,
+            Protocol::Tls | Protocol::Opaque => {
+                if let Err(e) = self.tunnel(io, &service).await {
+                    tracing::info!(%dst, %service, error = %e, "intercepted TCP tunnel failed");
+                }
+            }
+        }
+    }
+
+    /// An intercepted connection to a destination the mesh does not know:
+    /// passed through untouched (`allowAny`) or closed (`registryOnly`).
+    async fn unknown_destination(&self, mut tcp: TcpStream, dst: SocketAddr, policy: OutboundTrafficPolicy) {
+        let action = match policy {
+            OutboundTrafficPolicy::AllowAny => "passthrough",
+            OutboundTrafficPolicy::RegistryOnly => "refused",
+        };
+        self.metrics.unknown_destinations.get_or_create(&UnknownDestinationLabels { action }).inc();
+        if policy == OutboundTrafficPolicy::RegistryOnly {
+            tracing::info!(%dst, "refused: not a destination of the mesh (Mesh outboundTrafficPolicy: registryOnly)");
+            return;
+        }
+        let _open = OpenConn::new(&self.metrics, "outbound", "passthrough");
+        // The sidecar's own connections are exempt from the rules (--proxy-uid), so this one leaves directly.
+        let mut up = match tokio::time::timeout(self.pool.connect_timeout(), TcpStream::connect(dst)).await {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => return tracing::info!(%dst, error = %e, "passthrough connect failed"),
+            Err(_) => return tracing::info!(%dst, "passthrough connect timed out"),
+        };
+        if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
+            let labels = ConnLabels { direction: "outbound", protocol: "passthrough" };
+            self.metrics.tcp_bytes.get_or_create(&labels).inc_by(a + b);
+        }
+    }
+
     /// The edge of an app's HTTP request: routes it and sends it through
     /// the stack, turns a failure into its response, and counts it.
-    async fn route_http(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn route_http(&self, mut req: Request<Incoming>, aimed: Option<&str>) -> Response<Body> {
         let start = Instant::now();
+        if let Some(service) = aimed {
+            aim_at(&mut req, service);
+        }
         let grpc = wants_grpc(req.headers());
         let max = self.pool.limits().max_header_bytes;
         let size = limits::request_header_size(&req);
@@ -209,6 +312,23 @@ impl Outbound {
                 }
             })
             .await
+    }
+}
+
+/// Points an intercepted request at `service`: its `Host` (and its
+/// target's authority, if any) named the address the app dialled, which
+/// interception has already mapped to the service.
+fn aim_at<B>(req: &mut Request<B>, service: &str) {
+    let Ok(host) = http::HeaderValue::from_str(service) else { return };
+    req.headers_mut().insert(http::header::HOST, host);
+    if req.uri().authority().is_some() {
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(authority) = service.parse() {
+            parts.authority = Some(authority);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
     }
 }
 

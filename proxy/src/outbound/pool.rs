@@ -53,6 +53,11 @@ impl Pool {
         Arc::new(Self { identity, metrics, connect_timeout, limits })
     }
 
+    /// How long a connection attempt may take (`--connect-timeout`).
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// The limits the pool's connections are built with.
     pub fn limits(&self) -> &Limits {
         &self.limits

@@ -1,9 +1,9 @@
-//! A declared TCP upstream's connection, carried as an HTTP CONNECT stream
+//! A declared TCP upstream's connection (or an intercepted one that is not
+//! HTTP), carried as an HTTP CONNECT stream
 //! on the pooled mTLS connection to an endpoint of the service.
 
 use http::{Method, Request, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::Outbound;
 use crate::error::ProxyError;
@@ -13,7 +13,10 @@ use crate::state::balance;
 
 impl Outbound {
     /// Tunnels one accepted connection to `service` until either side closes.
-    pub(super) async fn tunnel(&self, mut tcp: TcpStream, service: &str) -> Result<(), ProxyError> {
+    pub(super) async fn tunnel<S>(&self, mut tcp: S, service: &str) -> Result<(), ProxyError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let _open = OpenConn::new(&self.metrics, "outbound", "tcp");
         let snapshot = self.state.snapshot();
         let endpoints: Vec<_> = snapshot.endpoints(service).iter().collect();

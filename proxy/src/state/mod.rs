@@ -18,7 +18,7 @@ pub mod ratelimit;
 pub mod routes;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -70,6 +70,11 @@ pub struct Snapshot {
     /// endpoints), made once per version instead of once per request.
     #[serde(skip)]
     pub(crate) default_rules: HashMap<String, Arc<Rule>>,
+    /// Original destinations of intercepted connections → service
+    /// ([`Snapshot::service_at`]): per IP, the port it must be on (None:
+    /// any) and the service, sorted by service name.
+    #[serde(skip)]
+    pub(crate) destinations: HashMap<IpAddr, Vec<(Option<u16>, String)>>,
 }
 
 impl Snapshot {
@@ -87,6 +92,30 @@ impl Snapshot {
     /// have no endpoints right now).
     pub fn knows(&self, service: &str) -> bool {
         self.services.contains_key(service) || self.mesh.as_ref().is_some_and(|m| m.services.contains_key(service))
+    }
+
+    /// The service an intercepted connection to `dst` is for: a Service's
+    /// virtual address (`spec.addresses`) on its `spec.port`, or an
+    /// endpoint's IP (a pod address) on the Service's `spec.port` — on any
+    /// port when no Service declares the name. None: not the mesh's.
+    pub fn service_at(&self, dst: SocketAddr) -> Option<&str> {
+        self.destinations
+            .get(&dst.ip())?
+            .iter()
+            .find(|(port, _)| port.is_none_or(|p| p == dst.port()))
+            .map(|(_, s)| s.as_str())
+    }
+
+    /// Whether `service` is declared `protocol: tcp` or `opaque` (no detection).
+    pub fn declared_opaque(&self, service: &str) -> bool {
+        self.mesh.as_ref().and_then(|m| m.services.get(service)).is_some_and(|s| {
+            matches!(s.protocol, weft_config::Protocol::Tcp | weft_config::Protocol::Opaque)
+        })
+    }
+
+    /// The Mesh's `spec.outboundTrafficPolicy` (default: allowAny).
+    pub fn outbound_traffic_policy(&self) -> weft_config::OutboundTrafficPolicy {
+        self.mesh.as_ref().map(|m| m.mesh.outbound_traffic_policy).unwrap_or_default()
     }
 
     /// The Mesh's `spec.pathNormalization.encodedSlashes` (default: reject).
@@ -180,7 +209,9 @@ impl State {
         let rate_limits = RateLimits::new(cfg, &self.service, &mut limits, &self.clock);
         let rate_limits = (!rate_limits.is_empty()).then_some(rate_limits);
         let default_rules = services.keys().map(|name| (name.clone(), Arc::new(Rule::default_for(name)))).collect();
-        let snapshot = Snapshot { version: s.version, services, mesh, routes, authz, rate_limits, default_rules };
+        let destinations = destinations(&services, cfg);
+        let snapshot =
+            Snapshot { version: s.version, services, mesh, routes, authz, rate_limits, default_rules, destinations };
         // Nothing failed: the renewals become the kept state (the rest drops).
         endpoints.commit();
         limits.commit();
@@ -189,6 +220,33 @@ impl State {
         self.applied.send_replace(s.version.max(1));
         Ok(())
     }
+}
+
+/// The map behind [`Snapshot::service_at`].
+fn destinations(
+    services: &HashMap<String, Vec<Endpoint>>,
+    cfg: &MeshConfig,
+) -> HashMap<IpAddr, Vec<(Option<u16>, String)>> {
+    let mut map: HashMap<IpAddr, Vec<(Option<u16>, String)>> = HashMap::new();
+    for (name, svc) in &cfg.services {
+        for ip in &svc.addresses {
+            map.entry(*ip).or_default().push((Some(svc.port), name.clone()));
+        }
+    }
+    for (name, eps) in services {
+        let port = cfg.services.get(name).map(|s| s.port);
+        for ep in eps {
+            let entry = map.entry(ep.address.ip()).or_default();
+            if !entry.iter().any(|(p, n)| *p == port && n == name) {
+                entry.push((port, name.clone()));
+            }
+        }
+    }
+    for v in map.values_mut() {
+        // Exact ports before "any port", then by name: one answer, whatever the order of discovery.
+        v.sort_by(|a, b| (a.0.is_none(), &a.1).cmp(&(b.0.is_none(), &b.1)));
+    }
+    map
 }
 
 #[cfg(test)]
@@ -294,6 +352,37 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &state.snapshot().endpoints("api")[0].state));
         drop(first);
         assert_eq!(metrics.balancer_endpoints.get(), 1);
+    }
+
+    #[test]
+    fn original_destinations_map_to_services_by_endpoint_ip_and_virtual_address() {
+        let state = State::new("web", Arc::new(Metrics::default()));
+        let mut s = snapshot(1, 5, false);
+        let mut cfg: MeshConfig = serde_json::from_str(&s.mesh_config_json).unwrap();
+        let api = cfg.services.get_mut("api").unwrap();
+        api.port = 8080;
+        api.addresses = vec!["10.96.0.10".parse().unwrap()];
+        s.mesh_config_json = serde_json::to_string(&cfg).unwrap();
+        s.services[0].endpoints[0].address = "10.1.0.5:15006".into();
+        s.services.push(PbService {
+            name: "undeclared".into(),
+            endpoints: vec![PbEndpoint {
+                address: "10.1.0.6:15006".into(),
+                spiffe_id: "spiffe://td/ns/a/sa/undeclared".into(),
+                labels: Default::default(),
+            }],
+        });
+        state.apply(&s).unwrap();
+        let snap = state.snapshot();
+        let at = |a: &str| snap.service_at(a.parse().unwrap());
+        assert_eq!(at("10.96.0.10:8080"), Some("api"), "a virtual address on the Service's port");
+        assert_eq!(at("10.96.0.10:80"), None, "another port of a virtual address");
+        assert_eq!(at("10.1.0.5:8080"), Some("api"), "a pod address on the Service's port");
+        assert_eq!(at("10.1.0.5:9090"), None, "another port of the pod is not the service's");
+        assert_eq!(at("10.1.0.6:1234"), Some("undeclared"), "no Service declares the port: any port");
+        assert_eq!(at("10.9.9.9:8080"), None);
+        assert!(!snap.declared_opaque("api"));
+        assert_eq!(snap.outbound_traffic_policy(), weft_config::OutboundTrafficPolicy::AllowAny);
     }
 
     #[test]
