@@ -410,6 +410,10 @@ fn proxy_container(opts: &InjectOptions, service_account: &str, app_port: u16, l
         format!("127.0.0.1:{app_port}"),
         "--inbound".into(),
         format!("0.0.0.0:{}", opts.inbound_port),
+        // The wildcard inbound cannot be registered; peers dial the pod's IP
+        // (Kubernetes expands $(POD_IP) from the env below).
+        "--advertise-address".into(),
+        "$(POD_IP)".into(),
         "--outbound".into(),
         format!("127.0.0.1:{}", opts.outbound_port),
         "--admin".into(),
@@ -428,6 +432,9 @@ image: {image}
 restartPolicy: Always
 command: ["weft-proxy"]
 args: {args}
+env:
+  - name: POD_IP
+    valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
 ports:
   - {{name: weft-inbound, containerPort: {inbound}, protocol: TCP}}
   - {{name: weft-admin, containerPort: {admin}, protocol: TCP}}
