@@ -1,0 +1,644 @@
+//! Transparent interception end to end, with real kernel rules: every "pod"
+//! is a network namespace made by the test, joined to the others through a
+//! bridge (in its own namespace), running its app (which knows nothing of
+//! the mesh), its sidecar as UID 1337, and `weft init-iptables`.
+//!
+//! Needs root, `ip netns`, iptables, tcpdump, setpriv, curl and python3
+//! (grpcio for the gRPC case); without them every test prints why and
+//! passes as skipped. Namespaces are removed by a guard, even on failure,
+//! and are named per test process and test so parallel runs do not collide.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use weft_testkit::bin;
+use weft_testkit::mesh::ConfigFile;
+
+const TD: &str = "example.org";
+const PROXY_UID: &str = "1337";
+const SUBNET: &str = "10.77.0";
+/// A Service virtual address (no interface has it: only the rules make it reachable).
+const BACKEND_VIP: &str = "10.96.0.10";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Why these tests cannot run here, if they cannot.
+fn unsupported() -> Option<String> {
+    if effective_uid() != 0 {
+        return Some("not root (network namespaces and iptables need uid 0)".into());
+    }
+    for tool in ["ip", "iptables", "iptables-restore", "tcpdump", "setpriv", "curl", "python3"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    let probe = format!("weft-probe-{}", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &probe]).output().is_ok_and(|o| o.status.success());
+    let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+    (!ok).then(|| "cannot create a network namespace (ip netns add failed)".into())
+}
+
+fn effective_uid() -> u32 {
+    // No libc dependency here: the effective uid from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+macro_rules! skip_unless_supported {
+    () => {
+        if let Some(why) = unsupported() {
+            eprintln!("SKIPPED {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test's namespaces and processes; dropping it kills the processes and
+/// removes the namespaces.
+struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    procs: Vec<(String, Child)>,
+}
+
+impl Lab {
+    fn new(test: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("weft-{}-{n}-{test}", std::process::id());
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Readable by the sidecars (UID 1337): bundle, tokens, state dirs live here.
+        set_mode(dir.path(), 0o755);
+        let mut lab = Self { prefix, dir, namespaces: Vec::new(), procs: Vec::new() };
+        let br = lab.add_ns("br");
+        ok(Command::new("ip").args(["-n", &br, "link", "add", "br0", "type", "bridge"]));
+        ok(Command::new("ip").args(["-n", &br, "link", "set", "br0", "up"]));
+        lab
+    }
+
+    fn ns(&self, pod: &str) -> String {
+        format!("{}-{pod}", self.prefix)
+    }
+
+    fn add_ns(&mut self, pod: &str) -> String {
+        let ns = self.ns(pod);
+        ok(Command::new("ip").args(["netns", "add", &ns]));
+        self.namespaces.push(ns.clone());
+        ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// A pod namespace with `eth0` at `SUBNET.host`, on the bridge.
+    fn pod(&mut self, pod: &str, host: u8) -> String {
+        let ns = self.add_ns(pod);
+        let br = self.ns("br");
+        let peer = format!("v{host}");
+        ok(Command::new("ip").args(["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &br]));
+        ok(Command::new("ip").args(["-n", &br, "link", "set", &peer, "master", "br0", "up"]));
+        ok(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{SUBNET}.{host}/24"), "dev", "eth0"]));
+        ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+        // Service virtual addresses are routed out of the pod (the rules take them first).
+        ok(Command::new("ip").args(["-n", &ns, "route", "add", "10.96.0.0/16", "dev", "eth0"]));
+        ns
+    }
+
+    /// Starts `args` in `pod`'s namespace (as `uid` if given), logging to a file.
+    fn spawn(&mut self, pod: &str, name: &str, uid: Option<&str>, args: &[String]) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(pod)]);
+        if let Some(uid) = uid {
+            cmd.args(["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"]);
+        }
+        cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone().expect("log")).stderr(file);
+        cmd.env_remove("http_proxy").env_remove("https_proxy").env_remove("HTTP_PROXY").env_remove("HTTPS_PROXY");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push((name.to_string(), child));
+    }
+
+    /// Runs a command in `pod`'s namespace as root (the app's side: intercepted).
+    fn exec(&self, pod: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(pod)]).args(args);
+        cmd.env_remove("http_proxy").env_remove("HTTP_PROXY").env_remove("all_proxy");
+        run(&mut cmd)
+    }
+
+    /// `curl` from `pod`: (exit code, body).
+    fn curl(&self, pod: &str, extra: &[&str], url: &str) -> (i32, String) {
+        let mut args = vec!["curl", "-sS", "--noproxy", "*", "--max-time", "10"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.exec(pod, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        set_mode(&p, 0o644);
+        p
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for (name, _) in &self.procs {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            all += &format!("--- {name}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        all
+    }
+
+    /// Waits until `check` holds, or panics with `what` and the logs.
+    fn wait(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.procs {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+const HTTP_APP: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"{name} {self.path} peer={self.headers.get('x-weft-peer-id', '-')}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
+"#;
+
+/// Speaks first: a banner line on connect, then echoes.
+const BANNER_APP: &str = r#"
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+def serve(c):
+    c.sendall(b"220 weft-banner\r\n")
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Reads the banner (timing it), sends a line, reads it back.
+const BANNER_CLIENT: &str = r#"
+import socket, sys, time
+t = time.monotonic()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
+banner = b""
+while not banner.endswith(b"\r\n"):
+    d = c.recv(100)
+    if not d:
+        break
+    banner += d
+waited = time.monotonic() - t
+c.sendall(b"ping\n")
+echo = b""
+while not echo.endswith(b"\n"):
+    d = c.recv(100)
+    if not d:
+        break
+    echo += d
+print(f"{waited:.3f} {banner.decode().strip()} {echo.decode().strip()}")
+"#;
+
+const GRPC_APP: &str = r#"
+import sys, grpc
+from concurrent import futures
+def say(req, ctx):
+    peer = dict(ctx.invocation_metadata()).get("x-weft-peer-id", "-")
+    return b"grpc " + req + b" peer=" + peer.encode()
+h = grpc.method_handlers_generic_handler("echo.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
+s = grpc.server(futures.ThreadPoolExecutor(4))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("0.0.0.0:" + sys.argv[1])
+s.start()
+s.wait_for_termination()
+"#;
+
+const GRPC_CLIENT: &str = r#"
+import sys, grpc
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+print(ch.unary_unary("/echo.Echo/Say")(b"hi", timeout=10).decode())
+"#;
+
+fn mesh_config(outbound_policy: &str) -> String {
+    format!(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: Mesh
+metadata: {{name: mesh}}
+spec: {{outboundTrafficPolicy: {outbound_policy}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: backend}}
+spec:
+  port: 8080
+  addresses: ["{BACKEND_VIP}"]
+  subsets:
+    - {{name: v1, labels: {{version: v1}}}}
+    - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: HTTPRoute
+metadata: {{name: backend-routes}}
+spec:
+  parentRefs: [{{name: backend}}]
+  rules:
+    - name: canary-header
+      matches:
+        - headers: [{{name: x-canary, value: "true"}}]
+      backendRefs: [{{name: backend, subset: v2}}]
+    - name: stable
+      backendRefs: [{{name: backend, subset: v1}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin}}
+spec:
+  targetRef: {{name: backend}}
+  action: DENY
+  rules:
+    - to: [{{paths: ["/admin"]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: echo}}
+spec: {{port: 9000, protocol: tcp}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: banner}}
+spec: {{port: 2525}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: greeter}}
+spec: {{port: 50051, protocol: grpc}}
+"#
+    )
+}
+
+/// A mesh pod: namespace, app, sidecar (UID 1337), interception rules.
+struct PodSpec<'a> {
+    pod: &'a str,
+    host: u8,
+    service: &'a str,
+    app_port: u16,
+    labels: &'a [&'a str],
+}
+
+fn start_sidecar(lab: &mut Lab, cp_addr: &str, pki: &Path, spec: &PodSpec<'_>) {
+    let id = format!("spiffe://{TD}/ns/default/sa/{}", spec.service);
+    let token = ok(Command::new("ip").args(["netns", "exec", &lab.ns("cp")]).arg(bin("weft")).args([
+        "token",
+        "create",
+        "--spiffe-id",
+        &id,
+        "--ttl",
+        "10m",
+        "--control-plane",
+        cp_addr,
+        "--pki",
+        &pki.display().to_string(),
+    ]));
+    let token_file = lab.write(&format!("{}.token", spec.pod), token.trim());
+    let state = lab.dir.path().join(format!("{}-state", spec.pod));
+    std::fs::create_dir(&state).expect("state dir");
+    std::os::unix::fs::chown(&state, Some(1337), Some(1337)).expect("chown state dir");
+    let mut args = vec![
+        bin("weft-proxy").display().to_string(),
+        "--control-plane".into(),
+        cp_addr.into(),
+        "--trust-bundle".into(),
+        pki.join("trust-bundle.pem").display().to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--service".into(),
+        spec.service.into(),
+        "--app".into(),
+        format!("127.0.0.1:{}", spec.app_port),
+        "--inbound".into(),
+        "0.0.0.0:15006".into(),
+        "--advertise-address".into(),
+        format!("{SUBNET}.{}", spec.host),
+        "--outbound".into(),
+        "127.0.0.1:15001".into(),
+        "--admin".into(),
+        "127.0.0.1:15020".into(),
+    ];
+    for l in spec.labels {
+        args.extend(["--label".into(), l.to_string()]);
+    }
+    lab.spawn(spec.pod, &format!("{}-sidecar", spec.pod), Some(PROXY_UID), &args);
+}
+
+fn init_iptables(lab: &Lab, pod: &str, extra: &[&str]) -> Output {
+    let weft = bin("weft").display().to_string();
+    let mut args = vec![
+        weft.as_str(),
+        "init-iptables",
+        "--proxy-uid",
+        PROXY_UID,
+        "--inbound-port",
+        "15006",
+        "--outbound-port",
+        "15001",
+        "--skip-inbound-ports",
+        "15020",
+    ];
+    args.extend_from_slice(extra);
+    lab.exec(pod, &args)
+}
+
+fn nat_rules(lab: &Lab, pod: &str) -> String {
+    String::from_utf8_lossy(&lab.exec(pod, &["iptables", "-w", "-t", "nat", "-S"]).stdout).into_owned()
+}
+
+fn metric(lab: &Lab, pod: &str, name: &str, label: &str) -> f64 {
+    let (_, text) = lab.curl(pod, &[], "http://127.0.0.1:15020/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn init_iptables_installs_once_and_uninstalls_exactly_what_it_added() {
+    skip_unless_supported!();
+    let mut lab = Lab::new("rules");
+    lab.pod("p", 2);
+    // Someone else's rule, which weft must leave alone.
+    ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &lab.ns("p"),
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "4444",
+        "-j",
+        "RETURN",
+    ]));
+    let before = nat_rules(&lab, "p");
+    for _ in 0..2 {
+        let out = init_iptables(&lab, "p", &["--skip-outbound-ports", "5432", "--skip-outbound-cidrs", "192.0.2.0/24"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rules = nat_rules(&lab, "p");
+    assert_eq!(rules.matches("-j WEFT_OUTPUT").count(), 1, "installing twice keeps one jump:\n{rules}");
+    assert_eq!(rules.matches("-j WEFT_INBOUND").count(), 1, "{rules}");
+    assert!(rules.contains("--uid-owner 1337 -j RETURN"), "{rules}");
+    assert!(rules.contains("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"), "{rules}");
+    assert!(rules.contains("-A WEFT_OUTPUT -d 192.0.2.0/24 -j RETURN"), "{rules}");
+    assert!(rules.contains("-A WEFT_INBOUND -p tcp -m tcp --dport 15020 -j RETURN"), "{rules}");
+
+    let out = init_iptables(&lab, "p", &["--uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(nat_rules(&lab, "p"), before, "uninstall leaves the table as it found it");
+    assert!(init_iptables(&lab, "p", &["--uninstall"]).status.success(), "uninstalling nothing succeeds");
+
+    // Not root: a clear refusal, nothing changed.
+    let weft = bin("weft").display().to_string();
+    let out = lab.exec("p", &["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", &weft, "init-iptables"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("must run as root"), "{err}");
+    assert_eq!(nat_rules(&lab, "p"), before);
+}
+
+#[test]
+fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
+    skip_unless_supported!();
+    let mut lab = Lab::new("e2e");
+    for (pod, host) in
+        [("cp", 1), ("client", 2), ("v1", 3), ("v2", 4), ("echo", 5), ("banner", 6), ("greeter", 7), ("ext", 9)]
+    {
+        lab.pod(pod, host);
+    }
+    let ip = |host: u8| format!("{SUBNET}.{host}");
+
+    // Control plane in its own namespace.
+    let pki = lab.dir.path().join("pki");
+    ok(Command::new(bin("weft")).args(["certs", "init", "--trust-domain", TD, "--out"]).arg(&pki));
+    set_mode(&pki, 0o755);
+    set_mode(&pki.join("trust-bundle.pem"), 0o644);
+    let cfg = ConfigFile::new(&mesh_config("allowAny"));
+    let cp_addr = format!("{}:7443", ip(1));
+    let cp_args = vec![
+        bin("weft-control-plane").display().to_string(),
+        "--pki".into(),
+        pki.display().to_string(),
+        "--state-dir".into(),
+        lab.dir.path().join("cp-state").display().to_string(),
+        "--listen".into(),
+        cp_addr.clone(),
+        "--admin".into(),
+        "127.0.0.1:7444".into(),
+        "--config".into(),
+        cfg.arg(),
+    ];
+    lab.spawn("cp", "control-plane", None, &cp_args);
+    lab.wait("the control plane", Duration::from_secs(30), || {
+        lab.curl("cp", &["-f"], "http://127.0.0.1:7444/ready").0 == 0
+    });
+
+    // Apps: they listen on the pod's address too, so that traffic without
+    // the rules reaches them directly.
+    let http_app = lab.write("http_app.py", HTTP_APP);
+    let banner_app = lab.write("banner_app.py", BANNER_APP);
+    let grpc_app = lab.write("grpc_app.py", GRPC_APP);
+    let py = |script: &Path, args: &[&str]| {
+        let mut v = vec!["python3".to_string(), "-u".into(), script.display().to_string()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    };
+    lab.spawn("v1", "v1-app", None, &py(&http_app, &["v1", "8080"]));
+    lab.spawn("v2", "v2-app", None, &py(&http_app, &["v2", "8080"]));
+    lab.spawn("echo", "echo-app", None, &py(&banner_app, &["9000"]));
+    lab.spawn("banner", "banner-app", None, &py(&banner_app, &["2525"]));
+    lab.spawn("greeter", "greeter-app", None, &py(&grpc_app, &["50051"]));
+    lab.spawn("ext", "ext-app", None, &py(&http_app, &["outside", "8081"]));
+    let client_app = lab.write("noop.py", "import time\ntime.sleep(3600)\n");
+    lab.spawn("client", "client-app", None, &py(&client_app, &[]));
+
+    let pods = [
+        PodSpec { pod: "client", host: 2, service: "client", app_port: 8080, labels: &[] },
+        PodSpec { pod: "v1", host: 3, service: "backend", app_port: 8080, labels: &["version=v1"] },
+        PodSpec { pod: "v2", host: 4, service: "backend", app_port: 8080, labels: &["version=v2"] },
+        PodSpec { pod: "echo", host: 5, service: "echo", app_port: 9000, labels: &[] },
+        PodSpec { pod: "banner", host: 6, service: "banner", app_port: 2525, labels: &[] },
+        PodSpec { pod: "greeter", host: 7, service: "greeter", app_port: 50051, labels: &[] },
+    ];
+    for spec in &pods {
+        start_sidecar(&mut lab, &cp_addr, &pki, spec);
+    }
+    for spec in &pods {
+        lab.wait(&format!("{} sidecar ready", spec.pod), Duration::from_secs(60), || {
+            lab.curl(spec.pod, &["-f"], "http://127.0.0.1:15020/ready").0 == 0
+        });
+        let out = init_iptables(&lab, spec.pod, &[]);
+        assert!(out.status.success(), "init-iptables in {}: {}", spec.pod, String::from_utf8_lossy(&out.stderr));
+    }
+    lab.wait("the client's discovery of every pod", Duration::from_secs(30), || {
+        let (_, cfg) = lab.curl("client", &[], "http://127.0.0.1:15020/config");
+        (3..=7).all(|h| cfg.contains(&format!("\"{}:15006\"", ip(h))))
+    });
+
+    // Plain HTTP to the backend pod's own address, captured on its link (its bridge port).
+    let pcap = lab.dir.path().join("link.pcap");
+    lab.spawn(
+        "br",
+        "tcpdump",
+        None,
+        &["tcpdump", "-i", "v3", "-U", "-s", "0", "-w", &pcap.display().to_string(), "tcp"].map(String::from),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let marker = "/plaintext-marker-7f3a";
+    let (code, body) = lab.curl("client", &[], &format!("http://{}:8080{marker}", ip(3)));
+    assert_eq!(code, 0, "{body}\n{}", lab.logs());
+    assert!(body.starts_with(&format!("v1 {marker} peer=spiffe://{TD}/ns/default/sa/client")), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    let tcpdump = lab.procs.iter_mut().find(|(n, _)| n == "tcpdump").map(|(_, c)| c.id()).expect("tcpdump");
+    let _ = Command::new("kill").args(["-INT", &tcpdump.to_string()]).output();
+    std::thread::sleep(Duration::from_millis(500));
+    let capture = std::fs::read(&pcap).expect("capture");
+    let has = |needle: &[u8]| capture.windows(needle.len()).any(|w| w == needle);
+    assert!(!has(marker.as_bytes()), "the request path crossed the link in plaintext");
+    assert!(!has(b"HTTP/1.1") && !has(b"x-weft-peer-id"), "plaintext HTTP on the link");
+    assert!(has(&[0x17, 0x03, 0x03]), "no TLS application data records on the link ({} bytes)", capture.len());
+    let summary = lab.exec("br", &["tcpdump", "-nr", &pcap.display().to_string()]);
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.contains(&format!("{}.15006", ip(3))), "traffic went to the backend's inbound port:\n{summary}");
+    assert!(!summary.contains(&format!("{}.8080", ip(3))), "traffic went to the app port directly:\n{summary}");
+
+    // Routing and authorization, through the Service's virtual address.
+    let (_, body) = lab.curl("client", &[], &format!("http://{BACKEND_VIP}:8080/stable"));
+    assert!(body.starts_with("v1 /stable peer="), "{body}");
+    let (_, body) = lab.curl("client", &["-H", "x-canary: true"], &format!("http://{BACKEND_VIP}:8080/canary"));
+    assert!(body.starts_with("v2 /canary peer="), "canary routing: {body}");
+    let (_, body) = lab.curl("client", &["-o", "/dev/null", "-w", "%{http_code}"], &format!("http://{}:8080/admin", ip(3)));
+    assert!(body.contains("403"), "authorization: {body}");
+    assert!(metric(&lab, "client", "weft_proxy_intercepted_connections_total", "protocol=\"http1\"") >= 3.0);
+
+    // gRPC (h2c, detected as HTTP/2) to the greeter pod.
+    let grpc_client = lab.write("grpc_client.py", GRPC_CLIENT);
+    let out = lab.exec("client", &["python3", &grpc_client.display().to_string(), &format!("{}:50051", ip(7))]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("grpc hi peer=spiffe://{TD}/ns/default/sa/client")),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // TCP: declared `protocol: tcp` (no detection), and a server-first
+    // protocol behind a Service that does not say so (detection gives up
+    // after --detect-timeout, 100 ms).
+    let banner_client = lab.write("banner_client.py", BANNER_CLIENT);
+    for (host, port, bound) in [(5u8, "9000", 2.0f64), (6, "2525", 2.0)] {
+        let out = lab.exec("client", &["python3", &banner_client.display().to_string(), &ip(host), port]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        let waited: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(f64::MAX);
+        assert_eq!(
+            words.collect::<Vec<_>>(),
+            ["220", "weft-banner", "ping"],
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(waited < bound, "the banner took {waited}s (a stall, not the detection timeout)");
+    }
+    assert!(metric(&lab, "client", "weft_proxy_intercepted_connections_total", "service=\"banner\"") >= 1.0);
+    assert!(metric(&lab, "client", "weft_proxy_intercepted_connections_total", "protocol=\"opaque\"") >= 2.0);
+
+    // A destination outside the mesh passes through...
+    let (code, body) = lab.curl("client", &[], &format!("http://{}:8081/direct", ip(9)));
+    assert_eq!((code, body.starts_with("outside /direct peer=-")), (0, true), "{body}");
+    assert!(metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"passthrough\"") >= 1.0);
+    // ...and a plaintext client outside the mesh cannot reach a mesh app.
+    let (code, _) = lab.curl("ext", &[], &format!("http://{}:8080/", ip(3)));
+    assert_ne!(code, 0, "a plaintext connection to an intercepted pod must be refused");
+    assert!(metric(&lab, "v1", "weft_proxy_tls_handshakes_total", "outcome=\"not_tls\"") >= 1.0);
+
+    // ...unless the Mesh says registryOnly.
+    cfg.write(&mesh_config("registryOnly"));
+    lab.wait("registryOnly to refuse the outside destination", Duration::from_secs(30), || {
+        lab.curl("client", &[], &format!("http://{}:8081/", ip(9))).0 != 0
+    });
+    assert!(metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"refused\"") >= 1.0);
+    let (_, body) = lab.curl("client", &[], &format!("http://{}:8080/still", ip(3)));
+    assert!(body.starts_with("v1 /still peer="), "mesh services are still reachable: {body}");
+
+    // Uninstalling restores direct traffic (no sidecar, no peer ID) and leaves no weft chain.
+    for pod in ["client", "v1"] {
+        assert!(init_iptables(&lab, pod, &["--uninstall"]).status.success());
+        assert!(!nat_rules(&lab, pod).contains("WEFT"), "{}", nat_rules(&lab, pod));
+    }
+    let (code, body) = lab.curl("client", &[], &format!("http://{}:8080/direct", ip(3)));
+    assert_eq!((code, body.trim()), (0, "v1 /direct peer=-"), "{body}");
+}
