@@ -116,7 +116,8 @@ impl Lab {
         let ns = self.add_ns(pod);
         let br = self.ns("br");
         let peer = format!("v{host}");
-        ok(Command::new("ip").args(["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &br]));
+        ok(Command::new("ip")
+            .args(["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &br]));
         ok(Command::new("ip").args(["-n", &br, "link", "set", &peer, "master", "br0", "up"]));
         ok(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{SUBNET}.{host}/24"), "dev", "eth0"]));
         ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
@@ -466,7 +467,8 @@ fn init_iptables_installs_once_and_uninstalls_exactly_what_it_added() {
 
     // Not root: a clear refusal, nothing changed.
     let weft = bin("weft").display().to_string();
-    let out = lab.exec("p", &["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", &weft, "init-iptables"]);
+    let out =
+        lab.exec("p", &["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", &weft, "init-iptables"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("must run as root"), "{err}");
     assert_eq!(nat_rules(&lab, "p"), before);
@@ -582,7 +584,8 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
     assert!(body.starts_with("v1 /stable peer="), "{body}");
     let (_, body) = lab.curl("client", &["-H", "x-canary: true"], &format!("http://{BACKEND_VIP}:8080/canary"));
     assert!(body.starts_with("v2 /canary peer="), "canary routing: {body}");
-    let (_, body) = lab.curl("client", &["-o", "/dev/null", "-w", "%{http_code}"], &format!("http://{}:8080/admin", ip(3)));
+    let (_, body) =
+        lab.curl("client", &["-o", "/dev/null", "-w", "%{http_code}"], &format!("http://{}:8080/admin", ip(3)));
     assert!(body.contains("403"), "authorization: {body}");
     assert!(metric(&lab, "client", "weft_proxy_intercepted_connections_total", "protocol=\"http1\"") >= 3.0);
 

@@ -100,7 +100,9 @@ pub struct Spec {
 /// Why the rules could not be installed or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
-    #[error("weft init-iptables must run as root (uid 0; in Kubernetes, the init container with NET_ADMIN), not uid {0}")]
+    #[error(
+        "weft init-iptables must run as root (uid 0; in Kubernetes, the init container with NET_ADMIN), not uid {0}"
+    )]
     NotRoot(u32),
     #[error("cannot run {tool}: {source}; install Debian's iptables package (apt-get install iptables)")]
     Missing { tool: &'static str, source: std::io::Error },
@@ -211,7 +213,8 @@ pub fn install(spec: &Spec) -> Result<(), InterceptError> {
             .write_all(text.as_bytes())
             .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
     }
-    let out = child.wait_with_output().map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    let out =
+        child.wait_with_output().map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
     if !out.status.success() {
         return Err(InterceptError::Failed {
             command: "iptables-restore --noflush".into(),

@@ -190,3 +190,15 @@ pub enum RunError {
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn advertise_address_is_an_ip_with_an_optional_port() {
+        let a = super::parse_advertise("10.1.0.5").unwrap();
+        assert_eq!((a.ip.to_string(), a.port), ("10.1.0.5".into(), None));
+        let a = super::parse_advertise("[fd00::5]:15006").unwrap();
+        assert_eq!((a.ip.to_string(), a.port), ("fd00::5".into(), Some(15006)));
+        assert!(super::parse_advertise("pod.local").unwrap_err().contains("IP or IP:PORT"));
+    }
+}

@@ -377,3 +377,45 @@ fn report_ready(state: &Arc<State>, admin: &Arc<weft_admin::Admin>) {
         tracing::info!("ready: SVID held and first config applied");
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(advertise: Option<(std::net::IpAddr, Option<u16>)>) -> Options {
+        Options {
+            control_plane: String::new(),
+            trust_bundle: PathBuf::new(),
+            trust_domain: None,
+            token_file: None,
+            state_dir: PathBuf::new(),
+            service: "web".into(),
+            labels: HashMap::new(),
+            app: "127.0.0.1:8080".parse().unwrap(),
+            app_protocol: inbound::AppProtocol::Auto,
+            inbound: "0.0.0.0:15006".parse().unwrap(),
+            advertise,
+            detect_timeout: outbound::DEFAULT_DETECT_TIMEOUT,
+            outbound: "127.0.0.1:15001".parse().unwrap(),
+            admin: "127.0.0.1:15020".parse().unwrap(),
+            upstreams: Vec::new(),
+            connect_timeout: Duration::from_secs(1),
+            limits: limits::Limits::default(),
+            workload_api: None,
+        }
+    }
+
+    #[test]
+    fn a_wildcard_inbound_needs_an_advertised_address() {
+        let bound: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        let err = advertised(&opts(None), bound).unwrap_err().to_string();
+        assert!(err.contains("--advertise-address") && err.contains("0.0.0.0:15006"), "{err}");
+        let ip = "10.1.0.5".parse().unwrap();
+        assert_eq!(advertised(&opts(Some((ip, None))), bound).unwrap().to_string(), "10.1.0.5:15006");
+        assert_eq!(advertised(&opts(Some((ip, Some(7000)))), bound).unwrap().to_string(), "10.1.0.5:7000");
+        let unspecified = "::".parse().unwrap();
+        assert!(advertised(&opts(Some((unspecified, None))), bound).is_err());
+        let specific: SocketAddr = "127.0.0.1:15006".parse().unwrap();
+        assert_eq!(advertised(&opts(None), specific).unwrap(), specific);
+    }
+}

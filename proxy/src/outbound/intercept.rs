@@ -54,10 +54,7 @@ pub fn label(p: Protocol) -> &'static str {
 ///
 /// # Errors
 /// A read error from the client.
-pub async fn detect_within<S: AsyncRead + Unpin>(
-    mut io: S,
-    timeout: Duration,
-) -> io::Result<(Protocol, Rewind<S>)> {
+pub async fn detect_within<S: AsyncRead + Unpin>(mut io: S, timeout: Duration) -> io::Result<(Protocol, Rewind<S>)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];

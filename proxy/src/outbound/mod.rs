@@ -28,12 +28,12 @@ use weft_config::OutboundTrafficPolicy;
 use weft_runtime::serve::Server;
 
 use crate::context::ServedBy;
+use crate::detect::Protocol;
 use crate::error::{respond, wants_grpc, HeaderHop, ProxyError};
 use crate::extended_connect;
 use crate::http::{boxed, Body};
 use crate::limits;
 use crate::listener::{self, Activity, Guarded, Watched};
-use crate::detect::Protocol;
 use crate::metrics::{
     ConnLabels, HeaderLimitLabels, InterceptedLabels, Metrics, OpenConn, RequestMeta, UnknownDestinationLabels,
 };

@@ -108,9 +108,10 @@ impl Snapshot {
 
     /// Whether `service` is declared `protocol: tcp` or `opaque` (no detection).
     pub fn declared_opaque(&self, service: &str) -> bool {
-        self.mesh.as_ref().and_then(|m| m.services.get(service)).is_some_and(|s| {
-            matches!(s.protocol, weft_config::Protocol::Tcp | weft_config::Protocol::Opaque)
-        })
+        self.mesh
+            .as_ref()
+            .and_then(|m| m.services.get(service))
+            .is_some_and(|s| matches!(s.protocol, weft_config::Protocol::Tcp | weft_config::Protocol::Opaque))
     }
 
     /// The Mesh's `spec.outboundTrafficPolicy` (default: allowAny).
