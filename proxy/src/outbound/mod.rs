@@ -1,5 +1,5 @@
-//! Outbound: the app's plain HTTP/1.1, HTTP/2 (h2c, gRPC) and declared TCP
-//! upstreams, carried to the destination's inbound sidecar over the pooled
+//! Outbound: the app's plain HTTP/1.1, HTTP/2 (h2c, gRPC), declared TCP
+//! upstreams and intercepted connections (`intercept.rs`), carried to the destination's inbound sidecar over the pooled
 //! mTLS HTTP/2 connection.
 //!
 //! A request passes: the accept loop here → [`Outbound::route_http`] (the
@@ -99,7 +99,8 @@ pub enum UpstreamFlagError {
 impl Outbound {
     /// Serves the app-facing HTTP listener (HTTP/1.1 and h2c on one port),
     /// with the header-read and idle timeouts and the connection cap of
-    /// [`Limits`](crate::limits::Limits).
+    /// [`Limits`](crate::limits::Limits). Connections the pod's rules
+    /// redirected here go by their original destination (`intercept.rs`).
     pub async fn serve_http(self: Arc<Self>, listener: TcpListener, drain: Drain) {
         let limits = *self.pool.limits();
         let server = Server::new("outbound").max_connections(limits.max_connections);
