@@ -1,6 +1,6 @@
 //! Outbound: the app's plain HTTP/1.1, HTTP/2 (h2c, gRPC), declared TCP
-//! upstreams and intercepted connections (`intercept.rs`), carried to the destination's inbound sidecar over the pooled
-//! mTLS HTTP/2 connection.
+//! upstreams and intercepted connections (`intercept.rs`), carried to the
+//! destination's inbound sidecar over the pooled mTLS HTTP/2 connection.
 //!
 //! A request passes: the accept loop here → [`Outbound::route_http`] (the
 //! edge: metrics, error → response) → `route.rs` (rule, backend, the
