@@ -349,6 +349,17 @@ pub fn parse_upstream(s: &str) -> Result<(String, SocketAddr), UpstreamFlagError
 #[cfg(test)]
 mod tests {
     #[test]
+    fn an_intercepted_request_is_aimed_at_its_service_whatever_it_named() {
+        let mut h1 = http::Request::get("/x?y=1").header("host", "10.1.0.5:8080").body(()).unwrap();
+        super::aim_at(&mut h1, "backend");
+        assert_eq!((h1.headers()["host"].to_str().unwrap(), h1.uri().to_string()), ("backend", "/x?y=1".into()));
+        let mut h2 = http::Request::get("http://10.96.0.10:8080/x").body(()).unwrap();
+        super::aim_at(&mut h2, "backend");
+        assert_eq!(h2.uri().to_string(), "http://backend/x");
+        assert_eq!(h2.headers()["host"], "backend");
+    }
+
+    #[test]
     fn upstream_flag() {
         assert_eq!(super::parse_upstream("db=127.0.0.1:1").unwrap().0, "db");
         assert!(super::parse_upstream("db").unwrap_err().to_string().contains("NAME=ADDR"));
