@@ -98,6 +98,9 @@ impl Config for ConfigService {
     }
 }
 
+/// Services by name, as shared by [`Published`].
+type Services = BTreeMap<String, Arc<weft_proto::config::v1::Service>>;
+
 /// What one stream has told its sidecar, to send the next version as the
 /// sidecar needs it: whole or scoped, full or incremental, or not at all.
 pub struct StreamView {
@@ -106,7 +109,7 @@ pub struct StreamView {
     incremental: bool,
     /// The services last sent (their shared `Arc`s) and the mesh config;
     /// `None` before the first message.
-    sent: Option<(BTreeMap<String, Arc<weft_proto::config::v1::Service>>, Arc<str>)>,
+    sent: Option<(Services, Arc<str>)>,
 }
 
 impl StreamView {
@@ -122,7 +125,7 @@ impl StreamView {
     pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
         let scope = p.scope(&self.own, &self.calls);
         let in_scope = |name: &String| scope.as_ref().is_none_or(|s: &BTreeSet<String>| s.contains(name));
-        let now: BTreeMap<String, Arc<weft_proto::config::v1::Service>> =
+        let now: Services =
             p.services.iter().filter(|(n, _)| in_scope(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
         let prev = self.sent.replace((now, p.mesh_config_json.clone()));
         let (now, mesh) = self.sent.as_ref().expect("just set");
@@ -150,12 +153,7 @@ impl StreamView {
     }
 
     /// A full snapshot of `services` (the whole mesh's shared one when unscoped).
-    fn whole(
-        &self,
-        p: &Published,
-        unscoped: bool,
-        services: &BTreeMap<String, Arc<weft_proto::config::v1::Service>>,
-    ) -> Snapshot {
+    fn whole(&self, p: &Published, unscoped: bool, services: &Services) -> Snapshot {
         if unscoped {
             return p.full().clone();
         }

@@ -121,7 +121,10 @@ fn svc(i: usize) -> String {
 fn mesh_config(services: usize, weight: u32) -> String {
     let mut y = String::new();
     for i in 0..services {
-        y.push_str(&format!("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}}}\nspec: {{}}\n---\n", svc(i)));
+        y.push_str(&format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}}}\nspec: {{}}\n---\n",
+            svc(i)
+        ));
     }
     y.push_str(&format!(
         "apiVersion: weft.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {{name: split}}\nspec: {{parentRefs: [{{name: svc-0}}], \
@@ -155,7 +158,12 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
 
 /// The 1-minute load average (the machine is shared).
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -224,7 +232,8 @@ async fn run_sim(sim: Arc<Sim>, idx: usize, channel: Channel, obs: Arc<Observed>
             complete = true;
             obs.complete.fetch_add(1, Ordering::Relaxed);
         }
-        let ack = AckRequest { version: snap.version, error: String::new(), inbound_address: req.inbound_address.clone() };
+        let ack =
+            AckRequest { version: snap.version, error: String::new(), inbound_address: req.inbound_address.clone() };
         let _ = client.ack(ack).await;
     }
 }
@@ -309,7 +318,7 @@ async fn run(args: &Args, n: usize) -> Row {
 
     // Join storm: every stream at once.
     let obs = Arc::new(Observed::default());
-    let (cpu0, _) = cpu_and_rss(pid);
+    let (cpu0, rss0) = cpu_and_rss(pid);
     let started = Instant::now();
     let addr = cp.addr.to_string();
     let mut tasks = Vec::with_capacity(total);
@@ -373,7 +382,8 @@ async fn run(args: &Args, n: usize) -> Row {
         services,
         settle,
         join_cpu_ms: (cpu1 - cpu0) * 1000.0 / total as f64,
-        rss_kib_per_sidecar: rss1 as f64 / total as f64,
+        // What the sidecars added, over the idle control plane's own.
+        rss_kib_per_sidecar: rss1.saturating_sub(rss0) as f64 / total as f64,
         rss_total_mib: rss1 as f64 / 1024.0,
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
@@ -431,7 +441,7 @@ async fn main() {
         args.store, args.per_service, args.calls, args.unscoped, args.unscoped
     );
     println!();
-    println!("| sidecars (N) | services | join storm settled (stream retries) | CP CPU per join | CP RSS (total, per sidecar) | route change p50 / p99 / max | reached | CP CPU for the change | load avg |");
+    println!("| sidecars (N) | services | join storm settled (stream retries) | CP CPU per join | CP RSS (total; added per sidecar) | route change p50 / p99 / max | reached | CP CPU for the change | load avg |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
@@ -453,7 +463,7 @@ async fn main() {
         );
     }
     println!();
-    println!("| sidecars (N) | kind | first (join) snapshot | route change | one endpoint joins (bytes per sidecar; messages to all of that kind) |");
+    println!("| sidecars (N) | kind | join storm (all messages until settled) | route change | one endpoint joins (bytes per sidecar; messages to all of that kind) |");
     println!("|---|---|---|---|---|");
     for r in &rows {
         for (k, name) in ["scoped, incremental (--calls)", "unscoped, incremental", "unscoped, full (old sidecars)"]
