@@ -8,7 +8,7 @@
 //! nothing in its scope; one that accepts incremental snapshots gets only
 //! the services that changed since its previous message.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -124,9 +124,11 @@ impl StreamView {
     /// gets the shared whole-mesh snapshot of every version, as before.
     pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
         let scope = p.scope(&self.own, &self.calls);
-        let in_scope = |name: &String| scope.as_ref().is_none_or(|s: &BTreeSet<String>| s.contains(name));
-        let now: Services =
-            p.services.iter().filter(|(n, _)| in_scope(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
+        // A scope is looked up service by service: its size, not the mesh's.
+        let now: Services = match &scope {
+            Some(names) => names.iter().filter_map(|n| p.services.get(n).map(|s| (n.clone(), s.clone()))).collect(),
+            None => p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+        };
         let prev = self.sent.replace((now, p.mesh_config_json.clone()));
         let (now, mesh) = self.sent.as_ref().expect("just set");
         let Some((before, mesh_before)) = prev else {

@@ -50,7 +50,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { sidecars: vec![1000, 10_000], per_service: 10, calls: 3, unscoped: 5, store: "file".into() };
+    let mut a = Args { sidecars: vec![1000, 10_000], per_service: 10, calls: 3, unscoped: 3, store: "file".into() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -339,6 +339,13 @@ async fn run(args: &Args, n: usize) -> Row {
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+        if started.elapsed().as_millis() % 5000 < 20 {
+            eprintln!(
+                "[{n}] {} of {total} complete after {:?}",
+                obs.complete.load(Ordering::Relaxed),
+                started.elapsed()
+            );
+        }
     }
     let settle = started.elapsed();
     // Let the last ACKs land before measuring.
@@ -435,7 +442,12 @@ async fn main() {
     let mut rows = Vec::new();
     for &n in &args.sidecars {
         rows.push(run(&args, n).await);
+        // Each size's tables as soon as it is measured (a later size may not finish).
+        print_tables(&args, &rows);
     }
+}
+
+fn print_tables(args: &Args, rows: &[Row]) {
     println!(
         "store: {}; {} endpoints per service, each sidecar calls {}; {} unscoped + {} full-snapshot sidecars besides N",
         args.store, args.per_service, args.calls, args.unscoped, args.unscoped
@@ -443,7 +455,7 @@ async fn main() {
     println!();
     println!("| sidecars (N) | services | join storm settled (stream retries) | CP CPU per join | CP RSS (total; added per sidecar) | route change p50 / p99 / max | reached | CP CPU for the change | load avg |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {} | {:.1} s ({}) | {:.2} ms | {:.0} MiB, {:.1} KB | {:.0} / {:.0} / {:.0} ms | {}/{} | {:.2} s | {} |",
             r.n,
@@ -465,7 +477,7 @@ async fn main() {
     println!();
     println!("| sidecars (N) | kind | join storm (all messages until settled) | route change | one endpoint joins (bytes per sidecar; messages to all of that kind) |");
     println!("|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         for (k, name) in ["scoped, incremental (--calls)", "unscoped, incremental", "unscoped, full (old sidecars)"]
             .iter()
             .enumerate()
