@@ -187,54 +187,63 @@ async fn run_sim(sim: Arc<Sim>, idx: usize, channel: Channel, obs: Arc<Observed>
         accepts_incremental: sim.kind != Kind::Legacy,
         ..Default::default()
     };
-    // A refused or timed-out connection (a full accept queue in the storm)
-    // is retried as a sidecar does, with jittered backoff; counted.
+    // A refused or timed-out connection (a full accept queue in the storm),
+    // or a stream that ends, is retried as a sidecar does, with jittered
+    // backoff; counted. Each new stream starts with a full snapshot.
     let mut backoff = Duration::from_millis(250);
-    let mut stream = loop {
-        match client.watch(req.clone()).await {
-            Ok(s) => break s.into_inner(),
+    let mut complete = false;
+    let mut weight_seen = String::new();
+    let k = sim.kind as usize;
+    loop {
+        let mut stream = match client.watch(req.clone()).await {
+            Ok(s) => s.into_inner(),
             Err(e) => {
                 if obs.failed.fetch_add(1, Ordering::Relaxed) < 3 {
                     eprintln!("watch {idx} (retrying): {e}");
                 }
                 tokio::time::sleep(backoff.mul_f64(0.5 + (idx % 100) as f64 / 100.0)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
-        }
-    };
-    let mut view: BTreeMap<String, usize> = BTreeMap::new();
-    let mut complete = false;
-    let mut weight_seen = String::new();
-    let k = sim.kind as usize;
-    while let Ok(Some(snap)) = stream.message().await {
-        obs.bytes[k].fetch_add(snap.encoded_len() as u64, Ordering::Relaxed);
-        obs.messages[k].fetch_add(1, Ordering::Relaxed);
-        if !snap.incremental {
-            view.clear();
-        }
-        for name in &snap.removed_services {
-            view.remove(name);
-        }
-        for s in &snap.services {
-            view.insert(s.name.clone(), s.endpoints.len());
-        }
-        if !snap.mesh_config_unchanged {
-            // The route's current weight split, e.g. "90": changed → the update arrived.
-            let w = snap.mesh_config_json.split("\"weight\":").nth(1).unwrap_or("").chars().take(3).collect::<String>();
-            if !weight_seen.is_empty() && w != weight_seen {
-                if let Some(at) = *obs.change_at.lock().unwrap() {
-                    obs.change_latency.lock().unwrap().push(at.elapsed().as_micros() as u64);
+        };
+        let mut view: BTreeMap<String, usize> = BTreeMap::new();
+        while let Ok(Some(snap)) = stream.message().await {
+            backoff = Duration::from_millis(250);
+            obs.bytes[k].fetch_add(snap.encoded_len() as u64, Ordering::Relaxed);
+            obs.messages[k].fetch_add(1, Ordering::Relaxed);
+            if !snap.incremental {
+                view.clear();
+            }
+            for name in &snap.removed_services {
+                view.remove(name);
+            }
+            for s in &snap.services {
+                view.insert(s.name.clone(), s.endpoints.len());
+            }
+            if !snap.mesh_config_unchanged {
+                // The route's current weight split, e.g. "90": changed → the update arrived.
+                let w =
+                    snap.mesh_config_json.split("\"weight\":").nth(1).unwrap_or("").chars().take(3).collect::<String>();
+                if !weight_seen.is_empty() && w != weight_seen {
+                    if let Some(at) = *obs.change_at.lock().unwrap() {
+                        obs.change_latency.lock().unwrap().push(at.elapsed().as_micros() as u64);
+                    }
                 }
+                weight_seen = w;
             }
-            weight_seen = w;
+            if !complete && sim.expect.iter().all(|(s, n)| view.get(s) == Some(n)) {
+                complete = true;
+                obs.complete.fetch_add(1, Ordering::Relaxed);
+            }
+            let ack = AckRequest {
+                version: snap.version,
+                error: String::new(),
+                inbound_address: req.inbound_address.clone(),
+            };
+            let _ = client.ack(ack).await;
         }
-        if !complete && sim.expect.iter().all(|(s, n)| view.get(s) == Some(n)) {
-            complete = true;
-            obs.complete.fetch_add(1, Ordering::Relaxed);
-        }
-        let ack =
-            AckRequest { version: snap.version, error: String::new(), inbound_address: req.inbound_address.clone() };
-        let _ = client.ack(ack).await;
+        obs.failed.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff.mul_f64(0.5 + (idx % 100) as f64 / 100.0)).await;
     }
 }
 
