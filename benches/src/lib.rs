@@ -9,8 +9,11 @@
 //!   thousands of simulated sidecars (join storm, route change latency,
 //!   bytes per update with and without per-sidecar scope).
 //!
-//! - `src/bin/weft-load.rs`: the end-to-end load harness (weft vs a direct
-//!   connection, and vs a pair of nginx proxies doing mTLS when nginx is
-//!   installed: [`nginx`]).
+//! - `src/bin/weft-load.rs`: the end-to-end load harness: direct, a weft
+//!   pair, an nginx pair ([`nginx`]) and an HAProxy pair ([`haproxy`]) under
+//!   the same load, measured with [`procstat`]. `install-peers.sh` installs
+//!   the peers from Debian.
 
+pub mod haproxy;
 pub mod nginx;
+pub mod procstat;

@@ -20,6 +20,8 @@ pub fn binary() -> Option<PathBuf> {
 pub struct Pair {
     /// Where the load goes (the client-side nginx).
     pub entry: SocketAddr,
+    /// The server side's mutual-TLS listener.
+    pub tls: SocketAddr,
     pub client: Proc,
     pub server: Proc,
 }
@@ -74,5 +76,5 @@ pub fn start(nginx: &Path, dir: &Path, app: SocketAddr, client: Identity<'_>, se
     };
     let server = spawn("server", server_conf);
     let client = spawn("client", client_conf);
-    Pair { entry, client, server }
+    Pair { entry, tls, client, server }
 }

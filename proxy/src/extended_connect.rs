@@ -89,6 +89,10 @@ pub fn kind_of<B: http_body::Body>(req: &Request<B>) -> Option<Kind> {
 /// Removes the headers only sidecars may set from an app's request, so an
 /// app cannot make a plain request look like a carried exchange.
 pub fn strip_internal(headers: &mut http::HeaderMap) {
+    // A scan of the few names first: apps almost never send these.
+    if !headers.keys().any(|n| n == EXCHANGE || n == METHOD || n == UPGRADE) {
+        return;
+    }
     for h in [EXCHANGE, METHOD, UPGRADE] {
         headers.remove(h);
     }

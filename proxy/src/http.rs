@@ -61,6 +61,11 @@ pub fn local_response(status: StatusCode, msg: impl Into<String>) -> Response<Bo
 /// Removes connection-specific headers that must not cross a hop (RFC 9110
 /// 7.6.1), including any named by `Connection`. `te: trailers` is kept for gRPC.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few names a message has first: most carry none of
+    // these, and the scan costs less than a hashed removal per name.
+    if !headers.keys().any(|n| is_hop_by_hop(n) || n == header::TE) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -84,6 +89,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.get(header::TE).is_some_and(|v| v != HeaderValue::from_static("trailers")) {
         headers.remove(header::TE);
     }
+}
+
+/// The fields [`strip_hop_by_hop`] always removes.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == header::PROXY_AUTHORIZATION
+        || n.as_str() == "keep-alive"
+        || n.as_str() == "proxy-connection"
 }
 
 /// An empty body.
@@ -111,5 +126,15 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h[header::TE], "trailers");
+        // Each one alone is found by the first pass.
+        for name in
+            ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authorization"]
+        {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+            h.insert("x-app", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}");
+        }
     }
 }

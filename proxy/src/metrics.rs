@@ -284,26 +284,25 @@ impl Metrics {
         self: &Arc<Self>,
         direction: &'static str,
         service: &str,
-        meta: &RequestMeta,
+        meta: RequestMeta,
         resp: Response<Body>,
         secs: f64,
     ) -> Response<Body> {
+        // The request's own strings move into the labels: one allocation
+        // (the service) per request instead of one per label value.
+        let latency =
+            LatencyLabels { direction, service: service.to_string(), route: meta.route, backend: meta.backend };
+        self.latency.get_or_create(&latency).observe(secs);
+        let LatencyLabels { service, route, backend, .. } = latency;
         let mut labels = RequestLabels {
             direction,
-            service: service.to_string(),
-            route: meta.route.clone(),
-            backend: meta.backend.clone(),
-            peer: meta.peer.clone(),
+            service,
+            route,
+            backend,
+            peer: meta.peer,
             code: resp.status().as_u16(),
             grpc_status: String::new(),
         };
-        let latency = LatencyLabels {
-            direction,
-            service: labels.service.clone(),
-            route: labels.route.clone(),
-            backend: labels.backend.clone(),
-        };
-        self.latency.get_or_create(&latency).observe(secs);
         if !grpc::is_grpc(resp.headers()) {
             self.requests.get_or_create(&labels).inc();
             return resp;

@@ -1,37 +1,82 @@
-//! weft-load: the end-to-end load harness. Starts a real control plane and
-//! two sidecars (`web` → `api`) with the testkit, then runs small HTTP/1.1
-//! GETs over N concurrent keep-alive connections for a fixed time, first
-//! straight to the app server and then through both sidecars (mTLS, h2
-//! between them), and prints throughput, latency percentiles, their ratios
-//! and each sidecar's peak RSS.
+//! weft-load: the end-to-end load harness. In one run it puts the same load
+//! on four setups in front of one app server and prints one table:
 //!
-//! Build the binaries in release first, then run it from target/release:
+//! - `direct`: straight to the app (the ceiling);
+//! - `weft`: two sidecars (`web` → `api`), mutual TLS 1.3 and HTTP/2 between them;
+//! - `nginx`: two nginx processes, mutual TLS 1.3 and HTTP/1.1 keep-alive between them;
+//! - `haproxy`: two HAProxy processes, mutual TLS 1.3 and HTTP/2 between them.
+//!
+//! The peers use the sidecars' own SVIDs (issued by the weft PKI the run
+//! starts). Per setup: saturation (req/s over `--connections` keep-alive
+//! HTTP/1.1 connections sending back to back), latency at a fixed
+//! `--rate` (open loop, measured from each request's scheduled time, so a
+//! stall is not hidden), CPU seconds per 1,000 requests of both proxies at
+//! that rate, their peak RSS (VmHWM, all processes), and the new mutual-TLS
+//! connections per second the server-side proxy accepts. Then, weft vs
+//! direct: a gRPC bidirectional stream (messages/s) and a bulk TCP transfer
+//! through an `--upstream` tunnel (MB/s). The peers' columns are also given
+//! as a ratio to the best peer (nginx or HAProxy, whichever is better on that
+//! column). Install the peers with `benches/install-peers.sh`.
 //!
 //! ```text
-//! cargo build --release --workspace --bins
-//! target/release/weft-load [--duration 10] [--connections 64] [--warmup 2]
+//! cargo build --profile dist -p weft -p weft-control-plane -p weft-proxy -p weft-benches --bins
+//! target/dist/weft-load [--duration 5] [--connections 64] [--rate 1000] [--json] ...
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use weft_testkit::{peak_rss_kib, servers, ControlPlane, Sidecar, SidecarSpec};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_benches::procstat;
+use weft_certs::{IdMatcher, Svid, TrustBundle};
+use weft_testkit::servers::{self, echo};
+use weft_testkit::{ControlPlane, Sidecar, SidecarSpec};
 
 const TD: &str = "example.org";
 const PATH: &str = "/bench";
+const USAGE: &str = "usage: weft-load [--duration SECS] [--warmup SECS] [--connections N] [--rate REQ_PER_S] \
+[--rate-duration SECS] [--rate-connections N] [--grpc-duration SECS] [--handshake-duration SECS] \
+[--tcp-bytes BYTES] [--json]";
 
+#[derive(Clone, Copy)]
 struct Args {
+    /// Length of each saturation run (after the warm-up).
     duration: Duration,
     warmup: Duration,
+    /// Keep-alive connections at saturation.
     connections: usize,
+    /// Requests per second of the fixed-rate run.
+    rate: u64,
+    rate_duration: Duration,
+    /// Connections the fixed rate is spread over.
+    rate_connections: usize,
+    grpc_duration: Duration,
+    handshake_duration: Duration,
+    /// Bytes of the bulk TCP transfer.
+    tcp_bytes: u64,
+    json: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { duration: Duration::from_secs(10), warmup: Duration::from_secs(2), connections: 64 };
+    let secs = Duration::from_secs;
+    let mut a = Args {
+        duration: secs(5),
+        warmup: secs(1),
+        connections: 64,
+        rate: 1000,
+        rate_duration: secs(5),
+        rate_connections: 16,
+        grpc_duration: secs(3),
+        handshake_duration: secs(3),
+        tcp_bytes: 1 << 30,
+        json: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| -> Result<u64, String> {
@@ -39,22 +84,30 @@ fn parse_args() -> Result<Args, String> {
             v.parse().map_err(|e| format!("{name} {v:?}: {e}"))
         };
         match flag.as_str() {
-            "--duration" => a.duration = Duration::from_secs(value("--duration")?),
-            "--warmup" => a.warmup = Duration::from_secs(value("--warmup")?),
+            "--duration" => a.duration = secs(value("--duration")?),
+            "--warmup" => a.warmup = secs(value("--warmup")?),
             "--connections" => a.connections = value("--connections")? as usize,
-            "-h" | "--help" => {
-                return Err("usage: weft-load [--duration SECS] [--warmup SECS] [--connections N]".into())
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
+            "--rate" => a.rate = value("--rate")?,
+            "--rate-duration" => a.rate_duration = secs(value("--rate-duration")?),
+            "--rate-connections" => a.rate_connections = value("--rate-connections")? as usize,
+            "--grpc-duration" => a.grpc_duration = secs(value("--grpc-duration")?),
+            "--handshake-duration" => a.handshake_duration = secs(value("--handshake-duration")?),
+            "--tcp-bytes" => a.tcp_bytes = value("--tcp-bytes")?,
+            "--json" => a.json = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    if a.connections == 0 || a.duration.is_zero() {
-        return Err("--connections and --duration must be positive".into());
+    if a.connections == 0 || a.rate_connections == 0 || a.rate == 0 || a.duration.is_zero() {
+        return Err("--connections, --rate-connections, --rate and --duration must be positive".into());
+    }
+    if a.duration + a.rate_duration > secs(60) {
+        return Err("--duration + --rate-duration above 60 s: keep the whole run within a few minutes".into());
     }
     Ok(a)
 }
 
-/// What one run measured.
+/// What one load run measured.
 struct Run {
     requests: u64,
     errors: u64,
@@ -75,16 +128,28 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// One keep-alive connection sending GETs back to back until `end`;
-/// latencies are recorded from `measure_from` on.
-async fn connection(
-    addr: SocketAddr,
-    host: &'static str,
-    measure_from: Instant,
-    end: Instant,
-) -> (u64, u64, Histogram<u64>) {
+/// How a connection paces its requests.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// Back to back (saturation).
+    Closed,
+    /// One request every `period`, latency counted from when it was due.
+    Every { period: Duration, offset: Duration },
+}
+
+/// One keep-alive connection sending GETs until `end`; latencies are
+/// recorded from `measure_from` on.
+async fn connection(addr: SocketAddr, pace: Pace, measure_from: Instant, end: Instant) -> (u64, u64, Histogram<u64>) {
     let mut hist = histogram();
     let (mut ok, mut errors) = (0u64, 0u64);
+    let mut ticks = match pace {
+        Pace::Closed => None,
+        Pace::Every { period, offset } => {
+            let mut i = tokio::time::interval_at((Instant::now() + offset).into(), period);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            Some(i)
+        }
+    };
     'reconnect: while Instant::now() < end {
         let tcp = match tokio::net::TcpStream::connect(addr).await {
             Ok(t) => t,
@@ -100,13 +165,19 @@ async fn connection(
             continue;
         };
         tokio::spawn(conn);
-        while Instant::now() < end {
+        loop {
+            let due = match ticks.as_mut() {
+                Some(t) => t.tick().await.into_std(),
+                None => Instant::now(),
+            };
+            if due >= end {
+                break 'reconnect;
+            }
             if send.ready().await.is_err() {
                 errors += 1;
                 continue 'reconnect;
             }
-            let req = http::Request::get(PATH).header("host", host).body(Empty::<Bytes>::new()).expect("valid request");
-            let t = Instant::now();
+            let req = http::Request::get(PATH).header("host", "api").body(Empty::<Bytes>::new()).expect("request");
             let resp = match send.send_request(req).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -119,8 +190,8 @@ async fn connection(
                 errors += 1;
                 continue 'reconnect;
             }
-            let took = t.elapsed();
-            if t < measure_from {
+            let took = due.elapsed();
+            if due < measure_from {
                 continue;
             }
             if status == http::StatusCode::OK {
@@ -134,13 +205,18 @@ async fn connection(
     (ok, errors, hist)
 }
 
-async fn run(addr: SocketAddr, host: &'static str, args: &Args) -> Run {
+async fn run(
+    addr: SocketAddr,
+    connections: usize,
+    pace: impl Fn(usize) -> Pace,
+    warmup: Duration,
+    duration: Duration,
+) -> Run {
     let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
-    let tasks: Vec<_> =
-        (0..args.connections).map(|_| tokio::spawn(connection(addr, host, measure_from, end))).collect();
-    let mut total = Run { requests: 0, errors: 0, elapsed: args.duration, latency_us: histogram() };
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let tasks: Vec<_> = (0..connections).map(|i| tokio::spawn(connection(addr, pace(i), measure_from, end))).collect();
+    let mut total = Run { requests: 0, errors: 0, elapsed: duration, latency_us: histogram() };
     for t in tasks {
         let (ok, errors, hist) = t.await.expect("load task");
         total.requests += ok;
@@ -150,133 +226,476 @@ async fn run(addr: SocketAddr, host: &'static str, args: &Args) -> Run {
     total
 }
 
+/// What one setup measured.
+struct Setup {
+    name: &'static str,
+    saturation: Run,
+    fixed: Run,
+    /// Both proxies' CPU seconds per 1,000 requests at the fixed rate.
+    cpu_per_1k: Option<f64>,
+    /// Both proxies' peak RSS (sum of VmHWM), KiB.
+    peak_rss_kib: Option<u64>,
+    /// New mutual-TLS connections per second the server-side proxy accepted.
+    handshakes: Option<f64>,
+}
+
+/// Runs the saturation and fixed-rate loads against `entry`, counting the
+/// CPU of the processes under `pids` during the fixed-rate run.
+async fn measure(name: &'static str, entry: SocketAddr, pids: &[u32], args: &Args) -> Setup {
+    let saturation = run(entry, args.connections, |_| Pace::Closed, args.warmup, args.duration).await;
+    let n = args.rate_connections;
+    let period = Duration::from_secs_f64(n as f64 / args.rate as f64);
+    let pace = move |i: usize| Pace::Every { period, offset: period.mul_f64(i as f64 / n as f64) };
+    // Warm the connections at the rate, then count CPU over the measured run only.
+    let _ = run(entry, n, pace, Duration::ZERO, args.warmup).await;
+    let procs: Vec<u32> = pids.iter().flat_map(|p| procstat::tree(*p)).collect();
+    let cpu0 = procstat::cpu_seconds(&procs);
+    let fixed = run(entry, n, pace, Duration::ZERO, args.rate_duration).await;
+    let cpu = procstat::cpu_seconds(&procs) - cpu0;
+    let (cpu_per_1k, peak_rss_kib) = if pids.is_empty() {
+        (None, None)
+    } else {
+        (Some(cpu / fixed.requests.max(1) as f64 * 1000.0), Some(procstat::status_kib(&procs, "VmHWM")))
+    };
+    Setup { name, saturation, fixed, cpu_per_1k, peak_rss_kib, handshakes: None }
+}
+
+/// The client side's TLS config for the handshake benchmark: the web
+/// sidecar's SVID, any ID of the trust domain on the other side, ALPN h2 or
+/// http/1.1 (nginx answers HTTP/1.1 only).
+fn handshake_tls(state_dir: &std::path::Path, bundle: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let read = |p: std::path::PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let chain = pem::parse_many(read(state_dir.join("svid.pem"))?).map_err(|e| format!("svid.pem: {e}"))?;
+    let key = pem::parse(read(state_dir.join("svid.key"))?).map_err(|e| format!("svid.key: {e}"))?;
+    let chain = chain.into_iter().map(|c| c.into_contents().into()).collect();
+    let svid = Svid::new(chain, key.into_contents()).map_err(|e| format!("SVID: {e}"))?;
+    let bundle = TrustBundle::load(bundle).map_err(|e| e.to_string())?;
+    let td = weft_certs::TrustDomain::new(TD).map_err(|e| e.to_string())?;
+    let base = weft_testkit::control_plane::client_tls(&bundle, Some(&svid), IdMatcher::TrustDomain(td));
+    let mut cfg = (*base).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// New mutual-TLS connections per second `addr` completes: `concurrency`
+/// loops of connect, full handshake (no resumption), close_notify, until
+/// the server closes (so it has checked our certificate).
+async fn handshakes(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, duration: Duration) -> (f64, u64) {
+    let end = Instant::now() + duration;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < end {
+                    let one = async {
+                        let tcp = tokio::net::TcpStream::connect(addr).await?;
+                        let _ = tcp.set_nodelay(true);
+                        let mut tls = connector.connect(weft_certs::tls::server_name(), tcp).await?;
+                        tls.shutdown().await?;
+                        let mut rest = Vec::new();
+                        let _ = tls.read_to_end(&mut rest).await;
+                        Ok::<_, std::io::Error>(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), one).await {
+                        Ok(Ok(())) => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.expect("handshake task");
+        ok += o;
+        failed += f;
+    }
+    (ok as f64 / start.elapsed().as_secs_f64(), failed)
+}
+
+/// Messages per second echoed over one gRPC bidirectional stream to
+/// `addr` (authority `grpc`), 32 messages in flight.
+async fn grpc_bidi(addr: SocketAddr, duration: Duration) -> Result<f64, String> {
+    const WINDOW: usize = 32;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .origin("http://grpc".parse().expect("origin"))
+        .connect()
+        .await
+        .map_err(|e| format!("gRPC connect {addr}: {e}"))?;
+    let mut client = echo::echo_client::EchoClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let credits = window.clone();
+    let producer = tokio::spawn(async move {
+        for seq in 0.. {
+            let Ok(permit) = credits.acquire().await else { return };
+            permit.forget();
+            if tx.send(echo::Msg { seq, payload: vec![7; 64] }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut inbound = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("gRPC bidi: {s}"))?
+        .into_inner();
+    let start = Instant::now();
+    let mut count = 0u64;
+    while start.elapsed() < duration {
+        match inbound.message().await {
+            Ok(Some(_)) => {
+                count += 1;
+                window.add_permits(1);
+            }
+            Ok(None) => break,
+            Err(s) => return Err(format!("gRPC bidi: {s}")),
+        }
+    }
+    window.close();
+    producer.abort();
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// MB/s (10^6 bytes) of one `bytes`-long upload to the sink at `addr`:
+/// 8-byte length, the bytes, then the sink's 8-byte acknowledgement.
+async fn tcp_bulk(addr: SocketAddr, bytes: u64) -> Result<f64, String> {
+    let io = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let start = Instant::now();
+        tcp.write_all(&bytes.to_be_bytes()).await?;
+        let chunk = vec![0x5au8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            tcp.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+        let got = tcp.read_u64().await?;
+        if got != bytes {
+            return Err(std::io::Error::other(format!("the sink got {got} of {bytes} bytes")));
+        }
+        Ok(bytes as f64 / 1e6 / start.elapsed().as_secs_f64())
+    };
+    tokio::time::timeout(Duration::from_secs(120), io)
+        .await
+        .map_err(|_| format!("TCP transfer to {addr} took over 120 s"))?
+        .map_err(|e| format!("TCP transfer to {addr}: {e}"))
+}
+
+/// The TCP sink: reads an 8-byte length, that many bytes, and answers the count.
+async fn sink() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let Ok(len) = tcp.read_u64().await else { return };
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut got = 0u64;
+                while got < len {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n as u64,
+                    }
+                }
+                let _ = tcp.write_u64(got).await;
+            });
+        }
+    });
+    addr
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
 
-fn print_run(name: &str, r: &Run) {
-    println!(
-        "{name:<14} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8}",
-        r.rps(),
-        r.ms(0.5),
-        r.ms(0.99),
-        r.ms(0.999),
-        r.latency_us.max() as f64 / 1000.0,
-        r.errors
-    );
+/// The app servers, on their own thread and runtime like a separate process.
+struct Apps {
+    http: SocketAddr,
+    grpc: SocketAddr,
+    sink: SocketAddr,
 }
 
-async fn main_async(args: Args, app: SocketAddr) -> Result<(), String> {
-    let cp = ControlPlane::start(TD, &[]).await;
-    let web_app = servers::http("web").await;
-    let server =
-        Sidecar::start(&cp, TD, SidecarSpec { service: "api", app, upstreams: &[], labels: &[], extra_args: &[] })
-            .await;
-    let client = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
-    client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
-    match weft_testkit::http_get_host(client.outbound, "api", PATH).await {
-        Ok((200, body)) if body == format!("api {PATH}") => {}
-        other => return Err(format!("the mesh does not answer {PATH}: {other:?}")),
-    }
-
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "weft-load: {} keep-alive HTTP/1.1 connections, GET {PATH} (~{} B answer), {:?} warm-up + {:?} per run",
-        args.connections,
-        format!("api {PATH}").len(),
-        args.warmup,
-        args.duration
-    );
-    println!(
-        "host: {cpus} CPUs, load average before: {}; load generator, app server and both sidecars share them",
-        load_average()
-    );
-    println!(
-        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
-    );
-    let direct = run(app, "api", &args).await;
-    print_run("direct", &direct);
-    let mesh = run(client.outbound, "api", &args).await;
-    print_run("through mesh", &mesh);
-    println!(
-        "mesh/direct:   throughput x{:.3}, p50 x{:.2} (+{:.3} ms), p99 x{:.2} (+{:.3} ms)",
-        mesh.rps() / direct.rps(),
-        mesh.ms(0.5) / direct.ms(0.5),
-        mesh.ms(0.5) - direct.ms(0.5),
-        mesh.ms(0.99) / direct.ms(0.99),
-        mesh.ms(0.99) - direct.ms(0.99),
-    );
-    let nginx = match weft_benches::nginx::binary() {
-        Some(bin) => Some(nginx_run(&bin, &cp, app, &client, &server, &args, &mesh).await?),
-        None => {
-            println!("(nginx not installed: `apt-get install nginx-light` adds a weft-vs-nginx comparison)");
-            None
-        }
-    };
-    for (name, s) in [("client (web)", &client), ("server (api)", &server)] {
-        let rss =
-            peak_rss_kib(s.proc_.pid()).map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into());
-        println!("peak RSS (VmHWM) of the {name} sidecar: {rss}");
-    }
-    println!("load average after: {}", load_average());
-    let nginx_errors = nginx.map_or(0, |r| r.errors);
-    if direct.errors + mesh.errors + nginx_errors > 0 {
-        return Err(format!(
-            "{} errors direct, {} through the mesh, {nginx_errors} through nginx",
-            direct.errors, mesh.errors
-        ));
-    }
-    Ok(())
+fn start_apps() -> Apps {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("app runtime");
+        rt.block_on(async {
+            let (http, grpc, sink) = (servers::http("api").await, servers::grpc_echo().await, sink().await);
+            let _ = tx.send(Apps { http: http.addr, grpc: grpc.addr, sink });
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().expect("app servers started")
 }
 
-/// The same load through two nginx proxies doing mTLS with the sidecars' SVIDs.
-async fn nginx_run(
-    bin: &std::path::Path,
-    cp: &ControlPlane,
-    app: SocketAddr,
-    client: &Sidecar,
-    server: &Sidecar,
-    args: &Args,
-    mesh: &Run,
-) -> Result<Run, String> {
-    use weft_benches::nginx::{start, Identity};
-    let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
-    let (c, s) = (id(client), id(server));
-    let dir = cp.dir.path().join("nginx");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let pair = start(
-        bin,
-        &dir,
-        app,
-        Identity { chain: &c.0, key: &c.1, bundle: &c.2 },
-        Identity { chain: &s.0, key: &s.1, bundle: &s.2 },
-    );
+/// Waits until `entry` answers the benchmark's GET.
+async fn wait_answering(name: &str, entry: SocketAddr, logs: impl Fn() -> String) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok((200, _)) = weft_testkit::http_get_host(pair.entry, "api", PATH).await {
-            break;
+        if let Ok((200, _)) = weft_testkit::http_get_host(entry, "api", PATH).await {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "nginx pair does not answer; logs:\n{}\n{}",
-                pair.client.log_text(),
-                pair.server.log_text()
-            ));
+            return Err(format!("the {name} pair does not answer {PATH}; logs:\n{}", logs()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = run(pair.entry, "api", args).await;
-    print_run("through nginx", &r);
+}
+
+/// Everything the run measured.
+struct Report {
+    setups: Vec<Setup>,
+    grpc: [Option<f64>; 2],
+    tcp: [Option<f64>; 2],
+    idle_sidecar_kib: u64,
+    notes: Vec<String>,
+}
+
+async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
+    let mut notes = Vec::new();
+    let cp = ControlPlane::start(TD, &[]).await;
+    let web_app = servers::http("web").await;
+    let api = Sidecar::start(&cp, TD, SidecarSpec::new("api", apps.http)).await;
+    let grpc_spec = SidecarSpec {
+        service: "grpc",
+        app: apps.grpc,
+        upstreams: &[],
+        labels: &[],
+        extra_args: &["--app-protocol", "h2c"],
+    };
+    let grpc = Sidecar::start(&cp, TD, grpc_spec).await;
+    let bulk = Sidecar::start(&cp, TD, SidecarSpec::new("bulk", apps.sink)).await;
+    let web_spec =
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["bulk"], labels: &[], extra_args: &[] };
+    let web = Sidecar::start(&cp, TD, web_spec).await;
+    for s in ["api", "grpc", "bulk"] {
+        web.wait_endpoints(s, 1, Duration::from_secs(10)).await;
+    }
+    // Idle: started, attested, config received, no traffic yet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_sidecar_kib =
+        [&api, &web].iter().map(|s| procstat::status_kib(&[s.proc_.pid()], "VmRSS")).max().unwrap_or(0);
+    wait_answering("weft", web.outbound, || web.proc_.log_text()).await?;
+    let hs_tls = handshake_tls(&web.state_dir, &cp.trust_bundle())?;
+
+    let mut setups = vec![measure("direct", apps.http, &[], &args).await];
+    let mut weft = measure("weft", web.outbound, &[web.proc_.pid(), api.proc_.pid()], &args).await;
+    let (rate, failed) = handshakes(api.inbound, hs_tls.clone(), args.handshake_duration).await;
+    weft.handshakes = Some(rate);
+    if failed > 0 {
+        notes.push(format!("weft: {failed} mTLS handshakes failed"));
+    }
+    setups.push(weft);
+
+    let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
+    let (c, s) = (id(&web), id(&api));
+    fn ident(x: &(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)) -> weft_benches::nginx::Identity<'_> {
+        weft_benches::nginx::Identity { chain: &x.0, key: &x.1, bundle: &x.2 }
+    }
+    match weft_benches::nginx::binary() {
+        Some(bin) => {
+            let dir = cp.dir.path().join("nginx");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let pair = weft_benches::nginx::start(&bin, &dir, apps.http, ident(&c), ident(&s));
+            wait_answering("nginx", pair.entry, || format!("{}\n{}", pair.client.log_text(), pair.server.log_text()))
+                .await?;
+            let mut r = measure("nginx", pair.entry, &[pair.client.pid(), pair.server.pid()], &args).await;
+            let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
+            r.handshakes = Some(rate);
+            if failed > 0 {
+                notes.push(format!("nginx: {failed} mTLS handshakes failed"));
+            }
+            setups.push(r);
+        }
+        None => notes.push("nginx not installed (benches/install-peers.sh): no nginx row".into()),
+    }
+    match weft_benches::haproxy::binary() {
+        Some(bin) => {
+            let dir = cp.dir.path().join("haproxy");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let pair = weft_benches::haproxy::start(&bin, &dir, apps.http, ident(&c), ident(&s))
+                .map_err(|e| format!("haproxy config: {e}"))?;
+            wait_answering("haproxy", pair.entry, || format!("{}\n{}", pair.client.log_text(), pair.server.log_text()))
+                .await?;
+            let mut r = measure("haproxy", pair.entry, &[pair.client.pid(), pair.server.pid()], &args).await;
+            let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
+            r.handshakes = Some(rate);
+            if failed > 0 {
+                notes.push(format!("haproxy: {failed} mTLS handshakes failed"));
+            }
+            setups.push(r);
+        }
+        None => notes.push("haproxy not installed (benches/install-peers.sh): no haproxy row".into()),
+    }
+
+    let mut grpc_rates = [None, None];
+    for (i, addr) in [apps.grpc, web.outbound].into_iter().enumerate() {
+        match grpc_bidi(addr, args.grpc_duration).await {
+            Ok(r) => grpc_rates[i] = Some(r),
+            Err(e) => notes.push(e),
+        }
+    }
+    let mut tcp = [None, None];
+    if args.tcp_bytes > 0 {
+        for (i, addr) in [apps.sink, web.upstream("bulk")].into_iter().enumerate() {
+            match tcp_bulk(addr, args.tcp_bytes).await {
+                Ok(r) => tcp[i] = Some(r),
+                Err(e) => notes.push(e),
+            }
+        }
+    }
+    drop(grpc);
+    drop(bulk);
+    Ok(Report { setups, grpc: grpc_rates, tcp, idle_sidecar_kib, notes })
+}
+
+/// The best peer's (nginx, HAProxy) value of a column, by `better`.
+fn best_peer(setups: &[Setup], f: impl Fn(&Setup) -> Option<f64>, better: fn(f64, f64) -> bool) -> Option<f64> {
+    setups.iter().filter(|s| s.name == "nginx" || s.name == "haproxy").filter_map(&f).reduce(|a, b| {
+        if better(b, a) {
+            b
+        } else {
+            a
+        }
+    })
+}
+
+fn higher(a: f64, b: f64) -> bool {
+    a > b
+}
+fn lower(a: f64, b: f64) -> bool {
+    a < b
+}
+
+type Column = (&'static str, fn(&Setup) -> Option<f64>, fn(f64, f64) -> bool);
+
+const COLUMNS: [Column; 7] = [
+    ("saturation_rps", |s| Some(s.saturation.rps()), higher),
+    ("p50_ms", |s| Some(s.fixed.ms(0.5)), lower),
+    ("p99_ms", |s| Some(s.fixed.ms(0.99)), lower),
+    ("p999_ms", |s| Some(s.fixed.ms(0.999)), lower),
+    ("cpu_s_per_1k", |s| s.cpu_per_1k, lower),
+    ("peak_rss_mib", |s| s.peak_rss_kib.map(|k| k as f64 / 1024.0), lower),
+    ("mtls_conn_per_s", |s| s.handshakes, higher),
+];
+
+fn print_table(r: &Report, args: &Args) {
     println!(
-        "weft/nginx:    throughput x{:.3}, p50 x{:.2}, p99 x{:.2}",
-        mesh.rps() / r.rps(),
-        mesh.ms(0.5) / r.ms(0.5),
-        mesh.ms(0.99) / r.ms(0.99),
+        "weft-load: saturation over {} keep-alive HTTP/1.1 connections ({:?} + {:?} warm-up); latency and CPU at {} req/s over {} connections ({:?}); host {} CPUs, load average {}",
+        args.connections,
+        args.duration,
+        args.warmup,
+        args.rate,
+        args.rate_connections,
+        args.rate_duration,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
     );
-    Ok(r)
+    println!("(xbest = the value / the best peer's, nginx or HAProxy, on that column)");
+    println!(
+        "{:<8} {:>9} {:>6} {:>7} {:>7} {:>6} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6} {:>6}",
+        "setup",
+        "sat req/s",
+        "xbest",
+        "p50 ms",
+        "p99 ms",
+        "xbest",
+        "p99.9 ms",
+        "xbest",
+        "CPU s/1k",
+        "xbest",
+        "RSS MiB",
+        "xbest",
+        "mTLS c/s",
+        "xbest",
+        "errors"
+    );
+    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|(_, f, b)| best_peer(&r.setups, f, *b)).collect();
+    for s in &r.setups {
+        let mut line = format!("{:<8}", s.name);
+        for (i, (name, f, _)) in COLUMNS.iter().enumerate() {
+            let v = f(s);
+            let width = if *name == "saturation_rps" {
+                9
+            } else if i == 1 || i == 2 {
+                7
+            } else {
+                8
+            };
+            let val = match v {
+                Some(v) if *name == "saturation_rps" || *name == "mtls_conn_per_s" => format!("{v:>width$.0}"),
+                Some(v) => format!("{v:>width$.3}"),
+                None => format!("{:>width$}", "-"),
+            };
+            line.push(' ');
+            line.push_str(&val);
+            if *name == "p50_ms" {
+                continue;
+            }
+            let ratio = match (v, bests[i], s.name) {
+                (_, _, "direct") => "-".to_string(),
+                (Some(v), Some(b), _) if b > 0.0 => format!("{:.2}", v / b),
+                _ => "-".to_string(),
+            };
+            line.push_str(&format!(" {ratio:>6}"));
+        }
+        line.push_str(&format!(" {:>6}", s.saturation.errors + s.fixed.errors));
+        println!("{line}");
+    }
+    let pair = |name: &str, unit: &str, v: &[Option<f64>; 2]| match v {
+        [Some(d), Some(w)] => println!("{name}: direct {d:.0} {unit}, weft {w:.0} {unit} (x{:.2} of direct)", w / d),
+        [d, w] => println!("{name}: direct {d:?}, weft {w:?} {unit}"),
+    };
+    pair("gRPC bidi stream (64 B messages, 32 in flight)", "msg/s", &r.grpc);
+    pair(&format!("TCP transfer of {} bytes through an --upstream tunnel", args.tcp_bytes), "MB/s", &r.tcp);
+    println!("idle sidecar RSS (larger of the two, after start-up): {:.1} MiB", r.idle_sidecar_kib as f64 / 1024.0);
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+}
+
+fn to_json(r: &Report, args: &Args) -> serde_json::Value {
+    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|(_, f, b)| best_peer(&r.setups, f, *b)).collect();
+    let setups: Vec<_> = r
+        .setups
+        .iter()
+        .map(|s| {
+            let mut o = serde_json::Map::new();
+            o.insert("name".into(), json!(s.name));
+            for (i, (name, f, _)) in COLUMNS.iter().enumerate() {
+                let v = f(s);
+                o.insert((*name).into(), json!(v));
+                let ratio = match (v, bests[i]) {
+                    (Some(v), Some(b)) if b > 0.0 && s.name != "direct" => Some(v / b),
+                    _ => None,
+                };
+                o.insert(format!("{name}_vs_best_peer"), json!(ratio));
+            }
+            o.insert("errors".into(), json!(s.saturation.errors + s.fixed.errors));
+            o.insert("fixed_rate_requests".into(), json!(s.fixed.requests));
+            serde_json::Value::Object(o)
+        })
+        .collect();
+    json!({
+        "connections": args.connections,
+        "duration_s": args.duration.as_secs_f64(),
+        "rate": args.rate,
+        "rate_duration_s": args.rate_duration.as_secs_f64(),
+        "setups": setups,
+        "grpc_bidi_msg_per_s": { "direct": r.grpc[0], "weft": r.grpc[1] },
+        "tcp_bulk": { "bytes": args.tcp_bytes, "direct_mb_per_s": r.tcp[0], "weft_mb_per_s": r.tcp[1] },
+        "idle_sidecar_rss_mib": r.idle_sidecar_kib as f64 / 1024.0,
+        "notes": r.notes,
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -287,28 +706,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // Sidecar logs at warn: info-level logging is not what is measured.
+    // Sidecar logs at warn: info-level logging is not what is measured (the
+    // control plane's "listening" line at info is how the testkit sees it is up).
     if std::env::var_os("WEFT_TEST_LOG").is_none() {
-        std::env::set_var("WEFT_TEST_LOG", "warn");
+        std::env::set_var("WEFT_TEST_LOG", "warn,weft_control_plane=info");
     }
-    // The app server gets its own thread and runtime, like a separate process
-    // would, so the load generator's tasks do not queue in front of it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("app runtime");
-        rt.block_on(async {
-            let app = servers::http("api").await;
-            let _ = tx.send(app.addr);
-            std::future::pending::<()>().await;
-        });
-    });
-    let app = rx.recv().expect("app server started");
+    let apps = start_apps();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("load runtime");
-    match rt.block_on(main_async(args, app)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let report = match rt.block_on(main_async(args, apps)) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("weft-load: {e}");
-            std::process::ExitCode::FAILURE
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&report, &args)).expect("JSON"));
+    } else {
+        print_table(&report, &args);
     }
+    std::process::ExitCode::SUCCESS
 }

@@ -61,7 +61,7 @@ impl Inbound {
                     *resp.version_mut() = Version::HTTP_11;
                     let meta = RequestMeta { peer: peer.to_string(), ..Default::default() };
                     let secs = start.elapsed().as_secs_f64();
-                    Ok(this.metrics.response("inbound", &this.service, &meta, resp, secs))
+                    Ok(this.metrics.response("inbound", &this.service, meta, resp, secs))
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(stream, svc).with_upgrades();

@@ -100,7 +100,7 @@ where
             let later = resp.extensions().get::<crate::extended_connect::CountedLater>().is_some();
             let Some(peer) = peer.filter(|_| !later) else { return Ok(resp) };
             let meta = RequestMeta { peer, ..Default::default() };
-            Ok(metrics.response("inbound", &service, &meta, resp, start.elapsed().as_secs_f64()))
+            Ok(metrics.response("inbound", &service, meta, resp, start.elapsed().as_secs_f64()))
         })
     }
 }

@@ -270,7 +270,7 @@ impl Outbound {
             }
             Err((Some(service), e)) => (service, self.failed(&e, &mut meta, grpc)),
         };
-        self.metrics.response("outbound", &service, &meta, resp, start.elapsed().as_secs_f64())
+        self.metrics.response("outbound", &service, meta, resp, start.elapsed().as_secs_f64())
     }
 
     /// On the app's 101 to a carried upgrade: the caller gets the 101 with

@@ -74,7 +74,10 @@ impl Pool {
             return Ok(Lease { sender: c.sender.clone(), guard: c.streams.open_one() });
         }
         let streams = Arc::new(StreamCount::default());
-        let sender = self.connect(ep.address, &ep.spiffe_id, streams.clone()).await.map_err(|e| match e {
+        // Boxed: the TCP + TLS + h2 handshake future is kilobytes, and inline it
+        // would make every request's future (which holds this one) that large,
+        // copied on each move, for a path taken once per connection.
+        let sender = Box::pin(self.connect(ep.address, &ep.spiffe_id, streams.clone())).await.map_err(|e| match e {
             // A certificate the verifier refused: not the identity discovery named.
             ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
                 ProxyError::PeerIdentity { addr, expected: id, source }
