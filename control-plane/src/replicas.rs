@@ -156,7 +156,7 @@ async fn hold_registrations(
             }
             _ = tick.tick() => {
                 match lease {
-                    Some(l) => match keep_alive(&etcd, l).await {
+                    Some(l) => match keep_alive_twice(&etcd, l).await {
                         Ok(true) => health.report_up(),
                         Ok(false) => {
                             tracing::warn!(lease = l, "registration lease expired (etcd was away longer than its TTL); registering again");
@@ -191,6 +191,15 @@ async fn register_all(etcd: &Etcd, own: &str, held: &BTreeMap<u64, Vec<u8>>, ttl
         etcd.put(&format!("{own}{n}"), value.clone(), lease).await?;
     }
     Ok(lease)
+}
+
+/// [`keep_alive`], tried again once on failure: a member going away fails
+/// one call, and the next one goes to another member.
+async fn keep_alive_twice(etcd: &Etcd, lease: i64) -> Result<bool, StoreError> {
+    match keep_alive(etcd, lease).await {
+        Err(_) => keep_alive(etcd, lease).await,
+        alive => alive,
+    }
 }
 
 /// One keep-alive of `lease`: Ok(false) when etcd says it is gone.
