@@ -384,3 +384,27 @@ async fn sidecars_fail_over_when_their_replica_is_killed() {
     );
     drop(api);
 }
+
+/// Needs no etcd: a `--store` that is neither form is a start-up error
+/// saying what is expected, and a file-store control plane refuses
+/// `weft apply` / `weft get config` saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
+    for (store, expect) in [
+        ("http://127.0.0.1:2379", "expected `file` or `etcd://host:port[,host:port...]`"),
+        ("etcd://127.0.0.1", "\"127.0.0.1\" is not host:port"),
+    ] {
+        let out = run(Command::new(bin("weft-control-plane")).args(["--store", store]));
+        assert!(!out.status.success());
+        assert!(out.stderr.contains(expect), "--store {store}: {}", out.stderr);
+    }
+    let cp = ControlPlane::start(TD, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, SEED).unwrap();
+    let out = weft(&cp, &["apply", "-f", &file.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("--store file") && out.stderr.contains("--config file"), "{}", out.stderr);
+    let out = weft(&cp, &["get", "config"]);
+    assert!(!out.status.success() && out.stderr.contains("--store etcd://"), "{}", out.stderr);
+}
