@@ -408,3 +408,78 @@ async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
     let out = weft(&cp, &["get", "config"]);
     assert!(!out.status.success() && out.stderr.contains("--store etcd://"), "{}", out.stderr);
 }
+
+/// A CA and two certificates it signs, in `dir`: `server.crt`/`.key`
+/// (127.0.0.1) and `client.crt`/`.key`, with `ca.crt`.
+fn ca_and_leaf(dir: &std::path::Path) -> weft_testkit::etcd::ServerTls {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (write(&format!("{name}.crt"), cert.pem()), write(&format!("{name}.key"), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth, "server");
+    leaf(vec!["weft-control-plane".into()], ExtendedKeyUsagePurpose::ClientAuth, "client");
+    weft_testkit::etcd::ServerTls { cert: server_cert, key: server_key, client_ca: write("ca.crt", ca_cert.pem()) }
+}
+
+/// etcd with TLS and client-certificate auth: a replica with --store-ca,
+/// --store-cert and --store-key stores and serves; one without a client
+/// certificate is not ready and says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = ca_and_leaf(certs.path());
+    let Some(etcd) = Etcd::start_tls(1, tls.clone()).await else { return };
+    let pki = Pki::new(TD);
+    let file = |n: &str| certs.path().join(n).display().to_string();
+    let (ca, cert, key) = (file("ca.crt"), file("client.crt"), file("client.key"));
+    let (_dirs, cps) = replicas(&pki, &etcd, 1, &["--store-ca", &ca, "--store-cert", &cert, "--store-key", &key]).await;
+    let id = cps[0].id("/ns/default/sa/tls");
+    let token = cps[0].create_token(&id, 60).await;
+    cps[0].attest(&token).await.expect("token stored in and consumed from etcd over TLS");
+
+    // No client certificate: etcd refuses the handshake; the replica says so.
+    let state = tempfile::tempdir().unwrap();
+    let url = etcd.url();
+    let admin = weft_testkit::free_addr();
+    let args: Vec<String> = [
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        &weft_testkit::free_addr().to_string(),
+        "--admin",
+        &admin.to_string(),
+        "--store",
+        &url,
+        "--store-ca",
+        &ca,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = weft_testkit::Proc::spawn("cp-no-client-cert", &bin("weft-control-plane"), &args, state.path());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok((503, why)) = http_get(admin, "/ready").await {
+            assert!(why.contains("unreachable") && why.contains("etcd://"), "{why}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never said why it is not ready; log:\n{}", cp.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -18,7 +18,18 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain-HTTP `/health` (and `/metrics`), also when clients speak TLS.
+    metrics: SocketAddr,
     proc_: Option<Proc>,
+}
+
+/// TLS on the client port: the member's certificate and key, and the CA
+/// client certificates must chain to (`--client-cert-auth`). PEM files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 /// An etcd cluster of one or more members.
@@ -27,6 +38,7 @@ pub struct Etcd {
     program: PathBuf,
     initial_cluster: String,
     members: Vec<Member>,
+    tls: Option<ServerTls>,
 }
 
 /// The `etcd` binary on PATH (Debian's `etcd-server`), if installed.
@@ -38,17 +50,32 @@ impl Etcd {
     /// Starts `members` etcd members and waits until every one is healthy;
     /// None (with a message saying so) when no `etcd` binary is installed.
     pub async fn start(members: usize) -> Option<Self> {
+        Self::start_with(members, None).await
+    }
+
+    /// [`Etcd::start`], with TLS and client-certificate auth on the client port.
+    pub async fn start_tls(members: usize, tls: ServerTls) -> Option<Self> {
+        Self::start_with(members, Some(tls)).await
+    }
+
+    async fn start_with(members: usize, tls: Option<ServerTls>) -> Option<Self> {
         let Some(program) = binary() else {
             eprintln!("SKIPPED: no etcd binary on PATH (apt-get install etcd-server); this test needs a real etcd");
             return None;
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let members: Vec<Member> = (0..members)
-            .map(|i| Member { name: format!("m{i}"), client: free_addr(), peer: free_addr(), proc_: None })
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_addr(),
+                peer: free_addr(),
+                metrics: free_addr(),
+                proc_: None,
+            })
             .collect();
         let initial_cluster =
             members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut etcd = Self { dir, program, initial_cluster, members };
+        let mut etcd = Self { dir, program, initial_cluster, members, tls };
         for i in 0..etcd.members.len() {
             etcd.spawn(i);
         }
@@ -61,15 +88,18 @@ impl Etcd {
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
         let data = self.dir.path().join(&m.name);
-        let args: Vec<String> = [
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut args: Vec<String> = [
             "--name",
             &m.name,
             "--data-dir",
             &data.display().to_string(),
             "--listen-client-urls",
-            &format!("http://{}", m.client),
+            &format!("{scheme}://{}", m.client),
             "--advertise-client-urls",
-            &format!("http://{}", m.client),
+            &format!("{scheme}://{}", m.client),
+            "--listen-metrics-urls",
+            &format!("http://{}", m.metrics),
             "--listen-peer-urls",
             &format!("http://{}", m.peer),
             "--initial-advertise-peer-urls",
@@ -89,6 +119,14 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in
+                [("--cert-file", &tls.cert), ("--key-file", &tls.key), ("--trusted-ca-file", &tls.client_ca)]
+            {
+                args.extend([flag.to_string(), path.display().to_string()]);
+            }
+            args.push("--client-cert-auth".into());
+        }
         let proc_ = Proc::spawn(&format!("etcd-{}", m.name), &self.program, &args, self.dir.path());
         self.members[i].proc_ = Some(proc_);
     }
@@ -98,7 +136,7 @@ impl Etcd {
         let deadline = Instant::now() + HEALTHY_TIMEOUT;
         let m = &self.members[i];
         loop {
-            if let Ok((200, body)) = http_get(m.client, "/health").await {
+            if let Ok((200, body)) = http_get(m.metrics, "/health").await {
                 if body.contains("\"true\"") {
                     return;
                 }
