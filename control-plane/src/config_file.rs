@@ -1,20 +1,33 @@
-//! The mesh config file (`--config`): loaded at start, then polled. A valid change is
-//! pushed to every sidecar (a new snapshot version); an invalid one is
-//! rejected as a whole, logged, counted and shown by `weft status`, while the
-//! last good config keeps serving.
+//! The mesh config file (`--config`): loaded at start, then watched. A valid
+//! change is pushed to every sidecar (a new snapshot version); an invalid one
+//! is rejected as a whole, logged, counted and shown by `weft status`, while
+//! the last good config keeps serving.
+//!
+//! Changes are noticed by change notification (inotify on Linux, through the
+//! `notify` crate) on the file's directory, so that an editor's or a config
+//! management tool's rename over the file is seen; the file is also read
+//! every [`FALLBACK_POLL`] in case notifications are lost or unsupported
+//! (network file systems), and every [`POLL`] when no watch could be set up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use weft_config::{ConfigErrors, MeshConfig};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-const POLL: Duration = Duration::from_millis(500);
-/// Editors replace files by rename; a file briefly missing is not an error.
-const MISSING_POLLS_BEFORE_ERROR: u32 = 4;
+/// The poll interval without change notification.
+pub const POLL: Duration = Duration::from_millis(500);
+/// The poll interval beside change notification, a safety net.
+pub const FALLBACK_POLL: Duration = Duration::from_secs(5);
+/// After a notification, how long to wait for the writer to finish (several
+/// events come for one save) before reading the file.
+const SETTLE: Duration = Duration::from_millis(10);
+/// Editors replace files by rename; a file missing for less than this is not an error.
+const MISSING_GRACE: Duration = Duration::from_secs(2);
 
 /// The config as the JSON the registry serves in snapshots.
 pub fn to_json(cfg: &MeshConfig) -> String {
@@ -27,24 +40,65 @@ pub fn load(path: &std::path::Path) -> Result<(String, MeshConfig), ConfigErrors
     Ok((std::fs::read_to_string(path).unwrap_or_default(), cfg))
 }
 
-/// Polls the file every 500ms for changes, forever.
+/// Watches the file's directory; the returned watcher must be kept (dropping
+/// it ends the notifications). `None` when the platform refuses a watch.
+fn watch_dir(path: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let name = path.file_name()?.to_os_string();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |res: notify::Result<notify::Event>| {
+        // Any event for the file (or an error, to be safe) means: read it.
+        if res.map(|e| e.paths.iter().any(|p| p.file_name() == Some(&name))).unwrap_or(true) {
+            wake.notify_one();
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "no change notification for the config file; polling every {POLL:?}");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config file's directory; polling every {POLL:?}");
+        return None;
+    }
+    Some(watcher)
+}
+
+/// Watches the file for changes, forever: on change notification, and by
+/// polling as a fallback (see the module docs).
 pub async fn poll(path: PathBuf, mut last_text: String, registry: Arc<Registry>, metrics: Arc<Metrics>) {
-    let mut missing = 0;
+    let wake = Arc::new(Notify::new());
+    let watcher = watch_dir(&path, wake.clone());
+    let interval = if watcher.is_some() { FALLBACK_POLL } else { POLL };
+    let mut missing_since: Option<tokio::time::Instant> = None;
+    let mut reported_missing = false;
     loop {
-        tokio::time::sleep(POLL).await;
+        // While the file is missing, look often enough to report it in time.
+        let wait = if missing_since.is_some() { POLL } else { interval };
+        tokio::select! {
+            _ = wake.notified() => tokio::time::sleep(SETTLE).await,
+            _ = tokio::time::sleep(wait) => {}
+        }
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(t) => {
-                if missing >= MISSING_POLLS_BEFORE_ERROR {
+                if reported_missing {
                     // The file is back: judge it afresh, even if unchanged, so
                     // the "missing" rejection does not linger.
                     last_text.clear();
                 }
-                missing = 0;
+                missing_since = None;
+                reported_missing = false;
                 t
             }
             Err(e) => {
-                missing += 1;
-                if missing == MISSING_POLLS_BEFORE_ERROR {
+                let since = *missing_since.get_or_insert_with(tokio::time::Instant::now);
+                if !reported_missing && since.elapsed() >= MISSING_GRACE {
+                    reported_missing = true;
                     let msg = format!("{}: {e}; keeping the last good config", path.display());
                     tracing::error!("{msg}");
                     metrics.config_reload("rejected");

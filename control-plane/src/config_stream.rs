@@ -1,7 +1,14 @@
 //! `weft.config.v1.Config`: the per-sidecar config stream (`Watch`:
 //! registration, then a versioned snapshot on every change) and `Ack`
 //! (ACK, or NACK with the sidecar's error).
+//!
+//! Every stream reads the same [`Published`] version (built once, shared).
+//! A sidecar that declares the services it calls gets only those
+//! ([`Published::scope`]), and no push at all for a version that changed
+//! nothing in its scope; one that accepts incremental snapshots gets only
+//! the services that changed since its previous message.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,7 +18,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::config::v1::config_server::Config;
 use weft_proto::config::v1::{AckRequest, AckResponse, Snapshot, WatchRequest};
 
-use crate::registry::{Registration, Registry};
+use crate::registry::{Published, Registration, Registry};
 use crate::server::require_peer;
 
 /// The `weft.config.v1.Config` gRPC service.
@@ -38,6 +45,7 @@ impl Config for ConfigService {
                     req.inbound_address
                 )));
             }
+            let (own, calls, incremental) = (req.service.clone(), req.calls, req.accepts_incremental);
             let guard = self.registry.register(Registration {
                 spiffe_id: id,
                 service: req.service,
@@ -46,14 +54,25 @@ impl Config for ConfigService {
                 labels: req.labels,
                 svid_expires,
             });
-            let registry = self.registry.clone();
-            let mut changes = registry.subscribe();
+            let mut changes = self.registry.subscribe();
             let stream = async_stream::stream! {
                 // Held for the life of the stream: dropping it deregisters.
-                let _guard = guard;
+                let guard = guard;
+                // The first message already lists this sidecar (at most one
+                // coalescing period away).
+                if changes.wait_for(|p| p.version >= guard.first_version).await.is_err() {
+                    return;
+                }
+                let mut view = StreamView::new(own, calls, incremental);
                 loop {
-                    changes.borrow_and_update();
-                    yield Ok(registry.snapshot());
+                    let published = changes.borrow_and_update().clone();
+                    match view.next(&published) {
+                        Some(snapshot) => {
+                            guard.sent(published.version);
+                            yield Ok(snapshot);
+                        }
+                        None => guard.unchanged(published.version),
+                    }
                     if changes.changed().await.is_err() {
                         break;
                     }
@@ -76,5 +95,181 @@ impl Config for ConfigService {
         .await;
         self.metrics.rpc("Ack", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r
+    }
+}
+
+/// Services by name, as shared by [`Published`].
+type Services = BTreeMap<String, Arc<weft_proto::config::v1::Service>>;
+
+/// What one stream has told its sidecar, to send the next version as the
+/// sidecar needs it: whole or scoped, full or incremental, or not at all.
+pub struct StreamView {
+    own: String,
+    calls: Vec<String>,
+    incremental: bool,
+    /// The services last sent (their shared `Arc`s) and the mesh config;
+    /// `None` before the first message.
+    sent: Option<(Services, Arc<str>)>,
+}
+
+impl StreamView {
+    /// A stream for a sidecar of service `own` that calls `calls` (empty:
+    /// the whole mesh) and takes incremental snapshots if `incremental`.
+    pub fn new(own: String, calls: Vec<String>, incremental: bool) -> Self {
+        Self { own, calls, incremental, sent: None }
+    }
+
+    /// The message for `p`, or `None` when nothing this sidecar sees
+    /// changed. A sidecar without a scope that takes only full snapshots
+    /// gets the shared whole-mesh snapshot of every version, as before.
+    pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
+        let scope = p.scope(&self.own, &self.calls);
+        let in_scope = |name: &String| scope.as_ref().is_none_or(|s: &BTreeSet<String>| s.contains(name));
+        let now: Services =
+            p.services.iter().filter(|(n, _)| in_scope(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
+        let prev = self.sent.replace((now, p.mesh_config_json.clone()));
+        let (now, mesh) = self.sent.as_ref().expect("just set");
+        let Some((before, mesh_before)) = prev else {
+            return Some(self.whole(p, scope.is_none(), now));
+        };
+        let mesh_unchanged = Arc::ptr_eq(&mesh_before, mesh) || mesh_before == *mesh;
+        let changed: Vec<&Arc<weft_proto::config::v1::Service>> =
+            now.iter().filter(|(n, s)| before.get(*n).is_none_or(|b| !Arc::ptr_eq(b, s))).map(|(_, s)| s).collect();
+        let removed: Vec<String> = before.keys().filter(|n| !now.contains_key(*n)).cloned().collect();
+        if mesh_unchanged && changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        if !self.incremental {
+            return Some(self.whole(p, scope.is_none(), now));
+        }
+        Some(Snapshot {
+            version: p.version,
+            services: changed.into_iter().map(|s| (**s).clone()).collect(),
+            mesh_config_json: if mesh_unchanged { String::new() } else { mesh.to_string() },
+            incremental: true,
+            removed_services: removed,
+            mesh_config_unchanged: mesh_unchanged,
+        })
+    }
+
+    /// A full snapshot of `services` (the whole mesh's shared one when unscoped).
+    fn whole(&self, p: &Published, unscoped: bool, services: &Services) -> Snapshot {
+        if unscoped {
+            return p.full().clone();
+        }
+        Snapshot {
+            version: p.version,
+            services: services.values().map(|s| (**s).clone()).collect(),
+            mesh_config_json: p.mesh_config_json.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use weft_certs::SpiffeId;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn reg(sa: &str, addr: &str) -> Registration {
+        Registration {
+            spiffe_id: SpiffeId::parse(&format!("spiffe://td/ns/a/sa/{sa}")).unwrap(),
+            service: sa.into(),
+            address: addr.into(),
+            admin_address: String::new(),
+            labels: HashMap::new(),
+            svid_expires: None,
+        }
+    }
+
+    fn names(s: &Snapshot) -> Vec<&str> {
+        s.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_scoped_sidecar_gets_its_services_and_no_push_for_others() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let _web = r.register(reg("web", "127.0.0.1:1"));
+        let _api = r.register(reg("api", "127.0.0.1:2"));
+        let _db = r.register(reg("db", "127.0.0.1:3"));
+        let mut view = StreamView::new("web".into(), vec!["api".into()], false);
+        let first = view.next(&r.current()).expect("first message");
+        assert_eq!(names(&first), ["api", "web"], "called and own service only");
+        // Another db endpoint: nothing web sees changed.
+        let _db2 = r.register(reg("db", "127.0.0.1:4"));
+        assert!(view.next(&r.current()).is_none(), "no push when the scope did not change");
+        // Another api endpoint: a full scoped snapshot.
+        let _api2 = r.register(reg("api", "127.0.0.1:5"));
+        let s = view.next(&r.current()).expect("api changed");
+        assert!(!s.incremental);
+        assert_eq!(names(&s), ["api", "web"]);
+        assert_eq!(s.services[0].endpoints.len(), 2);
+        // Without a scope, every version is the whole mesh, as before.
+        let mut whole = StreamView::new("web".into(), vec![], false);
+        assert_eq!(names(&whole.next(&r.current()).unwrap()), ["api", "db", "web"]);
+    }
+
+    #[test]
+    fn incremental_snapshots_carry_only_what_changed() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let _web = r.register(reg("web", "127.0.0.1:1"));
+        let api = r.register(reg("api", "127.0.0.1:2"));
+        let _db = r.register(reg("db", "127.0.0.1:3"));
+        let mut view = StreamView::new("web".into(), vec![], true);
+        let first = view.next(&r.current()).unwrap();
+        assert!(!first.incremental, "a stream starts with a full snapshot");
+        assert_eq!(names(&first), ["api", "db", "web"]);
+        let _db2 = r.register(reg("db", "127.0.0.1:4"));
+        let d = view.next(&r.current()).unwrap();
+        assert!(d.incremental && d.mesh_config_unchanged && d.mesh_config_json.is_empty());
+        assert_eq!(names(&d), ["db"], "only the changed service");
+        assert_eq!(d.services[0].endpoints.len(), 2, "changed services are sent whole");
+        drop(api);
+        let d = view.next(&r.current()).unwrap();
+        assert_eq!(d.removed_services, ["api"]);
+        assert!(d.services.is_empty());
+        r.set_mesh_config("{\"mesh\":{}}".into());
+        let d = view.next(&r.current()).unwrap();
+        assert!(!d.mesh_config_unchanged && d.services.is_empty());
+        assert_eq!(d.mesh_config_json, "{\"mesh\":{}}");
+        assert!(view.next(&r.current()).is_none(), "nothing new");
+    }
+
+    #[test]
+    fn scope_follows_routes_to_their_backends() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let cfg = weft_config::parse(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: foo}\nspec: {}\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: foo-v2}\nspec: {}\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {name: split}\n\
+             spec: {parentRefs: [{name: foo}], rules: [{backendRefs: [{name: foo, weight: 9}, {name: foo-v2, weight: 1}]}]}\n",
+        )
+        .unwrap();
+        r.set_mesh_config(crate::config_file::to_json(&cfg));
+        let scope = r.current().scope("web", &["foo".into()]).unwrap();
+        assert_eq!(scope.into_iter().collect::<Vec<_>>(), ["foo", "foo-v2", "web"]);
+        assert!(r.current().scope("web", &[]).is_none(), "no calls: the whole mesh");
+    }
+
+    #[tokio::test]
+    async fn registrations_arriving_together_make_one_version() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        tokio::spawn(r.clone().run_publisher());
+        let mut changes = r.subscribe();
+        let v0 = changes.borrow_and_update().version;
+        let guards: Vec<_> = (0..100).map(|i| r.register(reg("api", &format!("127.0.0.1:{}", 1000 + i)))).collect();
+        let first = guards[0].first_version;
+        assert!(guards.iter().all(|g| g.first_version == first), "all wait for the same version");
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), changes.wait_for(|p| p.version >= first))
+            .await
+            .expect("published within the coalescing period")
+            .unwrap()
+            .clone();
+        assert_eq!(p.version, v0 + 1, "one version for 100 registrations");
+        assert_eq!(p.services["api"].endpoints.len(), 100);
     }
 }

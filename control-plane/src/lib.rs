@@ -6,8 +6,8 @@
 //!   kept in the state directory.
 //! - [`admin`]: `weft.admin.v1.Admin`: operator calls: join tokens, status.
 //! - [`config_stream`]: `weft.config.v1.Config`: per-sidecar watch streams and ACK/NACK.
-//! - [`config_file`]: the mesh config file, polled for changes.
-//! - [`registry`]: connected sidecars and the versioned snapshot.
+//! - [`config_file`]: the mesh config file, watched (change notification, poll fallback).
+//! - [`registry`]: connected sidecars and the versioned snapshot, published once per version (registrations coalesced).
 //! - [`store`]: what survives restarts: the embedded file store, or etcd
 //!   (`--store etcd://...`) shared by several replicas.
 //! - [`replicas`]: with etcd, registrations under leases and the stored mesh
@@ -77,7 +77,7 @@ pub struct Options {
     pub svid_ttl: Duration,
     /// By default the issuer certificate's trust domain.
     pub trust_domain: Option<TrustDomain>,
-    /// Mesh config file (YAML), polled for changes.
+    /// Mesh config file (YAML), watched for changes.
     pub config: Option<PathBuf>,
     /// Lifetime of minted JWT-SVIDs.
     pub jwt_svid_ttl: Duration,
@@ -164,6 +164,7 @@ impl ControlPlane {
         let td = state.authority.trust_domain().clone();
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone());
+        tokio::spawn(registry.clone().run_publisher());
         let health = Arc::new(store::health::StoreHealth::new(opts.store.to_string()));
         metrics.store_up.set(1);
         let shared = match &state.etcd {

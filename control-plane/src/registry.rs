@@ -4,16 +4,23 @@
 //! replicas, the registrations other replicas hold (from etcd, see
 //! [`crate::replicas`]) are merged into every snapshot as `shared` ones.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use weft_certs::{SpiffeId, TrustDomain};
+use weft_config::MeshConfig;
 use weft_proto::admin::v1::{SidecarStatus, StatusResponse};
 use weft_proto::config::v1::{Endpoint, Service, Snapshot};
 
 use crate::metrics::Metrics;
+
+/// How long registrations and deregistrations are gathered before one new
+/// version is published: a join storm (a control-plane restart, a rollout)
+/// becomes a few versions instead of one per sidecar, each pushed once.
+/// Mesh config changes are published at once.
+pub const COALESCE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
@@ -32,17 +39,24 @@ struct Entry {
     acked: u64,
     nacked: u64,
     nack_reason: String,
+    /// The last version pushed to this sidecar, and the newest version whose
+    /// content for this sidecar is the same (its scope did not change, so
+    /// nothing was pushed): an ACK of `sent` means in sync up to `same_until`.
+    sent: u64,
+    same_until: u64,
 }
 
 #[derive(Default)]
 struct Inner {
     next_key: u64,
     sidecars: BTreeMap<u64, Entry>,
-    mesh_config_json: String,
-    /// `mesh_config_json` decoded, for the Services' `admit` rules (none
-    /// before a config is set).
-    mesh: Option<weft_config::MeshConfig>,
+    mesh_config_json: Arc<str>,
+    /// `mesh_config_json` decoded, for the Services' `admit` rules and the
+    /// sidecars' scopes (none before a config is set).
+    mesh: Option<Arc<MeshConfig>>,
     config_error: String,
+    /// Registrations changed since the last published version.
+    dirty: bool,
     /// Registrations held by other replicas, endpoints like our own.
     shared: Vec<Registration>,
     /// Where registrations and deregistrations of this replica are told
@@ -58,9 +72,61 @@ pub enum LocalChange {
     Deregistered(u64),
 }
 
+/// One published version of what sidecars are told: built once per version
+/// and shared by every config stream (an `Arc`), whatever their number.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Monotonic; one more than the previous published version.
+    pub version: u64,
+    /// Every service by name with its endpoints (address order). A service
+    /// whose endpoints did not change keeps the very same `Arc` from one
+    /// version to the next, so streams tell what changed by pointer.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// The validated mesh config as JSON (empty: none); the same `Arc`
+    /// while it is unchanged.
+    pub mesh_config_json: Arc<str>,
+    pub mesh: Option<Arc<MeshConfig>>,
+    /// The whole-mesh snapshot, made on first use.
+    full: OnceLock<Snapshot>,
+}
+
+impl Published {
+    /// The whole mesh as one snapshot (for sidecars without a scope, and
+    /// the admin view), built at most once per version.
+    pub fn full(&self) -> &Snapshot {
+        self.full.get_or_init(|| Snapshot {
+            version: self.version,
+            services: self.services.values().map(|s| (**s).clone()).collect(),
+            mesh_config_json: self.mesh_config_json.to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// The services a sidecar of `own` service that calls `calls` needs:
+    /// the called services, its own, and every backend of the routes whose
+    /// parent is a called service (a split to `foo-v1`/`foo-v2`). `None`
+    /// (the whole mesh) when `calls` is empty.
+    pub fn scope(&self, own: &str, calls: &[String]) -> Option<BTreeSet<String>> {
+        if calls.is_empty() {
+            return None;
+        }
+        let mut scope: BTreeSet<String> = calls.iter().cloned().collect();
+        scope.insert(own.to_string());
+        for route in self.mesh.iter().flat_map(|m| m.routes.iter()) {
+            if route.spec.parent_refs.iter().any(|p| calls.contains(&p.name)) {
+                let backends = route.spec.rules.iter().flat_map(|r| r.backend_refs.iter());
+                scope.extend(backends.map(|b| b.name.clone()));
+            }
+        }
+        Some(scope)
+    }
+}
+
 pub struct Registry {
     inner: Mutex<Inner>,
-    version: watch::Sender<u64>,
+    published: watch::Sender<Arc<Published>>,
+    /// Wakes the publisher when registrations changed.
+    changed: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,6 +134,30 @@ pub struct Registry {
 pub struct RegistrationGuard {
     registry: Arc<Registry>,
     key: u64,
+    /// The first version that includes this registration.
+    pub first_version: u64,
+}
+
+impl RegistrationGuard {
+    /// Records that `version` was pushed to this sidecar.
+    pub fn sent(&self, version: u64) {
+        if let Some(e) = self.registry.lock().sidecars.get_mut(&self.key) {
+            e.sent = version;
+            e.same_until = version;
+        }
+    }
+
+    /// Records that `version` changed nothing for this sidecar, so nothing
+    /// was pushed: having ACKed what it was last sent, it is in sync with
+    /// `version` too (what `weft status` compares).
+    pub fn unchanged(&self, version: u64) {
+        if let Some(e) = self.registry.lock().sidecars.get_mut(&self.key) {
+            e.same_until = version;
+            if e.acked >= e.sent && e.sent > 0 {
+                e.acked = e.acked.max(version);
+            }
+        }
+    }
 }
 
 impl Drop for RegistrationGuard {
@@ -77,23 +167,89 @@ impl Drop for RegistrationGuard {
 }
 
 impl Registry {
+    /// An empty registry at version 1. Registrations are published by
+    /// [`Registry::run_publisher`] (spawn it), or by [`Registry::snapshot`].
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
-        let (version, _) = watch::channel(1);
+        let first = Published { version: 1, ..Default::default() };
         metrics.config_version.set(1);
-        Arc::new(Self { inner: Mutex::new(Inner::default()), version, metrics })
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            published: watch::channel(Arc::new(first)).0,
+            changed: Arc::new(Notify::new()),
+            metrics,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bumps the version while the caller still holds the lock, so a
-    /// snapshot never pairs new contents with an old version.
-    fn bump(&self, _held: &mut Inner) {
-        self.version.send_modify(|v| *v += 1);
-        self.metrics.config_version.set(*self.version.borrow() as i64);
+    /// Publishes the next version from `inner` while the caller holds the
+    /// lock, so a version never pairs new contents with an old number.
+    /// Services whose endpoints are unchanged keep their `Arc`.
+    fn publish(&self, inner: &mut Inner) {
+        inner.dirty = false;
+        let prev = self.published.borrow().clone();
+        let mut endpoints: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
+        let no_config = MeshConfig::default();
+        let cfg = inner.mesh.as_deref().unwrap_or(&no_config);
+        // A sidecar moving between replicas is registered on both for a
+        // while (the old lease runs out): one endpoint.
+        let mut seen = HashSet::new();
+        for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
+            if !seen.insert((&reg.spiffe_id, &reg.address)) {
+                continue;
+            }
+            // Its own service, and every Service whose `admit` takes it in.
+            for service in weft_config::membership::services_of(cfg, &reg.spiffe_id, &reg.service, &reg.labels) {
+                endpoints.entry(service).or_default().push(Endpoint {
+                    address: reg.address.clone(),
+                    spiffe_id: reg.spiffe_id.to_string(),
+                    labels: reg.labels.clone(),
+                });
+            }
+        }
+        let services = endpoints
+            .into_iter()
+            .map(|(name, mut eps)| {
+                eps.sort_by(|a, b| a.address.cmp(&b.address).then_with(|| a.spiffe_id.cmp(&b.spiffe_id)));
+                let svc = match prev.services.get(name) {
+                    Some(old) if old.endpoints == eps => old.clone(),
+                    _ => Arc::new(Service { name: name.to_string(), endpoints: eps }),
+                };
+                (name.to_string(), svc)
+            })
+            .collect();
+        let next = Published {
+            version: prev.version + 1,
+            services,
+            mesh_config_json: inner.mesh_config_json.clone(),
+            mesh: inner.mesh.clone(),
+            full: OnceLock::new(),
+        };
+        self.metrics.config_version.set(next.version as i64);
+        self.published.send_replace(Arc::new(next));
     }
 
+    /// Publishes gathered registration changes at most once per
+    /// [`COALESCE`], until the registry is dropped.
+    pub async fn run_publisher(self: Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(&self);
+        let changed = self.changed.clone();
+        drop(self);
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(COALESCE).await;
+            let Some(this) = weak.upgrade() else { return };
+            let mut inner = this.lock();
+            if inner.dirty {
+                this.publish(&mut inner);
+            }
+        }
+    }
+
+    /// Adds a sidecar; it is published with the next version (within
+    /// [`COALESCE`] when the publisher runs): `first_version` on the guard.
     pub fn register(self: &Arc<Self>, reg: Registration) -> RegistrationGuard {
         let mut inner = self.lock();
         let key = inner.next_key;
@@ -102,12 +258,21 @@ impl Registry {
         if let Some(tx) = &inner.changes {
             let _ = tx.send(LocalChange::Registered(key, reg.clone()));
         }
-        inner
-            .sidecars
-            .insert(key, Entry { reg, connected: Instant::now(), acked: 0, nacked: 0, nack_reason: String::new() });
+        let entry = Entry {
+            reg,
+            connected: Instant::now(),
+            acked: 0,
+            nacked: 0,
+            nack_reason: String::new(),
+            sent: 0,
+            same_until: 0,
+        };
+        inner.sidecars.insert(key, entry);
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
-        self.bump(&mut inner);
-        RegistrationGuard { registry: self.clone(), key }
+        inner.dirty = true;
+        let first_version = self.published.borrow().version + 1;
+        self.changed.notify_one();
+        RegistrationGuard { registry: self.clone(), key, first_version }
     }
 
     fn deregister(&self, key: u64) {
@@ -119,20 +284,21 @@ impl Registry {
             let _ = tx.send(LocalChange::Deregistered(key));
         }
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
-        self.bump(&mut inner);
+        inner.dirty = true;
+        self.changed.notify_one();
     }
 
-    /// Replaces the mesh config pushed to sidecars. A valid config clears
-    /// any earlier rejection, even when it is the one already serving (the
-    /// file was fixed back to the last good config).
+    /// Replaces the mesh config pushed to sidecars, published at once. A
+    /// valid config clears any earlier rejection, even when it is the one
+    /// already serving (the file was fixed back to the last good config).
     pub fn set_mesh_config(&self, json: String) {
         let mut inner = self.lock();
         inner.config_error.clear();
-        if inner.mesh_config_json != json {
+        if *inner.mesh_config_json != *json {
             // The JSON is always a serialized, validated MeshConfig.
-            inner.mesh = serde_json::from_str(&json).ok();
-            inner.mesh_config_json = json;
-            self.bump(&mut inner);
+            inner.mesh = serde_json::from_str(&json).ok().map(Arc::new);
+            inner.mesh_config_json = json.into();
+            self.publish(&mut inner);
         }
     }
 
@@ -157,43 +323,31 @@ impl Registry {
         let mut inner = self.lock();
         if inner.shared != shared {
             inner.shared = shared;
-            self.bump(&mut inner);
+            inner.dirty = true;
+            self.changed.notify_one();
         }
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
+    /// Every published version, as it is published (a slow reader skips to
+    /// the newest).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
     }
 
+    /// The current version, with any gathered registration changes
+    /// published first.
+    pub fn current(&self) -> Arc<Published> {
+        let mut inner = self.lock();
+        if inner.dirty {
+            self.publish(&mut inner);
+        }
+        drop(inner);
+        self.published.borrow().clone()
+    }
+
+    /// The whole mesh at the current version (see [`Registry::current`]).
     pub fn snapshot(&self) -> Snapshot {
-        let inner = self.lock();
-        let mut services: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
-        let no_config = weft_config::MeshConfig::default();
-        let cfg = inner.mesh.as_ref().unwrap_or(&no_config);
-        // A sidecar moving between replicas is registered on both for a
-        // while (the old lease runs out): one endpoint.
-        let mut seen = HashSet::new();
-        for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
-            if !seen.insert((&reg.spiffe_id, &reg.address)) {
-                continue;
-            }
-            // Its own service, and every Service whose `admit` takes it in.
-            for service in weft_config::membership::services_of(cfg, &reg.spiffe_id, &reg.service, &reg.labels) {
-                services.entry(service).or_default().push(Endpoint {
-                    address: reg.address.clone(),
-                    spiffe_id: reg.spiffe_id.to_string(),
-                    labels: reg.labels.clone(),
-                });
-            }
-        }
-        Snapshot {
-            version: *self.version.borrow(),
-            services: services
-                .into_iter()
-                .map(|(name, endpoints)| Service { name: name.to_string(), endpoints })
-                .collect(),
-            mesh_config_json: inner.mesh_config_json.clone(),
-        }
+        self.current().full().clone()
     }
 
     /// Records a sidecar's ACK (`error` empty) or NACK of a version.
@@ -201,7 +355,9 @@ impl Registry {
         let mut inner = self.lock();
         for e in inner.sidecars.values_mut().filter(|e| &e.reg.spiffe_id == id && e.reg.address == address) {
             if error.is_empty() {
-                e.acked = e.acked.max(version);
+                // Versions since then that changed nothing for it count too.
+                let upto = if version == e.sent { e.same_until.max(version) } else { version };
+                e.acked = e.acked.max(upto);
             } else {
                 tracing::warn!(spiffe_id = %id, version, reason = %error, "sidecar rejected config");
                 e.nacked = version;
@@ -214,7 +370,7 @@ impl Registry {
         let inner = self.lock();
         StatusResponse {
             trust_domain: td.to_string(),
-            config_version: *self.version.borrow(),
+            config_version: self.published.borrow().version,
             config_error: inner.config_error.clone(),
             sidecars: inner
                 .sidecars

@@ -14,9 +14,17 @@ use weft_certs::TrustDomain;
 #[derive(Parser, Debug)]
 #[command(name = "weft-proxy", version)]
 pub struct Args {
-    /// Control-plane gRPC address (host:port).
+    /// Control-plane gRPC address (host:port), or several replicas
+    /// comma-separated (cp1:7443,cp2:7443); a DNS name may stand for several
+    /// addresses. The sidecar moves to another replica when its own goes away.
     #[arg(long, default_value = "127.0.0.1:7443")]
     control_plane: String,
+    /// The services the app calls, comma-separated or repeated (e.g. --calls
+    /// api,db): the sidecar then gets only those (with the backends of their
+    /// routes and its own service) instead of the whole mesh. Calls to other
+    /// services find no endpoints. `--upstream` names are added.
+    #[arg(long, value_delimiter = ',')]
+    calls: Vec<String>,
     /// Trust bundle (PEM) to verify the control plane before the first SVID.
     #[arg(long)]
     trust_bundle: PathBuf,
@@ -142,6 +150,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             app_idle_timeout: args.app_idle_timeout,
         },
         workload_api: args.workload_api,
+        calls: args.calls,
     })
     .await?;
     let signal = weft_runtime::shutdown_signal().await.map_err(RunError::Signal)?;

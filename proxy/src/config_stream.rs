@@ -1,18 +1,21 @@
 //! The config client: the control plane's `weft.config.v1.Config` service.
 //! It registers this sidecar (`Watch`), receives versioned snapshots, has
 //! [`State`] apply them, acknowledges each (ACK, or NACK with the reason),
-//! and reconnects with jittered backoff; the last good config keeps serving
-//! while the control plane is away.
+//! and reconnects with jittered backoff, to another control-plane replica
+//! when its replica went away ([`crate::control_plane`]); the last good
+//! config keeps serving while the control plane is away. It declares the
+//! services it calls (`--calls`: its scope; without it, the whole mesh) and
+//! takes incremental snapshots, merged here into the session's full view.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use weft_proto::config::v1::config_client::ConfigClient;
 use weft_proto::config::v1::{AckRequest, Service, Snapshot, WatchRequest};
 
+use crate::control_plane::Backoff;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::state::State;
@@ -24,6 +27,36 @@ pub enum StreamError {
     Identity(#[from] IdentityError),
     #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
+    #[error("the control plane sent an incremental snapshot (version {0}) before a full one")]
+    IncrementalFirst(u64),
+}
+
+/// `base` (the session's last full view) with the incremental snapshot
+/// `delta` applied: changed services replaced whole, removed ones dropped,
+/// the mesh config kept when unchanged. A full snapshot is returned as is.
+pub fn merge_incremental(base: Option<&Snapshot>, delta: Snapshot) -> Result<Snapshot, StreamError> {
+    if !delta.incremental {
+        return Ok(delta);
+    }
+    let base = base.ok_or(StreamError::IncrementalFirst(delta.version))?;
+    let mut services: std::collections::BTreeMap<String, Service> =
+        base.services.iter().map(|s| (s.name.clone(), s.clone())).collect();
+    for name in &delta.removed_services {
+        services.remove(name);
+    }
+    for svc in delta.services {
+        services.insert(svc.name.clone(), svc);
+    }
+    Ok(Snapshot {
+        version: delta.version,
+        services: services.into_values().collect(),
+        mesh_config_json: if delta.mesh_config_unchanged {
+            base.mesh_config_json.clone()
+        } else {
+            delta.mesh_config_json
+        },
+        ..Default::default()
+    })
 }
 
 /// After the config stream reconnects, endpoints that the new session does
@@ -63,6 +96,8 @@ pub struct Registration {
     pub inbound_address: SocketAddr,
     pub admin_address: SocketAddr,
     pub labels: HashMap<String, String>,
+    /// The services this workload calls (`--calls`); empty: the whole mesh.
+    pub calls: Vec<String>,
 }
 
 /// The config client of one sidecar.
@@ -78,32 +113,41 @@ impl ConfigStream {
         Self { state, identity, registration, metrics }
     }
 
-    /// Watches the control plane forever, reconnecting with jittered backoff.
+    /// Watches the control plane forever, reconnecting with jittered
+    /// backoff; a replica whose stream ended or failed is left for another.
     pub async fn run(self) {
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
         // The snapshot in effect (possibly merged, see RECONNECT_GRACE).
         let mut applied: Option<Snapshot> = None;
         loop {
             let mut received = false;
-            match self.watch_once(&mut received, &mut applied).await {
-                Ok(()) => tracing::warn!("config stream ended; reconnecting"),
+            let mut replica = None;
+            match self.watch_once(&mut received, &mut applied, &mut replica).await {
+                Ok(()) => tracing::warn!(control_plane = ?replica, "config stream ended; reconnecting"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "config stream failed; keeping the last config")
+                    tracing::warn!(control_plane = ?replica, error = %e, "config stream failed; keeping the last config")
                 }
             }
-            if received {
-                backoff = Duration::from_millis(250);
+            if let Some(addr) = replica {
+                self.identity.control_planes().failed(addr);
             }
-            let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
-            tokio::time::sleep(jittered).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if received {
+                backoff.reset();
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 
     /// One session: open the watch, apply and acknowledge until it ends.
-    async fn watch_once(&self, received: &mut bool, applied: &mut Option<Snapshot>) -> Result<(), StreamError> {
+    async fn watch_once(
+        &self,
+        received: &mut bool,
+        applied: &mut Option<Snapshot>,
+        replica: &mut Option<SocketAddr>,
+    ) -> Result<(), StreamError> {
         let (reg, metrics) = (&self.registration, &self.metrics);
-        let channel = self.identity.control_plane_channel(true)?;
+        let (channel, addr) = self.identity.replica_channel(true).await?;
+        *replica = Some(addr);
         let mut client = ConfigClient::new(channel);
         let mut stream = client
             .watch(WatchRequest {
@@ -111,10 +155,12 @@ impl ConfigStream {
                 inbound_address: reg.inbound_address.to_string(),
                 labels: reg.labels.clone(),
                 admin_address: reg.admin_address.to_string(),
+                calls: reg.calls.clone(),
+                accepts_incremental: true,
             })
             .await?
             .into_inner();
-        tracing::info!("config stream open");
+        tracing::info!(control_plane = %addr, "config stream open");
         // After a reconnect, keep what the previous session listed until this
         // one has had time to hear from every sidecar again.
         let previous = applied.clone();
@@ -127,6 +173,7 @@ impl ConfigStream {
                     let Some(snap) = m? else {
                         break;
                     };
+                    let snap = merge_incremental(latest.as_ref(), snap)?;
                     let effective = match (&previous, grace) {
                         (Some(p), true) => with_missing_endpoints(&snap, p),
                         _ => snap.clone(),
@@ -167,5 +214,47 @@ impl ConfigStream {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::config::v1::Endpoint;
+
+    use super::*;
+
+    fn svc(name: &str, addrs: &[&str]) -> Service {
+        let endpoints = addrs.iter().map(|a| Endpoint { address: a.to_string(), ..Default::default() }).collect();
+        Service { name: name.into(), endpoints }
+    }
+
+    #[test]
+    fn incremental_snapshots_merge_into_the_last_full_one() {
+        let full = Snapshot {
+            version: 3,
+            services: vec![svc("api", &["127.0.0.1:1"]), svc("db", &["127.0.0.1:2"])],
+            mesh_config_json: "{\"m\":1}".into(),
+            ..Default::default()
+        };
+        assert_eq!(merge_incremental(None, full.clone()).unwrap(), full, "a full snapshot stands alone");
+        let delta = Snapshot {
+            version: 4,
+            services: vec![svc("api", &["127.0.0.1:1", "127.0.0.1:3"]), svc("web", &["127.0.0.1:4"])],
+            incremental: true,
+            removed_services: vec!["db".into()],
+            mesh_config_unchanged: true,
+            ..Default::default()
+        };
+        let merged = merge_incremental(Some(&full), delta.clone()).unwrap();
+        assert_eq!(merged.version, 4);
+        assert!(!merged.incremental);
+        assert_eq!(merged.services, vec![svc("api", &["127.0.0.1:1", "127.0.0.1:3"]), svc("web", &["127.0.0.1:4"])]);
+        assert_eq!(merged.mesh_config_json, "{\"m\":1}", "unchanged mesh config kept");
+        let cfg =
+            Snapshot { version: 5, mesh_config_json: "{\"m\":2}".into(), incremental: true, ..Default::default() };
+        let merged = merge_incremental(Some(&merged), cfg).unwrap();
+        assert_eq!(merged.mesh_config_json, "{\"m\":2}");
+        assert_eq!(merged.services.len(), 2, "services untouched");
+        assert!(matches!(merge_incremental(None, delta), Err(StreamError::IncrementalFirst(4))));
     }
 }

@@ -1,6 +1,8 @@
 //! The sidecar's identity: attest once with a join token, keep the key and
 //! SVID in the state directory, renew over mTLS at half-life with jitter, and
 //! swap each new SVID into the TLS resolver without touching open connections.
+//! Calls go to the control-plane replica in use ([`ControlPlanes`]); one that
+//! cannot be reached is left for another.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use weft_certs::{pki, IdMatcher, SpiffeId, SpiffeVerifier, Svid, SvidResolver, T
 use weft_proto::identity::v1::identity_client::IdentityClient;
 use weft_proto::identity::v1::{AttestRequest, RenewRequest, X509SvidResponse};
 
+use crate::control_plane::{Backoff, ControlPlaneAddrError, ControlPlanes};
 use crate::metrics::Metrics;
 
 const SVID_CERT: &str = "svid.pem";
@@ -36,6 +39,8 @@ pub enum IdentityError {
     Cert(#[from] weft_certs::CertError),
     #[error("state directory {path}: {err}")]
     State { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    ControlPlaneAddr(#[from] ControlPlaneAddrError),
 }
 
 /// The sidecar's current SVID and trust bundle, shared with its TLS configs.
@@ -43,13 +48,15 @@ pub struct Identity {
     pub resolver: Arc<SvidResolver>,
     pub bundle: SharedBundle,
     current: watch::Sender<Option<Svid>>,
-    control_plane: String,
+    control_planes: Arc<ControlPlanes>,
     cp_id: SpiffeId,
     state_dir: PathBuf,
     metrics: Arc<Metrics>,
 }
 
 impl Identity {
+    /// `control_plane` is `--control-plane`: one or more `host:port`
+    /// entries, comma-separated ([`ControlPlanes::parse`]).
     pub fn new(
         control_plane: String,
         bootstrap_bundle: TrustBundle,
@@ -57,6 +64,7 @@ impl Identity {
         state_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, IdentityError> {
+        let control_planes = Arc::new(ControlPlanes::parse(&control_plane)?);
         std::fs::create_dir_all(&state_dir).map_err(|err| IdentityError::State { path: state_dir.clone(), err })?;
         let bundle = match TrustBundle::load(&state_dir.join(BUNDLE)) {
             Ok(saved) => saved,
@@ -66,7 +74,7 @@ impl Identity {
             resolver: SvidResolver::new(),
             bundle: weft_certs::verify::shared_bundle(bundle),
             current: watch::channel(None).0,
-            control_plane,
+            control_planes,
             cp_id,
             state_dir,
             metrics,
@@ -92,13 +100,39 @@ impl Identity {
         weft_certs::tls::client_config(with_svid.then(|| self.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2])
     }
 
+    /// The control-plane replicas, shared by every caller so that all move together.
+    pub fn control_planes(&self) -> &Arc<ControlPlanes> {
+        &self.control_planes
+    }
+
+    /// A lazy channel to the replica in use (before any choice: the first
+    /// `--control-plane` entry). For calls that do not fail over themselves.
     pub fn control_plane_channel(&self, with_svid: bool) -> Result<tonic::transport::Channel, IdentityError> {
+        let addr = match self.control_planes.current() {
+            Some(a) => a.to_string(),
+            None => self.control_planes.first_entry().to_string(),
+        };
+        self.channel_to(&addr, with_svid)
+    }
+
+    /// A lazy channel to the replica to use now ([`ControlPlanes::pick`]),
+    /// with its address, to report with [`ControlPlanes::failed`] if the
+    /// replica turns out to be gone.
+    pub async fn replica_channel(
+        &self,
+        with_svid: bool,
+    ) -> Result<(tonic::transport::Channel, std::net::SocketAddr), IdentityError> {
+        let addr = self.control_planes.pick().await?;
+        Ok((self.channel_to(&addr.to_string(), with_svid)?, addr))
+    }
+
+    fn channel_to(&self, addr: &str, with_svid: bool) -> Result<tonic::transport::Channel, IdentityError> {
         weft_proto::channel::lazy_channel(
-            &self.control_plane,
+            addr,
             Arc::new(self.control_plane_tls(with_svid)),
             weft_certs::tls::server_name(),
         )
-        .map_err(|e| IdentityError::Unreachable(format!("{}: {e}", self.control_plane)))
+        .map_err(|e| IdentityError::Unreachable(format!("{addr}: {e}")))
     }
 
     /// Gets a first SVID: the saved one (renewed at once if the control plane
@@ -128,12 +162,25 @@ impl Identity {
             return Err(IdentityError::TokenFile { path: token_file.into(), reason: "is empty".into() });
         }
         let (csr, key_pair) = make_csr()?;
-        let mut client = IdentityClient::new(self.control_plane_channel(false)?);
-        let resp = client
-            .attest(AttestRequest { join_token: token.to_string(), csr })
-            .await
-            .map_err(|s| self.rpc_error(s))?
-            .into_inner();
+        // Each replica once at most: an unreachable one spends no token.
+        let attempts = self.control_planes.resolve().await?.len();
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let (channel, addr) = self.replica_channel(false).await?;
+            let req = AttestRequest { join_token: token.to_string(), csr: csr.clone() };
+            match IdentityClient::new(channel).attest(req).await.map_err(|s| self.rpc_error(addr, s)) {
+                Ok(resp) => break resp.into_inner(),
+                Err(e @ IdentityError::Unreachable(_)) => {
+                    self.control_planes.failed(addr);
+                    if attempt >= attempts {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "attesting: control-plane replica unreachable; trying another");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let svid = self.accept(resp, key_pair.serialize_der())?;
         tracing::info!(spiffe_id = %svid.spiffe_id, "attested with join token");
         Ok(())
@@ -141,20 +188,30 @@ impl Identity {
 
     /// A failed call: the control plane was not reached (transport failures
     /// surface as Unavailable or Unknown), or it answered with a refusal.
-    fn rpc_error(&self, s: tonic::Status) -> IdentityError {
+    fn rpc_error(&self, addr: std::net::SocketAddr, s: tonic::Status) -> IdentityError {
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-                IdentityError::Unreachable(format!("{}: {}", self.control_plane, s.message()))
+                IdentityError::Unreachable(format!("{addr}: {}", s.message()))
             }
             code => IdentityError::Refused(format!("{code:?}: {}", s.message())),
         }
     }
 
-    /// Renews over mTLS with the current SVID.
+    /// Renews over mTLS with the current SVID, at the replica in use; one
+    /// that cannot be reached is left, so the next attempt goes to another.
     pub async fn renew(&self) -> Result<(), IdentityError> {
         let (csr, key_pair) = make_csr()?;
-        let mut client = IdentityClient::new(self.control_plane_channel(true)?);
-        let resp = client.renew(RenewRequest { csr }).await.map_err(|s| self.rpc_error(s))?.into_inner();
+        let (channel, addr) = self.replica_channel(true).await?;
+        let resp = match IdentityClient::new(channel).renew(RenewRequest { csr }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let e = self.rpc_error(addr, s);
+                if matches!(e, IdentityError::Unreachable(_)) {
+                    self.control_planes.failed(addr);
+                }
+                return Err(e);
+            }
+        };
         let svid = self.accept(resp, key_pair.serialize_der())?;
         tracing::info!(spiffe_id = %svid.spiffe_id, expires = svid.expires_unix(), "renewed SVID");
         Ok(())
@@ -181,10 +238,11 @@ impl Identity {
         Ok(())
     }
 
-    /// Renews forever: at half-life ± 10%, and after a failure with capped
-    /// exponential backoff while the old SVID keeps serving.
+    /// Renews forever: at half-life ± 10%, and after a failure with jittered,
+    /// capped exponential backoff (at another replica if that one was
+    /// unreachable) while the old SVID keeps serving.
     pub async fn run_renewal(self: Arc<Self>) {
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), MAX_BACKOFF);
         loop {
             let Some(svid) = self.current() else { return };
             // Half of the validity left from now, not from not_before: the
@@ -202,7 +260,7 @@ impl Identity {
                             .svid_renewals
                             .get_or_create(&crate::metrics::OutcomeLabels { outcome: "ok" })
                             .inc();
-                        backoff = Duration::from_secs(1);
+                        backoff.reset();
                         break;
                     }
                     Err(e) => {
@@ -210,9 +268,9 @@ impl Identity {
                             .svid_renewals
                             .get_or_create(&crate::metrics::OutcomeLabels { outcome: "error" })
                             .inc();
-                        tracing::warn!(error = %e, retry_in = ?backoff, "SVID renewal failed; keeping the current SVID");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        let retry_in = backoff.next_delay();
+                        tracing::warn!(error = %e, ?retry_in, "SVID renewal failed; keeping the current SVID");
+                        tokio::time::sleep(retry_in).await;
                     }
                 }
             }

@@ -5,6 +5,7 @@
 //!   per-route state that outlives a config swap.
 //! - [`config_stream`]: the control plane's `Config` stream, applied to [`state`].
 //! - [`identity`]: attest, keep and renew the workload's SVID.
+//! - [`control_plane`]: the control-plane replicas and failover between them.
 //! - [`outbound`]: app → mesh request layers (routing, timeout, retry,
 //!   endpoint choice, connection pool, TCP upstreams).
 //! - [`inbound`]: mesh → app request layers (mTLS termination, caller
@@ -22,6 +23,7 @@ pub mod canonical;
 pub mod command;
 pub mod config_stream;
 pub mod context;
+pub mod control_plane;
 pub mod detect;
 pub mod error;
 pub mod extended_connect;
@@ -54,6 +56,7 @@ use crate::workload_api::WorkloadApi;
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// `--control-plane`: `host:port`, or several comma-separated (replicas).
     pub control_plane: String,
     pub trust_bundle: PathBuf,
     pub trust_domain: Option<TrustDomain>,
@@ -72,6 +75,9 @@ pub struct Options {
     pub limits: limits::Limits,
     /// Serve the SPIFFE Workload API on this Unix socket (mode 0600).
     pub workload_api: Option<PathBuf>,
+    /// The services the app calls (`--calls`): the sidecar's scope, with
+    /// the `upstreams`' names added. Empty: the whole mesh.
+    pub calls: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +94,8 @@ pub enum StartError {
     NoTrustDomain(PathBuf),
     #[error("--service: {0}")]
     Registration(#[from] weft_config::registration::RegistrationError),
+    #[error("--calls: {0:?} is not a service name (a DNS label: lowercase letters, digits and '-')")]
+    Calls(String),
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
     #[error(transparent)]
@@ -174,6 +182,9 @@ impl Proxy {
             return Err(StartError::Registration(weft_config::registration::RegistrationError::BadName(
                 opts.service.clone(),
             )));
+        }
+        if let Some(bad) = opts.calls.iter().find(|c| !weft_config::registration::valid_service_name(c)) {
+            return Err(StartError::Calls(bad.clone()));
         }
         let bootstrap_bundle = TrustBundle::load(&opts.trust_bundle).map_err(StartError::TrustBundle)?;
         let td = trust_domain(&opts, &bootstrap_bundle)?;
@@ -294,11 +305,26 @@ fn start_config_stream(
         inbound_address: addrs.inbound,
         admin_address: addrs.admin,
         labels: opts.labels.clone(),
+        calls: scope(opts),
     };
     let stream = ConfigStream::new(state.clone(), identity.clone(), reg, metrics.clone());
     let view = state.clone();
     admin.set_config_view(move || serde_json::to_string_pretty(&*view.snapshot()).unwrap_or_default());
     tokio::spawn(stream.run())
+}
+
+/// `--calls` and, when it is given, the names of the `--upstream`s (the app
+/// calls those too). Empty when `--calls` is not given: the whole mesh.
+fn scope(opts: &Options) -> Vec<String> {
+    let mut calls = opts.calls.clone();
+    if !calls.is_empty() {
+        for (name, _) in &opts.upstreams {
+            if !calls.contains(name) {
+                calls.push(name.clone());
+            }
+        }
+    }
+    calls
 }
 
 /// Terminates mTLS from peer sidecars (any ID of the trust domain) for the app.

@@ -94,6 +94,7 @@ async fn churn_round(cp: &ControlPlane, identity: &Identity, api: &Sidecar, web:
             inbound_address: addr.to_string(),
             labels: Default::default(),
             admin_address: "127.0.0.1:9".into(),
+            ..Default::default()
         };
         let mut stream = client.watch(req).await.expect("Config.Watch").into_inner();
         // Read the snapshots (so the control plane never buffers for us).

@@ -401,3 +401,73 @@ async fn endpoints_leaving_under_load() {
     let served = metric_sum(&third.metrics().await, "weft_proxy_requests_total", &["direction=\"inbound\""]);
     assert!(served > 0.0, "the remaining endpoint served nothing");
 }
+
+/// Two control-plane replicas from one PKI (each with its own file-store
+/// state: the file store is single-replica, so only the config watch and
+/// SVID renewal fail over here; the sidecars already hold their SVIDs).
+/// Both sidecars name both replicas; the one they are connected to is
+/// killed (SIGKILL) under load through the pair: no request fails, both
+/// sidecars move to the other replica, and renew their short SVIDs there.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_fail_over_to_another_control_plane_replica() {
+    let pki = weft_testkit::control_plane::Pki::new(TD);
+    let states = tempfile::tempdir().unwrap();
+    let ttl = ["--svid-ttl", "6s"];
+    let mut a = ControlPlane::start_on(&pki, &states.path().join("a"), &ttl).await;
+    // Replica b's address is known, but b is down while the sidecars start,
+    // so that both settle on a (with the file store, replicas do not share
+    // registrations: a client and server on different replicas would not see
+    // each other, which is what the etcd store is for).
+    let mut b = ControlPlane::start_on(&pki, &states.path().join("b"), &ttl).await;
+    b.stop();
+    let replicas = format!("{},{}", a.addr, b.addr);
+    let extra = ["--control-plane", replicas.as_str()];
+    let api_app = servers::http("api").await;
+    let web_app = servers::http("web").await;
+    let server = Sidecar::start(&a, TD, SidecarSpec { extra_args: &extra, ..spec("api", api_app.addr) }).await;
+    let client = Sidecar::start(&a, TD, SidecarSpec { extra_args: &extra, ..spec("web", web_app.addr) }).await;
+    client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+    wait_metric(a.admin, "weft_control_plane_sidecars_connected", &[], 2.0, Duration::from_secs(20)).await;
+    b.restart().await;
+    call(client.outbound, "api", "/before").await.unwrap();
+
+    let running = Arc::new(AtomicBool::new(true));
+    let load = tokio::spawn(traffic(
+        client.outbound,
+        "api",
+        5,
+        Duration::from_millis(20),
+        running.clone(),
+        Duration::from_secs(90),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let renewed = |text: &str| metric_sum(text, "weft_proxy_svid_renewals_total", &["outcome=\"ok\""]);
+    let before = (renewed(&server.metrics().await), renewed(&client.metrics().await));
+    a.stop();
+    let killed = Instant::now();
+
+    // Both sidecars re-register at b, and renew there (6 s SVIDs: every ~3 s).
+    wait_metric(b.admin, "weft_control_plane_sidecars_connected", &[], 2.0, Duration::from_secs(20)).await;
+    let moved = killed.elapsed();
+    wait_metric(b.admin, "weft_control_plane_svids_issued_total", &["outcome=\"renew\""], 2.0, Duration::from_secs(20))
+        .await;
+    for (who, admin, was) in [("api", server.admin, before.0), ("web", client.admin, before.1)] {
+        wait_metric(admin, "weft_proxy_svid_renewals_total", &["outcome=\"ok\""], was + 2.0, Duration::from_secs(20))
+            .await;
+        eprintln!("{who}: renewed at replica b after the kill");
+    }
+    // Traffic through and past the reconnect grace (10 s) on b's view.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(killed.elapsed())).await;
+    running.store(false, Ordering::SeqCst);
+    let (ok, failures) = load.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed across the replica's loss: {failures:#?}",
+        failures.len(),
+        ok + failures.len() as u64
+    );
+    assert!(ok >= 200, "only {ok} requests");
+    client.wait_endpoints("api", 1, Duration::from_secs(5)).await;
+    call(client.outbound, "api", "/after").await.unwrap();
+    eprintln!("failover: {ok} requests ok, both sidecars at replica b {moved:?} after the kill");
+}

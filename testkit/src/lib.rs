@@ -228,9 +228,14 @@ impl Sidecar {
         let token = cp.token_file(&format!("spiffe://{td}/ns/default/sa/{}", spec.service));
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let state_dir = cp.dir.path().join(format!("sidecar-{}-{}", spec.service, admin.port()));
-        let mut args = vec![
-            "--control-plane".to_string(),
-            cp.addr.to_string(),
+        // `--control-plane` in `extra_args` (several replicas) replaces `cp`'s address.
+        let cp_flag = if spec.extra_args.contains(&"--control-plane") {
+            vec![]
+        } else {
+            vec!["--control-plane".to_string(), cp.addr.to_string()]
+        };
+        let mut args = cp_flag;
+        args.extend([
             "--trust-bundle".into(),
             cp.trust_bundle().display().to_string(),
             "--token-file".into(),
@@ -247,7 +252,7 @@ impl Sidecar {
             outbound.to_string(),
             "--admin".into(),
             admin.to_string(),
-        ];
+        ]);
         let mut upstreams = Vec::new();
         for name in spec.upstreams {
             let addr = free_addr();

@@ -217,6 +217,7 @@ mod tests {
             version,
             services: vec![PbService { name: "api".into(), endpoints }],
             mesh_config_json: serde_json::to_string(&cfg).unwrap(),
+            ..Default::default()
         }
     }
 
