@@ -333,9 +333,8 @@ async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
 
 /// A sidecar given several control-plane addresses (`--control-plane a,b`)
 /// moves to the other replica when its replica is killed, while requests flow
-/// and short SVIDs renew. Needs the sidecar failover of the i12scale branch.
+/// and short SVIDs renew.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs weft-proxy --control-plane a,b failover (branch i12scale); run with --ignored once merged"]
 async fn sidecars_fail_over_when_their_replica_is_killed() {
     let Some(etcd) = Etcd::start(1).await else { return };
     let pki = Pki::new(TD);
