@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    for f in files {
+    // etcd's API: a client only (the control plane talks to etcd, never serves it).
+    let etcd = ["proto/etcd/etcd.proto"];
+    let fds = protox::compile(etcd, ["proto"])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(fds)?;
+    for f in files.iter().chain(&etcd) {
         println!("cargo:rerun-if-changed={f}");
     }
     Ok(())

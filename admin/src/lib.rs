@@ -29,17 +29,34 @@ pub struct Admin {
     ready: AtomicBool,
     registry: Mutex<Registry>,
     config: Mutex<Option<ConfigFn>>,
+    /// Shown by `/ready` while not ready (empty: just "not ready").
+    not_ready_reason: Mutex<String>,
 }
 
 impl Admin {
     /// Not ready yet, serving `registry` on `/metrics` and `{}` on `/config`.
     pub fn new(registry: Registry) -> Arc<Self> {
-        Arc::new(Self { ready: AtomicBool::new(false), registry: Mutex::new(registry), config: Mutex::new(None) })
+        Arc::new(Self {
+            ready: AtomicBool::new(false),
+            registry: Mutex::new(registry),
+            config: Mutex::new(None),
+            not_ready_reason: Mutex::new(String::new()),
+        })
     }
 
     /// What `/ready` answers from now on (200 or 503).
     pub fn set_ready(&self, ready: bool) {
+        if ready {
+            self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// `/ready` answers 503 with `reason` (one line: what is wrong) until
+    /// [`Admin::set_ready`]`(true)`.
+    pub fn set_not_ready(&self, reason: &str) {
+        *self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        self.ready.store(false, Ordering::Release);
     }
 
     /// Whether `/ready` answers 200.
@@ -75,7 +92,11 @@ impl Admin {
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
             "/ready" if self.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain"),
+            "/ready" => {
+                let reason = self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let body = if reason.is_empty() { "not ready\n".into() } else { format!("not ready: {reason}\n") };
+                text(StatusCode::SERVICE_UNAVAILABLE, body, "text/plain")
+            }
             "/metrics" => {
                 text(StatusCode::OK, self.metrics_text(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
             }

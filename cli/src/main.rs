@@ -84,6 +84,23 @@ enum Cmd {
         /// The sidecar: its SPIFFE ID, service name or inbound address (as `weft status` lists them).
         sidecar: String,
     },
+    /// Store a mesh config for every control-plane replica to serve (--store etcd://...).
+    /// Checked first exactly like `weft validate`; an invalid file changes nothing.
+    Apply {
+        #[command(flatten)]
+        conn: operator::ConnArgs,
+        /// The YAML file, e.g. examples/canary.yaml.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Apply only if the stored config is still at this revision (from `weft get config`).
+        #[arg(long)]
+        if_revision: Option<i64>,
+    },
+    /// Read what the control plane stores.
+    Get {
+        #[command(subcommand)]
+        cmd: GetCmd,
+    },
     /// The control plane's view: connected sidecars, versions, SVID expiry.
     Status {
         #[command(flatten)]
@@ -117,6 +134,15 @@ enum CertsCmd {
         /// PEM trust anchors that --from-issuer chains to.
         #[arg(long, requires = "from_issuer")]
         trust_bundle: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GetCmd {
+    /// The stored mesh config (YAML) and its revision, as `weft apply` wrote it.
+    Config {
+        #[command(flatten)]
+        conn: operator::ConnArgs,
     },
 }
 
@@ -214,6 +240,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("{}", resp.token)?;
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
+        Cmd::Apply { conn, file, if_revision } => {
+            // The same check and messages as `weft validate`, before anything is sent.
+            weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let yaml = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let revision = operator::apply_config(&conn, yaml, if_revision.unwrap_or(0)).await?;
+            outln!("{}: applied, revision {revision}", file.display())?;
+        }
+        Cmd::Get { cmd: GetCmd::Config { conn } } => {
+            let c = operator::get_config(&conn).await?;
+            if c.revision == 0 {
+                anyhow::bail!("no mesh config is stored yet: store one with weft apply -f FILE");
+            }
+            outln!("# revision: {}", c.revision)?;
+            output::out!("{}", c.yaml)?;
+        }
         Cmd::Up(args) => up::run(args).await?,
         Cmd::Inject(args) => inject::run(args)?,
         Cmd::Install(args) => install::run(args)?,

@@ -10,7 +10,8 @@ use anyhow::Context;
 use weft_certs::{pki, verify, IdMatcher, SpiffeId, SpiffeVerifier, SvidResolver, TrustBundle};
 use weft_proto::admin::v1::admin_client::AdminClient;
 use weft_proto::admin::v1::{
-    CreateJoinTokenRequest, CreateJoinTokenResponse, SidecarStatus, StatusRequest, StatusResponse,
+    ApplyConfigRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, GetConfigRequest, GetConfigResponse,
+    SidecarStatus, StatusRequest, StatusResponse,
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -112,6 +113,19 @@ pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyh
     Ok(resp.into_inner())
 }
 
+/// Stores `yaml` as the mesh config (ApplyConfig); the new revision.
+pub async fn apply_config(conn: &ConnArgs, yaml: String, if_revision: i64) -> anyhow::Result<i64> {
+    let mut c = client(conn).await?;
+    let resp = c.apply_config(ApplyConfigRequest { yaml, if_revision }).await.map_err(|s| rpc_error(s, conn))?;
+    Ok(resp.into_inner().revision)
+}
+
+/// The stored mesh config and its revision (GetConfig).
+pub async fn get_config(conn: &ConnArgs) -> anyhow::Result<GetConfigResponse> {
+    let mut c = client(conn).await?;
+    Ok(c.get_config(GetConfigRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner())
+}
+
 /// Prints the control plane's view as a table (or JSON).
 pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
@@ -139,6 +153,9 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "trust_domain": s.trust_domain,
             "config_version": s.config_version,
             "config_error": s.config_error,
+            "store": s.store,
+            "store_error": s.store_error,
+            "config_revision": s.config_revision,
             "sidecars": sidecars,
         });
         outln!("{doc}")?;
@@ -152,6 +169,15 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     )?;
     if !s.config_error.is_empty() {
         outln!("last config change REJECTED: {}", s.config_error)?;
+    }
+    if !s.store_error.is_empty() {
+        outln!(
+            "store {} UNREACHABLE: {}; serving what is in memory, join tokens and weft apply refused until it is back",
+            s.store,
+            s.store_error
+        )?;
+    } else if s.store.starts_with("etcd://") {
+        outln!("store {}: up, mesh config revision {}", s.store, s.config_revision)?;
     }
     let now = human::now_unix();
     outln!("{:<48} {:<12} {:<22} {:<14} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION")?;

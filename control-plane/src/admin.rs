@@ -1,5 +1,5 @@
-//! `weft.admin.v1.Admin`: operator calls (join tokens, status), allowed only
-//! for the operator identity.
+//! `weft.admin.v1.Admin`: operator calls (join tokens, status, the mesh
+//! config in etcd), allowed only for the operator identity.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -7,12 +7,18 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 use weft_certs::{SpiffeId, TrustDomain};
 use weft_proto::admin::v1::admin_server::Admin;
-use weft_proto::admin::v1::{CreateJoinTokenRequest, CreateJoinTokenResponse, StatusRequest, StatusResponse};
+use weft_proto::admin::v1::{
+    ApplyConfigRequest, ApplyConfigResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, GetConfigRequest,
+    GetConfigResponse, StatusRequest, StatusResponse,
+};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::replicas::SharedState;
 use crate::server::require_peer;
-use crate::store::{Store, TokenRecord};
+use crate::store::etcd::EtcdStore;
+use crate::store::health::StoreHealth;
+use crate::store::{Store, StoreError, TokenRecord};
 use crate::tokens;
 
 /// Longest join-token lifetime accepted.
@@ -24,9 +30,25 @@ pub struct AdminService {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<StoreHealth>,
+    /// The etcd store and what this replica serves from it; None with `--store file`.
+    pub shared: Option<(Arc<EtcdStore>, Arc<SharedState>)>,
 }
 
+/// How long ApplyConfig waits for this replica to serve what it stored.
+const APPLIED_WAIT: Duration = Duration::from_secs(5);
+
 impl AdminService {
+    #[allow(clippy::result_large_err)]
+    fn require_etcd(&self) -> Result<&(Arc<EtcdStore>, Arc<SharedState>), Status> {
+        self.shared.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this control plane runs with --store file: its mesh config is the --config file (edit that file); \
+                 weft apply and weft get config need control planes started with --store etcd://host:port",
+            )
+        })
+    }
+
     #[allow(clippy::result_large_err)]
     fn require_operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let (id, _) = require_peer(req)?;
@@ -89,10 +111,57 @@ impl Admin for AdminService {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let r: Result<Response<StatusResponse>, Status> = async {
             self.require_operator(&req)?;
-            Ok(Response::new(self.registry.status(&self.trust_domain)))
+            let mut status = self.registry.status(&self.trust_domain);
+            status.store = self.health.store.clone();
+            status.store_error = self.health.down_reason().unwrap_or_default();
+            status.config_revision = self
+                .shared
+                .as_ref()
+                .map(|(_, s)| s.config_revision.load(std::sync::atomic::Ordering::Acquire))
+                .unwrap_or(0);
+            Ok(Response::new(status))
         }
         .await;
         self.metrics.rpc("Status", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r
+    }
+
+    async fn apply_config(&self, req: Request<ApplyConfigRequest>) -> Result<Response<ApplyConfigResponse>, Status> {
+        let r: Result<ApplyConfigResponse, Status> = async {
+            self.require_operator(&req)?;
+            let (store, shared) = self.require_etcd()?;
+            let req = req.into_inner();
+            // The same checks and messages as `weft validate`.
+            weft_config::parse(&req.yaml).map_err(|errs| Status::invalid_argument(errs.to_string()))?;
+            let expected = (req.if_revision > 0).then_some(req.if_revision);
+            let revision = store.put_config(&req.yaml, expected).await.map_err(|e| match e {
+                StoreError::Conflict { .. } => Status::failed_precondition(e.to_string()),
+                e => Status::unavailable(e.to_string()),
+            })?;
+            tracing::info!(revision, "mesh config stored");
+            // Return once this replica serves it (the others follow their watch).
+            let deadline = tokio::time::Instant::now() + APPLIED_WAIT;
+            while shared.config_revision.load(std::sync::atomic::Ordering::Acquire) < revision
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(ApplyConfigResponse { revision })
+        }
+        .await;
+        self.metrics.rpc("ApplyConfig", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
+        r.map(Response::new)
+    }
+
+    async fn get_config(&self, req: Request<GetConfigRequest>) -> Result<Response<GetConfigResponse>, Status> {
+        let r: Result<GetConfigResponse, Status> = async {
+            self.require_operator(&req)?;
+            let (store, _) = self.require_etcd()?;
+            let stored = store.get_config().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(stored.map(|c| GetConfigResponse { yaml: c.yaml, revision: c.revision }).unwrap_or_default())
+        }
+        .await;
+        self.metrics.rpc("GetConfig", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
+        r.map(Response::new)
     }
 }

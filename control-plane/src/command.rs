@@ -36,8 +36,28 @@ pub struct Args {
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
     /// Mesh config (Kubernetes-shaped YAML); watched, and changes are pushed to sidecars.
+    /// With --store etcd://: stored in etcd if etcd holds no config yet, else
+    /// not used (change the stored config with `weft apply -f FILE`).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where join tokens (hashes), registrations and the mesh config live:
+    /// `file` (in --state-dir; one control plane) or
+    /// `etcd://host:port[,host:port...]` (etcd v3, shared by every replica).
+    #[arg(long, default_value = "file")]
+    store: crate::store::url::StoreUrl,
+    /// PEM CA certificates of the etcd members' server certificates; turns on TLS towards etcd.
+    #[arg(long)]
+    store_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd's --client-cert-auth (with --store-key and --store-ca).
+    #[arg(long, requires = "store_key")]
+    store_cert: Option<PathBuf>,
+    /// PEM private key of --store-cert.
+    #[arg(long, requires = "store_cert")]
+    store_key: Option<PathBuf>,
+    /// With etcd: how long a sidecar stays in discovery after the replica it
+    /// was connected to died (its registration lease's TTL), e.g. 15s.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    registration_ttl: Duration,
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
@@ -79,6 +99,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         config: args.config,
         jwt_svid_ttl: args.jwt_svid_ttl,
         sa_tokens,
+        store: args.store,
+        store_tls: crate::store::url::EtcdTls { ca: args.store_ca, cert: args.store_cert, key: args.store_key },
+        registration_ttl: args.registration_ttl,
     })
     .await?;
     tokio::select! {

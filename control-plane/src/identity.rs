@@ -104,7 +104,9 @@ impl Identity for IdentityService {
             let rec = self.store.consume_token(&tokens::hash(&req.join_token), now).await.map_err(|e| match e {
                 StoreError::UnknownToken => Status::unauthenticated(e.to_string()),
                 StoreError::ExpiredToken | StoreError::UsedToken => Status::permission_denied(e.to_string()),
-                StoreError::Backend { .. } => Status::unavailable(e.to_string()),
+                StoreError::Backend { .. } | StoreError::Unavailable { .. } | StoreError::Conflict { .. } => {
+                    Status::unavailable(e.to_string())
+                }
             })?;
             let id = SpiffeId::parse(&rec.spiffe_id).map_err(|e| Status::internal(format!("stored token ID: {e}")))?;
             let resp = self.issue(&csr, &id)?;

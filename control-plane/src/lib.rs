@@ -8,7 +8,10 @@
 //! - [`config_stream`]: `weft.config.v1.Config`: per-sidecar watch streams and ACK/NACK.
 //! - [`config_file`]: the mesh config file, watched (change notification, poll fallback).
 //! - [`registry`]: connected sidecars and the versioned snapshot, published once per version (registrations coalesced).
-//! - [`store`]: what survives restarts (embedded file store; etcd later).
+//! - [`store`]: what survives restarts: the embedded file store, or etcd
+//!   (`--store etcd://...`) shared by several replicas.
+//! - [`replicas`]: with etcd, registrations under leases and the stored mesh
+//!   config, followed by every replica.
 //! - [`server`]: the TLS listener that tells handlers who the caller is.
 
 pub mod admin;
@@ -20,6 +23,7 @@ pub mod identity;
 pub mod injector;
 pub mod metrics;
 pub mod registry;
+pub mod replicas;
 pub mod server;
 pub mod store;
 pub mod tokens;
@@ -55,6 +59,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     StateDir(#[from] state_lock::StateLockError),
+    #[error("--store {store}: {source}")]
+    Etcd { store: String, source: store::etcd::EtcdSetupError },
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +83,13 @@ pub struct Options {
     pub jwt_svid_ttl: Duration,
     /// Kubernetes service-account token attestation, if configured.
     pub sa_tokens: Option<Arc<attest::k8s::SaTokenAttestor>>,
+    /// Where tokens, registrations and (with etcd) the mesh config live.
+    pub store: store::url::StoreUrl,
+    /// TLS towards etcd.
+    pub store_tls: store::url::EtcdTls,
+    /// With etcd: the TTL of this replica's registration lease, i.e. how long
+    /// its sidecars stay in discovery after it dies.
+    pub registration_ttl: Duration,
 }
 
 /// The JWT-SVID signing key's file in the state directory (PEM PKCS#8, 0600),
@@ -99,6 +112,8 @@ struct State {
     authority: Arc<Authority>,
     lock: StateLock,
     store: Arc<dyn store::Store>,
+    /// Set with `--store etcd://...`.
+    etcd: Option<Arc<store::etcd::EtcdStore>>,
     jwt_signer: Arc<JwtSigner>,
 }
 
@@ -106,9 +121,17 @@ impl State {
     fn open(opts: &Options) -> Result<Self, StartError> {
         let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
         let lock = state_lock::lock(&opts.state_dir)?;
-        let store = Arc::new(store::file::FileStore::open(&opts.state_dir)?);
+        let (store, etcd): (Arc<dyn store::Store>, _) = match &opts.store {
+            store::url::StoreUrl::File => (Arc::new(store::file::FileStore::open(&opts.state_dir)?), None),
+            store::url::StoreUrl::Etcd { endpoints } => {
+                let etcd = store::etcd::Etcd::connect(endpoints, &opts.store_tls)
+                    .map_err(|source| StartError::Etcd { store: opts.store.to_string(), source })?;
+                let s = Arc::new(store::etcd::EtcdStore { etcd });
+                (s.clone(), Some(s))
+            }
+        };
         let jwt_signer = Arc::new(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
-        Ok(Self { authority, lock, store, jwt_signer })
+        Ok(Self { authority, lock, store, etcd, jwt_signer })
     }
 }
 
@@ -142,12 +165,34 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone());
         tokio::spawn(registry.clone().run_publisher());
-        if let Some(path) = &opts.config {
-            watch_config_file(path, &registry, &metrics)?;
-        }
+        let health = Arc::new(store::health::StoreHealth::new(opts.store.to_string()));
+        metrics.store_up.set(1);
+        let shared = match &state.etcd {
+            None => {
+                if let Some(path) = &opts.config {
+                    watch_config_file(path, &registry, &metrics)?;
+                }
+                None
+            }
+            Some(etcd) => {
+                if let Some(path) = &opts.config {
+                    seed_config(path, etcd).await?;
+                }
+                let shared = replicas::start(
+                    etcd.etcd.clone(),
+                    registry.clone(),
+                    health.clone(),
+                    metrics.clone(),
+                    opts.registration_ttl,
+                    Duration::from_secs(10),
+                )
+                .await;
+                Some((etcd.clone(), shared))
+            }
+        };
         let tls = server_tls(&state.authority, opts.svid_ttl)?;
         let listeners = Listeners::bind(&opts).await?;
-        let router = grpc_router(&opts, &state, &registry, &metrics);
+        let router = grpc_router(&opts, &state, &registry, &metrics, &health, shared);
         let (drain_trigger, drain) = weft_runtime::drain::channel();
         let incoming = server::tls_incoming(listeners.grpc, TlsAcceptor::from(Arc::new(tls)), metrics.clone(), drain);
         let serve = tokio::spawn(async move {
@@ -156,7 +201,7 @@ impl ControlPlane {
             }
         });
         // Ready once the gRPC port is served.
-        serve_admin(listeners.admin, &metrics, &registry);
+        serve_admin(listeners.admin, &metrics, &registry, &health);
         let (grpc_addr, admin_addr) = (listeners.grpc_addr, listeners.admin_addr);
         tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
         Ok(Self { grpc_addr, admin_addr, registry, serve, _drain: drain_trigger, _state_lock: state.lock })
@@ -181,6 +226,25 @@ fn watch_config_file(
     Ok(())
 }
 
+/// `--config` with etcd: stored only if etcd holds no config yet (the first
+/// replica seeds it); from then on `weft apply` changes it. An invalid file
+/// is a start-up error; an unreachable etcd is not (the stored one wins later).
+async fn seed_config(path: &std::path::Path, etcd: &store::etcd::EtcdStore) -> Result<(), StartError> {
+    let (text, _) = config_file::load(path).map_err(|errors| StartError::Config { errors, path: path.into() })?;
+    match etcd.put_config(&text, Some(0)).await {
+        Ok(revision) => {
+            tracing::info!(path = %path.display(), revision, "etcd held no mesh config: seeded it from --config")
+        }
+        Err(store::StoreError::Conflict { actual, .. }) => tracing::info!(
+            path = %path.display(),
+            revision = actual,
+            "etcd already holds a mesh config; --config is not used (change it with weft apply)"
+        ),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not seed the mesh config from --config"),
+    }
+    Ok(())
+}
+
 /// The gRPC port's TLS config: the control plane's own SVID (issued to
 /// itself, renewed at half-life); client certificates optional (Attest
 /// callers have none), verified against the trust bundle when present.
@@ -199,6 +263,8 @@ fn grpc_router(
     state: &State,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
+    health: &Arc<store::health::StoreHealth>,
+    shared: Option<(Arc<store::etcd::EtcdStore>, Arc<replicas::SharedState>)>,
 ) -> tonic::transport::server::Router {
     let td = state.authority.trust_domain().clone();
     let identity = identity::IdentityService {
@@ -216,6 +282,8 @@ fn grpc_router(
         store: state.store.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
+        health: health.clone(),
+        shared,
     };
     let config = config_stream::ConfigService { registry: registry.clone(), metrics: metrics.clone() };
     tonic::transport::Server::builder()
@@ -229,8 +297,14 @@ fn grpc_router(
 }
 
 /// The admin endpoint: metrics, and `/config` as the snapshot's version,
-/// service count and mesh config. Ready from the start (listeners are bound).
-fn serve_admin(listener: TcpListener, metrics: &Metrics, registry: &Arc<Registry>) {
+/// service count and mesh config. Ready from the start (listeners are
+/// bound) while the store answers; while it does not, `/ready` is 503 and says why.
+fn serve_admin(
+    listener: TcpListener,
+    metrics: &Arc<Metrics>,
+    registry: &Arc<Registry>,
+    health: &Arc<store::health::StoreHealth>,
+) {
     let mut prom = prometheus_client::registry::Registry::default();
     metrics.register(&mut prom);
     let admin = weft_admin::Admin::new(prom);
@@ -244,7 +318,28 @@ fn serve_admin(listener: TcpListener, metrics: &Metrics, registry: &Arc<Registry
             if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
         )
     });
-    admin.set_ready(true);
+    let mut store_state = health.subscribe();
+    let (store, admin2, metrics) = (health.store.clone(), admin.clone(), metrics.clone());
+    tokio::spawn(async move {
+        loop {
+            let down = store_state.borrow_and_update().clone();
+            match down {
+                None => {
+                    metrics.store_up.set(1);
+                    admin2.set_ready(true);
+                }
+                Some(reason) => {
+                    metrics.store_up.set(0);
+                    admin2.set_not_ready(&format!(
+                        "store {store} unreachable ({reason}); serving what is in memory, refusing writes"
+                    ));
+                }
+            }
+            if store_state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(weft_admin::serve(listener, admin));
 }
 

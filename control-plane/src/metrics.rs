@@ -24,6 +24,8 @@ pub struct Metrics {
     svids_issued: Family<OutcomeLabels, Counter>,
     pub sidecars_connected: Gauge,
     pub config_version: Gauge,
+    /// 1 while the store answers, 0 while it does not (writes refused).
+    pub store_up: Gauge,
     config_reloads: Family<OutcomeLabels, Counter>,
     sa_token_refusals: Family<OutcomeLabels, Counter>,
 }
@@ -40,6 +42,11 @@ impl Metrics {
         );
         reg.register("sidecars_connected", "Sidecars with an open config watch", self.sidecars_connected.clone());
         reg.register("config_version", "Version of the config being served", self.config_version.clone());
+        reg.register(
+            "store_up",
+            "1 while the store (file or etcd) answers; 0 while it does not and writes are refused",
+            self.store_up.clone(),
+        );
         reg.register("config_reloads", "Mesh config reloads by outcome", self.config_reloads.clone());
         reg.register(
             "sa_token_refusals",

@@ -1,12 +1,14 @@
 //! The registry of connected sidecars: who they are, where their inbound
 //! listener is, and which config version they applied. A registration lives
-//! exactly as long as the sidecar's config watch stream.
+//! exactly as long as the sidecar's config watch stream. With several
+//! replicas, the registrations other replicas hold (from etcd, see
+//! [`crate::replicas`]) are merged into every snapshot as `shared` ones.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use weft_certs::{SpiffeId, TrustDomain};
 use weft_config::MeshConfig;
 use weft_proto::admin::v1::{SidecarStatus, StatusResponse};
@@ -20,7 +22,7 @@ use crate::metrics::Metrics;
 /// Mesh config changes are published at once.
 pub const COALESCE: Duration = Duration::from_millis(50);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
     pub spiffe_id: SpiffeId,
     pub service: String,
@@ -55,6 +57,19 @@ struct Inner {
     config_error: String,
     /// Registrations changed since the last published version.
     dirty: bool,
+    /// Registrations held by other replicas, endpoints like our own.
+    shared: Vec<Registration>,
+    /// Where registrations and deregistrations of this replica are told
+    /// (the etcd writer), if anywhere.
+    changes: Option<mpsc::UnboundedSender<LocalChange>>,
+}
+
+/// A change to this replica's own registrations, keyed by the registry's
+/// per-stream key (unique within this process).
+#[derive(Debug, Clone)]
+pub enum LocalChange {
+    Registered(u64, Registration),
+    Deregistered(u64),
 }
 
 /// One published version of what sidecars are told: built once per version
@@ -178,13 +193,19 @@ impl Registry {
         let mut endpoints: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
         let no_config = MeshConfig::default();
         let cfg = inner.mesh.as_deref().unwrap_or(&no_config);
-        for e in inner.sidecars.values() {
+        // A sidecar moving between replicas is registered on both for a
+        // while (the old lease runs out): one endpoint.
+        let mut seen = HashSet::new();
+        for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
+            if !seen.insert((&reg.spiffe_id, &reg.address)) {
+                continue;
+            }
             // Its own service, and every Service whose `admit` takes it in.
-            for service in weft_config::membership::services_of(cfg, &e.reg.spiffe_id, &e.reg.service, &e.reg.labels) {
+            for service in weft_config::membership::services_of(cfg, &reg.spiffe_id, &reg.service, &reg.labels) {
                 endpoints.entry(service).or_default().push(Endpoint {
-                    address: e.reg.address.clone(),
-                    spiffe_id: e.reg.spiffe_id.to_string(),
-                    labels: e.reg.labels.clone(),
+                    address: reg.address.clone(),
+                    spiffe_id: reg.spiffe_id.to_string(),
+                    labels: reg.labels.clone(),
                 });
             }
         }
@@ -234,6 +255,9 @@ impl Registry {
         let key = inner.next_key;
         inner.next_key += 1;
         tracing::info!(spiffe_id = %reg.spiffe_id, service = %reg.service, address = %reg.address, "sidecar registered");
+        if let Some(tx) = &inner.changes {
+            let _ = tx.send(LocalChange::Registered(key, reg.clone()));
+        }
         let entry = Entry {
             reg,
             connected: Instant::now(),
@@ -255,6 +279,9 @@ impl Registry {
         let mut inner = self.lock();
         if let Some(e) = inner.sidecars.remove(&key) {
             tracing::info!(spiffe_id = %e.reg.spiffe_id, service = %e.reg.service, "sidecar deregistered");
+        }
+        if let Some(tx) = &inner.changes {
+            let _ = tx.send(LocalChange::Deregistered(key));
         }
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
@@ -278,6 +305,27 @@ impl Registry {
     /// Records a rejected config change (the previous one keeps serving).
     pub fn set_config_error(&self, error: String) {
         self.lock().config_error = error;
+    }
+
+    /// From now on, every registration and deregistration is also sent to
+    /// `tx`; the registrations held so far are sent first.
+    pub fn publish_local_changes(&self, tx: mpsc::UnboundedSender<LocalChange>) {
+        let mut inner = self.lock();
+        for (key, e) in &inner.sidecars {
+            let _ = tx.send(LocalChange::Registered(*key, e.reg.clone()));
+        }
+        inner.changes = Some(tx);
+    }
+
+    /// Replaces the registrations held by other replicas; a new version
+    /// only when they changed.
+    pub fn set_shared(&self, shared: Vec<Registration>) {
+        let mut inner = self.lock();
+        if inner.shared != shared {
+            inner.shared = shared;
+            inner.dirty = true;
+            self.changed.notify_one();
+        }
     }
 
     /// Every published version, as it is published (a slow reader skips to
@@ -340,6 +388,7 @@ impl Registry {
                     admin_address: e.reg.admin_address.clone(),
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 }
@@ -407,6 +456,32 @@ mod tests {
         assert_eq!(eps("foo"), ["127.0.0.1:1"]);
         assert_eq!(eps("foo-v1"), ["127.0.0.1:1"]);
         assert_eq!(eps("bar"), ["127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn shared_registrations_are_endpoints_once_and_local_changes_are_published() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let g = r.register(reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:1"));
+        r.publish_local_changes(tx);
+        assert!(matches!(rx.try_recv(), Ok(LocalChange::Registered(_, x)) if x.address == "127.0.0.1:1"));
+        let v = r.snapshot().version;
+        // The same sidecar still registered on a replica it left, and one of another replica.
+        r.set_shared(vec![
+            reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:1"),
+            reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:3"),
+        ]);
+        let s = r.snapshot();
+        assert!(s.version > v);
+        let addrs: Vec<_> = s.services[0].endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, ["127.0.0.1:1", "127.0.0.1:3"]);
+        r.set_shared(vec![
+            reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:1"),
+            reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:3"),
+        ]);
+        assert_eq!(r.snapshot().version, s.version, "unchanged: no new version");
+        drop(g);
+        assert!(matches!(rx.try_recv(), Ok(LocalChange::Deregistered(_))));
     }
 
     #[test]

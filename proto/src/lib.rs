@@ -24,4 +24,10 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
+/// The etcd v3 API subset the control plane's etcd store uses (clients only):
+/// `KV`, `Watch` and `Lease` of package `etcdserverpb`.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 pub mod channel;

@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod control_plane;
+pub mod etcd;
 pub mod mesh;
 pub mod servers;
 

@@ -1,8 +1,12 @@
 //! Where the control plane keeps what must survive a restart: join tokens
 //! (hash, SPIFFE ID, expiry, used flag). Behind a trait so that an etcd store
-//! can serve several replicas; the embedded default is [`file::FileStore`].
+//! can serve several replicas; the embedded default is [`file::FileStore`],
+//! the shared one [`etcd::EtcdStore`] (`--store etcd://...`).
 
+pub mod etcd;
 pub mod file;
+pub mod health;
+pub mod url;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -29,6 +33,15 @@ pub enum StoreError {
     UsedToken,
     #[error("store {path}: {reason}")]
     Backend { path: String, reason: String },
+    /// The store did not answer (etcd down or out of quorum): writes wait
+    /// until it is back; what is in memory keeps serving.
+    #[error("store {endpoints} is unreachable ({reason}); try again when it is back")]
+    Unavailable { endpoints: String, reason: String },
+    /// A compare-and-swap lost: the value changed since `expected`.
+    #[error(
+        "the stored mesh config is at revision {actual}, not {expected}: fetch it again (weft get config) and re-apply"
+    )]
+    Conflict { expected: i64, actual: i64 },
 }
 
 #[async_trait]

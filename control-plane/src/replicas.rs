@@ -1,0 +1,345 @@
+//! What control-plane replicas share through etcd (`--store etcd://...`):
+//!
+//! - **Registrations**: every sidecar stream this replica holds is a key
+//!   `/weft/registrations/<replica>/<n>` under this replica's lease (TTL
+//!   `--registration-ttl`, kept alive every third of it). A replica that dies
+//!   stops keeping its lease alive: its sidecars stay in discovery until the
+//!   lease runs out, time enough for them to reconnect to another replica.
+//! - **Following**: every replica reads the registration prefix and
+//!   `/weft/config`, then watches `/weft/` from that revision on, and feeds
+//!   the other replicas' registrations ([`Registry::set_shared`]) and the
+//!   stored mesh config ([`Registry::set_mesh_config`]) into the registry.
+//!
+//! When etcd does not answer, nothing in memory is dropped: sidecars keep
+//! their streams and snapshots, [`StoreHealth`] says why writes are refused.
+//! When it answers again, the lease is re-granted, every held registration
+//! re-written, the old lease revoked (dropping what ended meanwhile), and the
+//! follower reads everything afresh before watching again.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_certs::SpiffeId;
+use weft_proto::etcd::event::EventType;
+use weft_proto::etcd::watch_request::RequestUnion;
+use weft_proto::etcd::{LeaseKeepAliveRequest, LeaseRevokeRequest, WatchCreateRequest, WatchRequest};
+
+use crate::metrics::Metrics;
+use crate::registry::{LocalChange, Registration, Registry};
+use crate::store::etcd::{prefix_end, Etcd, CALL_TIMEOUT, CONFIG_KEY, PREFIX};
+use crate::store::health::StoreHealth;
+use crate::store::StoreError;
+
+/// Prefix of every replica's registrations.
+pub const REGISTRATIONS: &str = "/weft/registrations/";
+
+/// A registration as stored in etcd (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredRegistration {
+    spiffe_id: String,
+    service: String,
+    address: String,
+    #[serde(default)]
+    admin_address: String,
+    #[serde(default)]
+    labels: std::collections::HashMap<String, String>,
+    /// SVID expiry, seconds since the Unix epoch (0: unknown).
+    #[serde(default)]
+    svid_expires_at: i64,
+}
+
+impl StoredRegistration {
+    fn from_registration(r: &Registration) -> Self {
+        Self {
+            spiffe_id: r.spiffe_id.to_string(),
+            service: r.service.clone(),
+            address: r.address.clone(),
+            admin_address: r.admin_address.clone(),
+            labels: r.labels.clone(),
+            svid_expires_at: r.svid_expires.map(weft_certs::svid::unix_secs).unwrap_or(0),
+        }
+    }
+
+    fn into_registration(self) -> Option<Registration> {
+        Some(Registration {
+            spiffe_id: SpiffeId::parse(&self.spiffe_id).ok()?,
+            service: self.service,
+            address: self.address,
+            admin_address: self.admin_address,
+            labels: self.labels,
+            svid_expires: (self.svid_expires_at > 0)
+                .then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(self.svid_expires_at as u64)),
+        })
+    }
+}
+
+/// This replica's view of what is shared: the revision of the mesh config
+/// it serves (0: none from etcd yet).
+#[derive(Default)]
+pub struct SharedState {
+    pub config_revision: AtomicI64,
+}
+
+/// Starts the registration writer and the follower for this replica and
+/// waits (at most `first_sync`) until the follower has read etcd once, so a
+/// new replica serves the stored config from its first snapshot.
+pub async fn start(
+    etcd: Etcd,
+    registry: Arc<Registry>,
+    health: Arc<StoreHealth>,
+    metrics: Arc<Metrics>,
+    ttl: Duration,
+    first_sync: Duration,
+) -> Arc<SharedState> {
+    let replica = weft_certs::svid::unix_secs(SystemTime::now()).to_string() + "-" + &crate::tokens::generate()[8..24];
+    let shared = Arc::new(SharedState::default());
+    let (tx, rx) = mpsc::unbounded_channel();
+    registry.publish_local_changes(tx);
+    tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, format!("{REGISTRATIONS}{replica}/"), health.clone()));
+    let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    let follower =
+        Follower { etcd, registry, health, metrics, own: format!("{REGISTRATIONS}{replica}/"), shared: shared.clone() };
+    tokio::spawn(follower.run(synced_tx));
+    if tokio::time::timeout(first_sync, synced).await.is_err() {
+        tracing::warn!("etcd did not answer within {first_sync:?}: serving without the stored config until it does");
+    }
+    tracing::info!(%replica, "replica registered with etcd");
+    shared
+}
+
+/// Keeps this replica's registrations in etcd under one lease.
+async fn hold_registrations(
+    etcd: Etcd,
+    mut changes: mpsc::UnboundedReceiver<LocalChange>,
+    ttl: Duration,
+    own: String,
+    health: Arc<StoreHealth>,
+) {
+    let mut held: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut lease: Option<i64> = None;
+    // A lease given up while etcd was away: revoked once a new one holds
+    // every registration, which drops the keys of streams that ended meanwhile.
+    let mut stale: Option<i64> = None;
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(500)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                let Some(change) = change else { return };
+                let result = match change {
+                    LocalChange::Registered(n, reg) => {
+                        let value = serde_json::to_vec(&StoredRegistration::from_registration(&reg)).expect("serializes");
+                        held.insert(n, value.clone());
+                        match lease {
+                            Some(l) => etcd.put(&format!("{own}{n}"), value, l).await,
+                            None => Ok(()),
+                        }
+                    }
+                    LocalChange::Deregistered(n) => {
+                        held.remove(&n);
+                        match lease {
+                            Some(_) => etcd.delete(&format!("{own}{n}")).await,
+                            None => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    // Written again in full under a new lease once etcd answers.
+                    stale = stale.or(lease.take());
+                    tracing::debug!(error = %e, "registration write failed");
+                }
+            }
+            _ = tick.tick() => {
+                match lease {
+                    Some(l) => match keep_alive_twice(&etcd, l).await {
+                        Ok(true) => health.report_up(),
+                        Ok(false) => {
+                            tracing::warn!(lease = l, "registration lease expired (etcd was away longer than its TTL); registering again");
+                            lease = None;
+                        }
+                        Err(e) => {
+                            health.report_down(e.to_string());
+                            stale = stale.or(lease.take());
+                        }
+                    },
+                    None => match register_all(&etcd, &own, &held, ttl).await {
+                        Ok(l) => {
+                            lease = Some(l);
+                            if let Some(old) = stale.take() {
+                                let mut client = etcd.lease.clone();
+                                let _ = etcd.call(client.lease_revoke(LeaseRevokeRequest { id: old })).await;
+                            }
+                            health.report_up();
+                        }
+                        Err(e) => health.report_down(e.to_string()),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Grants a lease and writes every held registration under it.
+async fn register_all(etcd: &Etcd, own: &str, held: &BTreeMap<u64, Vec<u8>>, ttl: Duration) -> Result<i64, StoreError> {
+    let lease = etcd.grant(ttl).await?;
+    for (n, value) in held {
+        etcd.put(&format!("{own}{n}"), value.clone(), lease).await?;
+    }
+    Ok(lease)
+}
+
+/// [`keep_alive`], tried again once on failure: a member going away fails
+/// one call, and the next one goes to another member.
+async fn keep_alive_twice(etcd: &Etcd, lease: i64) -> Result<bool, StoreError> {
+    match keep_alive(etcd, lease).await {
+        Err(_) => keep_alive(etcd, lease).await,
+        alive => alive,
+    }
+}
+
+/// One keep-alive of `lease`: Ok(false) when etcd says it is gone.
+async fn keep_alive(etcd: &Etcd, lease: i64) -> Result<bool, StoreError> {
+    let req = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
+    let mut stream = etcd.call(etcd.lease.clone().lease_keep_alive(req)).await?;
+    match tokio::time::timeout(CALL_TIMEOUT, stream.message()).await {
+        Ok(Ok(Some(r))) => Ok(r.ttl > 0),
+        Ok(Ok(None)) => Err(etcd.unavailable("lease keep-alive stream ended")),
+        Ok(Err(s)) => Err(etcd.unavailable(format!("lease keep-alive: {}", s.message()))),
+        Err(_) => Err(etcd.unavailable(format!("lease keep-alive: no answer within {CALL_TIMEOUT:?}"))),
+    }
+}
+
+/// Reads and watches etcd into the registry.
+struct Follower {
+    etcd: Etcd,
+    registry: Arc<Registry>,
+    health: Arc<StoreHealth>,
+    metrics: Arc<Metrics>,
+    /// This replica's own registration prefix (those are in the registry already).
+    own: String,
+    shared: Arc<SharedState>,
+}
+
+impl Follower {
+    async fn run(self, synced: tokio::sync::oneshot::Sender<()>) {
+        let mut synced = Some(synced);
+        let mut others: BTreeMap<Vec<u8>, Registration> = BTreeMap::new();
+        let mut failures = 0u32;
+        loop {
+            match self.follow(&mut others, &mut synced).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    // One failure is often a member going away: retry on the
+                    // next one before saying the store is down.
+                    if failures > 1 {
+                        self.health.report_down(e.to_string());
+                    }
+                    tracing::debug!(error = %e, "etcd watch ended");
+                    let backoff = Duration::from_millis(200 * u64::from(failures.min(10)));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// Reads the registrations and the config, then watches from there
+    /// until the watch fails (an error) or is cancelled by etcd.
+    async fn follow(
+        &self,
+        others: &mut BTreeMap<Vec<u8>, Registration>,
+        synced: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), StoreError> {
+        let (kvs, revision) = self.etcd.get_prefix(REGISTRATIONS).await?;
+        others.clear();
+        for kv in kvs {
+            self.put_registration(others, kv.key, &kv.value);
+        }
+        self.registry.set_shared(others.values().cloned().collect());
+        if let Some(kv) = self.etcd.get(CONFIG_KEY).await? {
+            self.apply_config(&kv.value, kv.mod_revision);
+        }
+        self.health.report_up();
+        if let Some(tx) = synced.take() {
+            let _ = tx.send(());
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let create = WatchCreateRequest {
+            key: PREFIX.as_bytes().to_vec(),
+            range_end: prefix_end(PREFIX.as_bytes()),
+            start_revision: revision + 1,
+            progress_notify: false,
+        };
+        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) })
+            .await
+            .expect("receiver alive");
+        // `tx` lives as long as the watch: closing the request side ends it.
+        let mut stream = self.etcd.call(self.etcd.watch.clone().watch(ReceiverStream::new(rx))).await?;
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(self.etcd.unavailable("watch stream ended")),
+                Err(s) => return Err(self.etcd.unavailable(format!("watch: {}", s.message()))),
+            };
+            if resp.canceled || resp.compact_revision > 0 {
+                // Read everything afresh (compacted: events were lost).
+                return Err(self.etcd.unavailable(format!("watch cancelled: {}", resp.cancel_reason)));
+            }
+            let mut registrations_changed = false;
+            for ev in resp.events {
+                let Some(kv) = ev.kv else { continue };
+                if kv.key.starts_with(REGISTRATIONS.as_bytes()) {
+                    registrations_changed = true;
+                    if ev.r#type == EventType::Delete as i32 {
+                        others.remove(&kv.key);
+                    } else {
+                        self.put_registration(others, kv.key, &kv.value);
+                    }
+                } else if kv.key == CONFIG_KEY.as_bytes() && ev.r#type == EventType::Put as i32 {
+                    self.apply_config(&kv.value, kv.mod_revision);
+                }
+            }
+            if registrations_changed {
+                self.registry.set_shared(others.values().cloned().collect());
+            }
+        }
+    }
+
+    fn put_registration(&self, others: &mut BTreeMap<Vec<u8>, Registration>, key: Vec<u8>, value: &[u8]) {
+        if key.starts_with(self.own.as_bytes()) {
+            return;
+        }
+        match serde_json::from_slice::<StoredRegistration>(value).ok().and_then(StoredRegistration::into_registration) {
+            Some(reg) => {
+                others.insert(key, reg);
+            }
+            None => tracing::warn!(key = %String::from_utf8_lossy(&key), "unreadable registration in etcd; ignored"),
+        }
+    }
+
+    /// Validates the stored config again (this replica's rules) and serves
+    /// it; a config this replica rejects changes nothing here.
+    fn apply_config(&self, yaml: &[u8], revision: i64) {
+        if self.shared.config_revision.load(Ordering::Acquire) == revision {
+            return;
+        }
+        match weft_config::parse(&String::from_utf8_lossy(yaml)) {
+            Ok(cfg) => {
+                self.registry.set_mesh_config(crate::config_file::to_json(&cfg));
+                self.shared.config_revision.store(revision, Ordering::Release);
+                self.metrics.config_reload("applied");
+                tracing::info!(revision, "mesh config from etcd applied");
+            }
+            Err(errs) => {
+                self.metrics.config_reload("rejected");
+                tracing::error!(revision, "stored mesh config rejected: {errs}; keeping the last good config");
+                self.registry.set_config_error(format!("stored config at revision {revision}: {errs}"));
+            }
+        }
+    }
+}

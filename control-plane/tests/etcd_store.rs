@@ -1,0 +1,484 @@
+//! Control-plane replicas on a real etcd (`--store etcd://...`): join tokens
+//! used once across replicas, registrations and the mesh config shared by
+//! every replica, and etcd outages that sidecars do not notice. The etcd
+//! servers are real processes on loopback (testkit's [`Etcd`]); each test
+//! skips with a message when no `etcd` binary is installed.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use tempfile::TempDir;
+use weft_proto::admin::v1::{ApplyConfigRequest, GetConfigRequest};
+use weft_proto::identity::v1::AttestRequest;
+use weft_testkit::etcd::Etcd;
+use weft_testkit::mesh::{App, TD};
+use weft_testkit::{bin, http_get, run, servers, within, ControlPlane, Pki, Sidecar, SidecarSpec};
+
+/// Registration lease TTL for the tests: short, so expiry is seen quickly.
+const TTL: &str = "4s";
+
+const SEED: &str = "\
+apiVersion: weft.dev/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec: {defaultPolicy: allow}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: seeded-one}
+spec: {port: 8080, protocol: http}
+";
+
+fn with_marker(marker: &str) -> String {
+    format!(
+        "{SEED}---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: {marker}}}\nspec: {{port: 8080, protocol: http}}\n"
+    )
+}
+
+/// Every field error of this file is one `weft validate` names.
+const INVALID: &str = "\
+apiVersion: weft.dev/v1alpha1
+kind: HTTPRoute
+metadata: {name: broken}
+spec:
+  parentRefs: [{name: nowhere}]
+  rules:
+    - backendRefs: [{name: nowhere, weight: -3}]
+";
+
+/// `n` replicas on one PKI and `etcd`, each with its own state dir.
+async fn replicas(pki: &Pki, etcd: &Etcd, n: usize, extra: &[&str]) -> (Vec<TempDir>, Vec<ControlPlane>) {
+    let url = etcd.url();
+    let mut dirs = Vec::new();
+    let mut cps = Vec::new();
+    for _ in 0..n {
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut args = vec!["--store", url.as_str(), "--registration-ttl", TTL];
+        args.extend_from_slice(extra);
+        cps.push(ControlPlane::start_on(pki, state.path(), &args).await);
+        dirs.push(state);
+    }
+    (dirs, cps)
+}
+
+fn weft(cp: &ControlPlane, args: &[&str]) -> weft_testkit::Output {
+    run(Command::new(bin("weft")).args(args).arg("--control-plane").arg(cp.addr.to_string()).arg("--pki").arg(&cp.pki))
+}
+
+/// Waits until the sidecar's applied config (its /config) contains `needle`.
+async fn wait_config_has(s: &Sidecar, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, body) = http_get(s.admin, "/config").await.unwrap_or_default();
+        if body.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sidecar {} never applied {needle:?}; /config:\n{body}", s.service);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_ready(cp: &ControlPlane, want: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, body) = http_get(cp.admin, "/ready").await.unwrap_or((0, String::new()));
+        if code == want {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/ready stayed {code} ({body}), want {want}; log:\n{}", cp.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_token_works_exactly_once_across_replicas() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, cps) = replicas(&pki, &etcd, 3, &[]).await;
+    let id = cps[0].id("/ns/default/sa/web");
+
+    let token = cps[0].create_token(&id, 600).await;
+    let (svid, _) = cps[1].attest(&token).await.expect("first use, through replica 2");
+    assert_eq!(svid.spiffe_id, id);
+    let refused = cps[2].attest(&token).await.expect_err("second use, through replica 3");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("already used"), "{refused:?}");
+
+    // 50 attempts at once, spread over the replicas: one SVID.
+    let token = cps[0].create_token(&id, 600).await;
+    let clients: Vec<_> = cps.iter().map(|cp| cp.identity()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let mut client = clients[i % clients.len()].clone();
+        let token = token.clone();
+        tasks.spawn(async move {
+            let (csr, _) = weft_certs::ca::make_csr().expect("csr");
+            within(client.attest(AttestRequest { join_token: token, csr })).await
+        });
+    }
+    let (mut ok, mut used) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == tonic::Code::PermissionDenied => used += 1,
+            Err(s) => panic!("neither an SVID nor 'already used': {s:?}"),
+        }
+    }
+    assert_eq!((ok, used), (1, 49), "exactly one SVID for one token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_and_applied_config_reach_sidecars_on_every_replica() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let seed = tempfile::tempdir().unwrap();
+    let seed_file = seed.path().join("mesh.yaml");
+    std::fs::write(&seed_file, SEED).unwrap();
+    let seed_arg = seed_file.display().to_string();
+    // Replica 1 seeds the empty store from --config; replica 2 reads it.
+    let (_d1, mut cp1) = replicas(&pki, &etcd, 1, &["--config", &seed_arg]).await;
+    let (_d2, mut cp2) = replicas(&pki, &etcd, 1, &[]).await;
+    let (cp1, cp2) = (cp1.remove(0), cp2.remove(0));
+
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(&cp2, TD, SidecarSpec::new("api", api_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cp1,
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    // The api sidecar registered with replica 2; the web sidecar's replica 1 knows it.
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    let reply = App::of(&web).get("api", "/across").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "api /across"));
+    wait_config_has(&web, "seeded-one", Duration::from_secs(10)).await;
+    wait_config_has(&api, "seeded-one", Duration::from_secs(10)).await;
+
+    // Applied through replica 2, served by both.
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v2, with_marker("marker-two")).unwrap();
+    let out = weft(&cp2, &["apply", "-f", &v2.display().to_string()]);
+    assert!(out.status.success(), "weft apply: {}", out.stderr);
+    assert!(out.stdout.contains("applied, revision"), "{}", out.stdout);
+    wait_config_has(&web, "marker-two", Duration::from_secs(10)).await;
+    wait_config_has(&api, "marker-two", Duration::from_secs(10)).await;
+    let got = weft(&cp1, &["get", "config"]);
+    assert!(got.status.success(), "{}", got.stderr);
+    assert!(got.stdout.starts_with("# revision: ") && got.stdout.contains("marker-two"), "{}", got.stdout);
+
+    // An invalid config: the same field-level errors as `weft validate`, nothing changes.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, INVALID).unwrap();
+    let validate = run(Command::new(bin("weft")).arg("validate").arg(&bad));
+    assert!(!validate.status.success());
+    let applied = weft(&cp1, &["apply", "-f", &bad.display().to_string()]);
+    assert!(!applied.status.success());
+    assert_eq!(applied.stderr, validate.stderr, "weft apply reports what weft validate reports");
+    // Sent straight to a replica (no client-side check): refused with the same errors.
+    let errors = weft_config::parse(INVALID).expect_err("invalid").to_string();
+    assert!(validate.stderr.contains(&errors), "{}", validate.stderr);
+    let mut admin = cp2.admin_as(Some(&cp2.operator()));
+    let status = within(admin.apply_config(ApplyConfigRequest { yaml: INVALID.into(), if_revision: 0 }))
+        .await
+        .expect_err("invalid config refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), errors);
+    let after = weft(&cp2, &["get", "config"]);
+    assert_eq!(after.stdout, got.stdout, "the stored config did not change");
+    let stored = within(admin.get_config(GetConfigRequest {})).await.unwrap().into_inner();
+    assert!(stored.yaml.contains("marker-two"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_config_has(&web, "marker-two", Duration::from_secs(1)).await;
+
+    // A stale --if-revision loses.
+    let v3 = dir.path().join("v3.yaml");
+    std::fs::write(&v3, with_marker("marker-three")).unwrap();
+    let stale = weft(&cp1, &["apply", "-f", &v3.display().to_string(), "--if-revision", "1"]);
+    assert!(!stale.status.success() && stale.stderr.contains("weft get config"), "{}", stale.stderr);
+}
+
+/// The replica a sidecar was connected to dies: its registration stays for
+/// the lease's TTL (time to reconnect elsewhere), then goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_of_a_dead_replica_stays_for_the_lease_then_goes() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &[]).await;
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cps[0],
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    cps[1].stop();
+    let killed = Instant::now();
+    // Within the grace the endpoint stays and serves.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
+    assert_eq!(App::of(&web).get("api", "/grace").await.status, 200);
+    // The api sidecar only knows the dead replica: gone once the lease runs out.
+    web.wait_endpoints("api", 0, Duration::from_secs(30)).await;
+    assert!(killed.elapsed() >= Duration::from_secs(3), "removed before the lease TTL: {:?}", killed.elapsed());
+    drop(api);
+}
+
+/// Continuous requests web → api while etcd loses a member, then all of
+/// them: no request fails, replicas say they are not ready for writes and
+/// why, and catch up when etcd returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
+    let Some(mut etcd) = Etcd::start(3).await else { return };
+    let pki = Pki::new(TD);
+    let seed = tempfile::tempdir().unwrap();
+    let seed_file = seed.path().join("mesh.yaml");
+    std::fs::write(&seed_file, SEED).unwrap();
+    let seed_arg = seed_file.display().to_string();
+    let (_dirs, cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cps[0],
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (app, stop, ok, failed) = (App::of(&web), stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut first_failure = None;
+            while !stop.load(Ordering::Relaxed) {
+                match app.send(Method::GET, "api", "/load", &[]).await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        first_failure.get_or_insert(format!("{other:?}"));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            first_failure
+        })
+    };
+
+    // One member of three stops: writes still work through both replicas.
+    etcd.stop(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for cp in &cps {
+        let id = cp.id("/ns/default/sa/during-member-loss");
+        let token = cp.create_token(&id, 60).await;
+        cp.attest(&token).await.expect("attest with one etcd member down");
+    }
+    etcd.restart(0);
+    etcd.wait_healthy(0).await;
+
+    // All of etcd stops for a while.
+    etcd.stop_all();
+    let why = wait_ready(&cps[0], 503, Duration::from_secs(30)).await;
+    assert!(why.contains("unreachable") && why.contains("etcd://"), "{why}");
+    wait_ready(&cps[1], 503, Duration::from_secs(30)).await;
+    assert!(cps[0].metrics().await.contains("weft_control_plane_store_up 0"));
+    let status = weft(&cps[0], &["status"]);
+    assert!(status.status.success(), "{}", status.stderr);
+    assert!(status.stdout.contains("UNREACHABLE"), "{}", status.stdout);
+    let refused = within(cps[0].admin_as(Some(&cps[0].operator())).create_join_token(
+        weft_proto::admin::v1::CreateJoinTokenRequest {
+            spiffe_id: cps[0].id("/ns/default/sa/x").to_string(),
+            ttl_seconds: 60,
+        },
+    ))
+    .await
+    .expect_err("no token without the store");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Longer than the registration TTL: nothing in memory is dropped.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
+
+    etcd.start_all().await;
+    for cp in &cps {
+        wait_ready(cp, 200, Duration::from_secs(30)).await;
+        assert!(cp.metrics().await.contains("weft_control_plane_store_up 1"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let after = dir.path().join("after.yaml");
+    std::fs::write(&after, with_marker("after-outage")).unwrap();
+    let out = weft(&cps[1], &["apply", "-f", &after.display().to_string()]);
+    assert!(out.status.success(), "weft apply after the outage: {}", out.stderr);
+    wait_config_has(&web, "after-outage", Duration::from_secs(15)).await;
+    wait_config_has(&api, "after-outage", Duration::from_secs(15)).await;
+    // Registrations were written again: still one api endpoint after a TTL.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let first_failure = load.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} failed requests of {}; first: {first_failure:?}", ok + failed);
+    assert!(ok > 100, "only {ok} requests went through");
+}
+
+/// A sidecar given several control-plane addresses (`--control-plane a,b`)
+/// moves to the other replica when its replica is killed, while requests flow
+/// and short SVIDs renew.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_fail_over_when_their_replica_is_killed() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--svid-ttl", "6s"]).await;
+    let both = format!("{},{}", cps[0].addr, cps[1].addr);
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(&cps[0], TD, SidecarSpec::new("api", api_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cps[0],
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    // Sidecar::start names one replica; restart both with the list (the SVID is in their state dirs).
+    let mut sidecars = [api, web];
+    for s in &mut sidecars {
+        s.proc_.kill();
+        let mut args = s.args.clone();
+        let at = args.iter().position(|a| a == "--control-plane").unwrap() + 1;
+        args[at] = both.clone();
+        s.proc_ =
+            weft_testkit::Proc::spawn(&format!("{}-failover", s.service), &bin("weft-proxy"), &args, cps[0].dir.path());
+        weft_testkit::wait_ok(s.admin, "/ready", Duration::from_secs(20), Some(&s.proc_)).await;
+    }
+    let [api, web] = sidecars;
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    let app = App::of(&web);
+    cps[0].stop();
+    let until = Instant::now() + Duration::from_secs(20);
+    let (mut ok, mut failed) = (0, 0);
+    while Instant::now() < until {
+        match app.send(Method::GET, "api", "/failover", &[]).await {
+            Ok(r) if r.status == 200 => ok += 1,
+            _ => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(failed, 0, "{failed} of {} failed across the replica's death and SVID renewals", ok + failed);
+    // Both re-registered with the surviving replica.
+    let status = weft(&cps[1], &["status", "--json"]);
+    assert!(
+        status.stdout.contains("\"service\":\"api\"") && status.stdout.contains("\"service\":\"web\""),
+        "{}",
+        status.stdout
+    );
+    drop(api);
+}
+
+/// Needs no etcd: a `--store` that is neither form is a start-up error
+/// saying what is expected, and a file-store control plane refuses
+/// `weft apply` / `weft get config` saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
+    for (store, expect) in [
+        ("http://127.0.0.1:2379", "expected `file` or `etcd://host:port[,host:port...]`"),
+        ("etcd://127.0.0.1", "\"127.0.0.1\" is not host:port"),
+    ] {
+        let out = run(Command::new(bin("weft-control-plane")).args(["--store", store]));
+        assert!(!out.status.success());
+        assert!(out.stderr.contains(expect), "--store {store}: {}", out.stderr);
+    }
+    let cp = ControlPlane::start(TD, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, SEED).unwrap();
+    let out = weft(&cp, &["apply", "-f", &file.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("--store file") && out.stderr.contains("--config file"), "{}", out.stderr);
+    let out = weft(&cp, &["get", "config"]);
+    assert!(!out.status.success() && out.stderr.contains("--store etcd://"), "{}", out.stderr);
+}
+
+/// A CA and two certificates it signs, in `dir`: `server.crt`/`.key`
+/// (127.0.0.1) and `client.crt`/`.key`, with `ca.crt`.
+fn ca_and_leaf(dir: &std::path::Path) -> weft_testkit::etcd::ServerTls {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (write(&format!("{name}.crt"), cert.pem()), write(&format!("{name}.key"), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth, "server");
+    leaf(vec!["weft-control-plane".into()], ExtendedKeyUsagePurpose::ClientAuth, "client");
+    weft_testkit::etcd::ServerTls { cert: server_cert, key: server_key, client_ca: write("ca.crt", ca_cert.pem()) }
+}
+
+/// etcd with TLS and client-certificate auth: a replica with --store-ca,
+/// --store-cert and --store-key stores and serves; one without a client
+/// certificate is not ready and says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = ca_and_leaf(certs.path());
+    let Some(etcd) = Etcd::start_tls(1, tls.clone()).await else { return };
+    let pki = Pki::new(TD);
+    let file = |n: &str| certs.path().join(n).display().to_string();
+    let (ca, cert, key) = (file("ca.crt"), file("client.crt"), file("client.key"));
+    let (_dirs, cps) = replicas(&pki, &etcd, 1, &["--store-ca", &ca, "--store-cert", &cert, "--store-key", &key]).await;
+    let id = cps[0].id("/ns/default/sa/tls");
+    let token = cps[0].create_token(&id, 60).await;
+    cps[0].attest(&token).await.expect("token stored in and consumed from etcd over TLS");
+
+    // No client certificate: etcd refuses the handshake; the replica says so.
+    let state = tempfile::tempdir().unwrap();
+    let url = etcd.url();
+    let admin = weft_testkit::free_addr();
+    let args: Vec<String> = [
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        &weft_testkit::free_addr().to_string(),
+        "--admin",
+        &admin.to_string(),
+        "--store",
+        &url,
+        "--store-ca",
+        &ca,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = weft_testkit::Proc::spawn("cp-no-client-cert", &bin("weft-control-plane"), &args, state.path());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok((503, why)) = http_get(admin, "/ready").await {
+            assert!(why.contains("unreachable") && why.contains("etcd://"), "{why}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never said why it is not ready; log:\n{}", cp.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
