@@ -428,6 +428,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             limits: limits::Limits::default(),
             workload_api: None,
+            calls: Vec::new(),
         }
     }
 
