@@ -67,6 +67,10 @@ pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transp
 /// shown: tonic's `Code` Display ("Client specified an invalid argument") is
 /// gRPC jargon that tells the operator nothing the message does not.
 fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
+    use weft_certs::diagnose::{Client, ControlPlaneError};
+    if let Some(e) = ControlPlaneError::from_error(&conn.control_plane, Client::Operator, &status) {
+        return e.into();
+    }
     if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
         anyhow::anyhow!(
             "TLS with the control plane at {} failed (is --pki the control plane's PKI?): {}",
@@ -112,6 +116,18 @@ pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyh
     Ok(resp.into_inner())
 }
 
+/// Warnings about the config being served, checked against the connected
+/// sidecars and the mesh's trust domain (route backends without endpoints,
+/// policies naming another trust domain), one line each.
+pub fn status_warnings(s: &StatusResponse) -> Vec<String> {
+    let Ok(cfg) = serde_json::from_str::<weft_config::MeshConfig>(&s.mesh_config_json) else { return Vec::new() };
+    let facts = weft_config::warnings::MeshFacts {
+        trust_domain: Some(s.trust_domain.clone()),
+        endpoints: Some(crate::validate::endpoints_of(&s.sidecars)),
+    };
+    weft_config::warnings::warnings(&cfg, &facts).iter().map(ToString::to_string).collect()
+}
+
 /// Prints the control plane's view as a table (or JSON).
 pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
@@ -140,6 +156,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "config_version": s.config_version,
             "config_error": s.config_error,
             "sidecars": sidecars,
+            "warnings": status_warnings(&s),
         });
         outln!("{doc}")?;
         return Ok(());
@@ -168,6 +185,9 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     }
     if s.sidecars.is_empty() {
         outln!("(no sidecars connected)")?;
+    }
+    for w in status_warnings(&s) {
+        outln!("warning: {w}")?;
     }
     Ok(())
 }

@@ -49,8 +49,8 @@ pub enum StartError {
     Pki(#[from] weft_certs::CertError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("{}: {errors}", path.display())]
-    Config { errors: weft_config::ConfigErrors, path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] config_file::LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
@@ -137,12 +137,16 @@ impl ControlPlane {
     /// Loads the PKI and store, issues the control plane's own SVID and binds
     /// both listeners. Every failure here is a clear start-up error.
     pub async fn start(opts: Options) -> Result<Self, StartError> {
+        // The config file first: a wrong --config must not leave a state
+        // directory behind in whatever directory the operator ran from.
+        let config =
+            opts.config.as_deref().map(|path| Ok::<_, StartError>((path, config_file::load(path)?))).transpose()?;
         let state = State::open(&opts)?;
         let td = state.authority.trust_domain().clone();
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone());
-        if let Some(path) = &opts.config {
-            watch_config_file(path, &registry, &metrics)?;
+        if let Some((path, (text, cfg))) = config {
+            watch_config_file(path, text, &cfg, &registry, &metrics);
         }
         let tls = server_tls(&state.authority, opts.svid_ttl)?;
         let listeners = Listeners::bind(&opts).await?;
@@ -167,17 +171,17 @@ impl ControlPlane {
     }
 }
 
-/// Loads the mesh config file into the registry (invalid: a start-up
-/// error) and polls it for changes from then on.
+/// Puts the mesh config loaded at start (`text`, `cfg`) into the registry and
+/// polls the file for changes from then on.
 fn watch_config_file(
     path: &std::path::Path,
+    text: String,
+    cfg: &weft_config::MeshConfig,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
-) -> Result<(), StartError> {
-    let (text, cfg) = config_file::load(path).map_err(|errors| StartError::Config { errors, path: path.into() })?;
-    registry.set_mesh_config(config_file::to_json(&cfg));
+) {
+    registry.set_mesh_config(config_file::to_json(cfg));
     tokio::spawn(config_file::poll(path.into(), text, registry.clone(), metrics.clone()));
-    Ok(())
 }
 
 /// The gRPC port's TLS config: the control plane's own SVID (issued to
