@@ -22,7 +22,8 @@ pub enum Failure {
     Unreachable(String),
     /// The peer answered something that is not TLS (e.g. the admin port's plain HTTP).
     NotTls,
-    /// The control plane's certificate does not chain to our trust bundle.
+    /// The control plane's certificate does not chain to our trust bundle
+    /// (unknown issuer, or an issuer of the same name whose signature fails).
     UnknownIssuer,
     /// The control plane's certificate has expired (or is not valid yet).
     ServerCertExpired,
@@ -63,7 +64,11 @@ fn from_rustls(e: &rustls::Error) -> Option<Failure> {
     use rustls::Error as E;
     Some(match e {
         E::InvalidMessage(_) => Failure::NotTls,
-        E::InvalidCertificate(CertificateError::UnknownIssuer) => Failure::UnknownIssuer,
+        // Two PKIs of one trust domain have issuers of the same name, so a
+        // certificate of the other one fails on its signature, not its issuer.
+        E::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            Failure::UnknownIssuer
+        }
         E::InvalidCertificate(
             CertificateError::Expired
             | CertificateError::ExpiredContext { .. }
@@ -189,6 +194,13 @@ mod tests {
             "control plane unreachable at 127.0.0.1:1: connection refused (is it running? --control-plane should \
              name its --listen address)"
         );
+    }
+
+    #[test]
+    fn another_pki_of_the_same_trust_domain_is_an_unknown_issuer() {
+        let bad_sig = rustls::Error::InvalidCertificate(CertificateError::BadSignature);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, bad_sig);
+        assert_eq!(classify(&io), Some(Failure::UnknownIssuer));
     }
 
     #[test]

@@ -49,11 +49,42 @@ fn check_pki_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks the operator certificate before using it: the control plane would
+/// refuse an expired one or one from another PKI with a TLS alert that the
+/// client often sees only as a closed connection, so say it here, by file.
+fn check_operator_cert(conn: &ConnArgs, op: &weft_certs::Svid, bundle: &TrustBundle) -> anyhow::Result<()> {
+    use rustls::server::danger::ClientCertVerifier;
+    let cert = conn.pki.join(pki::OPERATOR_CERT);
+    let now = std::time::SystemTime::now();
+    if op.not_after < now {
+        let at = weft_certs::svid::unix_secs(op.not_after);
+        anyhow::bail!(
+            "the operator certificate {} has expired ({}, {}): the control plane refuses it; use a --pki directory \
+             with a current operator certificate",
+            cert.display(),
+            human::rfc3339(at),
+            human::relative(at, human::now_unix())
+        );
+    }
+    let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle.clone()), IdMatcher::Exact(op.spiffe_id.clone()));
+    let (leaf, intermediates) = op.chain.split_first().context("the operator certificate file holds no certificate")?;
+    if verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_err() {
+        anyhow::bail!(
+            "the operator certificate {} is not signed by {} (files from two different `weft certs init` runs?): \
+             the control plane refuses it; pass --pki naming the one directory `weft certs init` wrote for this mesh",
+            cert.display(),
+            conn.pki.join(pki::TRUST_BUNDLE).display()
+        );
+    }
+    Ok(())
+}
+
 /// An admin client speaking mTLS as the operator (connects lazily).
 pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     check_pki_dir(&conn.pki)?;
     let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
     let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
+    check_operator_cert(conn, &op, &bundle)?;
     let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
     let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
     let tls =

@@ -118,22 +118,36 @@ async fn each_connection_mistake_gets_one_actionable_line() {
             format!("{admin} is not a weft control plane's gRPC port (it answered plain HTTP?); --control-plane should name"),
         ),
         (
-            "another mesh's trust bundle",
+            "another mesh's PKI",
+            &cp_addr,
+            &other,
+            format!("the control plane at {cp_addr} has a certificate that --pki's trust-bundle.pem does not trust"),
+        ),
+        (
+            "a trust bundle from another PKI than the operator certificate",
             &cp_addr,
             &wrong_bundle,
-            format!("the control plane at {cp_addr} has a certificate that --pki's trust-bundle.pem does not trust"),
+            format!(
+                "the operator certificate {}/operator.crt is not signed by {}/trust-bundle.pem",
+                wrong_bundle.display(),
+                wrong_bundle.display()
+            ),
         ),
         (
             "an operator certificate from an unknown CA",
             &cp_addr,
             &unknown_ca,
-            format!("the control plane at {cp_addr} refused --pki's operator certificate"),
+            format!(
+                "the operator certificate {}/operator.crt is not signed by {}/trust-bundle.pem",
+                unknown_ca.display(),
+                unknown_ca.display()
+            ),
         ),
         (
             "an expired operator certificate",
             &cp_addr,
             &expired_pki,
-            "operator certificate".to_string(),
+            format!("the operator certificate {}/operator.crt has expired", expired_pki.display()),
         ),
         (
             "a port proving another SPIFFE ID",
