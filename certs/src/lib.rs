@@ -9,11 +9,13 @@
 //! - [`resolver`]: a hot-swappable SVID resolver for rotation.
 //! - [`tls`]: TLS 1.3-only rustls configs.
 //! - [`crypto`]: the rustls crypto provider (*ring*) all of the above use.
+//! - [`diagnose`]: connection failures to the control plane as one actionable line.
 //! - [`pki`]: the PKI directory written by `weft certs init`.
 
 pub mod bundle;
 pub mod ca;
 pub mod crypto;
+pub mod diagnose;
 pub mod error;
 pub mod jwt;
 pub mod pki;

@@ -39,6 +39,19 @@ impl IdMatcher {
             Self::Predicate(f) => f(id),
         }
     }
+
+    /// What this matcher accepts, in words, for error messages:
+    /// `spiffe://example.org/weft/control-plane`, `an ID in trust domain example.org`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Exact(id) => id.to_string(),
+            Self::OneOf(ids) => {
+                format!("one of {}", ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+            }
+            Self::TrustDomain(td) => format!("an ID in trust domain {td}"),
+            Self::Predicate(_) => "an ID this peer accepts".into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for IdMatcher {
@@ -134,7 +147,7 @@ impl SpiffeVerifier {
             .map_err(pki_error)?;
         let id = spiffe_id_of(end_entity).map_err(|e| other(PeerRejected::NotSvid(e.to_string())))?;
         if !self.matcher.matches(&id) {
-            return Err(other(PeerRejected::WrongId { got: id, want: format!("{:?}", self.matcher) }));
+            return Err(other(PeerRejected::WrongId { got: id, want: self.matcher.describe() }));
         }
         Ok(id)
     }

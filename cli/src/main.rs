@@ -10,6 +10,7 @@ mod operator;
 mod output;
 mod top;
 mod up;
+mod validate;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use weft_certs::{pki, SpiffeId, TrustDomain};
 
-use crate::output::outln;
+use crate::output::{out, outln};
 
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "weft service mesh: operator commands")]
@@ -42,11 +43,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
-    /// Check a mesh config file offline; prints every error with document, field and reason.
-    Validate {
-        /// The YAML file, e.g. examples/canary.yaml.
-        file: PathBuf,
+    /// Print an example mesh config built into weft, e.g. `weft example canary > canary.yaml`.
+    Example {
+        /// Which example (`canary`: a frontend, a backend split 90/10 between v1 and v2, an authorization policy).
+        #[arg(default_value = "canary", value_parser = ["canary"])]
+        name: String,
     },
+    /// Check a mesh config file offline; prints every error with document, field and reason.
+    Validate(validate::ValidateArgs),
     /// Add the weft sidecar to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod, List).
     Inject(inject::InjectArgs),
     /// Redirect this network namespace's TCP through the sidecar (run as root in the pod's init step).
@@ -269,17 +273,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             top::run(move || targets.clone(), header, interval, iterations, !no_clear).await?;
         }
         Cmd::ProxyConfig { conn, sidecar } => operator::proxy_config(&conn, &sidecar).await?,
-        Cmd::Validate { file } => {
-            let cfg = weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            outln!(
-                "{}: valid ({}, {}, {}, {})",
-                file.display(),
-                human::count(cfg.services.len(), "service", "services"),
-                human::count(cfg.routes.len(), "route", "routes"),
-                human::count(cfg.policies.len(), "authorization policy", "authorization policies"),
-                human::count(cfg.rate_limits.len(), "rate limit", "rate limits")
-            )?;
-        }
+        Cmd::Example { name: _ } => out!("{}", up::EMBEDDED_EXAMPLE)?,
+        Cmd::Validate(args) => validate::run(args).await?,
     }
     Ok(())
 }

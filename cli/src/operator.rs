@@ -50,11 +50,42 @@ fn check_pki_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks the operator certificate before using it: the control plane would
+/// refuse an expired one or one from another PKI with a TLS alert that the
+/// client often sees only as a closed connection, so say it here, by file.
+fn check_operator_cert(conn: &ConnArgs, op: &weft_certs::Svid, bundle: &TrustBundle) -> anyhow::Result<()> {
+    use rustls::server::danger::ClientCertVerifier;
+    let cert = conn.pki.join(pki::OPERATOR_CERT);
+    let now = std::time::SystemTime::now();
+    if op.not_after < now {
+        let at = weft_certs::svid::unix_secs(op.not_after);
+        anyhow::bail!(
+            "the operator certificate {} has expired ({}, {}): the control plane refuses it; use a --pki directory \
+             with a current operator certificate",
+            cert.display(),
+            human::rfc3339(at),
+            human::relative(at, human::now_unix())
+        );
+    }
+    let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle.clone()), IdMatcher::Exact(op.spiffe_id.clone()));
+    let (leaf, intermediates) = op.chain.split_first().context("the operator certificate file holds no certificate")?;
+    if verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_err() {
+        anyhow::bail!(
+            "the operator certificate {} is not signed by {} (files from two different `weft certs init` runs?): \
+             the control plane refuses it; pass --pki naming the one directory `weft certs init` wrote for this mesh",
+            cert.display(),
+            conn.pki.join(pki::TRUST_BUNDLE).display()
+        );
+    }
+    Ok(())
+}
+
 /// An admin client speaking mTLS as the operator (connects lazily).
 pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     check_pki_dir(&conn.pki)?;
     let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
     let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
+    check_operator_cert(conn, &op, &bundle)?;
     let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
     let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
     let tls =
@@ -68,6 +99,10 @@ pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transp
 /// shown: tonic's `Code` Display ("Client specified an invalid argument") is
 /// gRPC jargon that tells the operator nothing the message does not.
 fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
+    use weft_certs::diagnose::{Client, ControlPlaneError};
+    if let Some(e) = ControlPlaneError::from_error(&conn.control_plane, Client::Operator, &status) {
+        return e.into();
+    }
     if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
         anyhow::anyhow!(
             "TLS with the control plane at {} failed (is --pki the control plane's PKI?): {}",
@@ -126,6 +161,18 @@ pub async fn get_config(conn: &ConnArgs) -> anyhow::Result<GetConfigResponse> {
     Ok(c.get_config(GetConfigRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner())
 }
 
+/// Warnings about the config being served, checked against the connected
+/// sidecars and the mesh's trust domain (route backends without endpoints,
+/// policies naming another trust domain), one line each.
+pub fn status_warnings(s: &StatusResponse) -> Vec<String> {
+    let Ok(cfg) = serde_json::from_str::<weft_config::MeshConfig>(&s.mesh_config_json) else { return Vec::new() };
+    let facts = weft_config::warnings::MeshFacts {
+        trust_domain: Some(s.trust_domain.clone()),
+        endpoints: Some(crate::validate::endpoints_of(&s.sidecars)),
+    };
+    weft_config::warnings::warnings(&cfg, &facts).iter().map(ToString::to_string).collect()
+}
+
 /// Prints the control plane's view as a table (or JSON).
 pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let mut c = client(conn).await?;
@@ -157,6 +204,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "store_error": s.store_error,
             "config_revision": s.config_revision,
             "sidecars": sidecars,
+            "warnings": status_warnings(&s),
         });
         outln!("{doc}")?;
         return Ok(());
@@ -194,6 +242,9 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     }
     if s.sidecars.is_empty() {
         outln!("(no sidecars connected)")?;
+    }
+    for w in status_warnings(&s) {
+        outln!("warning: {w}")?;
     }
     Ok(())
 }

@@ -130,6 +130,8 @@ pub struct SidecarScrape {
 pub struct Scrape {
     /// (row) -> (total, successes)
     counts: HashMap<RowKey, (f64, f64)>,
+    /// (row) -> (answers 403 or grpc-status 7, answers 429 or grpc-status 8)
+    refused: HashMap<RowKey, (f64, f64)>,
     /// (caller, service, route, backend) -> le -> cumulative count
     buckets: HashMap<LatKey, Vec<(f64, f64)>>,
     /// inbound 403/429 answers -> count
@@ -143,6 +145,17 @@ pub struct Scrape {
 /// failure is carried in HTTP 200, so the HTTP status alone would count it.
 pub fn succeeded(code: &str, grpc_status: &str) -> bool {
     code.parse::<u16>().is_ok_and(|c| c < 400) && (grpc_status.is_empty() || grpc_status == "0")
+}
+
+/// Whether an answer is a refusal by the callee's sidecar: 403 (denied by an
+/// AuthorizationPolicy) or 429 (rate limited), or their gRPC forms, HTTP 200
+/// with grpc-status 7 or 8.
+fn refusal_kind(code: &str, grpc_status: &str) -> Option<RefusalKind> {
+    match (code, grpc_status) {
+        ("403", _) | ("200", "7") => Some(RefusalKind::Denied),
+        ("429", _) | ("200", "8") => Some(RefusalKind::RateLimited),
+        _ => None,
+    }
 }
 
 async fn fetch(admin: SocketAddr) -> Option<String> {
@@ -176,11 +189,7 @@ pub async fn scrape(targets: &[Target]) -> Scrape {
                 "weft_proxy_requests_total" if l("direction") == "inbound" => {
                     // A gRPC caller is refused in gRPC form: HTTP 200 with
                     // grpc-status 7 (denied) or 8 (rate limited).
-                    let kind = match (l("code").as_str(), l("grpc_status").as_str()) {
-                        ("403", _) | ("200", "7") => RefusalKind::Denied,
-                        ("429", _) | ("200", "8") => RefusalKind::RateLimited,
-                        _ => continue,
-                    };
+                    let Some(kind) = refusal_kind(&l("code"), &l("grpc_status")) else { continue };
                     let key = RefusalKey { service: l("service"), caller: l("peer"), kind };
                     *s.refusals.entry(key).or_default() += sample.value;
                 }
@@ -193,6 +202,11 @@ pub async fn scrape(targets: &[Target]) -> Scrape {
                         server: l("peer"),
                     };
                     let ok = succeeded(&l("code"), &l("grpc_status"));
+                    match refusal_kind(&l("code"), &l("grpc_status")) {
+                        Some(RefusalKind::Denied) => s.refused.entry(key.clone()).or_default().0 += sample.value,
+                        Some(RefusalKind::RateLimited) => s.refused.entry(key.clone()).or_default().1 += sample.value,
+                        None => {}
+                    }
                     let e = s.counts.entry(key).or_default();
                     e.0 += sample.value;
                     if ok {
@@ -270,6 +284,10 @@ pub struct RouteTraffic {
     pub rps: f64,
     /// Share of answers below 400, 0..=1; `None` without requests.
     pub success: Option<f64>,
+    /// Share of answers that were 403 (denied by policy), 0..=1; `None` without requests.
+    pub denied: Option<f64>,
+    /// Share of answers that were 429 (rate limited), 0..=1; `None` without requests.
+    pub rate_limited: Option<f64>,
     /// Median latency in seconds (from histogram buckets); `None` without requests.
     pub p50_seconds: Option<f64>,
     /// 99th percentile latency in seconds; `None` without requests.
@@ -287,6 +305,8 @@ pub fn traffic(prev: &Scrape, cur: &Scrape, dt: Duration) -> Vec<RouteTraffic> {
             let (t1, s1) = cur.counts[k];
             let (t0, s0) = prev.counts.get(k).copied().unwrap_or((0.0, 0.0));
             let (dn, ds) = (t1 - t0, s1 - s0);
+            let (d1, l1) = cur.refused.get(k).copied().unwrap_or((0.0, 0.0));
+            let (d0, l0) = prev.refused.get(k).copied().unwrap_or((0.0, 0.0));
             let lat_key = LatKey {
                 caller: k.caller.clone(),
                 service: k.service.clone(),
@@ -306,6 +326,8 @@ pub fn traffic(prev: &Scrape, cur: &Scrape, dt: Duration) -> Vec<RouteTraffic> {
                 server: k.server.clone(),
                 rps: dn / secs,
                 success: (dn > 0.0).then(|| ds / dn),
+                denied: (dn > 0.0).then(|| (d1 - d0) / dn),
+                rate_limited: (dn > 0.0).then(|| (l1 - l0) / dn),
                 p50_seconds: quantile(&delta, 0.5),
                 p99_seconds: quantile(&delta, 0.99),
             }
@@ -348,18 +370,31 @@ pub fn refusals(prev: &Scrape, cur: &Scrape, dt: Duration) -> Vec<Refusal> {
         .collect()
 }
 
+/// The SUCCESS cell: `-` without requests; `denied` or `rate-limited` when
+/// every request was refused that way by the callee's sidecar (a caller
+/// missing from an ALLOW policy is not a "0.0%" service); else the percentage.
+fn success_cell(r: &RouteTraffic) -> String {
+    const ALL: f64 = 1.0 - 1e-9;
+    match (r.success, r.denied, r.rate_limited) {
+        (None, ..) => "-".into(),
+        (_, Some(d), _) if d >= ALL => "denied".into(),
+        (_, _, Some(l)) if l >= ALL => "rate-limited".into(),
+        (Some(s), ..) => format!("{:.1}%", 100.0 * s),
+    }
+}
+
 /// Renders the table for the change between two scrapes `dt` apart.
 fn render(prev: &Scrape, cur: &Scrape, dt: Duration) -> String {
     let rows = traffic(prev, cur, dt);
     let mut out = format!(
-        "{:<20} {:<24} {:<36} {:<36} {:>8} {:>8} {:>9} {:>9}\n",
+        "{:<20} {:<24} {:<36} {:<36} {:>8} {:>12} {:>9} {:>9}\n",
         "SERVICE/BACKEND", "ROUTE", "CALLER (SPIFFE ID)", "SERVER (SPIFFE ID)", "RPS", "SUCCESS", "P50", "P99"
     );
     for r in &rows {
-        let success = r.success.map_or_else(|| "-".into(), |s| format!("{:.1}%", 100.0 * s));
+        let success = success_cell(r);
         let name = if r.backend.is_empty() { r.service.clone() } else { format!("{}/{}", r.service, r.backend) };
         out.push_str(&format!(
-            "{:<20} {:<24} {:<36} {:<36} {:>8.1} {:>8} {:>9} {:>9}\n",
+            "{:<20} {:<24} {:<36} {:<36} {:>8.1} {:>12} {:>9} {:>9}\n",
             name,
             if r.route.is_empty() { "-" } else { &r.route },
             short(&r.caller),
@@ -477,5 +512,33 @@ mod tests {
         assert_eq!(cols[..6], ["b/v2", "b-canary/split", "td/f", "td/b", "10.0", "75.0%"], "{t}");
         let row = t.lines().find(|l| l.starts_with("b ")).unwrap_or_else(|| panic!("{t}"));
         assert_eq!(row.split_whitespace().nth(1), Some("-"), "no route: {t}");
+    }
+
+    #[test]
+    fn refused_callers_show_as_denied_or_rate_limited() {
+        let row = |caller: &str| RowKey {
+            service: "b".into(),
+            backend: String::new(),
+            route: String::new(),
+            caller: caller.into(),
+            server: String::new(),
+        };
+        let mut cur = Scrape::default();
+        cur.counts.insert(row("spiffe://td/denied"), (10.0, 0.0));
+        cur.refused.insert(row("spiffe://td/denied"), (10.0, 0.0));
+        cur.counts.insert(row("spiffe://td/limited"), (10.0, 0.0));
+        cur.refused.insert(row("spiffe://td/limited"), (0.0, 10.0));
+        cur.counts.insert(row("spiffe://td/half"), (10.0, 5.0));
+        cur.refused.insert(row("spiffe://td/half"), (5.0, 0.0));
+        cur.counts.insert(row("spiffe://td/failing"), (10.0, 0.0));
+        let t = render(&Scrape::default(), &cur, Duration::from_secs(1));
+        let success = |caller: &str| {
+            let line = t.lines().find(|l| l.contains(caller)).unwrap_or_else(|| panic!("{t}"));
+            line.split_whitespace().nth(5).unwrap_or_default().to_string()
+        };
+        assert_eq!(success("td/denied"), "denied", "{t}");
+        assert_eq!(success("td/limited"), "rate-limited", "{t}");
+        assert_eq!(success("td/half"), "50.0%", "{t}");
+        assert_eq!(success("td/failing"), "0.0%", "{t}");
     }
 }

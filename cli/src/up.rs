@@ -102,9 +102,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (mut mesh, cfg) = prepare(&args, dir.path())?;
     let mut procs = Procs { children: Vec::new(), logs: mesh.logs.clone() };
     let result = async {
-        let (cp_addr, conn) = start_control_plane(&mut mesh, &mut procs).await?;
+        let (_, conn) = start_control_plane(&mut mesh, &mut procs).await?;
         let workloads = start_workloads(&mut mesh, &mut procs, &cfg, &conn).await?;
-        watch(&args, &mesh, &mut procs, &workloads, cp_addr, started).await
+        watch(&args, &mesh, &mut procs, &workloads, &conn, started).await
     }
     .await;
     println!("\nstopping {} processes…", procs.children.len());
@@ -229,9 +229,12 @@ async fn watch(
     mesh: &Mesh,
     procs: &mut Procs,
     workloads: &[Workload],
-    cp_addr: SocketAddr,
+    conn: &ConnArgs,
     started: Instant,
 ) -> anyhow::Result<()> {
+    let cp_addr = conn.control_plane.clone();
+    let rejected = Arc::new(std::sync::Mutex::new(String::new()));
+    let rejection_watch = tokio::spawn(watch_rejections(conn.clone(), rejected.clone()));
     let served = Arc::new(AtomicUsize::new(0));
     let load_tasks: Vec<_> =
         workloads.iter().filter(|w| w.load > 0.0).map(|w| tokio::spawn(load(w.app, w.load, served.clone()))).collect();
@@ -247,11 +250,13 @@ async fn watch(
         let (cfg_path, logs, n) =
             (mesh.config_path.display().to_string(), mesh.logs.display().to_string(), targets.len());
         move || {
-            format!(
+            let mut h = format!(
                 "weft up: control plane {cp_addr}, {n} sidecars; first request served {:.1}s after start\n\
                  config {cfg_path} (edit it: changes apply within seconds)\nlogs {logs}    Ctrl-C to stop\n\n",
                 startup.as_secs_f64()
-            )
+            );
+            h.push_str(&rejection_banner(&rejected.lock().unwrap_or_else(|e| e.into_inner())));
+            h
         }
     };
     let table = top::run(move || targets.clone(), header, Duration::from_secs(1), None, !args.no_clear);
@@ -266,11 +271,33 @@ async fn watch(
     for t in load_tasks {
         t.abort();
     }
+    rejection_watch.abort();
     // A mesh with a process missing would show a table that quietly lies.
     if let Some((name, log)) = crashed {
         anyhow::bail!("{name} exited unexpectedly; see {}", log.display());
     }
     Ok(())
+}
+
+/// Asks the control plane every second why it rejected the last edit of the
+/// mesh file (empty once a valid edit is applied) and keeps the answer in `into`.
+async fn watch_rejections(conn: ConnArgs, into: Arc<std::sync::Mutex<String>>) {
+    let Ok(mut client) = operator::client(&conn).await else { return };
+    loop {
+        if let Ok(s) = operator::fetch_status(&mut client, &conn).await {
+            *into.lock().unwrap_or_else(|e| e.into_inner()) = s.config_error;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The lines above the table while the last edit of the mesh file is rejected
+/// (`error` is the control plane's reason, one problem per line), else nothing.
+fn rejection_banner(error: &str) -> String {
+    if error.is_empty() {
+        return String::new();
+    }
+    format!("EDIT REJECTED, the mesh keeps running the last good config until the file is fixed:\n{error}\n\n")
 }
 
 /// Sends GETs to `app` at `rps`, forever.

@@ -13,6 +13,7 @@ pub mod membership;
 pub mod model;
 pub mod registration;
 mod validate;
+pub mod warnings;
 
 use std::collections::BTreeMap;
 

@@ -34,10 +34,34 @@ pub fn to_json(cfg: &MeshConfig) -> String {
     serde_json::to_string(cfg).expect("validated config serializes")
 }
 
-/// Loads the file once; used at start-up, where an invalid file is fatal.
-pub fn load(path: &std::path::Path) -> Result<(String, MeshConfig), ConfigErrors> {
-    let cfg = weft_config::load(path)?;
-    Ok((std::fs::read_to_string(path).unwrap_or_default(), cfg))
+/// Why the config file could not be used at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read (missing, a directory, no permission): not a
+    /// config problem, so it is not reported as a rejected config.
+    #[error("cannot read config file {}: {} (pass --config with an existing file)", path.display(), io_reason(source))]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file was read and is not a valid mesh config.
+    #[error("{}: {errors}", path.display())]
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+/// An I/O error's reason without Rust's " (os error N)" suffix, which tells an
+/// operator nothing: `No such file or directory`.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}
+
+/// Loads the file once; used at start-up, where an unreadable or invalid file
+/// is fatal. Returns the text (to notice later edits) and the config.
+pub fn load(path: &std::path::Path) -> Result<(String, MeshConfig), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    let cfg = weft_config::parse(&text).map_err(|errors| LoadError::Invalid { path: path.into(), errors })?;
+    Ok((text, cfg))
 }
 
 /// Watches the file's directory; the returned watcher must be kept (dropping

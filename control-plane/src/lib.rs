@@ -53,8 +53,8 @@ pub enum StartError {
     Pki(#[from] weft_certs::CertError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("{}: {errors}", path.display())]
-    Config { errors: weft_config::ConfigErrors, path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] config_file::LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
@@ -160,6 +160,10 @@ impl ControlPlane {
     /// Loads the PKI and store, issues the control plane's own SVID and binds
     /// both listeners. Every failure here is a clear start-up error.
     pub async fn start(opts: Options) -> Result<Self, StartError> {
+        // The config file first: a wrong --config must not leave a state
+        // directory behind in whatever directory the operator ran from.
+        let config =
+            opts.config.as_deref().map(|path| Ok::<_, StartError>((path, config_file::load(path)?))).transpose()?;
         let state = State::open(&opts)?;
         let td = state.authority.trust_domain().clone();
         let metrics = Arc::new(Metrics::default());
@@ -169,14 +173,14 @@ impl ControlPlane {
         metrics.store_up.set(1);
         let shared = match &state.etcd {
             None => {
-                if let Some(path) = &opts.config {
-                    watch_config_file(path, &registry, &metrics)?;
+                if let Some((path, (text, cfg))) = config {
+                    watch_config_file(path, text, &cfg, &registry, &metrics);
                 }
                 None
             }
             Some(etcd) => {
-                if let Some(path) = &opts.config {
-                    seed_config(path, etcd).await?;
+                if let Some((path, (text, _))) = &config {
+                    seed_config(path, text, etcd).await;
                 }
                 let shared = replicas::start(
                     etcd.etcd.clone(),
@@ -213,25 +217,25 @@ impl ControlPlane {
     }
 }
 
-/// Loads the mesh config file into the registry (invalid: a start-up
-/// error) and polls it for changes from then on.
+/// Puts the mesh config loaded at start (`text`, `cfg`) into the registry and
+/// polls the file for changes from then on.
 fn watch_config_file(
     path: &std::path::Path,
+    text: String,
+    cfg: &weft_config::MeshConfig,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
-) -> Result<(), StartError> {
-    let (text, cfg) = config_file::load(path).map_err(|errors| StartError::Config { errors, path: path.into() })?;
-    registry.set_mesh_config(config_file::to_json(&cfg));
+) {
+    registry.set_mesh_config(config_file::to_json(cfg));
     tokio::spawn(config_file::poll(path.into(), text, registry.clone(), metrics.clone()));
-    Ok(())
 }
 
 /// `--config` with etcd: stored only if etcd holds no config yet (the first
 /// replica seeds it); from then on `weft apply` changes it. An invalid file
-/// is a start-up error; an unreachable etcd is not (the stored one wins later).
-async fn seed_config(path: &std::path::Path, etcd: &store::etcd::EtcdStore) -> Result<(), StartError> {
-    let (text, _) = config_file::load(path).map_err(|errors| StartError::Config { errors, path: path.into() })?;
-    match etcd.put_config(&text, Some(0)).await {
+/// is a start-up error (checked when it was loaded); an unreachable etcd is
+/// not (the stored one wins later).
+async fn seed_config(path: &std::path::Path, text: &str, etcd: &store::etcd::EtcdStore) {
+    match etcd.put_config(text, Some(0)).await {
         Ok(revision) => {
             tracing::info!(path = %path.display(), revision, "etcd held no mesh config: seeded it from --config")
         }
@@ -242,7 +246,6 @@ async fn seed_config(path: &std::path::Path, etcd: &store::etcd::EtcdStore) -> R
         ),
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not seed the mesh config from --config"),
     }
-    Ok(())
 }
 
 /// The gRPC port's TLS config: the control plane's own SVID (issued to

@@ -35,6 +35,9 @@ pub enum IdentityError {
     Refused(String),
     #[error("control plane unreachable: {0}")]
     Unreachable(String),
+    /// A TCP or TLS failure reaching the control plane, in one actionable line.
+    #[error(transparent)]
+    ControlPlane(#[from] weft_certs::diagnose::ControlPlaneError),
     #[error(transparent)]
     Cert(#[from] weft_certs::CertError),
     #[error("state directory {path}: {err}")]
@@ -189,6 +192,10 @@ impl Identity {
     /// A failed call: the control plane was not reached (transport failures
     /// surface as Unavailable or Unknown), or it answered with a refusal.
     fn rpc_error(&self, addr: std::net::SocketAddr, s: tonic::Status) -> IdentityError {
+        use weft_certs::diagnose::{Client, ControlPlaneError};
+        if let Some(e) = ControlPlaneError::from_error(&addr.to_string(), Client::Sidecar, &s) {
+            return e.into();
+        }
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
                 IdentityError::Unreachable(format!("{addr}: {}", s.message()))
