@@ -372,7 +372,7 @@ impl Registry {
             trust_domain: td.to_string(),
             config_version: self.published.borrow().version,
             config_error: inner.config_error.clone(),
-            mesh_config_json: inner.mesh_config_json.clone(),
+            mesh_config_json: inner.mesh_config_json.to_string(),
             sidecars: inner
                 .sidecars
                 .values()
