@@ -9,6 +9,7 @@
 
 pub mod endpoint;
 pub mod pool;
+pub mod probe;
 pub mod retry;
 pub mod route;
 pub mod timeout;
