@@ -435,4 +435,45 @@ mod tests {
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));
         assert!(AttemptLimit::new(None, None).until.is_none());
     }
+
+    #[test]
+    fn rate_limits_and_denials_say_nothing_of_latency() {
+        let resp = |status: u16| Response::builder().status(status).body(crate::http::empty()).unwrap();
+        assert!(measures_latency(&resp(200)) && measures_latency(&resp(503)));
+        assert!(!measures_latency(&resp(429)) && !measures_latency(&resp(403)));
+        let mut limited = resp(431);
+        limited.headers_mut().insert(LOCAL_LIMIT, http::HeaderValue::from_static("max-header-bytes"));
+        assert!(!measures_latency(&limited));
+    }
+
+    #[test]
+    fn only_a_marked_server_error_never_reached_the_app() {
+        let resp = |status: u16, unsent: bool| {
+            let mut r = Response::builder().status(status).body(crate::http::empty()).unwrap();
+            if unsent {
+                r.headers_mut().insert(UNSENT, http::HeaderValue::from_static("app-refused"));
+            }
+            r
+        };
+        assert!(never_reached_app(&resp(502, true)));
+        assert!(!never_reached_app(&resp(502, false)), "a plain 502 may have reached the app");
+        assert!(!never_reached_app(&resp(200, true)), "an answer is an answer");
+    }
+
+    #[tokio::test]
+    async fn a_small_request_is_kept_for_another_endpoint_a_streamed_one_is_not() {
+        let req = Request::post("http://api/x").header("x-a", "1").body(boxed(Full::new(bytes::Bytes::from("hi"))));
+        let (first, again) = Unsent::keep(req.unwrap()).await.split();
+        let again = again.expect("a 2-byte body is kept");
+        let (second, _) = again.split();
+        for r in [first, second] {
+            assert_eq!((r.method(), r.uri().path()), (&http::Method::POST, "/x"));
+            assert_eq!(r.headers()["x-a"], "1");
+            assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hi");
+        }
+        let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
+        drop(tx);
+        let streamed = Request::post("http://api/x").body(boxed(StreamBody::new(rx))).unwrap();
+        assert!(Unsent::keep(streamed).await.split().1.is_none(), "a body of unknown length cannot be kept");
+    }
 }

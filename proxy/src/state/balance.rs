@@ -292,4 +292,66 @@ mod tests {
         let only = [&eps[0]];
         assert!(pick(&only).is_some());
     }
+
+    #[test]
+    fn near_equal_endpoints_split_evenly_even_one_at_a_time() {
+        // One request at a time (nothing in flight at each pick), estimates
+        // a hair apart: a strict comparison sent all 1000 to endpoint 1.
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let t = Instant::now() + SLOW_START;
+        eps[0].state.stats.observe(Duration::from_micros(1000), true, t);
+        eps[1].state.stats.observe(Duration::from_micros(1100), true, t);
+        let ones = (0..1000).filter(|_| pick(&refs).unwrap().0.address.port() == 1).count();
+        assert!((400..600).contains(&ones), "endpoint 1 got {ones} of 1000");
+    }
+
+    #[test]
+    fn a_new_endpoint_starts_from_its_peers_median_and_ramps_up() {
+        let eps = [ep(1), ep(2), ep(3)];
+        let now = Instant::now();
+        for (e, ms) in eps.iter().zip([2, 4]) {
+            e.state.stats.observe(Duration::from_millis(ms), true, now);
+        }
+        // A stale high estimate would starve it, an optimistic one flood it.
+        let fresh = Endpoint { state: Arc::new(EndpointState::new(&Default::default(), now)), ..ep(4) };
+        let all: Vec<&Endpoint> = eps.iter().take(2).chain([&fresh]).collect();
+        seed_unmeasured(&all, now);
+        let est = fresh.state.stats.estimate(now);
+        assert!((0.0039..0.0041).contains(&est), "seeded {est} s, want the median 4 ms");
+        // Slow start: twice the cost at first, its peers' after the window.
+        assert!((fresh.state.stats.ramp(now) - 2.0).abs() < 1e-9);
+        assert!((fresh.state.stats.ramp(now + SLOW_START / 2) - 1.5).abs() < 1e-6);
+        assert_eq!(fresh.state.stats.ramp(now + SLOW_START * 2), 1.0);
+        // With no measured peer it keeps the optimistic default until measured.
+        let lone = ep(5);
+        seed_unmeasured(&[&lone], now);
+        assert!(lone.state.stats.unmeasured());
+    }
+
+    #[test]
+    fn an_ejected_endpoint_gets_traffic_only_after_a_probe_passes() {
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let s = &eps[0].state.stats;
+        let t0 = Instant::now();
+        for _ in 0..EJECT_AFTER {
+            s.observe(Duration::from_millis(1), false, t0);
+        }
+        assert!(probes_due(&refs).is_empty(), "no probe while the ejection lasts");
+        // The ejection lapses: still no traffic, one probe is due, once.
+        let lapsed = t0 + BASE_EJECTION + Duration::from_millis(1);
+        assert!(!s.available(lapsed));
+        assert!(s.claim_probe(lapsed));
+        assert!(!s.claim_probe(lapsed), "one probe at a time");
+        // A failed probe ejects it again, for longer.
+        s.probed(false, lapsed);
+        assert!(s.ejected(lapsed + BASE_EJECTION * 2 - Duration::from_millis(10)));
+        let later = lapsed + BASE_EJECTION * 2 + Duration::from_millis(1);
+        assert!(!s.available(later) && s.claim_probe(later));
+        // A passing probe brings it back, unmeasured (its old estimate is stale) and in slow start.
+        s.probed(true, later);
+        assert!(s.available(later) && s.unmeasured());
+        assert!((s.ramp(later) - 2.0).abs() < 1e-9);
+    }
 }
