@@ -179,7 +179,7 @@ impl Unsent {
     async fn keep(req: Request<Body>) -> Self {
         use http_body::Body as _;
         let (parts, body) = req.into_parts();
-        let keepable = !parts.extensions.get::<Carried>().is_some()
+        let keepable = parts.extensions.get::<Carried>().is_none()
             && !parts.headers.contains_key(http::header::EXPECT)
             && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX));
         if !keepable {

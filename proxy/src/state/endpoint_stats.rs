@@ -19,8 +19,13 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 /// starts at twice its peers' and falls to theirs over this window, as
 /// Envoy's `slow_start_window` does.
 pub const SLOW_START: Duration = Duration::from_secs(3);
-/// EWMA time constant.
+/// EWMA time constant: the estimate decays toward zero with this constant
+/// while an endpoint gets no sample, and a sample after a gap of `dt`
+/// weighs `1 - e^(-dt/DECAY)`.
 const DECAY: Duration = Duration::from_secs(10);
+/// The least weight of one sample: an endpoint answering every millisecond
+/// averages over its last ~20 answers rather than over 10 s of them.
+const MIN_WEIGHT: f64 = 0.05;
 /// Latency assumed for an endpoint never measured when no peer has been
 /// measured either (optimistic, so it gets tried).
 const INITIAL_EWMA_SECS: f64 = 0.001;
@@ -150,14 +155,20 @@ impl EndpointStats {
     pub(super) fn observe(&self, latency: Duration, ok: bool, now: Instant) -> bool {
         {
             let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
-            let sample = if ok { latency.as_secs_f64() } else { latency.as_secs_f64().max(e.value) };
+            let sample = latency.as_secs_f64();
+            let dt = now.saturating_duration_since(e.at).as_secs_f64();
+            // A sample after a long gap weighs more (the old value is stale),
+            // but never less than MIN_WEIGHT.
+            let weight = (1.0 - (-dt / DECAY.as_secs_f64()).exp()).max(MIN_WEIGHT);
             if e.unmeasured {
                 // The first sample is the estimate: no stale value to blend with.
-                *e = Ewma { value: sample, at: now, unmeasured: false };
+                *e = Ewma { value: if ok { sample } else { sample.max(e.value) }, at: now, unmeasured: false };
+            } else if ok {
+                e.value = e.value * (1.0 - weight) + sample * weight;
+                e.at = now;
             } else {
-                let dt = now.saturating_duration_since(e.at).as_secs_f64();
-                let w = (-dt / DECAY.as_secs_f64()).exp();
-                e.value = e.value * w + sample * (1.0 - w);
+                // A failure only ever raises the estimate.
+                e.value = e.value * (1.0 - weight) + sample.max(e.value) * weight;
                 e.at = now;
             }
         }
