@@ -41,7 +41,8 @@ impl Admin {
         Arc::new(Self {
             ready: AtomicBool::new(false),
             unready_reason: Mutex::new(None),
-            registry: Mutex::new(registry), config: Mutex::new(None),
+            registry: Mutex::new(registry),
+            config: Mutex::new(None),
         })
     }
 
@@ -164,7 +165,10 @@ mod tests {
         assert!(call(addr, "GET", "/ready").await.0.contains("200"));
         admin.set_unready_reason(Some("local app at 127.0.0.1:9 refuses connections".into()));
         let (status, body) = call(addr, "GET", "/ready").await;
-        assert!(status.contains("503") && body == "not ready: local app at 127.0.0.1:9 refuses connections\n", "{body}");
+        assert!(
+            status.contains("503") && body == "not ready: local app at 127.0.0.1:9 refuses connections\n",
+            "{body}"
+        );
         admin.set_unready_reason(None);
         assert!(call(addr, "GET", "/ready").await.0.contains("200"));
         let (status, body) = call(addr, "GET", "/metrics").await;

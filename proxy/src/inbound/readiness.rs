@@ -102,7 +102,8 @@ pub async fn probe_answer(readiness: &Arc<AppReadiness>) -> http::Response<crate
             resp
         }
         Err(reason) => {
-            let mut resp = crate::http::local_response(http::StatusCode::SERVICE_UNAVAILABLE, &format!("weft: {reason}"));
+            let mut resp =
+                crate::http::local_response(http::StatusCode::SERVICE_UNAVAILABLE, format!("weft: {reason}"));
             resp.headers_mut().insert(crate::http::UNSENT, http::HeaderValue::from_static("app-refused"));
             resp
         }

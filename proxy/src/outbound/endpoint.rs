@@ -95,7 +95,7 @@ impl Service<Request<Body>> for EndpointService {
                                 continue;
                             }
                             Sent::Answered(resp, _) => Ok(resp),
-                            Sent::NotSent(again, e) => {
+                            Sent::HandedBack(again, e) => {
                                 tracing::info!(endpoint = %addr, error = %e, "request not taken by the endpoint's sidecar; trying another endpoint");
                                 this.report(in_flight, false);
                                 candidates.retain(|c| c.address != addr);
@@ -215,7 +215,7 @@ enum Sent {
     Answered(Response<Body>, Option<Unsent>),
     /// The peer's sidecar did not take the request (its connection was
     /// closing): hyper handed it back untouched.
-    NotSent(Unsent, ProxyError),
+    HandedBack(Unsent, ProxyError),
     Failed(ProxyError),
 }
 
@@ -322,7 +322,7 @@ impl EndpointService {
             }
             Ok(Err((Some(req), source))) if can_resend => {
                 let e = ProxyError::UpstreamReset { addr, peer: id.clone(), source };
-                Sent::NotSent(Unsent { req, copy: again.and_then(|a| a.copy) }, e)
+                Sent::HandedBack(Unsent { req, copy: again.and_then(|a| a.copy) }, e)
             }
             Ok(Err((_, source))) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");

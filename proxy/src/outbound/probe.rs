@@ -30,10 +30,7 @@ pub async fn run(pool: Arc<Pool>, ep: Endpoint, service: String) -> bool {
 async fn probe(pool: &Pool, ep: &Endpoint, service: &str) -> bool {
     let Ok(lease) = pool.get(ep).await else { return false };
     let mut sender = lease.sender.clone();
-    let Ok(req) = Request::get(format!("http://{service}/"))
-        .version(Version::HTTP_2)
-        .header(PROBE, "1")
-        .body(empty())
+    let Ok(req) = Request::get(format!("http://{service}/")).version(Version::HTTP_2).header(PROBE, "1").body(empty())
     else {
         return false;
     };
