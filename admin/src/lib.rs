@@ -1,7 +1,9 @@
 //! The admin HTTP endpoint of every weft process.
 //!
 //! - `/live`: 200 while the process runs.
-//! - `/ready`: 200 once [`Admin::set_ready`] said so (a sidecar: SVID + first config).
+//! - `/ready`: 200 once [`Admin::set_ready`] said so (a sidecar: SVID + first config)
+//!   and no [`Admin::set_unready_reason`] holds it back (a sidecar: its app
+//!   refuses connections); else 503 with the reason.
 //! - `/metrics`: Prometheus text exposition of the process's registry.
 //! - `/config`: what the process has applied, as JSON, from a callback.
 //!
@@ -27,10 +29,10 @@ type ConfigFn = Box<dyn Fn() -> String + Send + Sync>;
 /// Shared state behind the admin endpoint.
 pub struct Admin {
     ready: AtomicBool,
+    /// Why the process is not ready although `ready` was set.
+    unready_reason: Mutex<Option<String>>,
     registry: Mutex<Registry>,
     config: Mutex<Option<ConfigFn>>,
-    /// Shown by `/ready` while not ready (empty: just "not ready").
-    not_ready_reason: Mutex<String>,
 }
 
 impl Admin {
@@ -38,30 +40,26 @@ impl Admin {
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(false),
+            unready_reason: Mutex::new(None),
             registry: Mutex::new(registry),
             config: Mutex::new(None),
-            not_ready_reason: Mutex::new(String::new()),
         })
     }
 
     /// What `/ready` answers from now on (200 or 503).
     pub fn set_ready(&self, ready: bool) {
-        if ready {
-            self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
         self.ready.store(ready, Ordering::Release);
     }
 
-    /// `/ready` answers 503 with `reason` (one line: what is wrong) until
-    /// [`Admin::set_ready`]`(true)`.
-    pub fn set_not_ready(&self, reason: &str) {
-        *self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
-        self.ready.store(false, Ordering::Release);
+    /// Holds `/ready` at 503 with `reason` (one line saying what is wrong
+    /// and what to do), or releases it with None.
+    pub fn set_unready_reason(&self, reason: Option<String>) {
+        *self.unready_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
     /// Whether `/ready` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.unready_reason.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// Sets what `/config` shows.
@@ -93,8 +91,8 @@ impl Admin {
             "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
             "/ready" if self.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
             "/ready" => {
-                let reason = self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let body = if reason.is_empty() { "not ready\n".into() } else { format!("not ready: {reason}\n") };
+                let reason = self.unready_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let body = reason.map(|r| format!("not ready: {r}\n")).unwrap_or_else(|| "not ready\n".into());
                 text(StatusCode::SERVICE_UNAVAILABLE, body, "text/plain")
             }
             "/metrics" => {
@@ -164,6 +162,14 @@ mod tests {
         assert!(call(addr, "GET", "/live").await.0.contains("200"));
         assert!(call(addr, "GET", "/ready").await.0.contains("503"));
         admin.set_ready(true);
+        assert!(call(addr, "GET", "/ready").await.0.contains("200"));
+        admin.set_unready_reason(Some("local app at 127.0.0.1:9 refuses connections".into()));
+        let (status, body) = call(addr, "GET", "/ready").await;
+        assert!(
+            status.contains("503") && body == "not ready: local app at 127.0.0.1:9 refuses connections\n",
+            "{body}"
+        );
+        admin.set_unready_reason(None);
         assert!(call(addr, "GET", "/ready").await.0.contains("200"));
         let (status, body) = call(addr, "GET", "/metrics").await;
         assert!(status.contains("200") && body.contains("hits_total 1"), "{body}");

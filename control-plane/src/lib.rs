@@ -329,13 +329,14 @@ fn serve_admin(
             match down {
                 None => {
                     metrics.store_up.set(1);
+                    admin2.set_unready_reason(None);
                     admin2.set_ready(true);
                 }
                 Some(reason) => {
                     metrics.store_up.set(0);
-                    admin2.set_not_ready(&format!(
+                    admin2.set_unready_reason(Some(format!(
                         "store {store} unreachable ({reason}); serving what is in memory, refusing writes"
-                    ));
+                    )));
                 }
             }
             if store_state.changed().await.is_err() {

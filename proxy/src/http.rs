@@ -37,6 +37,14 @@ impl std::error::Error for BodyError {
 pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("weft-app-protocol");
 /// The caller's verified SPIFFE ID, set by the inbound sidecar for the app.
 pub const PEER_ID: HeaderName = HeaderName::from_static("x-weft-peer-id");
+/// On a callee sidecar's 5xx: the request never reached its app (the app
+/// refused the connection), so the caller may send it to another endpoint
+/// whatever its method. Value: why (`app-refused`). Never taken from an app.
+pub const UNSENT: HeaderName = HeaderName::from_static("weft-unsent");
+/// A caller sidecar's probe of an ejected endpoint: the callee sidecar
+/// answers it itself (204 when its app accepts connections, else a 503
+/// with [`UNSENT`]), never forwarding it to the app.
+pub const PROBE: HeaderName = HeaderName::from_static("weft-probe");
 
 pub fn boxed<B>(body: B) -> Body
 where

@@ -222,7 +222,8 @@ impl Proxy {
         let state = State::new(&opts.service, metrics.clone());
         let config_task = start_config_stream(&opts, &addrs, &state, &identity, &metrics, &admin);
         let (drain_trigger, drain) = weft_runtime::drain::channel();
-        serve_inbound(&opts, listeners.inbound, &state, &identity, &td, &metrics, &drain);
+        let app_readiness = serve_inbound(&opts, listeners.inbound, &state, &identity, &td, &metrics, &drain);
+        report_app_readiness(app_readiness, &admin);
         serve_outbound(&opts, listeners.outbound, listeners.upstreams, &state, &identity, &metrics, &drain);
         report_ready(&state, &admin);
         tracing::info!(
@@ -362,7 +363,7 @@ fn serve_inbound(
     td: &TrustDomain,
     metrics: &Arc<Metrics>,
     drain: &weft_runtime::drain::Drain,
-) {
+) -> tokio::sync::watch::Receiver<Option<String>> {
     let verifier = SpiffeVerifier::new(identity.bundle.clone(), IdMatcher::TrustDomain(td.clone()));
     let server_tls = weft_certs::tls::server_config(identity.resolver.clone(), verifier, &[weft_certs::tls::ALPN_H2]);
     let inbound = inbound::Inbound::new(
@@ -373,7 +374,24 @@ fn serve_inbound(
         metrics.clone(),
         opts.limits,
     );
+    let readiness = inbound.readiness.subscribe();
     tokio::spawn(inbound.serve(listener, TlsAcceptor::from(Arc::new(server_tls)), drain.clone()));
+    readiness
+}
+
+/// Holds /ready at 503, with the reason, while the local app refuses
+/// connections (`inbound/readiness.rs`).
+fn report_app_readiness(mut readiness: tokio::sync::watch::Receiver<Option<String>>, admin: &Arc<weft_admin::Admin>) {
+    let admin = admin.clone();
+    tokio::spawn(async move {
+        loop {
+            let reason = readiness.borrow_and_update().clone();
+            admin.set_unready_reason(reason);
+            if readiness.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Serves the app's HTTP listener and its declared TCP upstreams.

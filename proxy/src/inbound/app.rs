@@ -16,7 +16,7 @@ use super::{app_protocol, Inbound};
 use crate::context::RequestContext;
 use crate::error::ProxyError;
 use crate::extended_connect::Exchange;
-use crate::http::{boxed, empty, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID};
+use crate::http::{boxed, empty, strip_hop_by_hop, Body, APP_PROTOCOL, PEER_ID, UNSENT};
 use crate::metrics::{AuthzLabels, ConnLabels, OpenConn};
 use crate::state::{authz, State};
 
@@ -87,6 +87,7 @@ impl Inbound {
                 .get::<RequestContext>()
                 .and_then(|c| c.snapshot.mesh.as_ref()?.services.get(&self.service).map(|s| s.protocol)),
         };
+        let grpc = ask.grpc;
         let app_h2 = self.app_versions.choose(ask).await == app_protocol::Version::H2c;
         strip_hop_by_hop(&mut parts.headers);
         // Only the sidecar may say who the caller is.
@@ -106,8 +107,11 @@ impl Inbound {
         };
         match client.request(Request::from_parts(parts, boxed(body))).await {
             Ok(resp) => {
+                self.readiness.accepted();
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // Only this sidecar may say a request never reached the app.
+                parts.headers.remove(UNSENT);
                 parts.version = Version::HTTP_2;
                 Ok(Response::from_parts(parts, boxed(body)))
             }
@@ -115,15 +119,29 @@ impl Inbound {
                 tracing::warn!(app = %self.app, error = %source, "local app request failed");
                 // It may have been answered in a version the app no longer speaks.
                 self.app_versions.forget().await;
-                Err(ProxyError::AppFailed { app: self.app, source })
+                let unsent = source.is_connect();
+                let e = ProxyError::AppFailed { app: self.app, source };
+                if !unsent {
+                    return Err(e);
+                }
+                // Refused before a byte was sent: not ready, and the caller
+                // may send the request to another endpoint.
+                self.readiness.refused(&e);
+                let mut resp = crate::error::respond(&e, grpc);
+                resp.headers_mut().insert(UNSENT, HeaderValue::from_static("app-refused"));
+                Ok(resp)
             }
         }
     }
 
     async fn tunnel(&self, mut req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
-        let app = TcpStream::connect(self.app)
-            .await
-            .map_err(|source| ProxyError::AppUnreachable { app: self.app, source })?;
+        let app = match TcpStream::connect(self.app).await {
+            Ok(app) => app,
+            Err(source) => {
+                self.readiness.refused(&source);
+                return Err(ProxyError::AppUnreachable { app: self.app, source });
+            }
+        };
         let _ = app.set_nodelay(true);
         let metrics = self.metrics.clone();
         let peer = peer.clone();

@@ -19,6 +19,7 @@ pub mod exchange;
 pub mod gate;
 pub mod headers;
 pub mod ratelimit;
+pub mod readiness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,6 +129,8 @@ pub struct Inbound {
     h2: AppClient,
     /// The HTTP versions the app speaks, as declared or learned.
     app_versions: app_protocol::AppProtocols,
+    /// Whether the app accepts connections (`/ready`, callers' probes).
+    pub readiness: Arc<readiness::AppReadiness>,
 }
 
 impl Inbound {
@@ -141,7 +144,8 @@ impl Inbound {
     ) -> Arc<Self> {
         let (h1, h2) = (AppClient::http1(app, &limits), AppClient::h2(app, &limits));
         let app_versions = app_protocol::AppProtocols::new(app, app_protocol);
-        Arc::new(Self { app, app_protocol, service, state, metrics, limits, h1, h2, app_versions })
+        let readiness = readiness::AppReadiness::new(app);
+        Arc::new(Self { app, app_protocol, service, state, metrics, limits, h1, h2, app_versions, readiness })
     }
 
     /// Serves peer sidecars' mTLS HTTP/2 connections, with the idle timeout
@@ -193,6 +197,7 @@ impl Inbound {
                     let state = this.state.clone();
                     let activity = Activity::new(true);
                     let counted = activity.clone();
+                    let readiness = this.readiness.clone();
                     let svc = service_fn(move |mut req: Request<Incoming>| {
                         // One config version for the whole request.
                         let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
@@ -206,7 +211,12 @@ impl Inbound {
                         // A carried exchange is judged as the request it carries.
                         let refused = crate::extended_connect::accept(&mut req).err();
                         let stack = stack.clone();
+                        let readiness = readiness.clone();
                         async move {
+                            // A caller's probe of this endpoint: answered here, from the app's readiness.
+                            if req.headers().contains_key(crate::http::PROBE) {
+                                return Ok(readiness::probe_answer(&readiness).await);
+                            }
                             let resp = match refused {
                                 Some(e) => Ok(crate::error::respond(&e, crate::error::wants_grpc(req.headers()))),
                                 None => stack.oneshot(req).await,

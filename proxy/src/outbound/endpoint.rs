@@ -16,16 +16,18 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{Request, Response};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full, StreamBody};
 use tower::Service;
 use weft_certs::SpiffeId;
 
 use super::pool::{Lease, Pool};
+use super::probe;
 use crate::context::{Deadline, RequestContext, ServedBy};
 use crate::error::{HeaderHop, ProxyError, LOCAL_LIMIT};
 use crate::extended_connect::{self, Carried};
 use crate::grpc;
-use crate::http::{boxed, strip_hop_by_hop, Body};
+use crate::http::{boxed, strip_hop_by_hop, Body, UNSENT};
+use crate::inbound::app_client::REPLAY_MAX;
 use crate::limits::header_list_size;
 use crate::metrics::HeaderLimitLabels;
 use crate::metrics::Metrics;
@@ -56,13 +58,18 @@ impl Service<Request<Body>> for EndpointService {
             let service = route.backend.service.as_str();
             let limit = AttemptLimit::new(route.rule.try_timeout, ctx.deadline);
             let mut candidates = route.backend.select(ctx.snapshot.endpoints(service));
-            let mut req = Some(req);
+            for ep in balance::probes_due(&candidates) {
+                tokio::spawn(probe::run(this.pool.clone(), ep.clone(), service.to_string()));
+            }
+            let mut req = Some(Unsent::keep(req).await);
             let mut refused = None;
-            // An endpoint that cannot be connected to never saw the request, so
+            let mut last_refusal = None;
+            // An endpoint that cannot be connected to, or whose sidecar says
+            // its app refused the connection, never saw the request, so
             // another one may take it, whatever the method (e.g. a peer that
             // is draining or just died and is still in discovery).
             for _ in 0..MAX_CONNECT_TRIES {
-                let Some((ep, in_flight)) = balance::pick(&candidates) else { break };
+                let Some((ep, mut in_flight)) = balance::pick(&candidates) else { break };
                 let (addr, id) = (ep.address, ep.spiffe_id.clone());
                 let result = match limit.run(this.pool.get(ep)).await {
                     Err(_elapsed) => Err(limit.error(service, &id, addr)),
@@ -74,8 +81,30 @@ impl Service<Request<Body>> for EndpointService {
                         continue;
                     }
                     Ok(Ok(lease)) => {
-                        let req = req.take().expect("the request is sent at most once");
-                        this.send(lease, addr, &id, req, &limit, service).await
+                        let Some(unsent) = req.take() else { break };
+                        // The endpoint's latency is its answer time, not the connection's set-up.
+                        in_flight.sent();
+                        match this.send(lease, addr, &id, unsent, &limit, service).await {
+                            Sent::Answered(resp, again) if again.is_some() && never_reached_app(&resp) => {
+                                tracing::info!(endpoint = %addr, "the endpoint's app refused the request unseen; trying another endpoint");
+                                this.report(in_flight, false);
+                                candidates.retain(|c| c.address != addr);
+                                req = again;
+                                refused = None;
+                                last_refusal = Some(resp);
+                                continue;
+                            }
+                            Sent::Answered(resp, _) => Ok(resp),
+                            Sent::HandedBack(again, e) => {
+                                tracing::info!(endpoint = %addr, error = %e, "request not taken by the endpoint's sidecar; trying another endpoint");
+                                this.report(in_flight, false);
+                                candidates.retain(|c| c.address != addr);
+                                req = Some(again);
+                                refused = Some(e);
+                                continue;
+                            }
+                            Sent::Failed(e) => Err(e),
+                        }
                     }
                 };
                 let resp = match result {
@@ -91,6 +120,12 @@ impl Service<Request<Body>> for EndpointService {
                     }
                 };
                 let mut resp = match classify(&resp) {
+                    Verdict::Now { ok } if !measures_latency(&resp) => {
+                        if in_flight.done_without_latency(ok) {
+                            this.metrics.ejections.inc();
+                        }
+                        resp
+                    }
                     Verdict::Now { ok } => {
                         this.report(in_flight, ok);
                         resp
@@ -100,12 +135,88 @@ impl Service<Request<Body>> for EndpointService {
                 resp.extensions_mut().insert(ServedBy(id));
                 return Ok(resp);
             }
+            // Every endpoint tried refused unseen: the last refusal is the answer.
+            if let Some(resp) = last_refusal {
+                return Ok(resp);
+            }
             Err(refused.unwrap_or_else(|| ProxyError::NoEndpoints {
                 service: route.backend.service.clone(),
                 subset: route.backend.subset.clone(),
             }))
         })
     }
+}
+
+/// Whether a peer sidecar's answer says the request never reached its app.
+fn never_reached_app(resp: &Response<Body>) -> bool {
+    resp.status().is_server_error() && resp.headers().contains_key(UNSENT)
+}
+
+/// Whether an answer's time says anything of the endpoint's speed: a 429
+/// or 403 (a rate limit or policy, the callee sidecar's or the app's) comes
+/// at once whatever the app's latency, and would make a refusing endpoint
+/// look fast.
+fn measures_latency(resp: &Response<Body>) -> bool {
+    let status = resp.status();
+    status != http::StatusCode::TOO_MANY_REQUESTS
+        && status != http::StatusCode::FORBIDDEN
+        && !resp.headers().contains_key(LOCAL_LIMIT)
+}
+
+/// A request on its way to an endpoint, kept so that it can go to another
+/// one when the first never saw it: its head, and its body when that is
+/// small enough to keep ([`REPLAY_MAX`]).
+struct Unsent {
+    req: Request<Body>,
+    /// The head and body again, for another endpoint; None when the body
+    /// cannot be kept (streamed, large, `Expect: 100-continue`, or a carried
+    /// exchange).
+    copy: Option<(http::request::Parts, bytes::Bytes)>,
+}
+
+impl Unsent {
+    /// Keeps a copy of `req` if it can be sent again (buffering its body).
+    async fn keep(req: Request<Body>) -> Self {
+        use http_body::Body as _;
+        let (parts, body) = req.into_parts();
+        let keepable = parts.extensions.get::<Carried>().is_none()
+            && !parts.headers.contains_key(http::header::EXPECT)
+            && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX));
+        if !keepable {
+            return Self { req: Request::from_parts(parts, body), copy: None };
+        }
+        match body.collect().await {
+            Ok(b) => {
+                let bytes = b.to_bytes();
+                let req = Request::from_parts(clone_head(&parts), boxed(Full::new(bytes.clone())));
+                Self { req, copy: Some((parts, bytes)) }
+            }
+            // The caller's body broke: the request fails with that error.
+            Err(e) => {
+                let broken = StreamBody::new(futures::stream::iter([Err::<http_body::Frame<bytes::Bytes>, _>(e)]));
+                Self { req: Request::from_parts(parts, boxed(broken)), copy: None }
+            }
+        }
+    }
+
+    /// The request to send, and the copy for another endpoint.
+    fn split(self) -> (Request<Body>, Option<Unsent>) {
+        let again = self.copy.map(|(parts, bytes)| {
+            let req = Request::from_parts(clone_head(&parts), boxed(Full::new(bytes.clone())));
+            Unsent { req, copy: Some((parts, bytes)) }
+        });
+        (self.req, again)
+    }
+}
+
+/// A send's outcome.
+enum Sent {
+    /// An answer, with the request again if it can go to another endpoint.
+    Answered(Response<Body>, Option<Unsent>),
+    /// The peer's sidecar did not take the request (its connection was
+    /// closing): hyper handed it back untouched.
+    HandedBack(Unsent, ProxyError),
+    Failed(ProxyError),
 }
 
 /// How many endpoints one attempt tries to connect to before it gives up.
@@ -167,22 +278,24 @@ impl EndpointService {
         lease: Lease,
         addr: SocketAddr,
         id: &SpiffeId,
-        mut req: Request<Body>,
+        unsent: Unsent,
         limit: &AttemptLimit,
         service: &str,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Sent {
         let Lease { mut sender, guard } = lease;
+        let (mut req, again) = unsent.split();
         // A carried exchange (upgrade, 100-continue) goes on after the CONNECT's answer.
         let carried = req.extensions_mut().remove::<Carried>();
+        let can_resend = carried.is_none();
         let exchange = async move {
-            let resp = sender.send_request(req).await?;
+            let resp = sender.try_send_request(req).await.map_err(|mut e| (e.take_message(), e.into_error()))?;
             match carried {
-                Some(carried) => extended_connect::finish(resp, carried).await,
+                Some(carried) => extended_connect::finish(resp, carried).await.map_err(|e| (None, e)),
                 None => Ok(resp),
             }
         };
         match limit.run(exchange).await {
-            Err(_elapsed) => Err(limit.error(service, id, addr)),
+            Err(_elapsed) => Sent::Failed(limit.error(service, id, addr)),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 let max = self.pool.limits().max_header_bytes;
@@ -190,28 +303,44 @@ impl EndpointService {
                 if size > max {
                     let labels = HeaderLimitLabels { direction: "outbound", message: "response" };
                     self.metrics.headers_too_large.get_or_create(&labels).inc();
-                    return Err(ProxyError::HeadersTooLarge {
+                    return Sent::Failed(ProxyError::HeadersTooLarge {
                         hop: HeaderHop::ResponseFromPeer,
                         size: Some(size),
                         limit: max,
                     });
                 }
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(
+                let resp = Response::from_parts(
                     parts,
                     boxed(body.map_frame(move |f| {
                         // The stream stays counted on its connection until the body ends.
                         let _held = &guard;
                         f
                     })),
-                ))
+                );
+                Sent::Answered(resp, again)
             }
-            Ok(Err(source)) => {
+            Ok(Err((Some(req), source))) if can_resend => {
+                let e = ProxyError::UpstreamReset { addr, peer: id.clone(), source };
+                Sent::HandedBack(Unsent { req, copy: again.and_then(|a| a.copy) }, e)
+            }
+            Ok(Err((_, source))) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");
-                Err(ProxyError::UpstreamReset { addr, peer: id.clone(), source })
+                Sent::Failed(ProxyError::UpstreamReset { addr, peer: id.clone(), source })
             }
         }
     }
+}
+
+/// A copy of a request head (method, URI, version, headers, extensions).
+fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    req.into_parts().0
 }
 
 /// When one attempt must end: its per-try timeout or the route's request
@@ -305,5 +434,46 @@ mod tests {
         let l = AttemptLimit::new(None, Some(deadline(300)));
         assert_eq!(l.until, Some(now + Duration::from_millis(300)));
         assert!(AttemptLimit::new(None, None).until.is_none());
+    }
+
+    #[test]
+    fn rate_limits_and_denials_say_nothing_of_latency() {
+        let resp = |status: u16| Response::builder().status(status).body(crate::http::empty()).unwrap();
+        assert!(measures_latency(&resp(200)) && measures_latency(&resp(503)));
+        assert!(!measures_latency(&resp(429)) && !measures_latency(&resp(403)));
+        let mut limited = resp(431);
+        limited.headers_mut().insert(LOCAL_LIMIT, http::HeaderValue::from_static("max-header-bytes"));
+        assert!(!measures_latency(&limited));
+    }
+
+    #[test]
+    fn only_a_marked_server_error_never_reached_the_app() {
+        let resp = |status: u16, unsent: bool| {
+            let mut r = Response::builder().status(status).body(crate::http::empty()).unwrap();
+            if unsent {
+                r.headers_mut().insert(UNSENT, http::HeaderValue::from_static("app-refused"));
+            }
+            r
+        };
+        assert!(never_reached_app(&resp(502, true)));
+        assert!(!never_reached_app(&resp(502, false)), "a plain 502 may have reached the app");
+        assert!(!never_reached_app(&resp(200, true)), "an answer is an answer");
+    }
+
+    #[tokio::test]
+    async fn a_small_request_is_kept_for_another_endpoint_a_streamed_one_is_not() {
+        let req = Request::post("http://api/x").header("x-a", "1").body(boxed(Full::new(bytes::Bytes::from("hi"))));
+        let (first, again) = Unsent::keep(req.unwrap()).await.split();
+        let again = again.expect("a 2-byte body is kept");
+        let (second, _) = again.split();
+        for r in [first, second] {
+            assert_eq!((r.method(), r.uri().path()), (&http::Method::POST, "/x"));
+            assert_eq!(r.headers()["x-a"], "1");
+            assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hi");
+        }
+        let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
+        drop(tx);
+        let streamed = Request::post("http://api/x").body(boxed(StreamBody::new(rx))).unwrap();
+        assert!(Unsent::keep(streamed).await.split().1.is_none(), "a body of unknown length cannot be kept");
     }
 }

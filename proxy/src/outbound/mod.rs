@@ -10,6 +10,7 @@
 pub mod endpoint;
 pub mod intercept;
 pub mod pool;
+pub mod probe;
 pub mod retry;
 pub mod route;
 pub mod timeout;

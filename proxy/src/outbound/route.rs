@@ -13,7 +13,7 @@ use weft_config::HeaderModifier;
 use crate::canonical::canonicalize;
 use crate::context::RequestContext;
 use crate::error::ProxyError;
-use crate::http::{strip_hop_by_hop, Body, APP_PROTOCOL};
+use crate::http::{strip_hop_by_hop, Body, APP_PROTOCOL, PROBE};
 use crate::metrics::RequestMeta;
 use crate::state::routes::{Decision, RequestInfo, Rule};
 use crate::state::Snapshot;
@@ -67,6 +67,8 @@ pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMet
     let app_protocol = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    // Only a sidecar probes an endpoint (`probe.rs`): an app's header would skip the callee's app.
+    parts.headers.remove(PROBE);
     parts.headers.insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
     modify_headers(&rule.request_headers, &mut parts.headers);
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");

@@ -2,8 +2,24 @@
 //!
 //! Power of two choices over a cost of EWMA latency × (requests in flight +
 //! 1), so slow or busy endpoints get less traffic than round robin would give
-//! them. An endpoint failing `EJECT_AFTER` times in a row is ejected for a
-//! growing interval, then brought back; never all endpoints at once.
+//! them. Two costs within [`TIE`] of each other are a tie, broken at random:
+//! identical replicas differ only by noise, and a strict comparison would send
+//! everything to whichever measured a hair faster (with two endpoints P2C
+//! always compares both).
+//!
+//! The latency is the endpoint's answer time: from the request handed to a
+//! pooled connection to its response headers, never the connection's set-up
+//! (an endpoint passed over has its idle connection closed, and its next
+//! request would pay a handshake and look slow again). Answers that say
+//! nothing of speed (429, 403, a local limit) leave the estimate alone.
+//!
+//! A new endpoint, or one back from ejection, starts from its peers' median
+//! estimate (neutral, not an optimistic or stale one) and ramps up over
+//! [`SLOW_START`]. An endpoint failing [`EJECT_AFTER`] times in a row is
+//! ejected for a growing interval; when it lapses the endpoint gets no
+//! traffic until a probe ([`probes_due`], run by the outbound) says it
+//! answers again; a failed probe extends the ejection. Never all endpoints
+//! at once.
 //!
 //! weft's own rather than `tower::balance`: tower's P2C has no outlier
 //! ejection, and its endpoints carry no identity to verify.
@@ -21,8 +37,11 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-pub use super::endpoint_stats::{BASE_EJECTION, EJECT_AFTER, MAX_EJECTION};
+pub use super::endpoint_stats::{BASE_EJECTION, EJECT_AFTER, MAX_EJECTION, SLOW_START};
 use super::endpoints::{Endpoint, EndpointState};
+
+/// Cost ratio under which two endpoints count as equal (random choice).
+pub const TIE: f64 = 1.25;
 
 /// A request in flight on an endpoint; report its outcome with [`InFlight::done`].
 pub struct InFlight {
@@ -38,19 +57,36 @@ impl InFlight {
         self.done_after(latency, ok)
     }
 
-    /// How long since the endpoint was picked.
+    /// Starts the latency clock again: the request is handed to its
+    /// connection now (what came before was connection set-up).
+    pub fn sent(&mut self) {
+        self.start = Instant::now();
+    }
+
+    /// How long since the endpoint was picked (or [`InFlight::sent`]).
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
     }
 
-    /// Records `latency` (measured earlier: a gRPC call's time to its
+    /// Records latency (measured earlier: a gRPC call's time to its
     /// response headers) and success, now that the outcome is known; returns
     /// true when this ejected the endpoint.
     pub fn done_after(self, latency: Duration, ok: bool) -> bool {
-        let now = Instant::now();
-        let ejected = self.state.stats.observe(latency, ok, now);
+        let ejected = self.state.stats.observe(latency, ok, Instant::now());
+        self.warn_if(ejected)
+    }
+
+    /// Records success only, not latency: for answers that come at once
+    /// whatever the endpoint's speed (a 429 or 403). Returns true when this
+    /// ejected the endpoint.
+    pub fn done_without_latency(self, ok: bool) -> bool {
+        let ejected = self.state.stats.observe_outcome_only(ok, Instant::now());
+        self.warn_if(ejected)
+    }
+
+    fn warn_if(&self, ejected: bool) -> bool {
         if ejected {
-            tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures");
+            tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures; it will be probed before it gets traffic again");
         }
         ejected
     }
@@ -65,7 +101,8 @@ impl Drop for InFlight {
 /// Picks an endpoint (None when there are none) and marks it busy.
 pub fn pick<'a>(endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
     let now = Instant::now();
-    let healthy: Vec<&'a Endpoint> = endpoints.iter().copied().filter(|e| !e.state.stats.ejected(now)).collect();
+    seed_unmeasured(endpoints, now);
+    let healthy: Vec<&'a Endpoint> = endpoints.iter().copied().filter(|e| e.state.stats.available(now)).collect();
     // Never eject everything: with no healthy endpoint, use them all.
     let pool = if healthy.is_empty() { endpoints.to_vec() } else { healthy };
     let ep = match pool.len() {
@@ -78,7 +115,9 @@ pub fn pick<'a>(endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> 
             if b >= a {
                 b += 1;
             }
-            if pool[b].state.stats.cost(now) < pool[a].state.stats.cost(now) {
+            // `a` is a random one of the two: a tie goes to it.
+            let (ca, cb) = (pool[a].state.stats.cost(now), pool[b].state.stats.cost(now));
+            if cb * TIE < ca {
                 pool[b]
             } else {
                 pool[a]
@@ -87,6 +126,41 @@ pub fn pick<'a>(endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> 
     };
     ep.state.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     Some((ep, InFlight { state: ep.state.clone(), addr: ep.address, start: now }))
+}
+
+/// Gives endpoints with no sample yet the median of their measured peers'
+/// estimates (left as they are while no peer has been measured).
+fn seed_unmeasured(endpoints: &[&Endpoint], now: Instant) {
+    if !endpoints.iter().any(|e| e.state.stats.unmeasured()) {
+        return;
+    }
+    let mut measured: Vec<f64> = endpoints
+        .iter()
+        .filter(|e| !e.state.stats.unmeasured() && e.state.stats.available(now))
+        .map(|e| e.state.stats.estimate(now))
+        .collect();
+    if measured.is_empty() {
+        return;
+    }
+    measured.sort_by(f64::total_cmp);
+    let median = measured[measured.len() / 2];
+    for e in endpoints {
+        e.state.stats.seed(median, now);
+    }
+}
+
+/// The endpoints whose ejection has lapsed and that now need a probe, each
+/// claimed for one caller: it must run the probe and report it with
+/// [`probed`].
+pub fn probes_due<'a>(endpoints: &[&'a Endpoint]) -> Vec<&'a Endpoint> {
+    let now = Instant::now();
+    endpoints.iter().copied().filter(|e| e.state.stats.claim_probe(now)).collect()
+}
+
+/// A probe's outcome: healthy brings `ep` back (neutral estimate, slow
+/// start); unhealthy ejects it again for longer.
+pub fn probed(ep: &EndpointState, healthy: bool) {
+    ep.stats.probed(healthy, Instant::now());
 }
 
 #[cfg(test)]
@@ -217,5 +291,67 @@ mod tests {
         // With every endpoint ejected, traffic still flows.
         let only = [&eps[0]];
         assert!(pick(&only).is_some());
+    }
+
+    #[test]
+    fn near_equal_endpoints_split_evenly_even_one_at_a_time() {
+        // One request at a time (nothing in flight at each pick), estimates
+        // a hair apart: a strict comparison sent all 1000 to endpoint 1.
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let t = Instant::now() + SLOW_START;
+        eps[0].state.stats.observe(Duration::from_micros(1000), true, t);
+        eps[1].state.stats.observe(Duration::from_micros(1100), true, t);
+        let ones = (0..1000).filter(|_| pick(&refs).unwrap().0.address.port() == 1).count();
+        assert!((400..600).contains(&ones), "endpoint 1 got {ones} of 1000");
+    }
+
+    #[test]
+    fn a_new_endpoint_starts_from_its_peers_median_and_ramps_up() {
+        let eps = [ep(1), ep(2), ep(3)];
+        let now = Instant::now();
+        for (e, ms) in eps.iter().zip([2, 4]) {
+            e.state.stats.observe(Duration::from_millis(ms), true, now);
+        }
+        // A stale high estimate would starve it, an optimistic one flood it.
+        let fresh = Endpoint { state: Arc::new(EndpointState::new(&Default::default(), now)), ..ep(4) };
+        let all: Vec<&Endpoint> = eps.iter().take(2).chain([&fresh]).collect();
+        seed_unmeasured(&all, now);
+        let est = fresh.state.stats.estimate(now);
+        assert!((0.0039..0.0041).contains(&est), "seeded {est} s, want the median 4 ms");
+        // Slow start: twice the cost at first, its peers' after the window.
+        assert!((fresh.state.stats.ramp(now) - 2.0).abs() < 1e-9);
+        assert!((fresh.state.stats.ramp(now + SLOW_START / 2) - 1.5).abs() < 1e-6);
+        assert_eq!(fresh.state.stats.ramp(now + SLOW_START * 2), 1.0);
+        // With no measured peer it keeps the optimistic default until measured.
+        let lone = ep(5);
+        seed_unmeasured(&[&lone], now);
+        assert!(lone.state.stats.unmeasured());
+    }
+
+    #[test]
+    fn an_ejected_endpoint_gets_traffic_only_after_a_probe_passes() {
+        let eps = [ep(1), ep(2)];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let s = &eps[0].state.stats;
+        let t0 = Instant::now();
+        for _ in 0..EJECT_AFTER {
+            s.observe(Duration::from_millis(1), false, t0);
+        }
+        assert!(probes_due(&refs).is_empty(), "no probe while the ejection lasts");
+        // The ejection lapses: still no traffic, one probe is due, once.
+        let lapsed = t0 + BASE_EJECTION + Duration::from_millis(1);
+        assert!(!s.available(lapsed));
+        assert!(s.claim_probe(lapsed));
+        assert!(!s.claim_probe(lapsed), "one probe at a time");
+        // A failed probe ejects it again, for longer.
+        s.probed(false, lapsed);
+        assert!(s.ejected(lapsed + BASE_EJECTION * 2 - Duration::from_millis(10)));
+        let later = lapsed + BASE_EJECTION * 2 + Duration::from_millis(1);
+        assert!(!s.available(later) && s.claim_probe(later));
+        // A passing probe brings it back, unmeasured (its old estimate is stale) and in slow start.
+        s.probed(true, later);
+        assert!(s.available(later) && s.unmeasured());
+        assert!((s.ramp(later) - 2.0).abs() < 1e-9);
     }
 }

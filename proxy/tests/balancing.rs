@@ -1,0 +1,311 @@
+//! End to end, the balancer in production shape: a real control plane, a
+//! caller's sidecar and two replicas of `api` (each a real sidecar process
+//! in front of its own HTTP server), over mutual TLS on loopback.
+//!
+//! - identical replicas get even shares under steady load;
+//! - a replica restarted comes back to an even share (slow start from a
+//!   neutral estimate, not a stale or optimistic one);
+//! - a replica whose app died is not-ready on /ready, is probed rather than
+//!   sent traffic after each ejection, and costs callers nothing (its sidecar
+//!   says the request never reached the app, the caller sends it elsewhere);
+//! - a pod-style shutdown (app and sidecar stopped together) loses no
+//!   request, even POSTs.
+//!
+//! Every loop is bounded in requests and time; the shares asserted are wide
+//! enough for a loaded 2-core machine.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use weft_testkit::mesh::App;
+use weft_testkit::{http_get, metric_sum, ControlPlane, Sidecar, SidecarSpec};
+
+const TD: &str = "example.org";
+
+/// An HTTP/1.1 app answering `<name> <path>` on every request, one request
+/// per connection (so when it stops, no kept-alive connection serves on).
+/// Stopping it closes its listener: new connections are refused, requests
+/// already accepted are answered, as an app does on SIGTERM.
+struct Replica {
+    addr: SocketAddr,
+    accept: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Replica {
+    async fn start(name: &'static str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::serve(name, l)
+    }
+
+    /// Serves again on the same address.
+    async fn restart(&mut self, name: &'static str) {
+        self.stop();
+        let l = TcpListener::bind(self.addr).await.expect("rebind the app's port");
+        *self = Self::serve(name, l);
+    }
+
+    fn serve(name: &'static str, l: TcpListener) -> Self {
+        let addr = l.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = l.accept().await else { continue };
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| async move {
+                        let body = format!("{name} {}", req.uri().path());
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, accept: Some(accept) }
+    }
+
+    fn stop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Mesh {
+    cp: ControlPlane,
+    client: Sidecar,
+    sidecars: [Sidecar; 2],
+    replicas: [Replica; 2],
+    _web: weft_testkit::servers::Server,
+}
+
+const NAMES: [&str; 2] = ["a", "b"];
+
+async fn mesh() -> Mesh {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let replicas = [Replica::start(NAMES[0]).await, Replica::start(NAMES[1]).await];
+    let web = weft_testkit::servers::http("web").await;
+    let sidecars = [
+        Sidecar::start(&cp, TD, SidecarSpec::new("api", replicas[0].addr)).await,
+        Sidecar::start(&cp, TD, SidecarSpec::new("api", replicas[1].addr)).await,
+    ];
+    let client = Sidecar::start(&cp, TD, SidecarSpec::new("web", web.addr)).await;
+    client.wait_endpoints("api", 2, Duration::from_secs(10)).await;
+    Mesh { cp, client, sidecars, replicas, _web: web }
+}
+
+/// Answers per replica and failures (the first few kept) over some requests.
+#[derive(Debug, Default)]
+struct Shares {
+    by: [usize; 2],
+    failed: usize,
+    failures: Vec<String>,
+}
+
+impl Shares {
+    fn share(&self, i: usize) -> f64 {
+        self.by[i] as f64 / (self.by[0] + self.by[1]).max(1) as f64
+    }
+
+    fn add(&mut self, o: Shares) {
+        self.by[0] += o.by[0];
+        self.by[1] += o.by[1];
+        self.failed += o.failed;
+        self.failures.extend(o.failures.into_iter().take(10 - self.failures.len().min(10)));
+    }
+}
+
+/// `n` requests (`method`) to `api` from `workers` concurrent callers, or
+/// fewer if `limit` passes first.
+async fn load(app: &App, method: Method, n: usize, workers: usize, limit: Duration) -> Shares {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (app, method) = (app.clone(), method.clone());
+            tokio::spawn(async move {
+                let mut s = Shares::default();
+                for i in 0..n / workers {
+                    if start.elapsed() > limit {
+                        break;
+                    }
+                    let path = format!("/w{w}/{i}");
+                    match app.send(method.clone(), "api", &path, &[]).await {
+                        Ok(r) if r.status == 200 && r.body == format!("a {path}") => s.by[0] += 1,
+                        Ok(r) if r.status == 200 && r.body == format!("b {path}") => s.by[1] += 1,
+                        Ok(r) => {
+                            s.failed += 1;
+                            s.failures.push(format!("{path} at {:?}: {} {}", start.elapsed(), r.status, r.body));
+                        }
+                        Err(e) => {
+                            s.failed += 1;
+                            s.failures.push(format!("{path} at {:?}: {e}", start.elapsed()));
+                        }
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    let mut all = Shares::default();
+    for t in tasks {
+        all.add(t.await.expect("load worker"));
+    }
+    all
+}
+
+fn assert_even(s: &Shares, what: &str) {
+    for (i, name) in NAMES.iter().enumerate() {
+        let share = s.share(i);
+        assert!((0.425..=0.575).contains(&share), "{what}: replica {name} got {share:.3} of the traffic: {s:?}");
+    }
+}
+
+/// Identical replicas split steady load within ±15 % of even, even one
+/// request at a time, where P2C compares the two on latency alone (before
+/// the fix: 12,836 to 79, the one measured slower once starved for good).
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_replicas_get_even_shares() {
+    let m = mesh().await;
+    let app = App::of(&m.client);
+    let warm = load(&app, Method::GET, 100, 1, Duration::from_secs(30)).await;
+    assert_eq!(warm.failed, 0, "{warm:?}");
+    let s = load(&app, Method::GET, 3000, 1, Duration::from_secs(120)).await;
+    eprintln!("shares: {s:?}");
+    assert_eq!(s.failed, 0, "{s:?}");
+    assert!(s.by[0] + s.by[1] >= 1000, "too few requests answered: {s:?}");
+    assert_even(&s, "steady load");
+}
+
+/// A replica's sidecar restarted (same address and identity) gets back to
+/// an even share within a bounded number of requests, losing none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_replica_recovers_its_share() {
+    let mut m = mesh().await;
+    let app = App::of(&m.client);
+    let warm = load(&app, Method::GET, 400, 2, Duration::from_secs(30)).await;
+    assert_eq!(warm.failed, 0, "{warm:?}");
+
+    m.sidecars[1].proc_.kill();
+    let down = load(&app, Method::GET, 200, 2, Duration::from_secs(30)).await;
+    assert_eq!(down.failed, 0, "requests while b's sidecar was down: {down:?}");
+    m.sidecars[1].respawn(&m.cp, true).await;
+    m.client.wait_endpoints("api", 2, Duration::from_secs(10)).await;
+
+    // Rounds of 300 requests from two callers, at most 12: one must be near
+    // even (neither starved by a stale estimate nor flooded by an optimistic
+    // one). Known gap: one request at a time, b still gets ~1 in 300 for
+    // longer than 12 rounds after its restart (not yet explained).
+    let mut rounds = Vec::new();
+    for _ in 0..12 {
+        let s = load(&app, Method::GET, 300, 2, Duration::from_secs(30)).await;
+        assert_eq!(s.failed, 0, "after the restart: {s:?}");
+        let share = s.share(1);
+        rounds.push(share);
+        if (0.4..=0.6).contains(&share) {
+            eprintln!("b's share by round after its restart: {rounds:.3?}");
+            return;
+        }
+    }
+    panic!("b's share never came back near even after its restart: {rounds:.3?}");
+}
+
+/// A replica whose app died: its sidecar says not-ready (with the reason),
+/// callers lose nothing, and after the first ejection it is probed instead
+/// of sent real requests. When the app is back it is ready again and
+/// gets its share back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_app_is_not_ready_probed_and_costs_callers_nothing() {
+    let mut m = mesh().await;
+    let app = App::of(&m.client);
+    let warm = load(&app, Method::GET, 200, 2, Duration::from_secs(30)).await;
+    assert_eq!(warm.failed, 0, "{warm:?}");
+    let refused_at_b =
+        |text: &str| metric_sum(text, "weft_proxy_requests_total", &["direction=\"inbound\"", "code=\"502\""]);
+    assert_eq!(refused_at_b(&m.sidecars[1].metrics().await), 0.0);
+
+    m.replicas[1].stop();
+    // A bounded stretch of load (20 s at most) spanning several ejection lapses.
+    let dead = load(&app, Method::GET, 100_000, 2, Duration::from_secs(20)).await;
+    eprintln!("with b's app dead: {dead:?}");
+    assert!(dead.failed <= 5, "{} requests failed: {:?}", dead.failed, dead.failures);
+    assert!(dead.by[0] >= 200, "a served too little: {dead:?}");
+    // Without probes, every lapse (2 s, 4 s, 8 s…) sent b 5 real requests more.
+    let at_b = refused_at_b(&m.sidecars[1].metrics().await);
+    assert!(at_b <= 12.0, "b's sidecar was sent {at_b} requests its app refused");
+
+    let (status, body) = http_get(m.sidecars[1].admin, "/ready").await.expect("b's admin answers");
+    assert_eq!(status, 503, "b's sidecar still says ready: {body}");
+    assert!(body.contains("refuses connections"), "/ready gives no reason: {body}");
+
+    m.replicas[1].restart(NAMES[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(m.sidecars[1].admin, "/ready").await.map(|r| r.0).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "b's sidecar not ready 15 s after its app came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Probed healthy at its next lapse (≤ 60 s), then slow start: b serves again.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = load(&app, Method::GET, 200, 2, Duration::from_secs(30)).await;
+        assert_eq!(s.failed, 0, "after b's app came back: {s:?}");
+        if s.by[1] > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b got no traffic 90 s after its app came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A pod's app and sidecar get SIGTERM together while POSTs flow: none is
+/// lost. Requests the dying app refused were never sent, so the caller's
+/// sidecar sends them to the other replica, whatever the method.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_shutdown_loses_no_request() {
+    let mut m = mesh().await;
+    let app = App::of(&m.client);
+    let warm = load(&app, Method::POST, 200, 2, Duration::from_secs(30)).await;
+    assert_eq!(warm.failed, 0, "{warm:?}");
+    assert!(warm.by[1] > 0, "b served nothing before its shutdown: {warm:?}");
+
+    let running = Arc::new(AtomicBool::new(true));
+    let during = {
+        let (app, running) = (app.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut all = Shares::default();
+            while running.load(Ordering::SeqCst) {
+                all.add(load(&app, Method::POST, 20, 2, Duration::from_secs(30)).await);
+            }
+            all
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGTERM to both: the app stops accepting at once, the sidecar drains.
+    m.replicas[1].stop();
+    let pid = m.sidecars[1].proc_.pid();
+    let status = tokio::task::block_in_place(|| m.sidecars[1].proc_.terminate(Duration::from_secs(20)))
+        .unwrap_or_else(|| panic!("b's sidecar (pid {pid}) did not exit within 20 s of SIGTERM"));
+    assert!(status.success(), "b's sidecar exited with {status}");
+    m.client.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::SeqCst);
+    let s = during.await.expect("load");
+    eprintln!("across the shutdown: {s:?}");
+    assert_eq!(s.failed, 0, "requests lost across the pod's shutdown: {:?}", s.failures);
+    assert!(s.by[0] >= 50, "too few requests across the shutdown: {s:?}");
+}
