@@ -76,6 +76,7 @@ fn state() -> (Arc<State>, Arc<Metrics>) {
         version: 1,
         services: vec![pb::Service { name: "api".into(), endpoints: vec![endpoint(1, "v1"), endpoint(2, "v2")] }],
         mesh_config_json: serde_json::to_string(&cfg).expect("config JSON"),
+        ..Default::default()
     };
     state.apply(&snapshot).expect("bench snapshot applies");
     (state, metrics)
