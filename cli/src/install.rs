@@ -32,11 +32,26 @@ pub struct InstallArgs {
     /// The issuer's OIDC discovery document, as the control plane reaches it.
     #[arg(long, default_value = "https://kubernetes.default.svc/.well-known/openid-configuration")]
     pub sa_discovery_url: String,
+    /// The control plane's store: `file` (one replica; its state lives in an
+    /// emptyDir and is lost when the pod goes) or `etcd://host:port[,host:port...]`
+    /// (join tokens, registrations and the mesh config shared by every replica).
+    #[arg(long, default_value = "file")]
+    pub store: weft_control_plane::store::url::StoreUrl,
+    /// Control-plane replicas; more than 1 needs `--store etcd://...`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
     #[command(flatten)]
     pub flags: InjectFlags,
 }
 
 pub fn run(mut args: InstallArgs) -> anyhow::Result<()> {
+    if args.replicas > 1 && args.store == weft_control_plane::store::url::StoreUrl::File {
+        anyhow::bail!(
+            "--replicas {} needs --store etcd://host:port: the file store belongs to one control plane \
+             (replicas would each issue tokens and hold registrations the others never see)",
+            args.replicas
+        );
+    }
     let config = match &args.config {
         Some(path) => {
             weft_config::load(path).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
@@ -73,6 +88,8 @@ pub fn run(mut args: InstallArgs) -> anyhow::Result<()> {
         sa_discovery_url: args.sa_discovery_url,
         inject: args.flags.options(),
         webhook_tls,
+        store: args.store.to_string(),
+        replicas: args.replicas,
     };
     let docs: Vec<serde_norway::Value> = weft_k8s::install::manifests(&opts)
         .into_iter()

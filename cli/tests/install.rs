@@ -181,3 +181,31 @@ fn crd_schemas_agree_with_weft_validate() {
         assert!(!ok, "the {kind} CRD schema accepts what weft refuses: {spec}");
     }
 }
+
+#[test]
+fn install_with_an_etcd_store_runs_several_replicas_and_a_file_store_only_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, docs) = install(dir.path(), &["--store", "etcd://10.0.0.5:2379,10.0.0.6:2379", "--replicas", "3"]);
+    kubernetes_validate(&file);
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at = args.iter().position(|a| *a == "--store").expect("--store in the control plane's args");
+    assert_eq!(args[at + 1], "etcd://10.0.0.5:2379,10.0.0.6:2379");
+
+    // The default is one replica on the file store.
+    let (_, docs) = install(&dir.path().join("default"), &[]);
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 1);
+
+    // Several replicas on the file store would not share tokens or registrations.
+    let (ok, _, err) = weft(&["install", "--replicas", "2"]);
+    assert!(!ok && err.contains("--replicas 2 needs --store etcd://"), "{err}");
+    let (ok, _, err) = weft(&["install", "--store", "consul://x:1"]);
+    assert!(!ok && err.contains("expected `file` or `etcd://"), "{err}");
+}

@@ -53,6 +53,11 @@ pub struct InstallOptions {
     pub inject: InjectOptions,
     /// The injector's certificate and CA.
     pub webhook_tls: WebhookTls,
+    /// The control plane's `--store`: `file` (one replica, state in an
+    /// emptyDir) or `etcd://host:port[,...]` (state shared by the replicas).
+    pub store: String,
+    /// Control-plane replicas (more than one needs an etcd store).
+    pub replicas: u32,
 }
 
 /// A config kind: its kind, plural and spec schema.
@@ -303,6 +308,8 @@ fn deployment(o: &InstallOptions, labels: &Value) -> Value {
         "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
         "--k8s-token-bearer-file",
         "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "--store",
+        &o.store,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -313,7 +320,7 @@ fn deployment(o: &InstallOptions, labels: &Value) -> Value {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
         "spec": {
-            "replicas": 1,
+            "replicas": o.replicas,
             "selector": {"matchLabels": pod_labels},
             "template": {
                 "metadata": {"labels": labels, "annotations": {ANNOTATION_INJECT: "false"}},
