@@ -40,13 +40,22 @@ fn up_runs_the_canary_example_and_follows_edits() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Move every request to v2 while it runs, as an editor would (write + rename).
-    std::thread::sleep(Duration::from_secs(6));
+    let tmp = dir.path().join("mesh.yaml.tmp");
+    let save = |text: &str| {
+        // As an editor would: write + rename.
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    // First a mistake: the table must show it, with the field, until it is fixed.
+    std::thread::sleep(Duration::from_secs(3));
+    let broken = example.replacen("weight: 90", "weight: ninety", 1);
+    assert_ne!(broken, example);
+    save(&broken);
+    // Then move every request to v2 while it runs.
+    std::thread::sleep(Duration::from_secs(4));
     let edited = example.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 100");
     assert_ne!(edited, example);
-    let tmp = dir.path().join("mesh.yaml.tmp");
-    std::fs::write(&tmp, edited).unwrap();
-    std::fs::rename(&tmp, &file).unwrap();
+    save(&edited);
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -61,9 +70,16 @@ fn up_runs_the_canary_example_and_follows_edits() {
         "{early_rows:?}\n{stdout}"
     );
     assert!(
-        early_rows.iter().any(|r| r.1.ends_with("sa/batch") && r.3 == "0.0%"),
-        "batch must be denied: {early_rows:?}"
+        early_rows.iter().any(|r| r.1.ends_with("sa/batch") && r.3 == "denied"),
+        "batch must show as denied: {early_rows:?}"
     );
+    // The rejected edit was on screen with its field-level reason, and gone once fixed.
+    let frames: Vec<&str> = stdout.split("weft up:").collect();
+    let rejected = frames.iter().position(|f| f.contains("EDIT REJECTED"));
+    let rejected = rejected.unwrap_or_else(|| panic!("the rejected edit was never shown:\n{stdout}"));
+    assert!(frames[rejected].contains("weight"), "no field-level reason: {}", frames[rejected]);
+    let last = frames.last().unwrap();
+    assert!(!last.contains("EDIT REJECTED"), "still shown after the fix: {last}");
     // The route column names the HTTPRoute rule that carried the canary split.
     let route_of_v1 = stdout
         .lines()
