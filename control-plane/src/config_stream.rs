@@ -55,9 +55,15 @@ impl Config for ConfigService {
                 svid_expires,
             });
             let mut changes = self.registry.subscribe();
+            let mut config_known = self.registry.config_known();
             let stream = async_stream::stream! {
                 // Held for the life of the stream: dropping it deregisters.
                 let guard = guard;
+                // Nothing before the mesh config is known: a sidecar keeps
+                // its last config rather than get an empty one.
+                if config_known.wait_for(|known| *known).await.is_err() {
+                    return;
+                }
                 // The first message already lists this sidecar (at most one
                 // coalescing period away).
                 if changes.wait_for(|p| p.version >= guard.first_version).await.is_err() {

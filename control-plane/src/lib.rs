@@ -188,7 +188,9 @@ impl ControlPlane {
                     health.clone(),
                     metrics.clone(),
                     opts.registration_ttl,
-                    Duration::from_secs(10),
+                    // Streams wait for the stored config anyway; this only
+                    // keeps start-up from racing the first read.
+                    Duration::from_secs(3),
                 )
                 .await;
                 Some((etcd.clone(), shared))

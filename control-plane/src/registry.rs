@@ -128,6 +128,10 @@ pub struct Registry {
     /// Wakes the publisher when registrations changed.
     changed: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Whether the mesh config to serve is known. False only while a replica
+    /// on etcd has not read the stored config yet: streams send nothing
+    /// until then, so no sidecar swaps its policies for an empty config.
+    config_known: watch::Sender<bool>,
 }
 
 /// Deregisters its sidecar when dropped (the watch stream ended).
@@ -177,7 +181,25 @@ impl Registry {
             published: watch::channel(Arc::new(first)).0,
             changed: Arc::new(Notify::new()),
             metrics,
+            config_known: watch::channel(true).0,
         })
+    }
+
+    /// The mesh config is in a store not read yet: config streams wait
+    /// (see [`Registry::config_known`]) until [`Registry::set_mesh_config`]
+    /// or [`Registry::config_settled`].
+    pub fn expect_stored_config(&self) {
+        self.config_known.send_replace(false);
+    }
+
+    /// The store was read and holds no mesh config: the defaults are it.
+    pub fn config_settled(&self) {
+        self.config_known.send_replace(true);
+    }
+
+    /// True once the mesh config to serve is known (always, with the file store).
+    pub fn config_known(&self) -> watch::Receiver<bool> {
+        self.config_known.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -292,6 +314,7 @@ impl Registry {
     /// valid config clears any earlier rejection, even when it is the one
     /// already serving (the file was fixed back to the last good config).
     pub fn set_mesh_config(&self, json: String) {
+        self.config_known.send_replace(true);
         let mut inner = self.lock();
         inner.config_error.clear();
         if *inner.mesh_config_json != *json {

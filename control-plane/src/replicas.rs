@@ -98,6 +98,8 @@ pub async fn start(
 ) -> Arc<SharedState> {
     let replica = weft_certs::svid::unix_secs(SystemTime::now()).to_string() + "-" + &crate::tokens::generate()[8..24];
     let shared = Arc::new(SharedState::default());
+    // Until the stored config is read, streams wait rather than serve none.
+    registry.expect_stored_config();
     let (tx, rx) = mpsc::unbounded_channel();
     registry.publish_local_changes(tx);
     tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, format!("{REGISTRATIONS}{replica}/"), health.clone()));
@@ -105,10 +107,13 @@ pub async fn start(
     let follower =
         Follower { etcd, registry, health, metrics, own: format!("{REGISTRATIONS}{replica}/"), shared: shared.clone() };
     tokio::spawn(follower.run(synced_tx));
-    if tokio::time::timeout(first_sync, synced).await.is_err() {
-        tracing::warn!("etcd did not answer within {first_sync:?}: serving without the stored config until it does");
+    match tokio::time::timeout(first_sync, synced).await {
+        Ok(_) => tracing::info!(%replica, "replica joined: registrations and the mesh config read from etcd"),
+        Err(_) => tracing::warn!(
+            %replica,
+            "etcd did not answer within {first_sync:?}: config streams wait until it does (sidecars keep their last config)"
+        ),
     }
-    tracing::info!(%replica, "replica registered with etcd");
     shared
 }
 
@@ -261,8 +266,9 @@ impl Follower {
             self.put_registration(others, kv.key, &kv.value);
         }
         self.registry.set_shared(others.values().cloned().collect());
-        if let Some(kv) = self.etcd.get(CONFIG_KEY).await? {
-            self.apply_config(&kv.value, kv.mod_revision);
+        match self.etcd.get(CONFIG_KEY).await? {
+            Some(kv) => self.apply_config(&kv.value, kv.mod_revision),
+            None => self.registry.config_settled(),
         }
         self.health.report_up();
         if let Some(tx) = synced.take() {

@@ -46,6 +46,14 @@ pub enum IdentityError {
     ControlPlaneAddr(#[from] ControlPlaneAddrError),
 }
 
+impl IdentityError {
+    /// The replica could not be reached or spoken to (TCP or TLS): another
+    /// replica may do, and this one spent no join token.
+    pub fn replica_failed(&self) -> bool {
+        matches!(self, Self::Unreachable(_) | Self::ControlPlane(_))
+    }
+}
+
 /// The sidecar's current SVID and trust bundle, shared with its TLS configs.
 pub struct Identity {
     pub resolver: Arc<SvidResolver>,
@@ -174,7 +182,7 @@ impl Identity {
             let req = AttestRequest { join_token: token.to_string(), csr: csr.clone() };
             match IdentityClient::new(channel).attest(req).await.map_err(|s| self.rpc_error(addr, s)) {
                 Ok(resp) => break resp.into_inner(),
-                Err(e @ IdentityError::Unreachable(_)) => {
+                Err(e) if e.replica_failed() => {
                     self.control_planes.failed(addr);
                     if attempt >= attempts {
                         return Err(e);
@@ -213,7 +221,7 @@ impl Identity {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 let e = self.rpc_error(addr, s);
-                if matches!(e, IdentityError::Unreachable(_)) {
+                if e.replica_failed() {
                     self.control_planes.failed(addr);
                 }
                 return Err(e);

@@ -471,3 +471,22 @@ async fn sidecars_fail_over_to_another_control_plane_replica() {
     call(client.outbound, "api", "/after").await.unwrap();
     eprintln!("failover: {ok} requests ok, both sidecars at replica b {moved:?} after the kill");
 }
+
+/// A first start (join token, no saved SVID) with one replica of
+/// `--control-plane` down: the sidecar attests at another instead of exiting
+/// (the dead one refuses the connection; the token is not spent there). Which
+/// replica a sidecar tries first is random, so four sidecars start: on code
+/// that gave up at the first refusal, all four would pass only 1 time in 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_attests_at_another_replica_when_one_is_down() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let dead = weft_testkit::free_addr();
+    let replicas = format!("{dead},{}", cp.addr);
+    let extra = ["--control-plane", replicas.as_str()];
+    let app = servers::http("api").await;
+    let mut sidecars = Vec::new();
+    for _ in 0..4 {
+        sidecars.push(Sidecar::start(&cp, TD, SidecarSpec { extra_args: &extra, ..spec("api", app.addr) }).await);
+    }
+    wait_metric(cp.admin, "weft_control_plane_sidecars_connected", &[], 4.0, Duration::from_secs(20)).await;
+}
