@@ -48,8 +48,15 @@ pub fn classify(err: &(dyn StdError + 'static)) -> Option<Failure> {
             }
             match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => return Some(Failure::Refused),
-                std::io::ErrorKind::TimedOut
-                | std::io::ErrorKind::HostUnreachable
+                // tokio's timeout says only "deadline has elapsed".
+                std::io::ErrorKind::TimedOut => {
+                    return Some(Failure::Unreachable(
+                        "no answer within the connect timeout (something listens there but does not speak TLS, \
+                         or the host drops packets)"
+                            .into(),
+                    ))
+                }
+                std::io::ErrorKind::HostUnreachable
                 | std::io::ErrorKind::NetworkUnreachable
                 | std::io::ErrorKind::AddrNotAvailable => return Some(Failure::Unreachable(io_reason(io))),
                 _ => {}

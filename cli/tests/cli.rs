@@ -162,7 +162,8 @@ fn commands_report_an_unreachable_control_plane() {
     let out = weft(&["status", "--pki", pki_dir, "--control-plane", &silent_addr]);
     assert!(!out.status.success());
     assert!(
-        out.stderr.contains(&format!("control plane at {silent_addr} is unreachable or not answering")),
+        out.stderr
+            .contains(&format!("control plane unreachable at {silent_addr}: no answer within the connect timeout")),
         "{}",
         out.stderr
     );

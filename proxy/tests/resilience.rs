@@ -392,9 +392,13 @@ async fn endpoints_leaving_under_load() {
     // At most the requests each caller had in flight on the killed endpoint
     // ("upstream ADDR: connection error" or "…: operation was canceled"); a
     // refused connection ("connect to ADDR") must have gone elsewhere.
+    // A response whose headers had come back when the endpoint died breaks
+    // mid-body ("error reading a body"): in flight too, and past the point
+    // where the caller's sidecar could answer 502 or resend it.
     let killed = format!("502 weft: upstream {}: ", second.inbound);
     assert!(
-        failures.len() <= 4 && failures.iter().all(|f| f.contains(&killed)),
+        failures.len() <= 4
+            && failures.iter().all(|f| f.contains(&killed) || f.contains("error reading a body from connection")),
         "only requests in flight on the killed endpoint may fail: {failures:?}"
     );
     assert!(ok >= 50, "only {ok} requests were sent");

@@ -21,8 +21,11 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 pub const SLOW_START: Duration = Duration::from_secs(3);
 /// EWMA time constant: the estimate decays toward zero with this constant
 /// while an endpoint gets no sample, and a sample after a gap of `dt`
-/// weighs `1 - e^(-dt/DECAY)`.
-const DECAY: Duration = Duration::from_secs(10);
+/// weighs `1 - e^(-dt/DECAY)`. Short (Linkerd uses 10 s) because with
+/// little concurrency P2C compares latency alone: one noisy sample on a
+/// busy host starves an identical replica until its estimate decays back
+/// into the tie band (CI, one request at a time: 2835 to 165 at 10 s).
+const DECAY: Duration = Duration::from_secs(1);
 /// The least weight of one sample: an endpoint answering every millisecond
 /// averages over its last ~20 answers rather than over 10 s of them.
 const MIN_WEIGHT: f64 = 0.05;
