@@ -482,3 +482,47 @@ async fn etcd_over_tls_with_client_certificates() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A replica started while etcd is down has not read the stored mesh
+/// config: it must send no config at all rather than an empty one, so a
+/// sidecar that moves to it keeps its routes and policies; once etcd is
+/// back the replica serves the stored config.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_has_not_read_the_stored_config_pushes_none() {
+    let Some(mut etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let seed_dir = tempfile::tempdir().unwrap();
+    let seed = seed_dir.path().join("mesh.yaml");
+    std::fs::write(&seed, with_marker("kept-one")).unwrap();
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--config", seed.to_str().unwrap()]).await;
+    let both = format!("{},{}", cps[0].addr, cps[1].addr);
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cps[0],
+        TD,
+        SidecarSpec { extra_args: &["--control-plane", both.as_str()], ..SidecarSpec::new("web", web_app.addr) },
+    )
+    .await;
+    wait_config_has(&web, "kept-one", Duration::from_secs(20)).await;
+
+    etcd.stop_all();
+    cps[1].restart_unready().await;
+    cps[0].stop();
+    // The sidecar registers at the restarted replica, which has no config to give it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http_get(cps[1].admin, "/metrics").await.unwrap_or_default();
+        if weft_testkit::metric_sum(&metrics, "weft_control_plane_sidecars_connected", &[]) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sidecar never moved to the restarted replica:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, applied) = http_get(web.admin, "/config").await.unwrap();
+    assert!(applied.contains("kept-one"), "the sidecar lost its config to a replica that never read it:\n{applied}");
+
+    etcd.start_all().await;
+    wait_ready(&cps[1], 200, Duration::from_secs(30)).await;
+    wait_config_has(&web, "kept-one", Duration::from_secs(20)).await;
+}

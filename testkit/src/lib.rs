@@ -172,6 +172,24 @@ impl ControlPlane {
         wait_ok(self.admin, "/ready", Duration::from_secs(20), Some(&self.proc_)).await;
     }
 
+    /// Starts the control plane again on the same addresses and state and
+    /// waits only until its admin port answers (its /ready may say 503, e.g.
+    /// while its store is down).
+    pub async fn restart_unready(&mut self) {
+        self.proc_.kill();
+        self.proc_ = Self::spawn(self.dir.path(), &self.pki, &self.state, self.addr, self.admin, &self.extra_args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(self.admin, "/live").await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "control plane not answering on {}; log:\n{}",
+                self.admin,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A join token from `weft token create`, written to a file; returns the path.
     pub fn token_file(&self, spiffe_id: &str) -> PathBuf {
         let out = Command::new(bin("weft"))
