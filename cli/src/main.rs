@@ -245,9 +245,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { conn, json } => operator::status(&conn, json).await?,
         Cmd::Apply { conn, file, if_revision } => {
-            // The same check and messages as `weft validate`, before anything is sent.
-            weft_config::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let yaml = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            // The same check, messages and warnings as `weft validate`, before anything is sent.
+            let (yaml, cfg) = validate::load(&file)?;
+            for w in validate::apply_warnings(&cfg, &conn) {
+                eprintln!("warning: {w}");
+            }
             let revision = operator::apply_config(&conn, yaml, if_revision.unwrap_or(0)).await?;
             outln!("{}: applied, revision {revision}", file.display())?;
         }

@@ -103,7 +103,10 @@ fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
     if let Some(e) = ControlPlaneError::from_error(&conn.control_plane, Client::Operator, &status) {
         return e.into();
     }
-    if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
+    if status.code() == tonic::Code::Unavailable && status.message().starts_with("store ") {
+        // The control plane answered; what it cannot reach is its store.
+        anyhow::anyhow!("the control plane at {} cannot do that now: {}", conn.control_plane, status.message())
+    } else if status.code() == tonic::Code::Unavailable && status.message().contains("certificate") {
         anyhow::anyhow!(
             "TLS with the control plane at {} failed (is --pki the control plane's PKI?): {}",
             conn.control_plane,

@@ -35,12 +35,35 @@ pub struct ValidateArgs {
     pub conn: ConnArgs,
 }
 
-pub async fn run(args: ValidateArgs) -> anyhow::Result<()> {
-    let path = args.file.display();
-    let text = std::fs::read_to_string(&args.file).map_err(|e| {
+/// Reads and validates a config file as `weft validate` and `weft apply`
+/// do: (its text, the config); errors name the file and every field.
+pub fn load(file: &std::path::Path) -> anyhow::Result<(String, weft_config::MeshConfig)> {
+    let path = file.display();
+    let text = std::fs::read_to_string(file).map_err(|e| {
         anyhow::anyhow!("cannot read config file {path}: {} (pass the path of an existing file)", io_reason(&e))
     })?;
     let cfg = weft_config::parse(&text).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    Ok((text, cfg))
+}
+
+/// The warnings `weft apply` prints before storing `cfg`: those knowable
+/// from the file and `--pki`, and that an empty file removes everything.
+pub fn apply_warnings(cfg: &weft_config::MeshConfig, conn: &ConnArgs) -> Vec<String> {
+    let facts = MeshFacts { trust_domain: pki_trust_domain(conn), endpoints: MeshFacts::declared_workloads(cfg) };
+    let mut out: Vec<String> = weft_config::warnings::warnings(cfg, &facts).iter().map(ToString::to_string).collect();
+    if cfg.services.is_empty() && cfg.routes.is_empty() && cfg.policies.is_empty() && cfg.rate_limits.is_empty() {
+        out.push(
+            "the file declares no services, routes, authorization policies or rate limits: applying it removes \
+             every one the mesh has"
+                .into(),
+        );
+    }
+    out
+}
+
+pub async fn run(args: ValidateArgs) -> anyhow::Result<()> {
+    let path = args.file.display();
+    let (_, cfg) = load(&args.file)?;
     outln!(
         "{path}: valid ({}, {}, {}, {})",
         human::count(cfg.services.len(), "service", "services"),

@@ -304,6 +304,14 @@ async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
     .await
     .expect_err("no token without the store");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // The operator is told it is the store, not the control plane, that is away.
+    let cli = weft(&cps[0], &["token", "create", "--spiffe-id", &cps[0].id("/ns/default/sa/x").to_string()]);
+    assert!(!cli.status.success());
+    assert!(
+        cli.stderr.contains("cannot do that now: store etcd://") && !cli.stderr.contains("not answering"),
+        "{}",
+        cli.stderr
+    );
     // Longer than the registration TTL: nothing in memory is dropped.
     tokio::time::sleep(Duration::from_secs(6)).await;
     web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
@@ -525,4 +533,43 @@ async fn a_replica_that_has_not_read_the_stored_config_pushes_none() {
     etcd.start_all().await;
     wait_ready(&cps[1], 200, Duration::from_secs(30)).await;
     wait_config_has(&web, "kept-one", Duration::from_secs(20)).await;
+}
+
+/// `weft apply` says what `weft validate` would warn about (a policy naming
+/// another trust domain) and that an empty file removes everything, then
+/// applies; a missing file gets validate's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_prints_the_warnings_validate_gives() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, cps) = replicas(&pki, &etcd, 1, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = dir.path().join("foreign.yaml");
+    std::fs::write(
+        &foreign,
+        format!(
+            "{SEED}---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: callers}}\n\
+             spec:\n  targetRef: {{name: seeded-one}}\n  action: ALLOW\n  rules:\n    - from:\n        - identities: \
+             [\"spiffe://example.com/ns/default/sa/web\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = weft(&cps[0], &["apply", "-f", foreign.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning:") && out.stderr.contains("\"example.com\""),
+        "no trust-domain warning: {}",
+        out.stderr
+    );
+
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "").unwrap();
+    let out = weft(&cps[0], &["apply", "-f", empty.to_str().unwrap()]);
+    assert!(out.stderr.contains("removes every one the mesh has"), "{}", out.stderr);
+
+    let missing = dir.path().join("missing.yaml");
+    let applied = weft(&cps[0], &["apply", "-f", missing.to_str().unwrap()]);
+    let validated = run(Command::new(bin("weft")).args(["validate", missing.to_str().unwrap()]));
+    assert!(!applied.status.success() && applied.stderr.contains("cannot read config file"), "{}", applied.stderr);
+    assert_eq!(applied.stderr, validated.stderr);
 }
