@@ -74,6 +74,8 @@ pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
         skip_outbound_cidrs: args.skip_outbound_cidrs.0,
     };
     if args.dry_run {
+        // The checks `install` makes, so a dry run refuses what a real one would.
+        spec.check()?;
         outln!("{}", weft_intercept::rules(&spec).trim_end())?;
         return Ok(());
     }

@@ -282,3 +282,24 @@ fn demo_app_refuses_a_call_target_that_is_not_a_service_name() {
     assert!(!out.status.success(), "--call without --via would call nothing");
     assert!(out.stderr.contains("--via"), "{}", out.stderr);
 }
+
+/// `weft init-iptables --dry-run` prints weft's chains, and refuses the
+/// port mistakes a real install refuses (no root needed for either).
+#[test]
+fn init_iptables_dry_run_prints_the_rules_and_refuses_what_install_would() {
+    let out =
+        weft(&["init-iptables", "--dry-run", "--skip-inbound-ports", "15020", "--skip-outbound-cidrs", "10.9.0.0/16"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    for want in ["*nat", ":WEFT_INBOUND", ":WEFT_OUTPUT", "--uid-owner 1337", "15020", "10.9.0.0/16", "COMMIT"] {
+        assert!(out.stdout.contains(want), "no {want:?} in:\n{}", out.stdout);
+    }
+    for ports in
+        [["--inbound-port", "0", "--outbound-port", "15001"], ["--inbound-port", "15001", "--outbound-port", "15001"]]
+    {
+        let mut args = vec!["init-iptables", "--dry-run"];
+        args.extend(ports);
+        let out = weft(&args);
+        assert!(!out.status.success(), "{ports:?} accepted:\n{}", out.stdout);
+        assert!(out.stderr.contains("must differ and be non-zero"), "{}", out.stderr);
+    }
+}

@@ -112,6 +112,17 @@ pub enum InterceptError {
     Ports { inbound: u16, outbound: u16 },
 }
 
+impl Spec {
+    /// What makes a rule set unusable whether installed or printed: a zero
+    /// port, or inbound and outbound on one port (each would catch the other).
+    pub fn check(&self) -> Result<(), InterceptError> {
+        if self.inbound_port == 0 || self.outbound_port == 0 || self.inbound_port == self.outbound_port {
+            return Err(InterceptError::Ports { inbound: self.inbound_port, outbound: self.outbound_port });
+        }
+        Ok(())
+    }
+}
+
 /// The rule set for `spec` as `iptables-restore --noflush` input (nat
 /// table). Declaring a chain flushes it, so restoring twice gives one copy of
 /// every rule in weft's chains; the jumps are removed first by [`install`].
@@ -194,9 +205,7 @@ pub fn uninstall() -> Result<(), InterceptError> {
 /// Not root, `iptables`/`iptables-restore` missing, bad ports, or the
 /// kernel refused a rule (the message has iptables' own words).
 pub fn install(spec: &Spec) -> Result<(), InterceptError> {
-    if spec.inbound_port == 0 || spec.outbound_port == 0 || spec.inbound_port == spec.outbound_port {
-        return Err(InterceptError::Ports { inbound: spec.inbound_port, outbound: spec.outbound_port });
-    }
+    spec.check()?;
     uninstall()?;
     let text = rules(spec);
     let mut child = Command::new("iptables-restore")
