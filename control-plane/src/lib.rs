@@ -324,7 +324,7 @@ fn serve_admin(
         )
     });
     let mut store_state = health.subscribe();
-    let (store, admin2, metrics) = (health.store.clone(), admin.clone(), metrics.clone());
+    let (admin2, metrics) = (admin.clone(), metrics.clone());
     tokio::spawn(async move {
         loop {
             let down = store_state.borrow_and_update().clone();
@@ -336,8 +336,9 @@ fn serve_admin(
                 }
                 Some(reason) => {
                     metrics.store_up.set(0);
+                    // `reason` already names the store ("store etcd://… is unreachable (…)").
                     admin2.set_unready_reason(Some(format!(
-                        "store {store} unreachable ({reason}); serving what is in memory, refusing writes"
+                        "{reason}; meanwhile serving what is in memory and refusing writes"
                     )));
                 }
             }
