@@ -104,7 +104,7 @@ pub enum StartError {
     Calls(String),
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
-    #[error("cannot register inbound address {0} in discovery: peers cannot dial a wildcard or unspecified address; pass --advertise-address <pod IP> (or a specific --inbound)")]
+    #[error("cannot register inbound address {0} in discovery: peers cannot dial {what}; pass --advertise-address <pod IP>[:<port>] (or a specific --inbound)", what = if .0.port() == 0 { "port 0" } else { "a wildcard or unspecified address" })]
     Unadvertisable(SocketAddr),
     #[error(transparent)]
     StateDir(#[from] weft_runtime::state_lock::StateLockError),
@@ -460,6 +460,8 @@ mod tests {
         assert_eq!(advertised(&opts(Some((ip, Some(7000)))), bound).unwrap().to_string(), "10.1.0.5:7000");
         let unspecified = "::".parse().unwrap();
         assert!(advertised(&opts(Some((unspecified, None))), bound).is_err());
+        let err = advertised(&opts(Some((ip, Some(0)))), bound).unwrap_err().to_string();
+        assert!(err.contains("cannot dial port 0"), "{err}");
         let specific: SocketAddr = "127.0.0.1:15006".parse().unwrap();
         assert_eq!(advertised(&opts(None), specific).unwrap(), specific);
     }
