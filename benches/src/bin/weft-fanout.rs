@@ -21,7 +21,7 @@
 //! own TLS connection and stream.
 //!
 //! ```text
-//! cargo build --release -p weft-control-plane -p weft-cli -p weft-benches --bins
+//! cargo build --release -p weft-control-plane -p weft -p weft-benches --bins
 //! target/release/weft-fanout [--sidecars 1000,10000] [--endpoints-per-service 10]
 //!     [--calls 3] [--unscoped 20] [--store file|etcd://127.0.0.1:2379]
 //! ```
