@@ -23,9 +23,15 @@ use crate::registry::Registry;
 pub const POLL: Duration = Duration::from_millis(500);
 /// The poll interval beside change notification, a safety net.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(5);
-/// After a notification, how long to wait for the writer to finish (several
-/// events come for one save) before reading the file.
-const SETTLE: Duration = Duration::from_millis(10);
+/// After a notification, how long the file must stay quiet (no further
+/// event, and the same contents read twice this far apart) before it is
+/// judged: an editor or `cat >` writing in place fires on the first bytes,
+/// and a file cut at a `---` is still valid YAML that would silently drop
+/// every later document (an AuthorizationPolicy, say) until the next read.
+const SETTLE: Duration = Duration::from_millis(50);
+/// The longest a file that keeps changing is waited for before it is read
+/// as it stands (a writer appending for longer is judged, then re-read).
+const SETTLE_MAX: Duration = Duration::from_secs(2);
 /// Editors replace files by rename; a file missing for less than this is not an error.
 const MISSING_GRACE: Duration = Duration::from_secs(2);
 
@@ -93,6 +99,28 @@ fn watch_dir(path: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatche
     Some(watcher)
 }
 
+/// Waits until no change notification has come for [`SETTLE`] (at most
+/// [`SETTLE_MAX`]).
+async fn settle(wake: &Notify) {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    while tokio::time::timeout(SETTLE, wake.notified()).await.is_ok() && tokio::time::Instant::now() < deadline {}
+}
+
+/// The file's contents once two reads [`SETTLE`] apart agree (at most
+/// [`SETTLE_MAX`]), so a write in progress is not judged half done.
+async fn read_settled(path: &Path) -> std::io::Result<String> {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    let mut text = tokio::fs::read_to_string(path).await?;
+    loop {
+        tokio::time::sleep(SETTLE).await;
+        let again = tokio::fs::read_to_string(path).await?;
+        if again == text || tokio::time::Instant::now() >= deadline {
+            return Ok(again);
+        }
+        text = again;
+    }
+}
+
 /// Watches the file for changes, forever: on change notification, and by
 /// polling as a fallback (see the module docs).
 pub async fn poll(path: PathBuf, mut last_text: String, registry: Arc<Registry>, metrics: Arc<Metrics>) {
@@ -105,10 +133,10 @@ pub async fn poll(path: PathBuf, mut last_text: String, registry: Arc<Registry>,
         // While the file is missing, look often enough to report it in time.
         let wait = if missing_since.is_some() { POLL } else { interval };
         tokio::select! {
-            _ = wake.notified() => tokio::time::sleep(SETTLE).await,
+            _ = wake.notified() => settle(&wake).await,
             _ = tokio::time::sleep(wait) => {}
         }
-        let text = match tokio::fs::read_to_string(&path).await {
+        let text = match read_settled(&path).await {
             Ok(t) => {
                 if reported_missing {
                     // The file is back: judge it afresh, even if unchanged, so
