@@ -635,7 +635,9 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
     });
     assert!(metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"refused\"") >= 1.0);
     let (_, body) = lab.curl("client", &[], &format!("http://{}:8080/still", ip(3)));
-    assert!(body.starts_with("v1 /still peer="), "mesh services are still reachable: {body}");
+    // Intermittent (about 1 run in 8): an empty reply here, as if the caller's
+    // sidecar took the pod for an unknown destination; the logs say which path.
+    assert!(body.starts_with("v1 /still peer="), "mesh services are still reachable: {body}\n{}", lab.logs());
 
     // Uninstalling restores direct traffic (no sidecar, no peer ID) and leaves no weft chain.
     for pod in ["client", "v1"] {
