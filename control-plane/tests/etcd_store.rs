@@ -64,6 +64,29 @@ async fn replicas(pki: &Pki, etcd: &Etcd, n: usize, extra: &[&str]) -> (Vec<Temp
     (dirs, cps)
 }
 
+/// `api` registered at `api_cp` and `web` at `web_cp` calling it (an
+/// `--upstream`), with their apps (kept alive in `_apps`); returned once
+/// web's discovery lists api.
+struct Pair {
+    api: Sidecar,
+    web: Sidecar,
+    _apps: (servers::Server, servers::Server),
+}
+
+async fn pair(api_cp: &ControlPlane, web_cp: &ControlPlane) -> Pair {
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(api_cp, TD, SidecarSpec::new("api", api_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        web_cp,
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    Pair { api, web, _apps: (api_app, web_app) }
+}
+
 fn weft(cp: &ControlPlane, args: &[&str]) -> weft_testkit::Output {
     run(Command::new(bin("weft")).args(args).arg("--control-plane").arg(cp.addr.to_string()).arg("--pki").arg(&cp.pki))
 }
@@ -143,15 +166,7 @@ async fn registrations_and_applied_config_reach_sidecars_on_every_replica() {
     let (_d2, mut cp2) = replicas(&pki, &etcd, 1, &[]).await;
     let (cp1, cp2) = (cp1.remove(0), cp2.remove(0));
 
-    let api_app = servers::http("api").await;
-    let api = Sidecar::start(&cp2, TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web_app = servers::http("web").await;
-    let web = Sidecar::start(
-        &cp1,
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let Pair { api, web, _apps } = pair(&cp2, &cp1).await;
     // The api sidecar registered with replica 2; the web sidecar's replica 1 knows it.
     web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
     let reply = App::of(&web).get("api", "/across").await;
@@ -210,16 +225,7 @@ async fn a_sidecar_of_a_dead_replica_stays_for_the_lease_then_goes() {
     let Some(etcd) = Etcd::start(1).await else { return };
     let pki = Pki::new(TD);
     let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &[]).await;
-    let api_app = servers::http("api").await;
-    let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web_app = servers::http("web").await;
-    let web = Sidecar::start(
-        &cps[0],
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
-    )
-    .await;
-    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
     cps[1].stop();
     let killed = Instant::now();
     // Within the grace the endpoint stays and serves.
@@ -244,16 +250,7 @@ async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
     std::fs::write(&seed_file, SEED).unwrap();
     let seed_arg = seed_file.display().to_string();
     let (_dirs, cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
-    let api_app = servers::http("api").await;
-    let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web_app = servers::http("web").await;
-    let web = Sidecar::start(
-        &cps[0],
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
-    )
-    .await;
-    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -348,15 +345,7 @@ async fn sidecars_fail_over_when_their_replica_is_killed() {
     let pki = Pki::new(TD);
     let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--svid-ttl", "6s"]).await;
     let both = format!("{},{}", cps[0].addr, cps[1].addr);
-    let api_app = servers::http("api").await;
-    let api = Sidecar::start(&cps[0], TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web_app = servers::http("web").await;
-    let web = Sidecar::start(
-        &cps[0],
-        TD,
-        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api"], labels: &[], extra_args: &[] },
-    )
-    .await;
+    let Pair { api, web, _apps } = pair(&cps[0], &cps[0]).await;
     // Sidecar::start names one replica; restart both with the list (the SVID is in their state dirs).
     let mut sidecars = [api, web];
     for s in &mut sidecars {
