@@ -188,6 +188,16 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // For diagnosis: every process's whole log, kept after the run.
+        if let Some(keep) = std::env::var_os("WEFT_TEST_KEEP_LOGS") {
+            let to = Path::new(&keep).join(&self.prefix);
+            if std::fs::create_dir_all(&to).is_ok() {
+                for (name, _) in &self.procs {
+                    let log = format!("{name}.log");
+                    let _ = std::fs::copy(self.dir.path().join(&log), to.join(&log));
+                }
+            }
+        }
         for (_, child) in &mut self.procs {
             let _ = child.kill();
             let _ = child.wait();
@@ -423,6 +433,126 @@ fn metric(lab: &Lab, pod: &str, name: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Drives sockets from a line protocol on stdin (one reply line per command),
+/// so a test can order every packet: `listen IP PORT`, `accept NAME`,
+/// `connect NAME IP PORT`, `send NAME WORD`, `recv NAME`.
+const SOCKET_DRIVER: &str = r#"
+import socket, sys
+conns, lst = {}, None
+for line in sys.stdin:
+    cmd, *a = line.split()
+    try:
+        if cmd == "listen":
+            lst = socket.socket()
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lst.bind((a[0], int(a[1])))
+            lst.listen(8)
+            out = "ok"
+        elif cmd == "accept":
+            lst.settimeout(10)
+            conns[a[0]], _ = lst.accept()
+            conns[a[0]].settimeout(5)
+            out = "ok"
+        elif cmd == "connect":
+            conns[a[0]] = socket.create_connection((a[1], int(a[2])), timeout=5)
+            out = "ok"
+        elif cmd == "send":
+            conns[a[0]].sendall((a[1] + "\n").encode())
+            out = "ok"
+        elif cmd == "recv":
+            got = b""
+            while not got.endswith(b"\n"):
+                d = conns[a[0]].recv(100)
+                if not d:
+                    raise ConnectionError("closed by the peer")
+                got += d
+            out = "got " + got.decode().strip()
+    except Exception as e:
+        out = f"error {type(e).__name__}: {e}"
+    print(out, flush=True)
+"#;
+
+/// A [`SOCKET_DRIVER`] running in a pod.
+struct Driver {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Driver {
+    fn start(lab: &Lab, pod: &str, script: &Path) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(pod), "python3", "-u"])
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self { child, stdin, stdout }
+    }
+
+    /// Sends one command; its reply line.
+    fn cmd(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{line}").expect("driver stdin");
+        let mut reply = String::new();
+        self.stdout.read_line(&mut reply).expect("driver stdout");
+        reply.trim().to_string()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection open before the rules (in the test above: the sidecar's
+/// config stream to the control plane) must survive their install. In a
+/// namespace without conntrack until the nat table is loaded, the first
+/// packet of such a connection after the install is picked up mid-stream as
+/// a new flow; a REDIRECT then sends it to the sidecar's port, which answers
+/// with a reset. That reset the control plane's streams to already running
+/// sidecars whenever its next push (a mesh config reload) was that first
+/// packet: every sidecar deregistered at once.
+#[test]
+fn connections_open_before_the_rules_are_left_alone() {
+    skip_unless_supported!();
+    let mut lab = Lab::new("open");
+    lab.pod("peer", 1);
+    lab.pod("p", 2);
+    let driver = lab.write("driver.py", SOCKET_DRIVER);
+    let mut peer = Driver::start(&lab, "peer", &driver);
+    let mut app = Driver::start(&lab, "p", &driver);
+    let peer_ip = format!("{SUBNET}.1");
+    assert_eq!(peer.cmd(&format!("listen {peer_ip} 7443")), "ok");
+    // `in`: the peer speaks first after the install (an arriving packet);
+    // `out`: the pod's app speaks first (a leaving one).
+    for name in ["in", "out"] {
+        assert_eq!(app.cmd(&format!("connect {name} {peer_ip} 7443")), "ok");
+        assert_eq!(peer.cmd(&format!("accept {name}")), "ok");
+    }
+    let out = init_iptables(&lab, "p", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    assert_eq!(peer.cmd("send in push"), "ok");
+    assert_eq!(app.cmd("recv in"), "got push", "an arriving packet of an open connection was redirected");
+    assert_eq!(app.cmd("send in ack"), "ok");
+    assert_eq!(peer.cmd("recv in"), "got ack");
+    assert_eq!(app.cmd("send out hello"), "ok");
+    assert_eq!(peer.cmd("recv out"), "got hello", "a leaving packet of an open connection was redirected");
+    assert_eq!(peer.cmd("send out reply"), "ok");
+    assert_eq!(app.cmd("recv out"), "got reply");
+
+    // The rules are in force for new connections: to the outbound port,
+    // where nothing listens in this test.
+    let refused = app.cmd(&format!("connect new {peer_ip} 7443"));
+    assert!(refused.starts_with("error ConnectionRefused"), "a new connection was not redirected: {refused}");
 }
 
 #[test]

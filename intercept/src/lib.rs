@@ -22,10 +22,12 @@
 //!
 //! ```text
 //! PREROUTING  -p tcp -j WEFT_INBOUND
+//! WEFT_INBOUND  ! --syn  RETURN                  (connections open before the rules)
 //! WEFT_INBOUND  --dport <inbound port>  RETURN    (peers' mTLS lands directly)
 //! WEFT_INBOUND  --dport <skipped port>  RETURN
 //! WEFT_INBOUND  -p tcp  REDIRECT --to-ports <inbound port>
 //! OUTPUT      -p tcp -j WEFT_OUTPUT
+//! WEFT_OUTPUT  ! --syn  RETURN                   (connections open before the rules)
 //! WEFT_OUTPUT  -o lo  RETURN                      (loopback: the sidecar itself, the pod's own ports)
 //! WEFT_OUTPUT  --uid-owner <proxy uid>  RETURN    (the sidecar's own connections)
 //! WEFT_OUTPUT  --dport <skipped port>  RETURN
@@ -134,11 +136,18 @@ pub fn rules(spec: &Spec) -> String {
     for (builtin, chain) in JUMPS {
         let _ = writeln!(s, "-A {builtin} {}", jump_spec(chain).join(" "));
     }
+    // Only a connection's first packet (a SYN) is redirected. The nat table
+    // sees the first packet of each tracked flow, and a namespace that had no
+    // conntrack before these rules picks up connections already open as new
+    // flows at their next packet: redirected, they would be reset by the
+    // sidecar's port (the sidecar's own config stream among them).
+    let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp ! --syn -j RETURN");
     let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp --dport {} -j RETURN", spec.inbound_port);
     for p in &spec.skip_inbound_ports {
         let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp --dport {p} -j RETURN");
     }
     let _ = writeln!(s, "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}", spec.inbound_port);
+    let _ = writeln!(s, "-A {OUTPUT_CHAIN} -p tcp ! --syn -j RETURN");
     let _ = writeln!(s, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
     let _ = writeln!(s, "-A {OUTPUT_CHAIN} -m owner --uid-owner {} -j RETURN", spec.proxy_uid);
     for p in &spec.skip_outbound_ports {
@@ -266,10 +275,12 @@ mod tests {
 :WEFT_REDIRECT - [0:0]
 -A PREROUTING -p tcp -j WEFT_INBOUND
 -A OUTPUT -p tcp -j WEFT_OUTPUT
+-A WEFT_INBOUND -p tcp ! --syn -j RETURN
 -A WEFT_INBOUND -p tcp --dport 15006 -j RETURN
 -A WEFT_INBOUND -p tcp --dport 15020 -j RETURN
 -A WEFT_INBOUND -p tcp --dport 22 -j RETURN
 -A WEFT_INBOUND -p tcp -j REDIRECT --to-ports 15006
+-A WEFT_OUTPUT -p tcp ! --syn -j RETURN
 -A WEFT_OUTPUT -o lo -j RETURN
 -A WEFT_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A WEFT_OUTPUT -p tcp --dport 5432 -j RETURN
