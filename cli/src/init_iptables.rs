@@ -31,8 +31,9 @@ pub struct InitIptablesArgs {
     /// Remove weft's chains and jumps (only those) instead of installing them.
     #[arg(long)]
     uninstall: bool,
-    /// Print the rules (iptables-restore input) and change nothing.
-    #[arg(long, conflicts_with = "uninstall")]
+    /// Print the rules (iptables-restore input) and change nothing; with
+    /// --uninstall, print the iptables commands that would remove weft's rules.
+    #[arg(long)]
     dry_run: bool,
 }
 
@@ -41,12 +42,25 @@ struct PortList(Vec<u16>);
 #[derive(Debug, Clone)]
 struct CidrList(Vec<Cidr>);
 
-fn items(s: &str) -> impl Iterator<Item = &str> {
-    s.split(',').map(str::trim).filter(|p| !p.is_empty())
+/// The items of a comma-separated list; empty (or blank) is no items. An
+/// empty item (`1,,2`, a trailing comma) is refused by position: it is
+/// usually a value missing from a generated list.
+fn items(s: &str) -> Result<Vec<&str>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let items: Vec<&str> = s.split(',').map(str::trim).collect();
+    match items.iter().position(|i| i.is_empty()) {
+        Some(i) => {
+            Err(format!("item {} of {s:?} is empty: expected values separated by single commas, e.g. 15020,22", i + 1))
+        }
+        None => Ok(items),
+    }
 }
 
 fn parse_ports(s: &str) -> Result<PortList, String> {
-    items(s)
+    items(s)?
+        .into_iter()
         .map(|p| match p.parse::<u16>() {
             Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
             Ok(n) => Ok(n),
@@ -56,13 +70,23 @@ fn parse_ports(s: &str) -> Result<PortList, String> {
 }
 
 fn parse_cidrs(s: &str) -> Result<CidrList, String> {
-    items(s).map(|c| c.parse::<Cidr>().map_err(|e| e.to_string())).collect::<Result<_, _>>().map(CidrList)
+    items(s)?.into_iter().map(|c| c.parse::<Cidr>().map_err(|e| e.to_string())).collect::<Result<_, _>>().map(CidrList)
 }
 
 pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
     if args.uninstall {
-        weft_intercept::uninstall().context("removing weft's iptables rules")?;
-        outln!("removed weft's nat chains ({})", weft_intercept::CHAINS.join(", "))?;
+        let removal = if args.dry_run {
+            weft_intercept::planned_removal().context("listing weft's iptables rules")?
+        } else {
+            weft_intercept::uninstall().context("removing weft's iptables rules")?
+        };
+        if removal.is_empty() {
+            outln!("nothing to remove: no weft nat rules in this network namespace")?;
+        } else if args.dry_run {
+            outln!("would run:\n{}", removal.commands().join("\n"))?;
+        } else {
+            outln!("removed weft's nat rules:\n{}", removal.commands().join("\n"))?;
+        }
         return Ok(());
     }
     let spec = Spec {
@@ -81,7 +105,7 @@ pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
     }
     weft_intercept::install(&spec).context("installing weft's iptables rules")?;
     outln!(
-        "installed: inbound TCP → :{}, outbound TCP → :{} (uid {} exempt)",
+        "installed: inbound TCP → :{}, outbound TCP → :{} (uid {} exempt; IPv4 only, IPv6 is not intercepted)",
         spec.inbound_port,
         spec.outbound_port,
         spec.proxy_uid

@@ -141,6 +141,10 @@ fn bad_annotations_and_yaml_are_refused_with_the_reason() {
     let (ok, out, err) = weft_inject(&["-f", "-"], pod);
     assert!(!ok && out.is_empty(), "{out}");
     assert!(err.contains("Pod/p: annotation weft.dev/skip-outbound-cidrs") && err.contains("ADDRESS/PREFIX"), "{err}");
+    // IPv6 is not intercepted: `weft init-iptables` would refuse it at pod start.
+    let v6 = pod.replace("\"10.0.0.0\"", "\"10.0.0.0/8,fd00::/8\"");
+    let (ok, _, err) = weft_inject(&["-f", "-"], &v6);
+    assert!(!ok && err.contains("\"fd00::/8\", an IPv6 network"), "{err}");
     let pod = pod.replace("weft.dev/skip-outbound-cidrs: \"10.0.0.0\"", "weft.dev/app-port: \"http\"");
     let (ok, _, err) = weft_inject(&["-f", "-"], &pod);
     assert!(!ok && err.contains("weft.dev/app-port") && err.contains("is not a port"), "{err}");

@@ -435,6 +435,92 @@ fn metric(lab: &Lab, pod: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// `weft` or `weft-proxy` with `args` (no namespace, no root needed):
+/// (success, stdout + stderr).
+fn cli(binary: &str, args: &[&str]) -> (bool, String) {
+    let out = run(Command::new(bin(binary)).args(args));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Lists with an empty item are refused by position rather than read as
+/// shorter lists (a generated flag missing a value).
+#[test]
+fn init_iptables_refuses_empty_list_items_by_name() {
+    for (flag, value, item) in [
+        ("--skip-inbound-ports", "1,,2", "item 2 of \"1,,2\" is empty"),
+        ("--skip-inbound-ports", "15020,", "item 2 of \"15020,\" is empty"),
+        ("--skip-outbound-ports", ",5432", "item 1 of \",5432\" is empty"),
+        ("--skip-outbound-cidrs", "10.0.0.0/8,", "item 2 of \"10.0.0.0/8,\" is empty"),
+    ] {
+        let (ok, text) = cli("weft", &["init-iptables", "--dry-run", flag, value]);
+        assert!(!ok && text.contains(flag) && text.contains(item), "{flag} {value}: {text}");
+    }
+    // An empty list is still no items (the injector writes `--skip-inbound-ports ""` never, but a user may).
+    let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--skip-outbound-ports", ""]);
+    assert!(ok, "{text}");
+}
+
+/// IPv6 is not intercepted: an IPv6 skip CIDR would exempt nothing, so it
+/// is refused by name instead of being silently ignored.
+#[test]
+fn init_iptables_refuses_an_ipv6_skip_cidr() {
+    let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--skip-outbound-cidrs", "10.0.0.0/8,fd00::/8"]);
+    assert!(!ok && text.contains("fd00::/8") && text.contains("only IPv4 is intercepted"), "{text}");
+    let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--skip-outbound-cidrs", "10.0.0.0/8"]);
+    assert!(ok && text.contains("-A WEFT_OUTPUT -d 10.0.0.0/8 -j RETURN"), "{text}");
+}
+
+/// `--detect-timeout` outside 1ms..10s is refused with the bounds.
+#[test]
+fn the_detect_timeout_has_bounds() {
+    for bad in ["0ms", "11s", "1h"] {
+        let (ok, text) = cli("weft-proxy", &["--detect-timeout", bad]);
+        assert!(!ok && text.contains("--detect-timeout") && text.contains("between 1ms and 10s"), "{bad}: {text}");
+    }
+    let (ok, text) = cli("weft-proxy", &["--detect-timeout", "soon"]);
+    assert!(!ok && text.contains("expected a duration"), "{text}");
+}
+
+/// A sidecar told the rules' `--proxy-uid` refuses to start as another UID
+/// (its own connections would be redirected back into it), in one line,
+/// before it binds or attests anything.
+#[test]
+fn a_sidecar_refuses_to_start_as_another_uid_than_the_rules_exempt() {
+    let me = effective_uid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let base = |uid: u32| {
+        let args: Vec<String> = [
+            "--trust-bundle",
+            "/nonexistent/bundle.pem",
+            "--state-dir",
+            &state.display().to_string(),
+            "--service",
+            "web",
+            "--app",
+            "127.0.0.1:1",
+            "--proxy-uid",
+            &uid.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args
+    };
+    let other = me.wrapping_add(1);
+    let args = base(other);
+    let (ok, text) = cli("weft-proxy", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok, "{text}");
+    let line =
+        text.lines().find(|l| l.contains("--proxy-uid")).unwrap_or_else(|| panic!("no --proxy-uid error: {text}"));
+    assert!(line.contains(&format!("runs as uid {me}")) && line.contains(&format!("uid {other}")), "{line}");
+    assert!(!state.exists(), "nothing done before the check");
+    // Its own UID passes the check (and fails later, on the missing bundle).
+    let args = base(me);
+    let (ok, text) = cli("weft-proxy", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && !text.contains("--proxy-uid") && text.contains("bundle"), "{text}");
+}
+
 /// Drives sockets from a line protocol on stdin (one reply line per command),
 /// so a test can order every packet: `listen IP PORT`, `accept NAME`,
 /// `connect NAME IP PORT`, `send NAME WORD`, `recv NAME`.
@@ -593,7 +679,24 @@ fn init_iptables_installs_once_and_uninstalls_exactly_what_it_added() {
     let out = init_iptables(&lab, "p", &["--uninstall"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(nat_rules(&lab, "p"), before, "uninstall leaves the table as it found it");
-    assert!(init_iptables(&lab, "p", &["--uninstall"]).status.success(), "uninstalling nothing succeeds");
+    let out = init_iptables(&lab, "p", &["--uninstall"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "uninstalling nothing succeeds");
+    assert!(said.contains("nothing to remove") && !said.contains("removed"), "{said}");
+
+    // A dry run of the uninstall lists the commands and changes nothing.
+    assert!(init_iptables(&lab, "p", &[]).status.success());
+    let installed = nat_rules(&lab, "p");
+    let out = init_iptables(&lab, "p", &["--uninstall", "--dry-run"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["would run:", "iptables -w -t nat -D PREROUTING -p tcp -j WEFT_INBOUND", "-X WEFT_REDIRECT"] {
+        assert!(said.contains(want), "no {want:?} in:\n{said}");
+    }
+    assert_eq!(nat_rules(&lab, "p"), installed, "a dry run changes nothing");
+    let out = init_iptables(&lab, "p", &["--uninstall"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed weft's nat rules"));
+    assert_eq!(nat_rules(&lab, "p"), before);
 
     // Not root: a clear refusal, nothing changed.
     let weft = bin("weft").display().to_string();

@@ -13,8 +13,15 @@
 //! running it twice leaves one copy.
 //!
 //! Only IPv4 is intercepted (`iptables`, not `ip6tables`): IPv6 traffic
-//! keeps its direct path, so an IPv6 skip CIDR has nothing to exempt and is
-//! accepted as a no-op.
+//! keeps its direct path (no mTLS, no `registryOnly`), since the sidecar's
+//! listeners are IPv4. An IPv6 skip CIDR would therefore exempt nothing and
+//! is refused ([`InterceptError::Ipv6Cidr`]) rather than silently ignored.
+//!
+//! Only a connection's first packet (its SYN) is redirected: connections
+//! already open when the rules are installed (in a namespace that had no
+//! connection tracking before, the kernel picks them up mid-stream as new
+//! flows) keep going where they went. Installed before the app and the
+//! sidecar start, as an init step, there are none.
 //!
 //! The rules (nat table; REDIRECT sends locally made packets to 127.0.0.1
 //! and arriving packets to the arriving interface's address, keeping the
@@ -112,14 +119,22 @@ pub enum InterceptError {
     Failed { command: String, status: std::process::ExitStatus, stderr: String },
     #[error("--inbound-port and --outbound-port must differ and be non-zero (got {inbound} and {outbound})")]
     Ports { inbound: u16, outbound: u16 },
+    #[error(
+        "--skip-outbound-cidrs {0}: an IPv6 network, but only IPv4 is intercepted (IPv6 connections already leave directly); remove it"
+    )]
+    Ipv6Cidr(Cidr),
 }
 
 impl Spec {
     /// What makes a rule set unusable whether installed or printed: a zero
-    /// port, or inbound and outbound on one port (each would catch the other).
+    /// port, inbound and outbound on one port (each would catch the other),
+    /// or an IPv6 skip CIDR (nothing IPv6 is intercepted, so it would do nothing).
     pub fn check(&self) -> Result<(), InterceptError> {
         if self.inbound_port == 0 || self.outbound_port == 0 || self.inbound_port == self.outbound_port {
             return Err(InterceptError::Ports { inbound: self.inbound_port, outbound: self.outbound_port });
+        }
+        if let Some(c) = self.skip_outbound_cidrs.iter().find(|c| c.addr.is_ipv6()) {
+            return Err(InterceptError::Ipv6Cidr(*c));
         }
         Ok(())
     }
@@ -167,45 +182,87 @@ fn jump_spec(chain: &str) -> [&str; 4] {
     ["-p", "tcp", "-j", chain]
 }
 
-/// The `iptables` invocations that remove weft's rules, in order: every
-/// jump into weft's chains, then the chains' rules, then the chains. Each
-/// may fail because there is nothing to remove, which [`uninstall`] ignores.
-pub fn uninstall_steps() -> Vec<Vec<String>> {
-    let mut steps = Vec::new();
-    for (builtin, chain) in JUMPS {
-        let mut args = vec!["-w".to_string(), "-t".into(), "nat".into(), "-D".into(), builtin.into()];
-        args.extend(jump_spec(chain).iter().map(|s| s.to_string()));
-        steps.push(args);
-    }
-    for op in ["-F", "-X"] {
-        for chain in CHAINS {
-            steps.push(["-w", "-t", "nat", op, chain].iter().map(|s| s.to_string()).collect());
-        }
-    }
-    steps
+/// What [`uninstall`] removes (or would): `iptables` arguments, one
+/// invocation each, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removal {
+    pub steps: Vec<Vec<String>>,
 }
 
-/// Removes weft's rules and chains (and only those); succeeds when there
-/// were none.
-///
-/// # Errors
-/// Not root, or `iptables` missing.
-pub fn uninstall() -> Result<(), InterceptError> {
-    require_root()?;
-    for step in uninstall_steps() {
-        // A jump added twice by hand is removed too: delete until none is left.
-        let repeat = step.iter().any(|a| a == "-D");
-        loop {
-            let out = Command::new("iptables")
-                .args(&step)
-                .output()
-                .map_err(|source| InterceptError::Missing { tool: "iptables", source })?;
-            if !out.status.success() || !repeat {
-                break;
-            }
+impl Removal {
+    /// True when no weft jump or chain is there.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The steps as `iptables …` command lines.
+    pub fn commands(&self) -> Vec<String> {
+        self.steps.iter().map(|s| format!("iptables {}", s.join(" "))).collect()
+    }
+}
+
+/// The `iptables` invocations that remove weft's rules from the nat table
+/// listed in `nat_rules` (`iptables -t nat -S`): every jump into a weft chain
+/// from another chain (as often as it is there), then each weft chain
+/// present is flushed and deleted. Nothing for a table without them.
+pub fn removal(nat_rules: &str) -> Removal {
+    let arg = |s: &str| s.to_string();
+    let mut steps = Vec::new();
+    for line in nat_rules.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [op, from, .., j, to] = words.as_slice() else { continue };
+        if *op == "-A" && *j == "-j" && CHAINS.contains(to) && !CHAINS.contains(from) {
+            let mut step: Vec<String> = ["-w", "-t", "nat", "-D"].map(arg).to_vec();
+            step.extend(words[1..].iter().map(|w| arg(w)));
+            steps.push(step);
         }
     }
-    Ok(())
+    let present: Vec<&str> =
+        CHAINS.into_iter().filter(|c| nat_rules.lines().any(|l| l.trim() == format!("-N {c}"))).collect();
+    for op in ["-F", "-X"] {
+        for chain in &present {
+            steps.push(["-w", "-t", "nat", op, chain].map(arg).to_vec());
+        }
+    }
+    Removal { steps }
+}
+
+/// What [`uninstall`] would remove from this network namespace now.
+///
+/// # Errors
+/// Not root, `iptables` missing, or it could not list the nat table.
+pub fn planned_removal() -> Result<Removal, InterceptError> {
+    require_root()?;
+    Ok(removal(&iptables(&["-w", "-t", "nat", "-S"])?))
+}
+
+/// Removes weft's rules and chains (and only those); what it removed, empty
+/// when there were none.
+///
+/// # Errors
+/// Not root, `iptables` missing, or a removal failed (iptables' words).
+pub fn uninstall() -> Result<Removal, InterceptError> {
+    let plan = planned_removal()?;
+    for step in &plan.steps {
+        iptables(&step.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(plan)
+}
+
+/// Runs `iptables args`; its standard output.
+fn iptables(args: &[&str]) -> Result<String, InterceptError> {
+    let out = Command::new("iptables")
+        .args(args)
+        .output()
+        .map_err(|source| InterceptError::Missing { tool: "iptables", source })?;
+    if !out.status.success() {
+        return Err(InterceptError::Failed {
+            command: format!("iptables {}", args.join(" ")),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Installs the rules for `spec`, replacing any weft rules already there.
@@ -302,12 +359,43 @@ COMMIT
 
     #[test]
     fn uninstall_removes_the_jumps_before_the_chains() {
-        let steps = uninstall_steps();
-        assert_eq!(steps[0].join(" "), "-w -t nat -D PREROUTING -p tcp -j WEFT_INBOUND");
-        assert_eq!(steps[1].join(" "), "-w -t nat -D OUTPUT -p tcp -j WEFT_OUTPUT");
-        let deletes: Vec<_> = steps.iter().filter(|s| s[3] == "-X").map(|s| s[4].clone()).collect();
-        assert_eq!(deletes, CHAINS);
-        assert!(steps.iter().all(|s| s[4] == "PREROUTING" || s[4] == "OUTPUT" || CHAINS.contains(&s[4].as_str())));
+        // As `iptables -t nat -S` lists a table with weft's rules, a jump added
+        // twice, and someone else's rule.
+        let mut listed =
+            String::from("-P PREROUTING ACCEPT\n-P OUTPUT ACCEPT\n-N WEFT_INBOUND\n-N WEFT_OUTPUT\n-N WEFT_REDIRECT\n");
+        listed += "-A PREROUTING -p tcp -j WEFT_INBOUND\n-A OUTPUT -p tcp -m tcp --dport 4444 -j RETURN\n";
+        listed += "-A OUTPUT -p tcp -j WEFT_OUTPUT\n-A OUTPUT -p tcp -j WEFT_OUTPUT\n";
+        listed += "-A WEFT_OUTPUT -j WEFT_REDIRECT\n-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n";
+        let steps: Vec<String> = removal(&listed).steps.iter().map(|s| s.join(" ")).collect();
+        assert_eq!(
+            steps,
+            [
+                "-w -t nat -D PREROUTING -p tcp -j WEFT_INBOUND",
+                "-w -t nat -D OUTPUT -p tcp -j WEFT_OUTPUT",
+                "-w -t nat -D OUTPUT -p tcp -j WEFT_OUTPUT",
+                "-w -t nat -F WEFT_INBOUND",
+                "-w -t nat -F WEFT_OUTPUT",
+                "-w -t nat -F WEFT_REDIRECT",
+                "-w -t nat -X WEFT_INBOUND",
+                "-w -t nat -X WEFT_OUTPUT",
+                "-w -t nat -X WEFT_REDIRECT",
+            ]
+        );
+        let untouched = "-P PREROUTING ACCEPT\n-A OUTPUT -p tcp -m tcp --dport 4444 -j RETURN\n";
+        assert!(removal(untouched).is_empty(), "nothing of weft's: nothing to remove");
+        // The jumps `rules` adds are the ones found.
+        let installed = rules(&spec()).replace(":WEFT", "-N WEFT");
+        assert_eq!(removal(&installed).steps.iter().filter(|s| s[3] == "-D").count(), JUMPS.len());
+    }
+
+    #[test]
+    fn an_ipv6_skip_cidr_is_refused_by_name() {
+        let err = spec().check().unwrap_err();
+        assert!(matches!(err, InterceptError::Ipv6Cidr(_)), "{err}");
+        assert!(err.to_string().contains("fd00::/8") && err.to_string().contains("only IPv4"), "{err}");
+        let mut v4 = spec();
+        v4.skip_outbound_cidrs.retain(|c| c.addr.is_ipv4());
+        assert!(v4.check().is_ok());
     }
 
     #[test]

@@ -222,11 +222,17 @@ fn inject_workload(obj: &mut Value, path: &[&str], object: &str, opts: &InjectOp
         None => Vec::new(),
         Some(v) => split_list(&v)
             .map(|c| {
-                valid_cidr(c).then(|| c.to_string()).ok_or_else(|| InjectError::BadAnnotation {
+                let reason = match valid_cidr(c) {
+                    Some(true) => return Ok(c.to_string()),
+                    // `weft init-iptables` intercepts IPv4 only, and refuses these.
+                    Some(false) => format!("names {c:?}, an IPv6 network: only IPv4 is intercepted"),
+                    None => format!("is not a comma-separated list of CIDRs ({c:?} is not ADDRESS/PREFIX)"),
+                };
+                Err(InjectError::BadAnnotation {
                     object: object.into(),
                     annotation: ANNOTATION_SKIP_OUTBOUND_CIDRS,
                     value: v.clone(),
-                    reason: format!("is not a comma-separated list of CIDRs ({c:?} is not ADDRESS/PREFIX)"),
+                    reason,
                 })
             })
             .collect::<Result<_, _>>()?,
@@ -286,12 +292,13 @@ fn split_list(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
-fn valid_cidr(c: &str) -> bool {
-    let Some((addr, prefix)) = c.split_once('/') else { return false };
+/// Whether `c` is an IPv4 CIDR (`Some(true)`), an IPv6 one (`Some(false)`), or none.
+fn valid_cidr(c: &str) -> Option<bool> {
+    let (addr, prefix) = c.split_once('/')?;
     match (addr.parse::<IpAddr>(), prefix.parse::<u8>()) {
-        (Ok(IpAddr::V4(_)), Ok(p)) => p <= 32,
-        (Ok(IpAddr::V6(_)), Ok(p)) => p <= 128,
-        _ => false,
+        (Ok(IpAddr::V4(_)), Ok(p)) if p <= 32 => Some(true),
+        (Ok(IpAddr::V6(_)), Ok(p)) if p <= 128 => Some(false),
+        _ => None,
     }
 }
 
@@ -418,6 +425,10 @@ fn proxy_container(opts: &InjectOptions, service_account: &str, app_port: u16, l
         format!("127.0.0.1:{}", opts.outbound_port),
         "--admin".into(),
         format!("0.0.0.0:{}", opts.admin_port),
+        // The init container's rules exempt this UID: the sidecar refuses to
+        // start as another (its own connections would loop back into it).
+        "--proxy-uid".into(),
+        opts.proxy_uid.to_string(),
         "--log-format".into(),
         "json".into(),
     ];

@@ -69,8 +69,15 @@ pub struct Args {
     upstreams: Vec<(String, SocketAddr)>,
     /// How long an intercepted outbound connection's first bytes are awaited
     /// before it is carried as opaque TCP (server-speaks-first protocols wait this long at most).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    /// 1ms to 10s.
+    #[arg(long, default_value = "100ms", value_parser = parse_detect_timeout)]
     detect_timeout: Duration,
+    /// The UID `weft init-iptables --proxy-uid` exempts from interception:
+    /// the sidecar then refuses to start unless it runs as this UID (as any
+    /// other, its own connections would be redirected back into it). Pass it
+    /// wherever the rules are installed.
+    #[arg(long)]
+    proxy_uid: Option<u32>,
     /// Timeout for connecting to a peer sidecar.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -115,6 +122,17 @@ fn parse_header_bytes(s: &str) -> Result<usize, String> {
         return Err(format!("{n}: must be between 1024 and 16777216 bytes"));
     }
     Ok(n)
+}
+
+/// `--detect-timeout`: 1 ms .. 10 s. Zero would call every client opaque
+/// before it could speak; longer stalls every server-speaks-first protocol
+/// that long on each connection.
+fn parse_detect_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected a duration, e.g. 100ms"))?;
+    if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&d) {
+        return Err(format!("{s}: must be between 1ms and 10s (default 100ms)"));
+    }
+    Ok(d)
 }
 
 /// `--advertise-address`: an IP, with or without a port.
@@ -167,6 +185,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         inbound: args.inbound,
         advertise: args.advertise_address.map(|a| (a.ip, a.port)),
         detect_timeout: args.detect_timeout,
+        proxy_uid: args.proxy_uid,
         outbound: args.outbound,
         admin: args.admin,
         upstreams: args.upstreams,

@@ -73,6 +73,9 @@ pub struct Options {
     pub advertise: Option<(std::net::IpAddr, Option<u16>)>,
     /// How long an intercepted connection's first bytes are awaited.
     pub detect_timeout: Duration,
+    /// `--proxy-uid`: the UID the interception rules exempt; when set, the
+    /// sidecar refuses to start as any other effective UID.
+    pub proxy_uid: Option<u32>,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -108,6 +111,8 @@ pub enum StartError {
     Unadvertisable(SocketAddr),
     #[error(transparent)]
     StateDir(#[from] weft_runtime::state_lock::StateLockError),
+    #[error(transparent)]
+    ProxyUid(#[from] outbound::intercept::ProxyUidMismatch),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -188,6 +193,11 @@ impl Proxy {
     /// Binds every listener, gets an SVID, and starts serving; readiness
     /// (/ready) follows once the first config has arrived.
     pub async fn start(opts: Options) -> Result<Self, StartError> {
+        // Before anything is bound or spent: as another UID, its own
+        // connections would loop back into it through the rules.
+        if let Some(uid) = opts.proxy_uid {
+            outbound::intercept::check_proxy_uid(uid)?;
+        }
         // A bad name is refused before a join token is spent on it.
         if !weft_config::registration::valid_service_name(&opts.service) {
             return Err(StartError::Registration(weft_config::registration::RegistrationError::BadName(
@@ -440,6 +450,7 @@ mod tests {
             inbound: "0.0.0.0:15006".parse().unwrap(),
             advertise,
             detect_timeout: outbound::DEFAULT_DETECT_TIMEOUT,
+            proxy_uid: None,
             outbound: "127.0.0.1:15001".parse().unwrap(),
             admin: "127.0.0.1:15020".parse().unwrap(),
             upstreams: Vec::new(),

@@ -37,6 +37,31 @@ pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
     (dst != local).then_some(dst)
 }
 
+/// The sidecar runs as another UID than the one the interception rules
+/// exempt (`weft init-iptables --proxy-uid`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "--proxy-uid {expected}: this sidecar runs as uid {actual}, but the interception rules exempt only uid {expected}'s connections, so its own would be redirected back into it; run it as uid {expected} (Kubernetes: the sidecar's securityContext.runAsUser), or give weft init-iptables and weft-proxy the same --proxy-uid"
+)]
+pub struct ProxyUidMismatch {
+    pub expected: u32,
+    pub actual: u32,
+}
+
+/// Checks that the sidecar's effective UID is `expected`, the UID whose
+/// connections the interception rules leave alone (they are matched by the
+/// socket owner, so it is the effective UID that counts).
+///
+/// # Errors
+/// [`ProxyUidMismatch`] when it is another.
+pub fn check_proxy_uid(expected: u32) -> Result<(), ProxyUidMismatch> {
+    let actual = rustix::process::geteuid().as_raw();
+    if actual != expected {
+        return Err(ProxyUidMismatch { expected, actual });
+    }
+    Ok(())
+}
+
 /// The protocol label of a detection (the `protocol` label of the metric).
 pub fn label(p: Protocol) -> &'static str {
     match p {
@@ -118,6 +143,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn the_proxy_uid_must_be_the_effective_one() {
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(check_proxy_uid(me), Ok(()));
+        let other = me.wrapping_add(1);
+        let err = check_proxy_uid(other).unwrap_err();
+        assert_eq!(err, ProxyUidMismatch { expected: other, actual: me });
+        assert!(err.to_string().contains(&format!("runs as uid {me}")), "{err}");
+    }
 
     #[tokio::test]
     async fn a_silent_client_is_opaque_after_the_timeout_and_nothing_is_lost() {
