@@ -398,6 +398,9 @@ fn start_sidecar(lab: &mut Lab, cp_addr: &str, pki: &Path, spec: &PodSpec<'_>) {
         "127.0.0.1:15001".into(),
         "--admin".into(),
         "127.0.0.1:15020".into(),
+        // What init-iptables exempts; the sidecar checks it runs as that UID.
+        "--proxy-uid".into(),
+        PROXY_UID.into(),
     ];
     for l in spec.labels {
         args.extend(["--label".into(), l.to_string()]);
