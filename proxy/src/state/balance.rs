@@ -84,6 +84,15 @@ impl InFlight {
         self.warn_if(ejected)
     }
 
+    /// Records success only and keeps the endpoint counted in flight until
+    /// this drops: for a TCP tunnel, whose set-up time says nothing of the
+    /// app's answer time, and which is load on the endpoint while it is
+    /// open. Returns true when this ejected the endpoint.
+    pub fn outcome(&self, ok: bool) -> bool {
+        let ejected = self.state.stats.observe_outcome_only(ok, Instant::now());
+        self.warn_if(ejected)
+    }
+
     fn warn_if(&self, ejected: bool) -> bool {
         if ejected {
             tracing::warn!(endpoint = %self.addr, "endpoint ejected after consecutive failures; it will be probed before it gets traffic again");
