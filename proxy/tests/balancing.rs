@@ -10,7 +10,9 @@
 //!   sent traffic after each ejection, and costs callers nothing (its sidecar
 //!   says the request never reached the app, the caller sends it elsewhere);
 //! - a pod-style shutdown (app and sidecar stopped together) loses no
-//!   request, even POSTs.
+//!   request, even POSTs;
+//! - TCP tunnels (`--upstream`) move off a replica whose app refuses them,
+//!   which is then not-ready, ejected and probed like one serving HTTP.
 //!
 //! Every loop is bounded in requests and time; the shares asserted are wide
 //! enough for a loaded 2-core machine.
