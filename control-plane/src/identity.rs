@@ -152,7 +152,7 @@ impl Identity for IdentityService {
                 .jwt_signer
                 .sign(&id, audience, self.jwt_svid_ttl, SystemTime::now())
                 .map_err(|e| Status::internal(e.to_string()))?;
-            tracing::debug!(spiffe_id = %id, ?audience, "minted JWT-SVID");
+            tracing::debug!(spiffe_id = %id, audience = %audience.join(","), "minted JWT-SVID");
             self.metrics.issued("jwt_svid");
             Ok(MintJwtSvidResponse { token, expires_at })
         }

@@ -123,9 +123,10 @@ impl ConfigStream {
             let mut received = false;
             let mut replica = None;
             match self.watch_once(&mut received, &mut applied, &mut replica).await {
-                Ok(()) => tracing::warn!(control_plane = ?replica, "config stream ended; reconnecting"),
+                // No replica: none could be reached (the error says why).
+                Ok(()) => tracing::warn!(control_plane = %shown(replica), "config stream ended; reconnecting"),
                 Err(e) => {
-                    tracing::warn!(control_plane = ?replica, error = %e, "config stream failed; keeping the last config")
+                    tracing::warn!(control_plane = %shown(replica), error = %e, "config stream failed; keeping the last config")
                 }
             }
             if let Some(addr) = replica {
@@ -215,6 +216,11 @@ impl ConfigStream {
         }
         Ok(())
     }
+}
+
+/// A replica's address for the log, or `none` (never Rust's `Some(…)`).
+fn shown(replica: Option<std::net::SocketAddr>) -> String {
+    replica.map_or_else(|| "none".to_string(), |a| a.to_string())
 }
 
 #[cfg(test)]

@@ -228,7 +228,7 @@ impl Identity {
             }
         };
         let svid = self.accept(resp, key_pair.serialize_der())?;
-        tracing::info!(spiffe_id = %svid.spiffe_id, expires = svid.expires_unix(), "renewed SVID");
+        tracing::info!(spiffe_id = %svid.spiffe_id, expires = %humantime::format_rfc3339_seconds(svid.not_after), "renewed SVID");
         Ok(())
     }
 
@@ -284,7 +284,7 @@ impl Identity {
                             .get_or_create(&crate::metrics::OutcomeLabels { outcome: "error" })
                             .inc();
                         let retry_in = backoff.next_delay();
-                        tracing::warn!(error = %e, ?retry_in, "SVID renewal failed; keeping the current SVID");
+                        tracing::warn!(error = %e, retry_in = %humantime::format_duration(retry_in), "SVID renewal failed; keeping the current SVID");
                         tokio::time::sleep(retry_in).await;
                     }
                 }

@@ -52,6 +52,16 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// A probe of an ejected endpoint (`outbound/probe.rs`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub service: String,
+    /// The endpoint's address (`ip:port`); only ejected endpoints are probed.
+    pub endpoint: String,
+    /// `healthy` (back in the balancer, in slow start) or `unhealthy` (ejected again, for longer).
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub route: String,
@@ -105,6 +115,8 @@ pub struct Metrics {
     pub rate_limited: Family<LimitLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub ejections: Counter,
+    /// Probes of ejected endpoints before they get traffic again, by result.
+    pub probes: Family<ProbeLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnLabels, Counter>,
@@ -162,6 +174,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             retries: Family::default(),
             ejections: Counter::default(),
+            probes: Family::default(),
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
@@ -263,6 +276,11 @@ impl Metrics {
             "endpoint_ejections",
             "Endpoints ejected by outlier detection (consecutive failures)",
             self.ejections.clone(),
+        );
+        reg.register(
+            "endpoint_probes",
+            "Probes of ejected endpoints before they get traffic again, by service, endpoint and result (healthy, unhealthy)",
+            self.probes.clone(),
         );
     }
 

@@ -211,7 +211,7 @@ impl JwtState {
                     JWT_BUNDLE_REFRESH
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e.message(), retry_in = ?backoff, "fetching the JWT bundle failed");
+                    tracing::warn!(error = %e.message(), retry_in = %humantime::format_duration(backoff), "fetching the JWT bundle failed");
                     let w = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     w

@@ -136,10 +136,19 @@ impl Inbound {
 
     async fn tunnel(&self, mut req: Request<Incoming>, peer: &SpiffeId) -> Result<Response<Body>, ProxyError> {
         let app = match TcpStream::connect(self.app).await {
-            Ok(app) => app,
+            Ok(app) => {
+                self.readiness.accepted();
+                app
+            }
             Err(source) => {
+                // Refused before a byte was carried: not ready, and the
+                // caller may open the tunnel at another endpoint.
                 self.readiness.refused(&source);
-                return Err(ProxyError::AppUnreachable { app: self.app, source });
+                let e = ProxyError::AppUnreachable { app: self.app, source };
+                tracing::warn!(%peer, error = %e, "tunnel refused: the local app refuses connections");
+                let mut resp = crate::error::respond(&e, false);
+                resp.headers_mut().insert(UNSENT, HeaderValue::from_static("app-refused"));
+                return Ok(resp);
             }
         };
         let _ = app.set_nodelay(true);

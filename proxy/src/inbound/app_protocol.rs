@@ -103,7 +103,12 @@ impl AppProtocols {
         let mut known = slot.lock().await;
         if known.is_none() {
             *known = probe(self.app, v).await;
-            tracing::info!(app = %self.app, version = ?v, speaks = ?*known, "probed the local app's HTTP version");
+            let speaks = match *known {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "unknown (no answer)",
+            };
+            tracing::info!(app = %self.app, version = ?v, speaks, "probed the local app's HTTP version");
         }
         *known
     }

@@ -1,7 +1,7 @@
 //! Whether the local app accepts connections, as the sidecar last saw it.
 //!
-//! A request (or a caller's probe) whose connection to the app is refused
-//! marks the app refusing: the sidecar's `/ready` answers 503 with the
+//! A request, a TCP tunnel (CONNECT) or a caller's probe whose connection
+//! to the app is refused marks the app refusing: the sidecar's `/ready` answers 503 with the
 //! reason (`lib.rs` wires it), its answers to callers carry
 //! [`UNSENT`](crate::http::UNSENT) so they send the request to another
 //! endpoint, and callers' probes fail. A watcher then tries to connect every

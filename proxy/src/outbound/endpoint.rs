@@ -59,7 +59,7 @@ impl Service<Request<Body>> for EndpointService {
             let limit = AttemptLimit::new(route.rule.try_timeout, ctx.deadline);
             let mut candidates = route.backend.select(ctx.snapshot.endpoints(service));
             for ep in balance::probes_due(&candidates) {
-                tokio::spawn(probe::run(this.pool.clone(), ep.clone(), service.to_string()));
+                tokio::spawn(probe::run(this.pool.clone(), this.metrics.clone(), ep.clone(), service.to_string()));
             }
             let mut req = Some(Unsent::keep(req).await);
             let mut refused = None;

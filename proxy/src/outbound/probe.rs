@@ -12,17 +12,21 @@ use http::{Request, Version};
 
 use super::pool::Pool;
 use crate::http::{empty, PROBE, UNSENT};
+use crate::metrics::{Metrics, ProbeLabels};
 use crate::state::balance;
 use crate::state::Endpoint;
 
 /// How long a probe (connection and answer) may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Probes `ep` (an endpoint of `service`) and reports the outcome to the
-/// balancer; true when it answered healthy.
-pub async fn run(pool: Arc<Pool>, ep: Endpoint, service: String) -> bool {
+/// Probes `ep` (an endpoint of `service`), reports the outcome to the
+/// balancer and counts it in `weft_proxy_endpoint_probes_total`; true when
+/// it answered healthy.
+pub async fn run(pool: Arc<Pool>, metrics: Arc<Metrics>, ep: Endpoint, service: String) -> bool {
     let healthy = tokio::time::timeout(PROBE_TIMEOUT, probe(&pool, &ep, &service)).await.unwrap_or(false);
-    tracing::info!(endpoint = %ep.address, healthy, "probed an ejected endpoint");
+    let result = if healthy { "healthy" } else { "unhealthy" };
+    tracing::info!(endpoint = %ep.address, %service, result, "probed an ejected endpoint");
+    metrics.probes.get_or_create(&ProbeLabels { service, endpoint: ep.address.to_string(), result }).inc();
     balance::probed(&ep.state, healthy);
     healthy
 }

@@ -20,7 +20,7 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 /// Envoy's `slow_start_window` does.
 pub const SLOW_START: Duration = Duration::from_secs(3);
 /// EWMA time constant: the estimate decays toward zero with this constant
-/// while an endpoint gets no sample, and a sample after a gap of `dt`
+/// while an endpoint gets no sample and has nothing in flight, and a sample after a gap of `dt`
 /// weighs `1 - e^(-dt/DECAY)`. Short (Linkerd uses 10 s) because with
 /// little concurrency P2C compares latency alone: one noisy sample on a
 /// busy host starves an identical replica until its estimate decays back
@@ -75,11 +75,17 @@ impl EndpointStats {
         }
     }
 
-    /// The latency estimate (seconds) as of `now`: it decays toward zero with
-    /// the time since its last sample (as Peak-EWMA does), so an endpoint
-    /// passed over after a slow sample is tried again rather than starved.
+    /// The latency estimate (seconds) as of `now`: while the endpoint has
+    /// nothing in flight it decays toward zero with the time since its last
+    /// sample (as Peak-EWMA does), so an endpoint passed over after a slow
+    /// sample is tried again rather than starved. Not while requests are in
+    /// flight on it: their answers are the news, and an endpoint slow to
+    /// answer (an app warming up) must not look faster the longer it takes.
     pub(super) fn estimate(&self, now: Instant) -> f64 {
         let e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return e.value;
+        }
         let idle = now.saturating_duration_since(e.at).as_secs_f64();
         e.value * (-idle / DECAY.as_secs_f64()).exp()
     }
@@ -203,5 +209,22 @@ impl EndpointStats {
             return true;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_decays_only_while_nothing_is_in_flight() {
+        let t0 = Instant::now();
+        let s = EndpointStats::new(t0);
+        s.observe(Duration::from_millis(20), true, t0);
+        let later = t0 + DECAY * 2;
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(s.estimate(later), 0.020, "a request outstanding for 2 s made the endpoint look faster");
+        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        assert!(s.estimate(later) < 0.020 / 5.0, "an idle endpoint's estimate decays: {}", s.estimate(later));
     }
 }
