@@ -191,6 +191,7 @@ impl ControlPlane {
                     // Streams wait for the stored config anyway; this only
                     // keeps start-up from racing the first read.
                     Duration::from_secs(3),
+                    opts.listen,
                 )
                 .await;
                 Some((etcd.clone(), shared))
@@ -302,8 +303,11 @@ fn grpc_router(
 }
 
 /// The admin endpoint: metrics, and `/config` as the snapshot's version,
-/// service count and mesh config. Ready from the start (listeners are
-/// bound) while the store answers; while it does not, `/ready` is 503 and says why.
+/// service count and mesh config. `/ready` is 200 from the start (listeners
+/// are bound) and stays 200 while the store is unreachable: the replica
+/// keeps serving sidecars from memory then, so it must stay in its
+/// Kubernetes Service. Writes are what it cannot do: `/ready/writes` is 503
+/// with the reason then, and `weft_control_plane_store_up` is 0.
 fn serve_admin(
     listener: TcpListener,
     metrics: &Arc<Metrics>,
@@ -317,31 +321,27 @@ fn serve_admin(
     admin.set_config_view(move || {
         let s = reg.snapshot();
         format!(
-            "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
+            "{{\"version\":{},\"config_revision\":{},\"services\":{},\"mesh_config\":{}}}",
             s.version,
+            s.config_revision,
             s.services.len(),
             if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
         )
     });
+    let store_state = health.subscribe();
+    admin.add_check("/ready/writes", move || {
+        // `reason` already names the store ("store etcd://… is unreachable (…)").
+        store_state.borrow().as_ref().map(|reason| {
+            format!("{reason}; meanwhile serving sidecars from memory and refusing writes (join tokens, weft apply)")
+        })
+    });
+    admin.set_ready(true);
     let mut store_state = health.subscribe();
-    let (admin2, metrics) = (admin.clone(), metrics.clone());
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         loop {
-            let down = store_state.borrow_and_update().clone();
-            match down {
-                None => {
-                    metrics.store_up.set(1);
-                    admin2.set_unready_reason(None);
-                    admin2.set_ready(true);
-                }
-                Some(reason) => {
-                    metrics.store_up.set(0);
-                    // `reason` already names the store ("store etcd://… is unreachable (…)").
-                    admin2.set_unready_reason(Some(format!(
-                        "{reason}; meanwhile serving what is in memory and refusing writes"
-                    )));
-                }
-            }
+            let up = store_state.borrow_and_update().is_none();
+            metrics.store_up.set(i64::from(up));
             if store_state.changed().await.is_err() {
                 return;
             }
