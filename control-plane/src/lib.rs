@@ -114,7 +114,7 @@ struct State {
     store: Arc<dyn store::Store>,
     /// Set with `--store etcd://...`.
     etcd: Option<Arc<store::etcd::EtcdStore>>,
-    jwt_signer: Arc<JwtSigner>,
+    jwt_signer: Arc<arc_swap::ArcSwap<JwtSigner>>,
 }
 
 impl State {
@@ -130,7 +130,8 @@ impl State {
                 (s.clone(), Some(s))
             }
         };
-        let jwt_signer = Arc::new(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
+        let jwt_signer =
+            Arc::new(arc_swap::ArcSwap::from_pointee(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?));
         Ok(Self { authority, lock, store, etcd, jwt_signer })
     }
 }
@@ -182,6 +183,7 @@ impl ControlPlane {
                 if let Some((path, (text, _))) = &config {
                     seed_config(path, text, etcd).await;
                 }
+                share_jwt_key(etcd.clone(), opts.state_dir.join(JWT_KEY_FILE), state.jwt_signer.clone()).await;
                 let shared = replicas::start(
                     etcd.etcd.clone(),
                     registry.clone(),
@@ -248,6 +250,35 @@ async fn seed_config(path: &std::path::Path, text: &str, etcd: &store::etcd::Etc
             "etcd already holds a mesh config; --config is not used (change it with weft apply)"
         ),
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not seed the mesh config from --config"),
+    }
+}
+
+/// With etcd: signs JWT-SVIDs with the key all replicas share (see
+/// [`store::etcd::JWT_KEY`]). This replica's own key (`local`, in its state
+/// directory) signs until etcd answers; if it does not at start-up, it is
+/// asked again every 2 s in the background.
+async fn share_jwt_key(etcd: Arc<store::etcd::EtcdStore>, local: PathBuf, signer: Arc<arc_swap::ArcSwap<JwtSigner>>) {
+    let attempt = move || {
+        let (etcd, local, signer) = (etcd.clone(), local.clone(), signer.clone());
+        async move {
+            let pem = std::fs::read(&local).map_err(|e| format!("{}: {e}", local.display()))?;
+            let shared = etcd.shared_jwt_key(&pem).await.map_err(|e| e.to_string())?;
+            let key = JwtSigner::from_pem(&shared).map_err(|e| format!("{}: {e}", store::etcd::JWT_KEY))?;
+            tracing::info!(kid = %key.kid(), "signing JWT-SVIDs with the replicas' shared key");
+            signer.store(Arc::new(key));
+            Ok::<_, String>(())
+        }
+    };
+    if let Err(e) = attempt().await {
+        tracing::warn!(error = %e, "JWT-SVID signing key not shared yet: this replica's own key signs until etcd answers");
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if attempt().await.is_ok() {
+                    return;
+                }
+            }
+        });
     }
 }
 
