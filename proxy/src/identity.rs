@@ -161,10 +161,16 @@ impl Identity {
     }
 
     /// Gets a first SVID: the saved one (renewed at once if the control plane
-    /// answers), else by attesting with the join token. When no replica can
-    /// be reached, attesting is retried with jittered backoff for up to
-    /// `wait` (see [`crate::control_plane::FirstContact`]).
-    pub async fn bootstrap(&self, token_file: Option<&Path>, wait: Duration) -> Result<(), IdentityError> {
+    /// answers), else by attesting with the join token; gives up at once
+    /// when no replica can be reached (see [`Identity::bootstrap_waiting`]).
+    pub async fn bootstrap(&self, token_file: Option<&Path>) -> Result<(), IdentityError> {
+        self.bootstrap_waiting(token_file, Duration::ZERO).await
+    }
+
+    /// [`Identity::bootstrap`], but when no replica can be reached,
+    /// attesting is retried with jittered backoff for up to `wait` (see
+    /// [`crate::control_plane::FirstContact`]).
+    pub async fn bootstrap_waiting(&self, token_file: Option<&Path>, wait: Duration) -> Result<(), IdentityError> {
         let cert = self.state_dir.join(SVID_CERT);
         let key = self.state_dir.join(SVID_KEY);
         if let Ok(saved) = load_svid(&cert, &key) {

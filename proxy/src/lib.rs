@@ -309,7 +309,7 @@ fn start_workload_api(
 
 /// Gets the first SVID (saved, or with the join token) and keeps it renewed.
 async fn attest(opts: &Options, identity: &Arc<Identity>, workload: Option<&WorkloadApi>) -> Result<(), StartError> {
-    identity.bootstrap(opts.token_file.as_deref(), opts.control_plane_wait).await?;
+    identity.bootstrap_waiting(opts.token_file.as_deref(), opts.control_plane_wait).await?;
     // The control plane would refuse the registration forever; say so now.
     if let Some(id) = identity.spiffe_id() {
         weft_config::registration::check_registration(&id, &opts.service)?;
