@@ -338,7 +338,9 @@ fn grpc_router(
 /// are bound) and stays 200 while the store is unreachable: the replica
 /// keeps serving sidecars from memory then, so it must stay in its
 /// Kubernetes Service. Writes are what it cannot do: `/ready/writes` is 503
-/// with the reason then, and `weft_control_plane_store_up` is 0.
+/// with the reason then, and `weft_control_plane_store_up` is 0. Only a
+/// replica that has not read the stored mesh config yet (it started while
+/// etcd was away) is not ready: it has no config to serve.
 fn serve_admin(
     listener: TcpListener,
     metrics: &Arc<Metrics>,
@@ -368,13 +370,23 @@ fn serve_admin(
     });
     admin.set_ready(true);
     let mut store_state = health.subscribe();
-    let metrics = metrics.clone();
+    let mut config_known = registry.config_known();
+    let (metrics, admin2) = (metrics.clone(), admin.clone());
     tokio::spawn(async move {
         loop {
-            let up = store_state.borrow_and_update().is_none();
-            metrics.store_up.set(i64::from(up));
-            if store_state.changed().await.is_err() {
-                return;
+            let down = store_state.borrow_and_update().clone();
+            metrics.store_up.set(i64::from(down.is_none()));
+            // Not ready only while there is nothing to serve: a replica that
+            // has not read the stored mesh config yet (it started while etcd
+            // was away) would leave new sidecars waiting.
+            let reason = (!*config_known.borrow_and_update()).then(|| {
+                let why = down.unwrap_or_else(|| "reading it".into());
+                format!("has not read the stored mesh config yet: {why}")
+            });
+            admin2.set_unready_reason(reason);
+            tokio::select! {
+                r = store_state.changed() => if r.is_err() { return },
+                r = config_known.changed() => if r.is_err() { return },
             }
         }
     });
