@@ -6,6 +6,8 @@
 //!   refuses connections); else 503 with the reason.
 //! - `/metrics`: Prometheus text exposition of the process's registry.
 //! - `/config`: what the process has applied, as JSON, from a callback.
+//! - extra checks ([`Admin::add_check`]), e.g. the control plane's
+//!   `/ready/writes`: 200, or 503 with the reason.
 //!
 //! Process plumbing (logging, signals, state lock, ports) is in weft-runtime.
 
@@ -25,6 +27,8 @@ use tokio::net::TcpListener;
 use weft_runtime::Drain;
 
 type ConfigFn = Box<dyn Fn() -> String + Send + Sync>;
+/// A check: None when it passes, else why not.
+type CheckFn = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Shared state behind the admin endpoint.
 pub struct Admin {
@@ -33,6 +37,7 @@ pub struct Admin {
     unready_reason: Mutex<Option<String>>,
     registry: Mutex<Registry>,
     config: Mutex<Option<ConfigFn>>,
+    checks: Mutex<Vec<(&'static str, CheckFn)>>,
 }
 
 impl Admin {
@@ -43,6 +48,7 @@ impl Admin {
             unready_reason: Mutex::new(None),
             registry: Mutex::new(registry),
             config: Mutex::new(None),
+            checks: Mutex::new(Vec::new()),
         })
     }
 
@@ -65,6 +71,12 @@ impl Admin {
     /// Sets what `/config` shows.
     pub fn set_config_view(&self, f: impl Fn() -> String + Send + Sync + 'static) {
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Serves `path` (e.g. `/ready/writes`): 200 `ok` while `check` gives
+    /// None, else 503 `not ready: <reason>`.
+    pub fn add_check(&self, path: &'static str, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.checks.lock().unwrap_or_else(|e| e.into_inner()).push((path, Box::new(check)));
     }
 
     /// The Prometheus text exposition of the registry.
@@ -103,7 +115,16 @@ impl Admin {
                 let body = view.as_ref().map(|f| f()).unwrap_or_else(|| "{}".into());
                 text(StatusCode::OK, body, "application/json")
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, /config\n".into(), "text/plain"),
+            path => {
+                let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, check)) = checks.iter().find(|(p, _)| *p == path) {
+                    return match check() {
+                        None => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+                        Some(r) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n"), "text/plain"),
+                    };
+                }
+                text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, /config\n".into(), "text/plain")
+            }
         }
     }
 }
@@ -177,6 +198,14 @@ mod tests {
         admin.set_config_view(|| "{\"version\":3}".into());
         assert_eq!(call(addr, "GET", "/config").await.1, "{\"version\":3}");
         assert!(call(addr, "GET", "/nope").await.0.contains("404"));
+        let down = Arc::new(Mutex::new(Some("store x is unreachable".to_string())));
+        let d = down.clone();
+        admin.add_check("/ready/writes", move || d.lock().unwrap().clone());
+        let (status, body) = call(addr, "GET", "/ready/writes").await;
+        assert!(status.contains("503") && body == "not ready: store x is unreachable\n", "{body}");
+        assert!(call(addr, "GET", "/ready").await.0.contains("200"), "a check does not touch /ready");
+        *down.lock().unwrap() = None;
+        assert!(call(addr, "GET", "/ready/writes").await.0.contains("200"));
         assert!(call(addr, "POST", "/ready").await.0.contains("405"));
     }
 }

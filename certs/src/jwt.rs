@@ -63,23 +63,24 @@ impl JwtSigner {
         Ok(Self { key, kid, rng })
     }
 
+    /// A signer from a PEM `PRIVATE KEY` block (unencrypted PKCS#8 ECDSA P-256),
+    /// as [`JwtSigner::load_or_create`] writes it.
+    pub fn from_pem(bytes: &[u8]) -> Result<Self> {
+        let block = pem::parse(bytes).map_err(|e| CertError::JwtKey(format!("bad PEM: {e}")))?;
+        if block.tag() != PEM_LABEL {
+            return Err(CertError::JwtKey(format!("expected a {PEM_LABEL} block, found {}", block.tag())));
+        }
+        Self::from_pkcs8(block.contents())
+    }
+
     /// Loads the key kept at `path` (PEM PKCS#8), or makes one and writes it
     /// there with mode 0600 when the file does not exist yet.
     pub fn load_or_create(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
-            Ok(bytes) => {
-                let block = pem::parse(&bytes).map_err(|e| CertError::bad_file(path, format!("bad PEM: {e}")))?;
-                if block.tag() != PEM_LABEL {
-                    return Err(CertError::bad_file(
-                        path,
-                        format!("expected a {PEM_LABEL} block, found {}", block.tag()),
-                    ));
-                }
-                Self::from_pkcs8(block.contents()).map_err(|e| match e {
-                    CertError::JwtKey(m) => CertError::bad_file(path, m),
-                    e => e,
-                })
-            }
+            Ok(bytes) => Self::from_pem(&bytes).map_err(|e| match e {
+                CertError::JwtKey(m) => CertError::bad_file(path, m),
+                e => e,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let (signer, der) = Self::generate()?;
                 let block = pem::Pem::new(PEM_LABEL, der);

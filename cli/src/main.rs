@@ -258,7 +258,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if c.revision == 0 {
                 anyhow::bail!("no mesh config is stored yet: store one with weft apply -f FILE");
             }
-            outln!("# revision: {}", c.revision)?;
+            if c.stale_reason.is_empty() {
+                outln!("# revision: {}", c.revision)?;
+            } else {
+                // Still valid YAML to pipe into weft apply; the warning goes to stderr too.
+                eprintln!(
+                    "warning: {}; this is the copy control plane {} serves (revision {}), which may be stale",
+                    c.stale_reason, conn.control_plane, c.revision
+                );
+                outln!("# revision: {} (may be stale: the store did not answer)", c.revision)?;
+            }
             output::out!("{}", c.yaml)?;
         }
         Cmd::Up(args) => up::run(args).await?,

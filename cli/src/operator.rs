@@ -131,9 +131,12 @@ pub async fn fetch_status(
 }
 
 /// A sidecar's config sync state against the version being served:
-/// `in sync`, `REJECTED: <reason>` or `stale (lag N)`.
+/// `in sync`, `REJECTED: <reason>` or `stale (lag N)`; for a sidecar held
+/// by another replica (whose versions are its own), `on replica <id>`.
 pub fn sync_state(p: &SidecarStatus, config_version: u64) -> String {
-    if p.acked_version == config_version {
+    if p.remote {
+        format!("on replica {}", p.replica)
+    } else if p.acked_version == config_version {
         "in sync".to_string()
     } else if p.nacked_version == config_version {
         format!("REJECTED: {}", p.nack_reason)
@@ -195,7 +198,10 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
                     "acked_version": p.acked_version,
                     "nacked_version": p.nacked_version,
                     "nack_reason": p.nack_reason,
-                    "in_sync": p.acked_version == s.config_version,
+                    // Another replica's sidecar: its versions are that replica's.
+                    "in_sync": (!p.remote).then_some(p.acked_version == s.config_version),
+                    "replica": p.replica,
+                    "remote": p.remote,
                 })
             })
             .collect();
@@ -206,6 +212,14 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "store": s.store,
             "store_error": s.store_error,
             "config_revision": s.config_revision,
+            "replica": s.replica,
+            "replicas": s.replicas.iter().map(|r| serde_json::json!({
+                "id": r.id,
+                "listen": r.listen,
+                "host": r.host,
+                "started_at": r.started_at,
+                "sidecars": r.sidecars,
+            })).collect::<Vec<_>>(),
             "sidecars": sidecars,
             "warnings": status_warnings(&s),
         });
@@ -229,6 +243,10 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
         )?;
     } else if s.store.starts_with("etcd://") {
         outln!("store {}: up, mesh config revision {}", s.store, s.config_revision)?;
+    }
+    for r in &s.replicas {
+        let this = if r.id == s.replica { " (this one)" } else { "" };
+        outln!("replica {}{this}: listen {}, host {}, {} sidecars", r.id, r.listen, r.host, r.sidecars)?;
     }
     let now = human::now_unix();
     outln!("{:<48} {:<12} {:<22} {:<14} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION")?;

@@ -63,6 +63,9 @@ fn weft_proxy(addr: &str, bundle: &Path, token: &Path, dir: &Path) -> String {
         &outbound.to_string(),
         "--admin",
         &admin.to_string(),
+        // A refused control plane is retried on a first start; not for long here.
+        "--control-plane-wait",
+        "1s",
     ]));
     assert!(!out.status.success(), "weft-proxy kept running");
     out.stderr

@@ -9,7 +9,7 @@ use weft_certs::{SpiffeId, TrustDomain};
 use weft_proto::admin::v1::admin_server::Admin;
 use weft_proto::admin::v1::{
     ApplyConfigRequest, ApplyConfigResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, GetConfigRequest,
-    GetConfigResponse, StatusRequest, StatusResponse,
+    GetConfigResponse, ReplicaStatus, SidecarStatus, StatusRequest, StatusResponse,
 };
 
 use crate::metrics::Metrics;
@@ -114,11 +114,10 @@ impl Admin for AdminService {
             let mut status = self.registry.status(&self.trust_domain);
             status.store = self.health.store.clone();
             status.store_error = self.health.down_reason().unwrap_or_default();
-            status.config_revision = self
-                .shared
-                .as_ref()
-                .map(|(_, s)| s.config_revision.load(std::sync::atomic::Ordering::Acquire))
-                .unwrap_or(0);
+            if let Some((_, shared)) = &self.shared {
+                status.config_revision = shared.config_revision.load(std::sync::atomic::Ordering::Acquire);
+                add_replicas(&mut status, shared);
+            }
             Ok(Response::new(status))
         }
         .await;
@@ -156,12 +155,76 @@ impl Admin for AdminService {
     async fn get_config(&self, req: Request<GetConfigRequest>) -> Result<Response<GetConfigResponse>, Status> {
         let r: Result<GetConfigResponse, Status> = async {
             self.require_operator(&req)?;
-            let (store, _) = self.require_etcd()?;
-            let stored = store.get_config().await.map_err(|e| Status::unavailable(e.to_string()))?;
-            Ok(stored.map(|c| GetConfigResponse { yaml: c.yaml, revision: c.revision }).unwrap_or_default())
+            let (store, shared) = self.require_etcd()?;
+            let stored = match store.get_config().await {
+                Ok(stored) => stored,
+                // A read can be answered from this replica's own copy (what
+                // it serves), said to be possibly stale; writes cannot.
+                Err(e @ StoreError::Unavailable { .. }) => match shared.config() {
+                    Some(c) => {
+                        return Ok(GetConfigResponse {
+                            yaml: c.yaml,
+                            revision: c.revision,
+                            stale_reason: e.to_string(),
+                        })
+                    }
+                    None => return Err(Status::unavailable(e.to_string())),
+                },
+                Err(e) => return Err(Status::unavailable(e.to_string())),
+            };
+            Ok(stored
+                .map(|c| GetConfigResponse { yaml: c.yaml, revision: c.revision, ..Default::default() })
+                .unwrap_or_default())
         }
         .await;
         self.metrics.rpc("GetConfig", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r.map(Response::new)
     }
+}
+
+/// With etcd: marks this replica's sidecars with its ID, adds the other
+/// replicas' sidecars (as known from etcd, `remote`) and every live replica,
+/// so one `weft status` shows the whole mesh whichever replica it asks.
+fn add_replicas(status: &mut StatusResponse, shared: &SharedState) {
+    status.replica = shared.replica.clone();
+    for s in &mut status.sidecars {
+        s.replica = shared.replica.clone();
+    }
+    let local = status.sidecars.len() as u64;
+    let remote = shared.remote();
+    // A sidecar that just moved here is still registered by the replica it
+    // left until that lease ends: list it once, here.
+    let here: std::collections::HashSet<(String, String)> =
+        status.sidecars.iter().map(|s| (s.spiffe_id.clone(), s.inbound_address.clone())).collect();
+    let mut per_replica: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for (replica, reg) in remote {
+        if here.contains(&(reg.spiffe_id.to_string(), reg.address.clone())) {
+            continue;
+        }
+        *per_replica.entry(replica.clone()).or_default() += 1;
+        status.sidecars.push(SidecarStatus {
+            spiffe_id: reg.spiffe_id.to_string(),
+            service: reg.service,
+            inbound_address: reg.address,
+            labels: reg.labels,
+            svid_expires_at: reg.svid_expires.map(weft_certs::svid::unix_secs).unwrap_or(0),
+            admin_address: reg.admin_address,
+            replica,
+            remote: true,
+            ..Default::default()
+        });
+    }
+    let mut replicas = shared.replicas();
+    // Listed even before (or while etcd is away and) its own record is read.
+    replicas.entry(shared.replica.clone()).or_default();
+    status.replicas = replicas
+        .into_iter()
+        .map(|(id, info)| ReplicaStatus {
+            sidecars: if id == shared.replica { local } else { per_replica.get(&id).copied().unwrap_or(0) },
+            id,
+            listen: info.listen,
+            host: info.host,
+            started_at: info.started_at,
+        })
+        .collect();
 }

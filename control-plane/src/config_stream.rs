@@ -157,6 +157,7 @@ impl StreamView {
             incremental: true,
             removed_services: removed,
             mesh_config_unchanged: mesh_unchanged,
+            config_revision: p.config_revision,
         })
     }
 
@@ -169,6 +170,7 @@ impl StreamView {
             version: p.version,
             services: services.values().map(|s| (**s).clone()).collect(),
             mesh_config_json: p.mesh_config_json.to_string(),
+            config_revision: p.config_revision,
             ..Default::default()
         }
     }

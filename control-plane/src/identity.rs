@@ -25,7 +25,8 @@ pub struct IdentityService {
     pub svid_ttl: Duration,
     /// Signs JWT-SVIDs; its key never rotates yet, so the bundle's
     /// `spiffe_sequence` stays [`JWT_BUNDLE_SEQUENCE`].
-    pub jwt_signer: Arc<JwtSigner>,
+    /// Swapped once (with etcd) when the replicas' shared key is read.
+    pub jwt_signer: Arc<arc_swap::ArcSwap<JwtSigner>>,
     pub jwt_svid_ttl: Duration,
     pub metrics: Arc<Metrics>,
     /// Kubernetes service-account token attestation, if configured.
@@ -150,6 +151,7 @@ impl Identity for IdentityService {
             }
             let (token, expires_at) = self
                 .jwt_signer
+                .load()
                 .sign(&id, audience, self.jwt_svid_ttl, SystemTime::now())
                 .map_err(|e| Status::internal(e.to_string()))?;
             tracing::debug!(spiffe_id = %id, audience = %audience.join(","), "minted JWT-SVID");
@@ -162,7 +164,8 @@ impl Identity for IdentityService {
     }
 
     async fn jwt_bundle(&self, req: Request<JwtBundleRequest>) -> Result<Response<JwtBundleResponse>, Status> {
-        let r = require_peer(&req).map(|_| JwtBundleResponse { jwks: self.jwt_signer.jwks(JWT_BUNDLE_SEQUENCE) });
+        let r =
+            require_peer(&req).map(|_| JwtBundleResponse { jwks: self.jwt_signer.load().jwks(JWT_BUNDLE_SEQUENCE) });
         self.record("JwtBundle", &r);
         r.map(Response::new)
     }

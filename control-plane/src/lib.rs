@@ -114,7 +114,7 @@ struct State {
     store: Arc<dyn store::Store>,
     /// Set with `--store etcd://...`.
     etcd: Option<Arc<store::etcd::EtcdStore>>,
-    jwt_signer: Arc<JwtSigner>,
+    jwt_signer: Arc<arc_swap::ArcSwap<JwtSigner>>,
 }
 
 impl State {
@@ -130,7 +130,8 @@ impl State {
                 (s.clone(), Some(s))
             }
         };
-        let jwt_signer = Arc::new(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?);
+        let jwt_signer =
+            Arc::new(arc_swap::ArcSwap::from_pointee(JwtSigner::load_or_create(&opts.state_dir.join(JWT_KEY_FILE))?));
         Ok(Self { authority, lock, store, etcd, jwt_signer })
     }
 }
@@ -182,6 +183,7 @@ impl ControlPlane {
                 if let Some((path, (text, _))) = &config {
                     seed_config(path, text, etcd).await;
                 }
+                share_jwt_key(etcd.clone(), opts.state_dir.join(JWT_KEY_FILE), state.jwt_signer.clone()).await;
                 let shared = replicas::start(
                     etcd.etcd.clone(),
                     registry.clone(),
@@ -191,6 +193,7 @@ impl ControlPlane {
                     // Streams wait for the stored config anyway; this only
                     // keeps start-up from racing the first read.
                     Duration::from_secs(3),
+                    opts.listen,
                 )
                 .await;
                 Some((etcd.clone(), shared))
@@ -250,6 +253,35 @@ async fn seed_config(path: &std::path::Path, text: &str, etcd: &store::etcd::Etc
     }
 }
 
+/// With etcd: signs JWT-SVIDs with the key all replicas share (see
+/// [`store::etcd::JWT_KEY`]). This replica's own key (`local`, in its state
+/// directory) signs until etcd answers; if it does not at start-up, it is
+/// asked again every 2 s in the background.
+async fn share_jwt_key(etcd: Arc<store::etcd::EtcdStore>, local: PathBuf, signer: Arc<arc_swap::ArcSwap<JwtSigner>>) {
+    let attempt = move || {
+        let (etcd, local, signer) = (etcd.clone(), local.clone(), signer.clone());
+        async move {
+            let pem = std::fs::read(&local).map_err(|e| format!("{}: {e}", local.display()))?;
+            let shared = etcd.shared_jwt_key(&pem).await.map_err(|e| e.to_string())?;
+            let key = JwtSigner::from_pem(&shared).map_err(|e| format!("{}: {e}", store::etcd::JWT_KEY))?;
+            tracing::info!(kid = %key.kid(), "signing JWT-SVIDs with the replicas' shared key");
+            signer.store(Arc::new(key));
+            Ok::<_, String>(())
+        }
+    };
+    if let Err(e) = attempt().await {
+        tracing::warn!(error = %e, "JWT-SVID signing key not shared yet: this replica's own key signs until etcd answers");
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if attempt().await.is_ok() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 /// The gRPC port's TLS config: the control plane's own SVID (issued to
 /// itself, renewed at half-life); client certificates optional (Attest
 /// callers have none), verified against the trust bundle when present.
@@ -302,8 +334,13 @@ fn grpc_router(
 }
 
 /// The admin endpoint: metrics, and `/config` as the snapshot's version,
-/// service count and mesh config. Ready from the start (listeners are
-/// bound) while the store answers; while it does not, `/ready` is 503 and says why.
+/// service count and mesh config. `/ready` is 200 from the start (listeners
+/// are bound) and stays 200 while the store is unreachable: the replica
+/// keeps serving sidecars from memory then, so it must stay in its
+/// Kubernetes Service. Writes are what it cannot do: `/ready/writes` is 503
+/// with the reason then, and `weft_control_plane_store_up` is 0. Only a
+/// replica that has not read the stored mesh config yet (it started while
+/// etcd was away) is not ready: it has no config to serve.
 fn serve_admin(
     listener: TcpListener,
     metrics: &Arc<Metrics>,
@@ -317,33 +354,39 @@ fn serve_admin(
     admin.set_config_view(move || {
         let s = reg.snapshot();
         format!(
-            "{{\"version\":{},\"services\":{},\"mesh_config\":{}}}",
+            "{{\"version\":{},\"config_revision\":{},\"services\":{},\"mesh_config\":{}}}",
             s.version,
+            s.config_revision,
             s.services.len(),
             if s.mesh_config_json.is_empty() { "null".to_string() } else { s.mesh_config_json }
         )
     });
+    let store_state = health.subscribe();
+    admin.add_check("/ready/writes", move || {
+        // `reason` already names the store ("store etcd://… is unreachable (…)").
+        store_state.borrow().as_ref().map(|reason| {
+            format!("{reason}; meanwhile serving sidecars from memory and refusing writes (join tokens, weft apply)")
+        })
+    });
+    admin.set_ready(true);
     let mut store_state = health.subscribe();
-    let (admin2, metrics) = (admin.clone(), metrics.clone());
+    let mut config_known = registry.config_known();
+    let (metrics, admin2) = (metrics.clone(), admin.clone());
     tokio::spawn(async move {
         loop {
             let down = store_state.borrow_and_update().clone();
-            match down {
-                None => {
-                    metrics.store_up.set(1);
-                    admin2.set_unready_reason(None);
-                    admin2.set_ready(true);
-                }
-                Some(reason) => {
-                    metrics.store_up.set(0);
-                    // `reason` already names the store ("store etcd://… is unreachable (…)").
-                    admin2.set_unready_reason(Some(format!(
-                        "{reason}; meanwhile serving what is in memory and refusing writes"
-                    )));
-                }
-            }
-            if store_state.changed().await.is_err() {
-                return;
+            metrics.store_up.set(i64::from(down.is_none()));
+            // Not ready only while there is nothing to serve: a replica that
+            // has not read the stored mesh config yet (it started while etcd
+            // was away) would leave new sidecars waiting.
+            let reason = (!*config_known.borrow_and_update()).then(|| {
+                let why = down.unwrap_or_else(|| "reading it".into());
+                format!("has not read the stored mesh config yet: {why}")
+            });
+            admin2.set_unready_reason(reason);
+            tokio::select! {
+                r = store_state.changed() => if r.is_err() { return },
+                r = config_known.changed() => if r.is_err() { return },
             }
         }
     });

@@ -55,6 +55,8 @@ struct Inner {
     /// sidecars' scopes (none before a config is set).
     mesh: Option<Arc<MeshConfig>>,
     config_error: String,
+    /// With etcd: the revision of the stored config in `mesh_config_json`.
+    config_revision: i64,
     /// Registrations changed since the last published version.
     dirty: bool,
     /// Registrations held by other replicas, endpoints like our own.
@@ -86,6 +88,8 @@ pub struct Published {
     /// while it is unchanged.
     pub mesh_config_json: Arc<str>,
     pub mesh: Option<Arc<MeshConfig>>,
+    /// With etcd: the config's etcd revision, equal on every replica (0: file store).
+    pub config_revision: i64,
     /// The whole-mesh snapshot, made on first use.
     full: OnceLock<Snapshot>,
 }
@@ -98,6 +102,7 @@ impl Published {
             version: self.version,
             services: self.services.values().map(|s| (**s).clone()).collect(),
             mesh_config_json: self.mesh_config_json.to_string(),
+            config_revision: self.config_revision,
             ..Default::default()
         })
     }
@@ -247,6 +252,7 @@ impl Registry {
             services,
             mesh_config_json: inner.mesh_config_json.clone(),
             mesh: inner.mesh.clone(),
+            config_revision: inner.config_revision,
             full: OnceLock::new(),
         };
         self.metrics.config_version.set(next.version as i64);
@@ -314,10 +320,19 @@ impl Registry {
     /// valid config clears any earlier rejection, even when it is the one
     /// already serving (the file was fixed back to the last good config).
     pub fn set_mesh_config(&self, json: String) {
+        let revision = self.lock().config_revision;
+        self.set_stored_config(json, revision);
+    }
+
+    /// [`Registry::set_mesh_config`] for a config read from etcd at
+    /// `revision` (its `mod_revision`): the revision goes into every
+    /// snapshot, so sidecars on any replica can tell they have the same one.
+    pub fn set_stored_config(&self, json: String, revision: i64) {
         self.config_known.send_replace(true);
         let mut inner = self.lock();
         inner.config_error.clear();
-        if *inner.mesh_config_json != *json {
+        if *inner.mesh_config_json != *json || inner.config_revision != revision {
+            inner.config_revision = revision;
             // The JSON is always a serialized, validated MeshConfig.
             inner.mesh = serde_json::from_str(&json).ok().map(Arc::new);
             inner.mesh_config_json = json.into();
@@ -410,6 +425,7 @@ impl Registry {
                     nack_reason: e.nack_reason.clone(),
                     connected_seconds: e.connected.elapsed().as_secs(),
                     admin_address: e.reg.admin_address.clone(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

@@ -5,6 +5,9 @@
 //!   `--registration-ttl`, kept alive every third of it). A replica that dies
 //!   stops keeping its lease alive: its sidecars stay in discovery until the
 //!   lease runs out, time enough for them to reconnect to another replica.
+//! - **Replicas**: each replica also writes `/weft/replicas/<replica>`
+//!   ([`ReplicaInfo`]) under the same lease, so `weft status` asked of any
+//!   replica lists every live one and the sidecars each holds.
 //! - **Following**: every replica reads the registration prefix and
 //!   `/weft/config`, then watches `/weft/` from that revision on, and feeds
 //!   the other replicas' registrations ([`Registry::set_shared`]) and the
@@ -18,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -31,12 +34,27 @@ use weft_proto::etcd::{LeaseKeepAliveRequest, LeaseRevokeRequest, WatchCreateReq
 
 use crate::metrics::Metrics;
 use crate::registry::{LocalChange, Registration, Registry};
-use crate::store::etcd::{prefix_end, Etcd, CALL_TIMEOUT, CONFIG_KEY, PREFIX};
+use crate::store::etcd::{prefix_end, Etcd, StoredConfig, CALL_TIMEOUT, CONFIG_KEY, PREFIX};
 use crate::store::health::StoreHealth;
 use crate::store::StoreError;
 
 /// Prefix of every replica's registrations.
 pub const REGISTRATIONS: &str = "/weft/registrations/";
+/// Prefix of the replicas' own records ([`ReplicaInfo`]).
+pub const REPLICAS: &str = "/weft/replicas/";
+
+/// A replica as it registers itself in etcd (JSON at `/weft/replicas/<id>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// Its `--listen` address, as given (may be a wildcard).
+    pub listen: String,
+    /// Its hostname.
+    #[serde(default)]
+    pub host: String,
+    /// Start time, seconds since the Unix epoch.
+    #[serde(default)]
+    pub started_at: i64,
+}
 
 /// A registration as stored in etcd (JSON).
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,10 +97,48 @@ impl StoredRegistration {
 }
 
 /// This replica's view of what is shared: the revision of the mesh config
-/// it serves (0: none from etcd yet).
+/// it serves (0: none from etcd yet), its own copy of that config, the
+/// other replicas and their sidecars (for `weft status`).
 #[derive(Default)]
 pub struct SharedState {
     pub config_revision: AtomicI64,
+    /// This replica's ID (`<start unix seconds>-<random>`).
+    pub replica: String,
+    /// The stored config this replica serves, as read from etcd: what
+    /// `weft get config` answers (marked stale) while etcd is away.
+    pub config: Mutex<Option<StoredConfig>>,
+    /// Every live replica by ID (this one included once etcd answered).
+    pub replicas: Mutex<BTreeMap<String, ReplicaInfo>>,
+    /// The other replicas' sidecars: (replica ID, registration).
+    pub remote: Mutex<Vec<(String, Registration)>>,
+}
+
+impl SharedState {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stored config this replica serves (None: none read yet).
+    pub fn config(&self) -> Option<StoredConfig> {
+        Self::lock(&self.config).clone()
+    }
+
+    /// Every live replica, by ID.
+    pub fn replicas(&self) -> BTreeMap<String, ReplicaInfo> {
+        Self::lock(&self.replicas).clone()
+    }
+
+    /// The other replicas' sidecars: (replica ID, registration).
+    pub fn remote(&self) -> Vec<(String, Registration)> {
+        Self::lock(&self.remote).clone()
+    }
+}
+
+/// The replica ID in a registration key `/weft/registrations/<replica>/<n>`.
+fn replica_of(key: &[u8]) -> String {
+    let rest = key.strip_prefix(REGISTRATIONS.as_bytes()).unwrap_or(key);
+    let id = rest.split(|b| *b == b'/').next().unwrap_or_default();
+    String::from_utf8_lossy(id).into_owned()
 }
 
 /// Starts the registration writer and the follower for this replica and
@@ -95,14 +151,18 @@ pub async fn start(
     metrics: Arc<Metrics>,
     ttl: Duration,
     first_sync: Duration,
+    listen: std::net::SocketAddr,
 ) -> Arc<SharedState> {
-    let replica = weft_certs::svid::unix_secs(SystemTime::now()).to_string() + "-" + &crate::tokens::generate()[8..24];
-    let shared = Arc::new(SharedState::default());
+    let started_at = weft_certs::svid::unix_secs(SystemTime::now());
+    let replica = started_at.to_string() + "-" + &crate::tokens::generate()[8..24];
+    let shared = Arc::new(SharedState { replica: replica.clone(), ..Default::default() });
+    let me = ReplicaInfo { listen: listen.to_string(), host: hostname(), started_at };
+    let me = (format!("{REPLICAS}{replica}"), serde_json::to_vec(&me).expect("serializes"));
     // Until the stored config is read, streams wait rather than serve none.
     registry.expect_stored_config();
     let (tx, rx) = mpsc::unbounded_channel();
     registry.publish_local_changes(tx);
-    tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, format!("{REGISTRATIONS}{replica}/"), health.clone()));
+    tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, format!("{REGISTRATIONS}{replica}/"), me, health.clone()));
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
     let follower =
         Follower { etcd, registry, health, metrics, own: format!("{REGISTRATIONS}{replica}/"), shared: shared.clone() };
@@ -117,12 +177,22 @@ pub async fn start(
     shared
 }
 
-/// Keeps this replica's registrations in etcd under one lease.
+/// This host's name, for people reading `weft status` (empty if unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+/// Keeps this replica's record (`me`: key and value) and registrations in
+/// etcd under one lease.
 async fn hold_registrations(
     etcd: Etcd,
     mut changes: mpsc::UnboundedReceiver<LocalChange>,
     ttl: Duration,
     own: String,
+    me: (String, Vec<u8>),
     health: Arc<StoreHealth>,
 ) {
     let mut held: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
@@ -172,7 +242,7 @@ async fn hold_registrations(
                             stale = stale.or(lease.take());
                         }
                     },
-                    None => match register_all(&etcd, &own, &held, ttl).await {
+                    None => match register_all(&etcd, &own, &me, &held, ttl).await {
                         Ok(l) => {
                             lease = Some(l);
                             if let Some(old) = stale.take() {
@@ -189,9 +259,17 @@ async fn hold_registrations(
     }
 }
 
-/// Grants a lease and writes every held registration under it.
-async fn register_all(etcd: &Etcd, own: &str, held: &BTreeMap<u64, Vec<u8>>, ttl: Duration) -> Result<i64, StoreError> {
+/// Grants a lease and writes this replica's record and every held
+/// registration under it.
+async fn register_all(
+    etcd: &Etcd,
+    own: &str,
+    me: &(String, Vec<u8>),
+    held: &BTreeMap<u64, Vec<u8>>,
+    ttl: Duration,
+) -> Result<i64, StoreError> {
     let lease = etcd.grant(ttl).await?;
+    etcd.put(&me.0, me.1.clone(), lease).await?;
     for (n, value) in held {
         etcd.put(&format!("{own}{n}"), value.clone(), lease).await?;
     }
@@ -260,12 +338,20 @@ impl Follower {
         others: &mut BTreeMap<Vec<u8>, Registration>,
         synced: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), StoreError> {
-        let (kvs, revision) = self.etcd.get_prefix(REGISTRATIONS).await?;
+        // Replicas first: the watch starts after this read, and replays
+        // (idempotently) whatever changed between the two reads.
+        let (replica_kvs, revision) = self.etcd.get_prefix(REPLICAS).await?;
+        let mut replicas = BTreeMap::new();
+        for kv in replica_kvs {
+            self.put_replica(&mut replicas, &kv.key, &kv.value);
+        }
+        *SharedState::lock(&self.shared.replicas) = replicas;
+        let (kvs, _) = self.etcd.get_prefix(REGISTRATIONS).await?;
         others.clear();
         for kv in kvs {
             self.put_registration(others, kv.key, &kv.value);
         }
-        self.registry.set_shared(others.values().cloned().collect());
+        self.publish_others(others);
         match self.etcd.get(CONFIG_KEY).await? {
             Some(kv) => self.apply_config(&kv.value, kv.mod_revision),
             None => self.registry.config_settled(),
@@ -306,13 +392,38 @@ impl Follower {
                     } else {
                         self.put_registration(others, kv.key, &kv.value);
                     }
+                } else if kv.key.starts_with(REPLICAS.as_bytes()) {
+                    let mut replicas = SharedState::lock(&self.shared.replicas);
+                    if ev.r#type == EventType::Delete as i32 {
+                        let id = String::from_utf8_lossy(&kv.key[REPLICAS.len()..]).into_owned();
+                        replicas.remove(&id);
+                    } else {
+                        self.put_replica(&mut replicas, &kv.key, &kv.value);
+                    }
                 } else if kv.key == CONFIG_KEY.as_bytes() && ev.r#type == EventType::Put as i32 {
                     self.apply_config(&kv.value, kv.mod_revision);
                 }
             }
             if registrations_changed {
-                self.registry.set_shared(others.values().cloned().collect());
+                self.publish_others(others);
             }
+        }
+    }
+
+    /// The other replicas' registrations to the registry (endpoints) and
+    /// to the shared state (status).
+    fn publish_others(&self, others: &BTreeMap<Vec<u8>, Registration>) {
+        self.registry.set_shared(others.values().cloned().collect());
+        *SharedState::lock(&self.shared.remote) = others.iter().map(|(k, r)| (replica_of(k), r.clone())).collect();
+    }
+
+    fn put_replica(&self, replicas: &mut BTreeMap<String, ReplicaInfo>, key: &[u8], value: &[u8]) {
+        let id = String::from_utf8_lossy(&key[REPLICAS.len()..]).into_owned();
+        match serde_json::from_slice::<ReplicaInfo>(value) {
+            Ok(info) => {
+                replicas.insert(id, info);
+            }
+            Err(e) => tracing::warn!(replica = %id, error = %e, "unreadable replica record in etcd; ignored"),
         }
     }
 
@@ -336,7 +447,9 @@ impl Follower {
         }
         match weft_config::parse(&String::from_utf8_lossy(yaml)) {
             Ok(cfg) => {
-                self.registry.set_mesh_config(crate::config_file::to_json(&cfg));
+                self.registry.set_stored_config(crate::config_file::to_json(&cfg), revision);
+                *SharedState::lock(&self.shared.config) =
+                    Some(StoredConfig { yaml: String::from_utf8_lossy(yaml).into_owned(), revision });
                 self.shared.config_revision.store(revision, Ordering::Release);
                 self.metrics.config_reload("applied");
                 tracing::info!(revision, "mesh config from etcd applied");

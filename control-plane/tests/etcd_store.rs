@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::Method;
 use tempfile::TempDir;
 use weft_proto::admin::v1::{ApplyConfigRequest, GetConfigRequest};
-use weft_proto::identity::v1::AttestRequest;
+use weft_proto::identity::v1::{AttestRequest, JwtBundleRequest, MintJwtSvidRequest};
 use weft_testkit::etcd::Etcd;
 use weft_testkit::mesh::{App, TD};
 use weft_testkit::{bin, http_get, run, servers, within, ControlPlane, Pki, Sidecar, SidecarSpec};
@@ -114,6 +114,111 @@ async fn wait_ready(cp: &ControlPlane, want: u16, timeout: Duration) -> String {
         assert!(Instant::now() < deadline, "/ready stayed {code} ({body}), want {want}; log:\n{}", cp.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `/ready/writes` answers `want`; its body.
+async fn wait_writes(cp: &ControlPlane, want: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, body) = http_get(cp.admin, "/ready/writes").await.unwrap_or((0, String::new()));
+        if code == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready/writes stayed {code} ({body}), want {want}; log:\n{}",
+            cp.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `weft status --json` through `cp`, parsed.
+fn status_json(cp: &ControlPlane) -> serde_json::Value {
+    let out = weft(cp, &["status", "--json"]);
+    assert!(out.status.success(), "weft status: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("status JSON")
+}
+
+/// A seed whose route sends `api` traffic to `api`: a replica that knew
+/// only its own sidecars would warn that `api` has no endpoints.
+fn routed_seed() -> String {
+    format!(
+        "{SEED}---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: api}}\nspec: {{port: 8080, protocol: http}}\n\
+         ---\napiVersion: weft.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {{name: api-route}}\n\
+         spec:\n  parentRefs: [{{name: api}}]\n  rules:\n    - backendRefs: [{{name: api}}]\n"
+    )
+}
+
+/// Whatever replica is asked: `weft status` lists every replica and every
+/// sidecar (other replicas' from etcd) without a false "no endpoints"
+/// warning; an applied config reaches sidecars on both replicas with the
+/// same config revision; a JWT-SVID minted through one replica verifies
+/// with the JWT bundle of the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_agree_on_status_config_revision_and_jwt_keys() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let seed = tempfile::tempdir().unwrap();
+    let seed_file = seed.path().join("mesh.yaml");
+    std::fs::write(&seed_file, routed_seed()).unwrap();
+    let seed_arg = seed_file.display().to_string();
+    let (_dirs, cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
+    let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cps.iter().any(|cp| status_json(cp)["sidecars"].as_array().map_or(0, Vec::len) < 2) {
+        assert!(Instant::now() < deadline, "status never listed both sidecars: {}", status_json(&cps[0]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids: Vec<String> = cps.iter().map(|cp| status_json(cp)["replica"].as_str().unwrap().to_string()).collect();
+    assert_ne!(ids[0], ids[1]);
+    for (i, (cp, own)) in cps.iter().zip(["web", "api"]).enumerate() {
+        let st = status_json(cp);
+        assert_eq!(st["warnings"], serde_json::json!([]), "no false warnings through replica {i}: {st}");
+        let mut listed: Vec<String> = st["replicas"].as_array().unwrap().iter().map(|r| r["id"].to_string()).collect();
+        listed.sort();
+        let mut want: Vec<String> = ids.iter().map(|id| format!("{id:?}")).collect();
+        want.sort();
+        assert_eq!(listed, want, "{st}");
+        for s in st["sidecars"].as_array().unwrap() {
+            let local = s["service"] == own;
+            assert_eq!(s["remote"], !local, "{s}");
+            assert_eq!(s["replica"], ids[if local { i } else { 1 - i }].as_str(), "{s}");
+        }
+        let table = weft(cp, &["status"]);
+        assert!(table.stdout.contains(&format!("on replica {}", ids[1 - i])), "{}", table.stdout);
+        assert!(!table.stdout.contains("no endpoints"), "{}", table.stdout);
+    }
+
+    // One config revision, on both replicas and in both sidecars' snapshots.
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v2, routed_seed() + "---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: rev-marker}\nspec: {port: 8080, protocol: http}\n").unwrap();
+    let out = weft(&cps[1], &["apply", "-f", &v2.display().to_string()]);
+    assert!(out.status.success(), "weft apply: {}", out.stderr);
+    let revision: i64 = out.stdout.trim().rsplit(' ').next().and_then(|r| r.parse().ok()).expect("revision printed");
+    for s in [&web, &api] {
+        wait_config_has(s, &format!("\"config_revision\": {revision}"), Duration::from_secs(15)).await;
+    }
+    for cp in &cps {
+        assert_eq!(status_json(cp)["config_revision"], revision);
+    }
+
+    // A JWT-SVID minted through replica 1 verifies with replica 2's bundle.
+    let id = cps[0].id("/ns/default/sa/jwt-user");
+    let token = cps[0].create_token(&id, 60).await;
+    let (svid, _) = cps[0].attest(&token).await.expect("attest");
+    let minted =
+        within(cps[0].identity_as(&svid).mint_jwt_svid(MintJwtSvidRequest { audience: vec!["orders".into()] }))
+            .await
+            .expect("mint")
+            .into_inner();
+    let jwks =
+        within(cps[1].identity_as(&svid).jwt_bundle(JwtBundleRequest {})).await.expect("bundle").into_inner().jwks;
+    let bundle = weft_certs::jwt::JwtBundle::parse(cps[1].trust_domain(), &jwks).expect("JWKS");
+    let valid = bundle.validate(&minted.token, "orders", std::time::SystemTime::now());
+    assert!(valid.is_ok(), "a JWT-SVID from replica 1 fails with replica 2's bundle: {valid:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,12 +388,29 @@ async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
     etcd.restart(0);
     etcd.wait_healthy(0).await;
 
-    // All of etcd stops for a while.
+    // All of etcd stops for a while. The replicas keep serving sidecars, so
+    // /ready stays 200 (they stay in their Kubernetes Service); writes are
+    // what they cannot do, and /ready/writes says why.
     etcd.stop_all();
-    let why = wait_ready(&cps[0], 503, Duration::from_secs(30)).await;
+    let why = wait_writes(&cps[0], 503, Duration::from_secs(30)).await;
     assert!(why.contains("unreachable") && why.contains("etcd://"), "{why}");
-    wait_ready(&cps[1], 503, Duration::from_secs(30)).await;
+    wait_writes(&cps[1], 503, Duration::from_secs(30)).await;
+    for cp in &cps {
+        assert_eq!(http_get(cp.admin, "/ready").await.map(|r| r.0).ok(), Some(200), "/ready during the outage");
+    }
     assert!(cps[0].metrics().await.contains("weft_control_plane_store_up 0"));
+    // A read is answered from the replica's own copy, said to be possibly stale.
+    let got = weft(&cps[0], &["get", "config"]);
+    assert!(got.status.success(), "weft get config during the outage: {}", got.stderr);
+    assert!(got.stdout.contains("seeded-one") && got.stdout.contains("may be stale"), "{}", got.stdout);
+    assert!(got.stderr.contains("warning:") && got.stderr.contains("unreachable"), "{}", got.stderr);
+    // A write is refused, saying it is the store that is away.
+    let dir = tempfile::tempdir().unwrap();
+    let during = dir.path().join("during.yaml");
+    std::fs::write(&during, with_marker("during-outage")).unwrap();
+    let refused_apply = weft(&cps[1], &["apply", "-f", &during.display().to_string()]);
+    assert!(!refused_apply.status.success());
+    assert!(refused_apply.stderr.contains("cannot do that now: store etcd://"), "{}", refused_apply.stderr);
     let status = weft(&cps[0], &["status"]);
     assert!(status.status.success(), "{}", status.stderr);
     assert!(status.stdout.contains("UNREACHABLE"), "{}", status.stdout);
@@ -315,10 +437,10 @@ async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
 
     etcd.start_all().await;
     for cp in &cps {
-        wait_ready(cp, 200, Duration::from_secs(30)).await;
+        wait_writes(cp, 200, Duration::from_secs(30)).await;
+        wait_ready(cp, 200, Duration::from_secs(1)).await;
         assert!(cp.metrics().await.contains("weft_control_plane_store_up 1"));
     }
-    let dir = tempfile::tempdir().unwrap();
     let after = dir.path().join("after.yaml");
     std::fs::write(&after, with_marker("after-outage")).unwrap();
     let out = weft(&cps[1], &["apply", "-f", &after.display().to_string()]);

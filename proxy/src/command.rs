@@ -19,6 +19,12 @@ pub struct Args {
     /// addresses. The sidecar moves to another replica when its own goes away.
     #[arg(long, default_value = "127.0.0.1:7443")]
     control_plane: String,
+    /// On a first start (no saved SVID): how long to keep trying when no
+    /// control-plane replica answers, with jittered backoff, before exiting
+    /// (e.g. 5m; 0s exits at the first failure). A sidecar with a saved
+    /// SVID starts serving at once and keeps retrying in the background.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    control_plane_wait: Duration,
     /// The services the app calls, comma-separated or repeated (e.g. --calls
     /// api,db): the sidecar then gets only those (with the backends of their
     /// routes and its own service) instead of the whole mesh. Calls to other
@@ -199,6 +205,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         },
         workload_api: args.workload_api,
         calls: args.calls,
+        control_plane_wait: args.control_plane_wait,
     })
     .await?;
     let signal = weft_runtime::shutdown_signal().await.map_err(RunError::Signal)?;

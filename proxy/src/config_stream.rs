@@ -55,6 +55,7 @@ pub fn merge_incremental(base: Option<&Snapshot>, delta: Snapshot) -> Result<Sna
         } else {
             delta.mesh_config_json
         },
+        config_revision: delta.config_revision,
         ..Default::default()
     })
 }

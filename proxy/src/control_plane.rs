@@ -56,6 +56,56 @@ impl Backoff {
     }
 }
 
+/// A first start's wait for any control-plane replica to answer
+/// (`--control-plane-wait`): every failed round is logged with when the next
+/// try comes and how long is left, then retried after a jittered backoff
+/// (0.5 s doubling to 10 s); once `wait` has passed the last error is returned.
+#[derive(Debug)]
+pub struct FirstContact {
+    deadline: tokio::time::Instant,
+    wait: Duration,
+    backoff: Backoff,
+}
+
+impl FirstContact {
+    /// Starts the clock: retries stop `wait` from now.
+    pub fn new(wait: Duration) -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + wait,
+            wait,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(10)),
+        }
+    }
+
+    /// After a round where no replica of `replicas` answered (`err`): Ok
+    /// after sleeping the next backoff when time is left, else Err(err).
+    pub async fn retry_or_give_up<E: std::fmt::Display>(&mut self, replicas: &str, err: E) -> Result<(), E> {
+        let now = tokio::time::Instant::now();
+        let left = self.deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            if !self.wait.is_zero() {
+                tracing::warn!(
+                    control_plane = %replicas,
+                    error = %err,
+                    "no control-plane replica answered within --control-plane-wait {}; giving up",
+                    humantime::format_duration(self.wait)
+                );
+            }
+            return Err(err);
+        }
+        let delay = self.backoff.next_delay().min(left);
+        tracing::warn!(
+            control_plane = %replicas,
+            error = %err,
+            retry_in_ms = delay.as_millis() as u64,
+            gives_up_in_s = left.as_secs(),
+            "no control-plane replica answered on first start; retrying (bounded by --control-plane-wait)"
+        );
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Choice {
     /// The replica in use, while it answers.
@@ -238,6 +288,21 @@ mod tests {
         assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 7443), "{addrs:?}");
         let bad = ControlPlanes::parse("no-such-host.invalid:7443").unwrap();
         assert!(matches!(bad.resolve().await, Err(ControlPlaneAddrError::Unresolved { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_contact_retries_until_its_wait_is_spent() {
+        let start = tokio::time::Instant::now();
+        let mut fc = FirstContact::new(Duration::from_secs(3));
+        let mut rounds = 0;
+        while fc.retry_or_give_up("cp:1", "down").await.is_ok() {
+            rounds += 1;
+        }
+        assert!(rounds >= 3, "retried {rounds} times");
+        let spent = start.elapsed();
+        assert!(spent >= Duration::from_secs(3) && spent < Duration::from_secs(4), "{spent:?}");
+        let mut none = FirstContact::new(Duration::ZERO);
+        assert_eq!(none.retry_or_give_up("cp:1", "down").await, Err("down"), "0s gives up at once");
     }
 
     #[test]

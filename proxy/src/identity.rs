@@ -52,6 +52,20 @@ impl IdentityError {
     pub fn replica_failed(&self) -> bool {
         matches!(self, Self::Unreachable(_) | Self::ControlPlane(_))
     }
+
+    /// Worth waiting for on a first start: nothing answered (refused,
+    /// timed out, no route, or the name does not resolve yet), as when the
+    /// control plane starts after its sidecars. A wrong trust bundle or port
+    /// is a mistake to report at once.
+    pub fn transient(&self) -> bool {
+        use weft_certs::diagnose::Failure;
+        match self {
+            Self::Unreachable(_) => true,
+            Self::ControlPlane(e) => matches!(e.failure, Failure::Refused | Failure::Unreachable(_)),
+            Self::ControlPlaneAddr(e) => matches!(e, ControlPlaneAddrError::Unresolved { .. }),
+            _ => false,
+        }
+    }
 }
 
 /// The sidecar's current SVID and trust bundle, shared with its TLS configs.
@@ -147,8 +161,16 @@ impl Identity {
     }
 
     /// Gets a first SVID: the saved one (renewed at once if the control plane
-    /// answers), else by attesting with the join token.
+    /// answers), else by attesting with the join token; gives up at once
+    /// when no replica can be reached (see [`Identity::bootstrap_waiting`]).
     pub async fn bootstrap(&self, token_file: Option<&Path>) -> Result<(), IdentityError> {
+        self.bootstrap_waiting(token_file, Duration::ZERO).await
+    }
+
+    /// [`Identity::bootstrap`], but when no replica can be reached,
+    /// attesting is retried with jittered backoff for up to `wait` (see
+    /// [`crate::control_plane::FirstContact`]).
+    pub async fn bootstrap_waiting(&self, token_file: Option<&Path>, wait: Duration) -> Result<(), IdentityError> {
         let cert = self.state_dir.join(SVID_CERT);
         let key = self.state_dir.join(SVID_KEY);
         if let Ok(saved) = load_svid(&cert, &key) {
@@ -173,23 +195,44 @@ impl Identity {
             return Err(IdentityError::TokenFile { path: token_file.into(), reason: "is empty".into() });
         }
         let (csr, key_pair) = make_csr()?;
-        // Each replica once at most: an unreachable one spends no token.
-        let attempts = self.control_planes.resolve().await?.len();
-        let mut attempt = 0;
-        let resp = loop {
-            attempt += 1;
-            let (channel, addr) = self.replica_channel(false).await?;
-            let req = AttestRequest { join_token: token.to_string(), csr: csr.clone() };
-            match IdentityClient::new(channel).attest(req).await.map_err(|s| self.rpc_error(addr, s)) {
-                Ok(resp) => break resp.into_inner(),
-                Err(e) if e.replica_failed() => {
-                    self.control_planes.failed(addr);
-                    if attempt >= attempts {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, "attesting: control-plane replica unreachable; trying another");
+        // Each replica once per round: an unreachable one spends no token.
+        // A round where none answered is retried after a backoff, up to `wait`.
+        let mut first_contact = crate::control_plane::FirstContact::new(wait);
+        let resp = 'rounds: loop {
+            let attempts = match self.control_planes.resolve().await {
+                Ok(addrs) => addrs.len(),
+                Err(e) => {
+                    first_contact.retry_or_give_up(&self.control_planes.describe(), IdentityError::from(e)).await?;
+                    continue;
                 }
-                Err(e) => return Err(e),
+            };
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let (channel, addr) = match self.replica_channel(false).await {
+                    Ok(c) => c,
+                    Err(e) if e.transient() => {
+                        first_contact.retry_or_give_up(&self.control_planes.describe(), e).await?;
+                        continue 'rounds;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let req = AttestRequest { join_token: token.to_string(), csr: csr.clone() };
+                match IdentityClient::new(channel).attest(req).await.map_err(|s| self.rpc_error(addr, s)) {
+                    Ok(resp) => break 'rounds resp.into_inner(),
+                    Err(e) if e.replica_failed() => {
+                        self.control_planes.failed(addr);
+                        if attempt >= attempts {
+                            if !e.transient() {
+                                return Err(e);
+                            }
+                            first_contact.retry_or_give_up(&self.control_planes.describe(), e).await?;
+                            continue 'rounds;
+                        }
+                        tracing::warn!(error = %e, "attesting: control-plane replica unreachable; trying another");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         let svid = self.accept(resp, key_pair.serialize_der())?;

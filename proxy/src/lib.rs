@@ -87,6 +87,10 @@ pub struct Options {
     /// The services the app calls (`--calls`): the sidecar's scope, with
     /// the `upstreams`' names added. Empty: the whole mesh.
     pub calls: Vec<String>,
+    /// `--control-plane-wait`: on a first start (no saved SVID), how long to
+    /// keep retrying when no control-plane replica can be reached before
+    /// giving up (zero: give up at once).
+    pub control_plane_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +319,7 @@ fn start_workload_api(
 
 /// Gets the first SVID (saved, or with the join token) and keeps it renewed.
 async fn attest(opts: &Options, identity: &Arc<Identity>, workload: Option<&WorkloadApi>) -> Result<(), StartError> {
-    identity.bootstrap(opts.token_file.as_deref()).await?;
+    identity.bootstrap_waiting(opts.token_file.as_deref(), opts.control_plane_wait).await?;
     // The control plane would refuse the registration forever; say so now.
     if let Some(id) = identity.spiffe_id() {
         weft_config::registration::check_registration(&id, &opts.service)?;
@@ -458,6 +462,7 @@ mod tests {
             limits: limits::Limits::default(),
             workload_api: None,
             calls: Vec::new(),
+            control_plane_wait: Duration::ZERO,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod command;
 pub mod control_plane;
 pub mod etcd;
 pub mod mesh;
+pub mod netns;
 pub mod servers;
 
 pub use command::{run, Output};

@@ -8,7 +8,12 @@
 //!   ends a week after the token's expiry;
 //! - `/weft/config`: the mesh config's YAML as applied; its `mod_revision` is
 //!   the config's revision;
-//! - `/weft/registrations/<replica>/<n>`: see [`crate::replicas`].
+//! - `/weft/jwt-signing-key`: the JWT-SVID signing key (PEM PKCS#8) all
+//!   replicas sign with, so a JWT-SVID minted through one verifies with the
+//!   bundle of any; the first replica stores its own key there. Whoever can
+//!   write to etcd can already mint SVIDs (a token record is enough), so
+//!   etcd must be protected (TLS, client certificates) either way;
+//! - `/weft/registrations/<replica>/<n>`, `/weft/replicas/<replica>`: see [`crate::replicas`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,6 +40,8 @@ pub const PREFIX: &str = "/weft/";
 /// The mesh config's key.
 pub const CONFIG_KEY: &str = "/weft/config";
 const TOKENS: &str = "/weft/tokens/";
+/// The JWT-SVID signing key every replica signs with (PEM PKCS#8).
+pub const JWT_KEY: &str = "/weft/jwt-signing-key";
 /// Spent tokens are kept this long after expiry (so "already used" can be
 /// told apart from "unknown"), then etcd drops them with their lease.
 const KEEP_SPENT_SECS: i64 = 7 * 86400;
@@ -294,6 +301,22 @@ impl EtcdStore {
                 let resp = self.etcd.call(self.etcd.kv.clone().put(req)).await?;
                 Ok(resp.header.map(|h| h.revision).unwrap_or(0))
             }
+        }
+    }
+}
+
+impl EtcdStore {
+    /// The replicas' shared JWT-SVID signing key (PEM): `local` is stored
+    /// if none is yet (this replica is the first), else the stored one is
+    /// returned.
+    pub async fn shared_jwt_key(&self, local: &[u8]) -> Result<Vec<u8>, StoreError> {
+        match self.etcd.put_if(JWT_KEY, local.to_vec(), 0, 0).await {
+            Ok(_) => Ok(local.to_vec()),
+            Err(StoreError::Conflict { .. }) => match self.etcd.get(JWT_KEY).await? {
+                Some(kv) => Ok(kv.value),
+                None => Err(self.etcd.unavailable("the JWT signing key vanished between two reads")),
+            },
+            Err(e) => Err(e),
         }
     }
 }

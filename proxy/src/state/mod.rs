@@ -57,6 +57,9 @@ pub enum ConfigError {
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
     pub version: u64,
+    /// With an etcd-backed control plane: the etcd revision of the mesh
+    /// config, the same from every replica (0: file store).
+    pub config_revision: i64,
     pub services: HashMap<String, Vec<Endpoint>>,
     /// The mesh config as applied (None: no config from the control plane).
     pub mesh: Option<MeshConfig>,
@@ -211,8 +214,17 @@ impl State {
         let rate_limits = (!rate_limits.is_empty()).then_some(rate_limits);
         let default_rules = services.keys().map(|name| (name.clone(), Arc::new(Rule::default_for(name)))).collect();
         let destinations = destinations(&services, cfg);
-        let snapshot =
-            Snapshot { version: s.version, services, mesh, routes, authz, rate_limits, default_rules, destinations };
+        let snapshot = Snapshot {
+            version: s.version,
+            config_revision: s.config_revision,
+            services,
+            mesh,
+            routes,
+            authz,
+            rate_limits,
+            default_rules,
+            destinations,
+        };
         // Nothing failed: the renewals become the kept state (the rest drops).
         endpoints.commit();
         limits.commit();
