@@ -129,17 +129,22 @@ impl StreamView {
     /// changed. A sidecar without a scope that takes only full snapshots
     /// gets the shared whole-mesh snapshot of every version, as before.
     pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
-        let scope = p.scope(&self.own, &self.calls);
+        let scope = p.scoped(&self.own, &self.calls);
         // A scope is looked up service by service: its size, not the mesh's.
-        let now: Services = match &scope {
-            Some(names) => names.iter().filter_map(|n| p.services.get(n).map(|s| (n.clone(), s.clone()))).collect(),
-            None => p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+        let (now, mesh): (Services, Arc<str>) = match &scope {
+            Some(s) => (
+                s.services.iter().filter_map(|n| p.services.get(n).map(|v| (n.clone(), v.clone()))).collect(),
+                s.mesh_config_json.clone(),
+            ),
+            None => (p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(), p.mesh_config_json.clone()),
         };
-        let prev = self.sent.replace((now, p.mesh_config_json.clone()));
+        let prev = self.sent.replace((now, mesh));
         let (now, mesh) = self.sent.as_ref().expect("just set");
         let Some((before, mesh_before)) = prev else {
-            return Some(self.whole(p, scope.is_none(), now));
+            return Some(self.whole(p, now, mesh));
         };
+        // A scoped sidecar compares its own cut of the mesh config: a change
+        // elsewhere in the mesh is no push for it.
         let mesh_unchanged = Arc::ptr_eq(&mesh_before, mesh) || mesh_before == *mesh;
         let changed: Vec<&Arc<weft_proto::config::v1::Service>> =
             now.iter().filter(|(n, s)| before.get(*n).is_none_or(|b| !Arc::ptr_eq(b, s))).map(|(_, s)| s).collect();
@@ -148,7 +153,7 @@ impl StreamView {
             return None;
         }
         if !self.incremental {
-            return Some(self.whole(p, scope.is_none(), now));
+            return Some(self.whole(p, now, mesh));
         }
         Some(Snapshot {
             version: p.version,
@@ -160,15 +165,16 @@ impl StreamView {
         })
     }
 
-    /// A full snapshot of `services` (the whole mesh's shared one when unscoped).
-    fn whole(&self, p: &Published, unscoped: bool, services: &Services) -> Snapshot {
-        if unscoped {
+    /// A full snapshot of `services` and `mesh` (the whole mesh's shared
+    /// snapshot when unscoped).
+    fn whole(&self, p: &Published, services: &Services, mesh: &str) -> Snapshot {
+        if self.calls.is_empty() {
             return p.full().clone();
         }
         Snapshot {
             version: p.version,
             services: services.values().map(|s| (**s).clone()).collect(),
-            mesh_config_json: p.mesh_config_json.to_string(),
+            mesh_config_json: mesh.to_string(),
             ..Default::default()
         }
     }
@@ -261,6 +267,77 @@ mod tests {
         let scope = r.current().scope("web", &["foo".into()]).unwrap();
         assert_eq!(scope.into_iter().collect::<Vec<_>>(), ["foo", "foo-v2", "web"]);
         assert!(r.current().scope("web", &[]).is_none(), "no calls: the whole mesh");
+    }
+
+    #[test]
+    fn a_scoped_sidecar_gets_its_cut_of_the_mesh_config() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let yaml = |weight: u32, slashes: &str, db_rps: u32| {
+            let doc = |kind: &str, name: &str, spec: &str| {
+                format!("apiVersion: weft.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n")
+            };
+            let mut y = String::new();
+            for s in ["web", "api", "api-v2", "db", "other"] {
+                y += &doc("Service", s, "{}");
+            }
+            y += &doc("Mesh", "mesh", &format!("{{pathNormalization: {{encodedSlashes: {slashes}}}}}"));
+            y += &doc(
+                "HTTPRoute",
+                "api-split",
+                &format!("{{parentRefs: [{{name: api}}], rules: [{{backendRefs: [{{name: api, weight: {weight}}}, {{name: api-v2, weight: 1}}]}}]}}"),
+            );
+            y += &doc("HTTPRoute", "db-route", "{parentRefs: [{name: db}], rules: [{backendRefs: [{name: db}]}]}");
+            y += &doc("HTTPRoute", "web-route", "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web}]}]}");
+            y += &doc(
+                "AuthorizationPolicy",
+                "web-allow",
+                "{targetRef: {kind: Service, name: web}, action: ALLOW, rules: [{from: [{identities: ['*']}]}]}",
+            );
+            y += &doc(
+                "AuthorizationPolicy",
+                "db-allow",
+                "{targetRef: {kind: Service, name: db}, action: ALLOW, rules: [{from: [{identities: ['*']}]}]}",
+            );
+            y += &doc(
+                "RateLimit",
+                "web-route-rl",
+                "{targetRef: {kind: HTTPRoute, name: web-route}, requestsPerSecond: 5}",
+            );
+            y += &doc(
+                "RateLimit",
+                "db-rl",
+                &format!("{{targetRef: {{kind: Service, name: db}}, requestsPerSecond: {db_rps}}}"),
+            );
+            crate::config_file::to_json(&weft_config::parse(&y).unwrap())
+        };
+        r.set_mesh_config(yaml(9, "reject", 5));
+        let _web = r.register(reg("web", "127.0.0.1:1"));
+        let mut view = StreamView::new("web".into(), vec!["api".into()], true);
+        let first = view.next(&r.current()).unwrap();
+        let cfg: weft_config::MeshConfig = serde_json::from_str(&first.mesh_config_json).unwrap();
+        assert_eq!(cfg.services.keys().collect::<Vec<_>>(), ["api", "api-v2", "web"], "its scope's Services");
+        let routes: Vec<_> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(routes, ["api-split", "web-route"], "routes of called services, and its own for rate limits");
+        assert_eq!(cfg.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web-allow"]);
+        assert_eq!(cfg.rate_limits.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web-route-rl"]);
+        // A route change elsewhere in the mesh: nothing for web.
+        let mut whole = StreamView::new("web".into(), vec![], true);
+        whole.next(&r.current()).unwrap();
+        r.set_mesh_config(yaml(9, "reject", 6));
+        assert!(view.next(&r.current()).is_none(), "a change outside its scope is not pushed");
+        assert!(whole.next(&r.current()).is_some(), "an unscoped sidecar gets every change");
+        // Its route changes: pushed, with the new weight.
+        r.set_mesh_config(yaml(8, "reject", 6));
+        let d = view.next(&r.current()).unwrap();
+        assert!(d.incremental && !d.mesh_config_unchanged && d.services.is_empty());
+        assert!(d.mesh_config_json.contains("\"weight\":8"), "{}", d.mesh_config_json);
+        // A Mesh-wide setting reaches every scope.
+        r.set_mesh_config(yaml(8, "opaque", 6));
+        let d = view.next(&r.current()).unwrap();
+        assert!(d.mesh_config_json.contains("opaque"), "{}", d.mesh_config_json);
+        // Sidecars of one service with the same calls share one cut.
+        let p = r.current();
+        assert!(Arc::ptr_eq(&p.scoped("web", &["api".into()]).unwrap(), &p.scoped("web", &["api".into()]).unwrap()));
     }
 
     #[tokio::test]

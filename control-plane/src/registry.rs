@@ -54,6 +54,8 @@ struct Inner {
     /// `mesh_config_json` decoded, for the Services' `admit` rules and the
     /// sidecars' scopes (none before a config is set).
     mesh: Option<Arc<MeshConfig>>,
+    /// Per-scope views of `mesh`, replaced with it.
+    scopes: Arc<Scopes>,
     config_error: String,
     /// Registrations changed since the last published version.
     dirty: bool,
@@ -86,8 +88,68 @@ pub struct Published {
     /// while it is unchanged.
     pub mesh_config_json: Arc<str>,
     pub mesh: Option<Arc<MeshConfig>>,
+    /// Per-scope views of `mesh` (shared by every version with this mesh config).
+    scopes: Arc<Scopes>,
     /// The whole-mesh snapshot, made on first use.
     full: OnceLock<Snapshot>,
+}
+
+/// What one scoped sidecar is told of the mesh: its services (see
+/// [`Published::scope`]) and the part of the mesh config that concerns it.
+#[derive(Debug)]
+pub struct Scope {
+    /// The services whose endpoints it gets.
+    pub services: BTreeSet<String>,
+    /// The mesh config cut to this scope (see [`scoped_mesh_config`]), as
+    /// JSON in weft-config's schema; empty when there is no mesh config.
+    pub mesh_config_json: Arc<str>,
+}
+
+/// The [`Scope`]s of one mesh config by (own service, calls), made on first
+/// use: sidecars of one service that call the same services share one, and
+/// a version that changed only registrations reuses them all.
+#[derive(Debug, Default)]
+struct Scopes {
+    by_key: Mutex<HashMap<(String, Vec<String>), Arc<Scope>>>,
+}
+
+/// The part of `cfg` a sidecar of service `own` whose services are `scope`
+/// needs (weft-proxy reads no more): the Mesh settings; the routes whose
+/// parent is in the scope; the Services of the scope and of those routes'
+/// backends (a route is compiled against its backends' Services); the
+/// AuthorizationPolicies and RateLimits that guard `own` (directly, or
+/// through one of the included routes); no Workloads.
+pub fn scoped_mesh_config(cfg: &MeshConfig, own: &str, scope: &BTreeSet<String>) -> MeshConfig {
+    let routes: Vec<_> =
+        cfg.routes.iter().filter(|r| r.spec.parent_refs.iter().any(|p| scope.contains(&p.name))).cloned().collect();
+    let backends = routes.iter().flat_map(|r| r.spec.rules.iter().flat_map(|rule| rule.backend_refs.iter()));
+    let names: BTreeSet<&str> = scope.iter().map(String::as_str).chain(backends.map(|b| b.name.as_str())).collect();
+    let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    MeshConfig {
+        mesh: cfg.mesh.clone(),
+        services: names
+            .iter()
+            .filter_map(|n| cfg.services.get_key_value(*n))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        policies: cfg.policies.iter().filter(|p| p.spec.target_ref.name == own).cloned().collect(),
+        rate_limits: cfg
+            .rate_limits
+            .iter()
+            .filter(|r| {
+                let t = &r.spec.target_ref;
+                if t.kind == "HTTPRoute" {
+                    route_names.contains(t.name.as_str())
+                } else {
+                    t.name == own
+                }
+            })
+            .cloned()
+            .collect(),
+        routes,
+        grpc_routes: Vec::new(),
+        workloads: Vec::new(),
+    }
 }
 
 impl Published {
@@ -118,6 +180,31 @@ impl Published {
                 scope.extend(backends.map(|b| b.name.clone()));
             }
         }
+        Some(scope)
+    }
+
+    /// The [`Scope`] of a sidecar of `own` that calls `calls`, made once per
+    /// mesh config and (own, calls); `None` (the whole mesh) when `calls` is
+    /// empty.
+    pub fn scoped(&self, own: &str, calls: &[String]) -> Option<Arc<Scope>> {
+        if calls.is_empty() {
+            return None;
+        }
+        let key = (own.to_string(), calls.to_vec());
+        let mut by_key = self.scopes.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = by_key.get(&key) {
+            return Some(s.clone());
+        }
+        let services = self.scope(own, calls)?;
+        let mesh_config_json: Arc<str> = match &self.mesh {
+            Some(cfg) => {
+                serde_json::to_string(&scoped_mesh_config(cfg, own, &services)).expect("a MeshConfig serializes").into()
+            }
+            // No config, or one that is not a MeshConfig (only in tests): as it is.
+            None => self.mesh_config_json.clone(),
+        };
+        let scope = Arc::new(Scope { services, mesh_config_json });
+        by_key.insert(key, scope.clone());
         Some(scope)
     }
 }
@@ -247,6 +334,7 @@ impl Registry {
             services,
             mesh_config_json: inner.mesh_config_json.clone(),
             mesh: inner.mesh.clone(),
+            scopes: inner.scopes.clone(),
             full: OnceLock::new(),
         };
         self.metrics.config_version.set(next.version as i64);
@@ -321,6 +409,7 @@ impl Registry {
             // The JSON is always a serialized, validated MeshConfig.
             inner.mesh = serde_json::from_str(&json).ok().map(Arc::new);
             inner.mesh_config_json = json.into();
+            inner.scopes = Arc::default();
             self.publish(&mut inner);
         }
     }
