@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::config::v1::config_server::Config;
 use weft_proto::config::v1::{AckRequest, AckResponse, Snapshot, WatchRequest};
 
-use crate::registry::{Published, Registration, Registry};
+use crate::registry::{Published, Registration, Registry, Scope, Scopes};
 use crate::server::require_peer;
 
 /// The `weft.config.v1.Config` gRPC service.
@@ -113,6 +113,8 @@ pub struct StreamView {
     own: String,
     calls: Vec<String>,
     incremental: bool,
+    /// This sidecar's scope under the current mesh config.
+    scope: Option<(Arc<Scopes>, Arc<Scope>)>,
     /// The services last sent (their shared `Arc`s) and the mesh config;
     /// `None` before the first message.
     sent: Option<(Services, Arc<str>)>,
@@ -122,14 +124,14 @@ impl StreamView {
     /// A stream for a sidecar of service `own` that calls `calls` (empty:
     /// the whole mesh) and takes incremental snapshots if `incremental`.
     pub fn new(own: String, calls: Vec<String>, incremental: bool) -> Self {
-        Self { own, calls, incremental, sent: None }
+        Self { own, calls, incremental, scope: None, sent: None }
     }
 
     /// The message for `p`, or `None` when nothing this sidecar sees
     /// changed. A sidecar without a scope that takes only full snapshots
     /// gets the shared whole-mesh snapshot of every version, as before.
     pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
-        let scope = p.scoped(&self.own, &self.calls);
+        let scope = p.scoped_in(&self.own, &self.calls, &mut self.scope);
         // A scope is looked up service by service: its size, not the mesh's.
         let (now, mesh): (Services, Arc<str>) = match &scope {
             Some(s) => (
@@ -356,5 +358,37 @@ mod tests {
             .clone();
         assert_eq!(p.version, v0 + 1, "one version for 100 registrations");
         assert_eq!(p.services["api"].endpoints.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_join_storm_is_gathered_into_few_versions() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        tokio::spawn(r.clone().run_publisher());
+        let mut changes = r.subscribe();
+        let v0 = changes.borrow_and_update().version;
+        // 20 registrations every 5 ms for 1.5 s: about 200 per COALESCE,
+        // far above STORM_RATE.
+        let started = std::time::Instant::now();
+        let mut guards = Vec::new();
+        while started.elapsed() < std::time::Duration::from_millis(1500) {
+            for _ in 0..20 {
+                let i = guards.len();
+                guards.push(r.register(reg("api", &format!("10.0.{}.{}:1", i / 250, i % 250))));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        let last = guards.last().unwrap().first_version;
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), changes.wait_for(|p| p.version >= last))
+            .await
+            .expect("published")
+            .unwrap()
+            .clone();
+        assert_eq!(p.services["api"].endpoints.len(), guards.len(), "every registration published");
+        let versions = p.version - v0;
+        // One per COALESCE would be elapsed / 50 ms (30 or more); gathered,
+        // about one per STORM_COALESCE.
+        let per_coalesce = (elapsed.as_secs_f64() / crate::registry::COALESCE.as_secs_f64()) as u64;
+        assert!(versions <= per_coalesce / 4, "{versions} versions in {elapsed:?}");
     }
 }

@@ -22,6 +22,16 @@ use crate::metrics::Metrics;
 /// Mesh config changes are published at once.
 pub const COALESCE: Duration = Duration::from_millis(50);
 
+/// While registrations keep arriving faster than this many per
+/// [`COALESCE`] (a join storm), gathering goes on, up to
+/// [`STORM_COALESCE`]: each version is pushed to every sidecar whose scope
+/// it changed, so 20 versions a second during a 10,000-sidecar storm would
+/// be 200,000 messages (and ACKs) a second.
+pub const STORM_RATE: usize = 32;
+
+/// The longest registrations are gathered during a storm.
+pub const STORM_COALESCE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
     pub spiffe_id: SpiffeId,
@@ -50,6 +60,9 @@ struct Entry {
 struct Inner {
     next_key: u64,
     sidecars: BTreeMap<u64, Entry>,
+    /// The keys of `sidecars` by inbound address, so an ACK finds its
+    /// sidecar without a scan (every sidecar ACKs every push).
+    by_address: HashMap<String, Vec<u64>>,
     mesh_config_json: Arc<str>,
     /// `mesh_config_json` decoded, for the Services' `admit` rules and the
     /// sidecars' scopes (none before a config is set).
@@ -59,6 +72,8 @@ struct Inner {
     config_error: String,
     /// Registrations changed since the last published version.
     dirty: bool,
+    /// Registration changes since the publisher last looked.
+    arrived: usize,
     /// Registrations held by other replicas, endpoints like our own.
     shared: Vec<Registration>,
     /// Where registrations and deregistrations of this replica are told
@@ -109,7 +124,7 @@ pub struct Scope {
 /// use: sidecars of one service that call the same services share one, and
 /// a version that changed only registrations reuses them all.
 #[derive(Debug, Default)]
-struct Scopes {
+pub struct Scopes {
     by_key: Mutex<HashMap<(String, Vec<String>), Arc<Scope>>>,
 }
 
@@ -187,12 +202,29 @@ impl Published {
     /// mesh config and (own, calls); `None` (the whole mesh) when `calls` is
     /// empty.
     pub fn scoped(&self, own: &str, calls: &[String]) -> Option<Arc<Scope>> {
+        self.scoped_in(own, calls, &mut None)
+    }
+
+    /// [`Published::scoped`], remembering the answer in `cache` for the
+    /// versions that share this mesh config (no lookup per version).
+    pub fn scoped_in(
+        &self,
+        own: &str,
+        calls: &[String],
+        cache: &mut Option<(Arc<Scopes>, Arc<Scope>)>,
+    ) -> Option<Arc<Scope>> {
+        if let Some((scopes, scope)) = cache {
+            if Arc::ptr_eq(scopes, &self.scopes) {
+                return Some(scope.clone());
+            }
+        }
         if calls.is_empty() {
             return None;
         }
         let key = (own.to_string(), calls.to_vec());
         let mut by_key = self.scopes.by_key.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = by_key.get(&key) {
+            *cache = Some((self.scopes.clone(), s.clone()));
             return Some(s.clone());
         }
         let services = self.scope(own, calls)?;
@@ -205,6 +237,7 @@ impl Published {
         };
         let scope = Arc::new(Scope { services, mesh_config_json });
         by_key.insert(key, scope.clone());
+        *cache = Some((self.scopes.clone(), scope.clone()));
         Some(scope)
     }
 }
@@ -305,12 +338,20 @@ impl Registry {
         // A sidecar moving between replicas is registered on both for a
         // while (the old lease runs out): one endpoint.
         let mut seen = HashSet::new();
+        // The Services with `admit` rules (usually few), once, rather than
+        // every Service for every registration (weft-config's `services_of`).
+        let admitting: Vec<(&str, &weft_config::Admit)> =
+            cfg.services.iter().filter_map(|(n, s)| Some((n.as_str(), s.admit.as_ref()?))).collect();
         for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
             if !seen.insert((&reg.spiffe_id, &reg.address)) {
                 continue;
             }
-            // Its own service, and every Service whose `admit` takes it in.
-            for service in weft_config::membership::services_of(cfg, &reg.spiffe_id, &reg.service, &reg.labels) {
+            // Its own service, and every Service whose `admit` takes it in
+            // (as `membership::services_of`).
+            let admitted = admitting.iter().filter(|(name, admit)| {
+                *name != reg.service && weft_config::membership::admits(admit, &reg.spiffe_id, &reg.labels)
+            });
+            for service in std::iter::once(reg.service.as_str()).chain(admitted.map(|(name, _)| *name)) {
                 endpoints.entry(service).or_default().push(Endpoint {
                     address: reg.address.clone(),
                     spiffe_id: reg.spiffe_id.to_string(),
@@ -342,14 +383,23 @@ impl Registry {
     }
 
     /// Publishes gathered registration changes at most once per
-    /// [`COALESCE`], until the registry is dropped.
+    /// [`COALESCE`] (per [`STORM_COALESCE`] while they arrive at more than
+    /// [`STORM_RATE`] per [`COALESCE`]), until the registry is dropped.
     pub async fn run_publisher(self: Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(&self);
         let changed = self.changed.clone();
         drop(self);
         loop {
             changed.notified().await;
-            tokio::time::sleep(COALESCE).await;
+            let started = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(COALESCE).await;
+                let Some(this) = weak.upgrade() else { return };
+                let arrived = std::mem::take(&mut this.lock().arrived);
+                if arrived <= STORM_RATE || started.elapsed() + COALESCE > STORM_COALESCE {
+                    break;
+                }
+            }
             let Some(this) = weak.upgrade() else { return };
             let mut inner = this.lock();
             if inner.dirty {
@@ -368,6 +418,7 @@ impl Registry {
         if let Some(tx) = &inner.changes {
             let _ = tx.send(LocalChange::Registered(key, reg.clone()));
         }
+        inner.by_address.entry(reg.address.clone()).or_default().push(key);
         let entry = Entry {
             reg,
             connected: Instant::now(),
@@ -380,6 +431,7 @@ impl Registry {
         inner.sidecars.insert(key, entry);
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
+        inner.arrived += 1;
         let first_version = self.published.borrow().version + 1;
         self.changed.notify_one();
         RegistrationGuard { registry: self.clone(), key, first_version }
@@ -388,6 +440,12 @@ impl Registry {
     fn deregister(&self, key: u64) {
         let mut inner = self.lock();
         if let Some(e) = inner.sidecars.remove(&key) {
+            if let Some(keys) = inner.by_address.get_mut(&e.reg.address) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    inner.by_address.remove(&e.reg.address);
+                }
+            }
             tracing::info!(spiffe_id = %e.reg.spiffe_id, service = %e.reg.service, "sidecar deregistered");
         }
         if let Some(tx) = &inner.changes {
@@ -395,6 +453,7 @@ impl Registry {
         }
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
+        inner.arrived += 1;
         self.changed.notify_one();
     }
 
@@ -436,6 +495,7 @@ impl Registry {
         if inner.shared != shared {
             inner.shared = shared;
             inner.dirty = true;
+            inner.arrived += 1;
             self.changed.notify_one();
         }
     }
@@ -465,7 +525,9 @@ impl Registry {
     /// Records a sidecar's ACK (`error` empty) or NACK of a version.
     pub fn ack(&self, id: &SpiffeId, address: &str, version: u64, error: String) {
         let mut inner = self.lock();
-        for e in inner.sidecars.values_mut().filter(|e| &e.reg.spiffe_id == id && e.reg.address == address) {
+        let keys = inner.by_address.get(address).cloned().unwrap_or_default();
+        for key in keys {
+            let Some(e) = inner.sidecars.get_mut(&key).filter(|e| &e.reg.spiffe_id == id) else { continue };
             if error.is_empty() {
                 // Versions since then that changed nothing for it count too.
                 let upto = if version == e.sent { e.same_until.max(version) } else { version };
