@@ -27,7 +27,7 @@ pub const COALESCE: Duration = Duration::from_millis(50);
 /// [`STORM_COALESCE`]: each version is pushed to every sidecar whose scope
 /// it changed, so 20 versions a second during a 10,000-sidecar storm would
 /// be 200,000 messages (and ACKs) a second.
-pub const STORM_RATE: usize = 32;
+pub const STORM_RATE: usize = 8;
 
 /// The longest registrations are gathered during a storm.
 pub const STORM_COALESCE: Duration = Duration::from_secs(1);
@@ -335,17 +335,11 @@ impl Registry {
         let mut endpoints: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
         let no_config = MeshConfig::default();
         let cfg = inner.mesh.as_deref().unwrap_or(&no_config);
-        // A sidecar moving between replicas is registered on both for a
-        // while (the old lease runs out): one endpoint.
-        let mut seen = HashSet::new();
         // The Services with `admit` rules (usually few), once, rather than
         // every Service for every registration (weft-config's `services_of`).
         let admitting: Vec<(&str, &weft_config::Admit)> =
             cfg.services.iter().filter_map(|(n, s)| Some((n.as_str(), s.admit.as_ref()?))).collect();
         for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
-            if !seen.insert((&reg.spiffe_id, &reg.address)) {
-                continue;
-            }
             // Its own service, and every Service whose `admit` takes it in
             // (as `membership::services_of`).
             let admitted = admitting.iter().filter(|(name, admit)| {
@@ -363,6 +357,11 @@ impl Registry {
             .into_iter()
             .map(|(name, mut eps)| {
                 eps.sort_by(|a, b| a.address.cmp(&b.address).then_with(|| a.spiffe_id.cmp(&b.spiffe_id)));
+                // A sidecar moving between replicas is registered on both for
+                // a while (the old lease runs out): one endpoint, the first
+                // (local) registration's (the sort is stable). Adjacent after
+                // the sort: no set of every registration per version.
+                eps.dedup_by(|b, a| a.address == b.address && a.spiffe_id == b.spiffe_id);
                 let svc = match prev.services.get(name) {
                     Some(old) if old.endpoints == eps => old.clone(),
                     _ => Arc::new(Service { name: name.to_string(), endpoints: eps }),

@@ -319,11 +319,15 @@ fn own_cpu() -> f64 {
     cpu_and_rss(std::process::id()).0
 }
 
-/// Makes change number `seq` (`text` is the new config), waits until
+/// Makes change number `seq` (`text` is the new config: renamed over the
+/// `--config` file, or with etcd `weft apply`'d through `apply`), waits until
 /// `expected` sidecars recorded it (or `limit`), and measures.
+// One call per change; the arguments are the run's, not worth a struct.
+#[allow(clippy::too_many_arguments)]
 async fn measure_change(
     obs: &Observed,
     cfg: &Path,
+    apply: Option<&ControlPlane>,
     text: &str,
     marker: &str,
     seq: usize,
@@ -336,7 +340,13 @@ async fn measure_change(
     obs.change_latency.lock().unwrap().clear();
     let (cp0, me0) = (cpu_and_rss(pid).0, own_cpu());
     *obs.change.lock().unwrap() = Some((marker.to_string(), Instant::now(), seq));
-    write_atomic(cfg, text);
+    match apply {
+        Some(cp) => {
+            let req = weft_proto::admin::v1::ApplyConfigRequest { yaml: text.to_string(), if_revision: 0 };
+            cp.admin_as(Some(&cp.operator())).apply_config(req).await.expect("apply the mesh config");
+        }
+        None => write_atomic(cfg, text),
+    }
     let t = Instant::now();
     while obs.change_latency.lock().unwrap().len() < expected && t.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -474,17 +484,20 @@ async fn run(args: &Args, n: usize) -> Row {
     eprintln!("[{n}] join storm: {settle:?}; load {}", loadavg());
     let ends_after_join = obs.ends.lock().unwrap().clone();
 
+    // With etcd the stored config is what serves: changes are applied.
+    let apply = (store != "file").then_some(&cp);
     let (mut route, mut mesh) = (None, None);
     let (mut join_bytes, mut join_pushed) = ([0.0; 3], [0; 3]);
     if settle.is_ok() {
         // Route change: 90/10 → 80/20 on svc-0.
         let text = mesh_config(services, 80, "reject");
-        let r = measure_change(&obs, &cfg, &text, "\"weight\":80", 1, route_expected, pid, n, args.unscoped).await;
+        let r =
+            measure_change(&obs, &cfg, apply, &text, "\"weight\":80", 1, route_expected, pid, n, args.unscoped).await;
         eprintln!("[{n}] route change reached {}/{}; load {}", r.reached, r.expected, loadavg());
         route = Some(r);
         // Mesh-wide change: every sidecar's cut changes.
         let text = mesh_config(services, 80, "opaque");
-        let m = measure_change(&obs, &cfg, &text, "opaque", 2, total, pid, n, args.unscoped).await;
+        let m = measure_change(&obs, &cfg, apply, &text, "opaque", 2, total, pid, n, args.unscoped).await;
         eprintln!("[{n}] mesh-wide change reached {}/{}; load {}", m.reached, m.expected, loadavg());
         mesh = Some(m);
 
