@@ -120,12 +120,15 @@ pub struct Scope {
     pub mesh_config_json: Arc<str>,
 }
 
+/// A sidecar's own service and the services it calls, as it declared them.
+type ScopeKey = (String, Vec<String>);
+
 /// The [`Scope`]s of one mesh config by (own service, calls), made on first
 /// use: sidecars of one service that call the same services share one, and
 /// a version that changed only registrations reuses them all.
 #[derive(Debug, Default)]
 pub struct Scopes {
-    by_key: Mutex<HashMap<(String, Vec<String>), Arc<Scope>>>,
+    by_key: Mutex<HashMap<ScopeKey, Arc<Scope>>>,
 }
 
 /// The part of `cfg` a sidecar of service `own` whose services are `scope`
