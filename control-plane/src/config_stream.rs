@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::config::v1::config_server::Config;
 use weft_proto::config::v1::{AckRequest, AckResponse, Snapshot, WatchRequest};
 
-use crate::registry::{Published, Registration, Registry};
+use crate::registry::{Published, Registration, Registry, Scope, Scopes};
 use crate::server::require_peer;
 
 /// The `weft.config.v1.Config` gRPC service.
@@ -113,6 +113,8 @@ pub struct StreamView {
     own: String,
     calls: Vec<String>,
     incremental: bool,
+    /// This sidecar's scope under the current mesh config.
+    scope: Option<(Arc<Scopes>, Arc<Scope>)>,
     /// The services last sent (their shared `Arc`s) and the mesh config;
     /// `None` before the first message.
     sent: Option<(Services, Arc<str>)>,
@@ -122,24 +124,29 @@ impl StreamView {
     /// A stream for a sidecar of service `own` that calls `calls` (empty:
     /// the whole mesh) and takes incremental snapshots if `incremental`.
     pub fn new(own: String, calls: Vec<String>, incremental: bool) -> Self {
-        Self { own, calls, incremental, sent: None }
+        Self { own, calls, incremental, scope: None, sent: None }
     }
 
     /// The message for `p`, or `None` when nothing this sidecar sees
     /// changed. A sidecar without a scope that takes only full snapshots
     /// gets the shared whole-mesh snapshot of every version, as before.
     pub fn next(&mut self, p: &Published) -> Option<Snapshot> {
-        let scope = p.scope(&self.own, &self.calls);
+        let scope = p.scoped_in(&self.own, &self.calls, &mut self.scope);
         // A scope is looked up service by service: its size, not the mesh's.
-        let now: Services = match &scope {
-            Some(names) => names.iter().filter_map(|n| p.services.get(n).map(|s| (n.clone(), s.clone()))).collect(),
-            None => p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+        let (now, mesh): (Services, Arc<str>) = match &scope {
+            Some(s) => (
+                s.services.iter().filter_map(|n| p.services.get(n).map(|v| (n.clone(), v.clone()))).collect(),
+                s.mesh_config_json.clone(),
+            ),
+            None => (p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(), p.mesh_config_json.clone()),
         };
-        let prev = self.sent.replace((now, p.mesh_config_json.clone()));
+        let prev = self.sent.replace((now, mesh));
         let (now, mesh) = self.sent.as_ref().expect("just set");
         let Some((before, mesh_before)) = prev else {
-            return Some(self.whole(p, scope.is_none(), now));
+            return Some(self.whole(p, now, mesh));
         };
+        // A scoped sidecar compares its own cut of the mesh config: a change
+        // elsewhere in the mesh is no push for it.
         let mesh_unchanged = Arc::ptr_eq(&mesh_before, mesh) || mesh_before == *mesh;
         let changed: Vec<&Arc<weft_proto::config::v1::Service>> =
             now.iter().filter(|(n, s)| before.get(*n).is_none_or(|b| !Arc::ptr_eq(b, s))).map(|(_, s)| s).collect();
@@ -148,7 +155,7 @@ impl StreamView {
             return None;
         }
         if !self.incremental {
-            return Some(self.whole(p, scope.is_none(), now));
+            return Some(self.whole(p, now, mesh));
         }
         Some(Snapshot {
             version: p.version,
@@ -161,15 +168,16 @@ impl StreamView {
         })
     }
 
-    /// A full snapshot of `services` (the whole mesh's shared one when unscoped).
-    fn whole(&self, p: &Published, unscoped: bool, services: &Services) -> Snapshot {
-        if unscoped {
+    /// A full snapshot of `services` and `mesh` (the whole mesh's shared
+    /// snapshot when unscoped).
+    fn whole(&self, p: &Published, services: &Services, mesh: &str) -> Snapshot {
+        if self.calls.is_empty() {
             return p.full().clone();
         }
         Snapshot {
             version: p.version,
             services: services.values().map(|s| (**s).clone()).collect(),
-            mesh_config_json: p.mesh_config_json.to_string(),
+            mesh_config_json: mesh.to_string(),
             config_revision: p.config_revision,
             ..Default::default()
         }
@@ -265,6 +273,77 @@ mod tests {
         assert!(r.current().scope("web", &[]).is_none(), "no calls: the whole mesh");
     }
 
+    #[test]
+    fn a_scoped_sidecar_gets_its_cut_of_the_mesh_config() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let yaml = |weight: u32, slashes: &str, db_rps: u32| {
+            let doc = |kind: &str, name: &str, spec: &str| {
+                format!("apiVersion: weft.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n")
+            };
+            let mut y = String::new();
+            for s in ["web", "api", "api-v2", "db", "other"] {
+                y += &doc("Service", s, "{}");
+            }
+            y += &doc("Mesh", "mesh", &format!("{{pathNormalization: {{encodedSlashes: {slashes}}}}}"));
+            y += &doc(
+                "HTTPRoute",
+                "api-split",
+                &format!("{{parentRefs: [{{name: api}}], rules: [{{backendRefs: [{{name: api, weight: {weight}}}, {{name: api-v2, weight: 1}}]}}]}}"),
+            );
+            y += &doc("HTTPRoute", "db-route", "{parentRefs: [{name: db}], rules: [{backendRefs: [{name: db}]}]}");
+            y += &doc("HTTPRoute", "web-route", "{parentRefs: [{name: web}], rules: [{backendRefs: [{name: web}]}]}");
+            y += &doc(
+                "AuthorizationPolicy",
+                "web-allow",
+                "{targetRef: {kind: Service, name: web}, action: ALLOW, rules: [{from: [{identities: ['*']}]}]}",
+            );
+            y += &doc(
+                "AuthorizationPolicy",
+                "db-allow",
+                "{targetRef: {kind: Service, name: db}, action: ALLOW, rules: [{from: [{identities: ['*']}]}]}",
+            );
+            y += &doc(
+                "RateLimit",
+                "web-route-rl",
+                "{targetRef: {kind: HTTPRoute, name: web-route}, requestsPerSecond: 5}",
+            );
+            y += &doc(
+                "RateLimit",
+                "db-rl",
+                &format!("{{targetRef: {{kind: Service, name: db}}, requestsPerSecond: {db_rps}}}"),
+            );
+            crate::config_file::to_json(&weft_config::parse(&y).unwrap())
+        };
+        r.set_mesh_config(yaml(9, "reject", 5));
+        let _web = r.register(reg("web", "127.0.0.1:1"));
+        let mut view = StreamView::new("web".into(), vec!["api".into()], true);
+        let first = view.next(&r.current()).unwrap();
+        let cfg: weft_config::MeshConfig = serde_json::from_str(&first.mesh_config_json).unwrap();
+        assert_eq!(cfg.services.keys().collect::<Vec<_>>(), ["api", "api-v2", "web"], "its scope's Services");
+        let routes: Vec<_> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(routes, ["api-split", "web-route"], "routes of called services, and its own for rate limits");
+        assert_eq!(cfg.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web-allow"]);
+        assert_eq!(cfg.rate_limits.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web-route-rl"]);
+        // A route change elsewhere in the mesh: nothing for web.
+        let mut whole = StreamView::new("web".into(), vec![], true);
+        whole.next(&r.current()).unwrap();
+        r.set_mesh_config(yaml(9, "reject", 6));
+        assert!(view.next(&r.current()).is_none(), "a change outside its scope is not pushed");
+        assert!(whole.next(&r.current()).is_some(), "an unscoped sidecar gets every change");
+        // Its route changes: pushed, with the new weight.
+        r.set_mesh_config(yaml(8, "reject", 6));
+        let d = view.next(&r.current()).unwrap();
+        assert!(d.incremental && !d.mesh_config_unchanged && d.services.is_empty());
+        assert!(d.mesh_config_json.contains("\"weight\":8"), "{}", d.mesh_config_json);
+        // A Mesh-wide setting reaches every scope.
+        r.set_mesh_config(yaml(8, "opaque", 6));
+        let d = view.next(&r.current()).unwrap();
+        assert!(d.mesh_config_json.contains("opaque"), "{}", d.mesh_config_json);
+        // Sidecars of one service with the same calls share one cut.
+        let p = r.current();
+        assert!(Arc::ptr_eq(&p.scoped("web", &["api".into()]).unwrap(), &p.scoped("web", &["api".into()]).unwrap()));
+    }
+
     #[tokio::test]
     async fn registrations_arriving_together_make_one_version() {
         let r = Registry::new(Arc::new(Metrics::default()));
@@ -281,5 +360,37 @@ mod tests {
             .clone();
         assert_eq!(p.version, v0 + 1, "one version for 100 registrations");
         assert_eq!(p.services["api"].endpoints.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_join_storm_is_gathered_into_few_versions() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        tokio::spawn(r.clone().run_publisher());
+        let mut changes = r.subscribe();
+        let v0 = changes.borrow_and_update().version;
+        // 20 registrations every 5 ms for 1.5 s: about 200 per COALESCE,
+        // far above STORM_RATE.
+        let started = std::time::Instant::now();
+        let mut guards = Vec::new();
+        while started.elapsed() < std::time::Duration::from_millis(1500) {
+            for _ in 0..20 {
+                let i = guards.len();
+                guards.push(r.register(reg("api", &format!("10.0.{}.{}:1", i / 250, i % 250))));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        let last = guards.last().unwrap().first_version;
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), changes.wait_for(|p| p.version >= last))
+            .await
+            .expect("published")
+            .unwrap()
+            .clone();
+        assert_eq!(p.services["api"].endpoints.len(), guards.len(), "every registration published");
+        let versions = p.version - v0;
+        // One per COALESCE would be elapsed / 50 ms (30 or more); gathered,
+        // about one per STORM_COALESCE.
+        let per_coalesce = (elapsed.as_secs_f64() / crate::registry::COALESCE.as_secs_f64()) as u64;
+        assert!(versions <= per_coalesce / 4, "{versions} versions in {elapsed:?}");
     }
 }

@@ -147,7 +147,7 @@ struct Listeners {
 impl Listeners {
     async fn bind(opts: &Options) -> Result<Self, StartError> {
         let bind = |addr: SocketAddr| async move {
-            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+            let l = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
             let local = l.local_addr().map_err(|source| StartError::Bind { addr, source })?;
             Ok::<_, StartError>((l, local))
         };
@@ -203,7 +203,13 @@ impl ControlPlane {
         let listeners = Listeners::bind(&opts).await?;
         let router = grpc_router(&opts, &state, &registry, &metrics, &health, shared);
         let (drain_trigger, drain) = weft_runtime::drain::channel();
-        let incoming = server::tls_incoming(listeners.grpc, TlsAcceptor::from(Arc::new(tls)), metrics.clone(), drain);
+        let incoming = server::tls_incoming(
+            listeners.grpc,
+            TlsAcceptor::from(Arc::new(tls)),
+            server::HandshakeLimits::default(),
+            metrics.clone(),
+            drain,
+        );
         let serve = tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "gRPC server stopped");
@@ -325,9 +331,12 @@ fn grpc_router(
     let config = config_stream::ConfigService { registry: registry.clone(), metrics: metrics.clone() };
     tonic::transport::Server::builder()
         // Sidecars that vanish without closing their connection are noticed
-        // (and deregistered) within seconds.
+        // (and deregistered) within 30 s. The timeout is generous because a
+        // sidecar busy or starved of CPU (thousands of them reconnecting at
+        // once) answers late, and ending its stream for that costs it a new
+        // handshake and full snapshot: more of the load that delayed it.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(IdentityServer::new(identity))
         .add_service(AdminServer::new(admin))
         .add_service(ConfigServer::new(config))

@@ -22,6 +22,16 @@ use crate::metrics::Metrics;
 /// Mesh config changes are published at once.
 pub const COALESCE: Duration = Duration::from_millis(50);
 
+/// While registrations keep arriving faster than this many per
+/// [`COALESCE`] (a join storm), gathering goes on, up to
+/// [`STORM_COALESCE`]: each version is pushed to every sidecar whose scope
+/// it changed, so 20 versions a second during a 10,000-sidecar storm would
+/// be 200,000 messages (and ACKs) a second.
+pub const STORM_RATE: usize = 8;
+
+/// The longest registrations are gathered during a storm.
+pub const STORM_COALESCE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
     pub spiffe_id: SpiffeId,
@@ -50,15 +60,22 @@ struct Entry {
 struct Inner {
     next_key: u64,
     sidecars: BTreeMap<u64, Entry>,
+    /// The keys of `sidecars` by inbound address, so an ACK finds its
+    /// sidecar without a scan (every sidecar ACKs every push).
+    by_address: HashMap<String, Vec<u64>>,
     mesh_config_json: Arc<str>,
     /// `mesh_config_json` decoded, for the Services' `admit` rules and the
     /// sidecars' scopes (none before a config is set).
     mesh: Option<Arc<MeshConfig>>,
+    /// Per-scope views of `mesh`, replaced with it.
+    scopes: Arc<Scopes>,
     config_error: String,
     /// With etcd: the revision of the stored config in `mesh_config_json`.
     config_revision: i64,
     /// Registrations changed since the last published version.
     dirty: bool,
+    /// Registration changes since the publisher last looked.
+    arrived: usize,
     /// Registrations held by other replicas, endpoints like our own.
     shared: Vec<Registration>,
     /// Where registrations and deregistrations of this replica are told
@@ -90,8 +107,71 @@ pub struct Published {
     pub mesh: Option<Arc<MeshConfig>>,
     /// With etcd: the config's etcd revision, equal on every replica (0: file store).
     pub config_revision: i64,
+    /// Per-scope views of `mesh` (shared by every version with this mesh config).
+    scopes: Arc<Scopes>,
     /// The whole-mesh snapshot, made on first use.
     full: OnceLock<Snapshot>,
+}
+
+/// What one scoped sidecar is told of the mesh: its services (see
+/// [`Published::scope`]) and the part of the mesh config that concerns it.
+#[derive(Debug)]
+pub struct Scope {
+    /// The services whose endpoints it gets.
+    pub services: BTreeSet<String>,
+    /// The mesh config cut to this scope (see [`scoped_mesh_config`]), as
+    /// JSON in weft-config's schema; empty when there is no mesh config.
+    pub mesh_config_json: Arc<str>,
+}
+
+/// A sidecar's own service and the services it calls, as it declared them.
+type ScopeKey = (String, Vec<String>);
+
+/// The [`Scope`]s of one mesh config by (own service, calls), made on first
+/// use: sidecars of one service that call the same services share one, and
+/// a version that changed only registrations reuses them all.
+#[derive(Debug, Default)]
+pub struct Scopes {
+    by_key: Mutex<HashMap<ScopeKey, Arc<Scope>>>,
+}
+
+/// The part of `cfg` a sidecar of service `own` whose services are `scope`
+/// needs (weft-proxy reads no more): the Mesh settings; the routes whose
+/// parent is in the scope; the Services of the scope and of those routes'
+/// backends (a route is compiled against its backends' Services); the
+/// AuthorizationPolicies and RateLimits that guard `own` (directly, or
+/// through one of the included routes); no Workloads.
+pub fn scoped_mesh_config(cfg: &MeshConfig, own: &str, scope: &BTreeSet<String>) -> MeshConfig {
+    let routes: Vec<_> =
+        cfg.routes.iter().filter(|r| r.spec.parent_refs.iter().any(|p| scope.contains(&p.name))).cloned().collect();
+    let backends = routes.iter().flat_map(|r| r.spec.rules.iter().flat_map(|rule| rule.backend_refs.iter()));
+    let names: BTreeSet<&str> = scope.iter().map(String::as_str).chain(backends.map(|b| b.name.as_str())).collect();
+    let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    MeshConfig {
+        mesh: cfg.mesh.clone(),
+        services: names
+            .iter()
+            .filter_map(|n| cfg.services.get_key_value(*n))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        policies: cfg.policies.iter().filter(|p| p.spec.target_ref.name == own).cloned().collect(),
+        rate_limits: cfg
+            .rate_limits
+            .iter()
+            .filter(|r| {
+                let t = &r.spec.target_ref;
+                if t.kind == "HTTPRoute" {
+                    route_names.contains(t.name.as_str())
+                } else {
+                    t.name == own
+                }
+            })
+            .cloned()
+            .collect(),
+        routes,
+        grpc_routes: Vec::new(),
+        workloads: Vec::new(),
+    }
 }
 
 impl Published {
@@ -123,6 +203,49 @@ impl Published {
                 scope.extend(backends.map(|b| b.name.clone()));
             }
         }
+        Some(scope)
+    }
+
+    /// The [`Scope`] of a sidecar of `own` that calls `calls`, made once per
+    /// mesh config and (own, calls); `None` (the whole mesh) when `calls` is
+    /// empty.
+    pub fn scoped(&self, own: &str, calls: &[String]) -> Option<Arc<Scope>> {
+        self.scoped_in(own, calls, &mut None)
+    }
+
+    /// [`Published::scoped`], remembering the answer in `cache` for the
+    /// versions that share this mesh config (no lookup per version).
+    pub fn scoped_in(
+        &self,
+        own: &str,
+        calls: &[String],
+        cache: &mut Option<(Arc<Scopes>, Arc<Scope>)>,
+    ) -> Option<Arc<Scope>> {
+        if let Some((scopes, scope)) = cache {
+            if Arc::ptr_eq(scopes, &self.scopes) {
+                return Some(scope.clone());
+            }
+        }
+        if calls.is_empty() {
+            return None;
+        }
+        let key = (own.to_string(), calls.to_vec());
+        let mut by_key = self.scopes.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = by_key.get(&key) {
+            *cache = Some((self.scopes.clone(), s.clone()));
+            return Some(s.clone());
+        }
+        let services = self.scope(own, calls)?;
+        let mesh_config_json: Arc<str> = match &self.mesh {
+            Some(cfg) => {
+                serde_json::to_string(&scoped_mesh_config(cfg, own, &services)).expect("a MeshConfig serializes").into()
+            }
+            // No config, or one that is not a MeshConfig (only in tests): as it is.
+            None => self.mesh_config_json.clone(),
+        };
+        let scope = Arc::new(Scope { services, mesh_config_json });
+        by_key.insert(key, scope.clone());
+        *cache = Some((self.scopes.clone(), scope.clone()));
         Some(scope)
     }
 }
@@ -220,15 +343,17 @@ impl Registry {
         let mut endpoints: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
         let no_config = MeshConfig::default();
         let cfg = inner.mesh.as_deref().unwrap_or(&no_config);
-        // A sidecar moving between replicas is registered on both for a
-        // while (the old lease runs out): one endpoint.
-        let mut seen = HashSet::new();
+        // The Services with `admit` rules (usually few), once, rather than
+        // every Service for every registration (weft-config's `services_of`).
+        let admitting: Vec<(&str, &weft_config::Admit)> =
+            cfg.services.iter().filter_map(|(n, s)| Some((n.as_str(), s.admit.as_ref()?))).collect();
         for reg in inner.sidecars.values().map(|e| &e.reg).chain(&inner.shared) {
-            if !seen.insert((&reg.spiffe_id, &reg.address)) {
-                continue;
-            }
-            // Its own service, and every Service whose `admit` takes it in.
-            for service in weft_config::membership::services_of(cfg, &reg.spiffe_id, &reg.service, &reg.labels) {
+            // Its own service, and every Service whose `admit` takes it in
+            // (as `membership::services_of`).
+            let admitted = admitting.iter().filter(|(name, admit)| {
+                *name != reg.service && weft_config::membership::admits(admit, &reg.spiffe_id, &reg.labels)
+            });
+            for service in std::iter::once(reg.service.as_str()).chain(admitted.map(|(name, _)| *name)) {
                 endpoints.entry(service).or_default().push(Endpoint {
                     address: reg.address.clone(),
                     spiffe_id: reg.spiffe_id.to_string(),
@@ -240,6 +365,11 @@ impl Registry {
             .into_iter()
             .map(|(name, mut eps)| {
                 eps.sort_by(|a, b| a.address.cmp(&b.address).then_with(|| a.spiffe_id.cmp(&b.spiffe_id)));
+                // A sidecar moving between replicas is registered on both for
+                // a while (the old lease runs out): one endpoint, the first
+                // (local) registration's (the sort is stable). Adjacent after
+                // the sort: no set of every registration per version.
+                eps.dedup_by(|b, a| a.address == b.address && a.spiffe_id == b.spiffe_id);
                 let svc = match prev.services.get(name) {
                     Some(old) if old.endpoints == eps => old.clone(),
                     _ => Arc::new(Service { name: name.to_string(), endpoints: eps }),
@@ -253,6 +383,7 @@ impl Registry {
             mesh_config_json: inner.mesh_config_json.clone(),
             mesh: inner.mesh.clone(),
             config_revision: inner.config_revision,
+            scopes: inner.scopes.clone(),
             full: OnceLock::new(),
         };
         self.metrics.config_version.set(next.version as i64);
@@ -260,14 +391,23 @@ impl Registry {
     }
 
     /// Publishes gathered registration changes at most once per
-    /// [`COALESCE`], until the registry is dropped.
+    /// [`COALESCE`] (per [`STORM_COALESCE`] while they arrive at more than
+    /// [`STORM_RATE`] per [`COALESCE`]), until the registry is dropped.
     pub async fn run_publisher(self: Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(&self);
         let changed = self.changed.clone();
         drop(self);
         loop {
             changed.notified().await;
-            tokio::time::sleep(COALESCE).await;
+            let started = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(COALESCE).await;
+                let Some(this) = weak.upgrade() else { return };
+                let arrived = std::mem::take(&mut this.lock().arrived);
+                if arrived <= STORM_RATE || started.elapsed() + COALESCE > STORM_COALESCE {
+                    break;
+                }
+            }
             let Some(this) = weak.upgrade() else { return };
             let mut inner = this.lock();
             if inner.dirty {
@@ -286,6 +426,7 @@ impl Registry {
         if let Some(tx) = &inner.changes {
             let _ = tx.send(LocalChange::Registered(key, reg.clone()));
         }
+        inner.by_address.entry(reg.address.clone()).or_default().push(key);
         let entry = Entry {
             reg,
             connected: Instant::now(),
@@ -298,6 +439,7 @@ impl Registry {
         inner.sidecars.insert(key, entry);
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
+        inner.arrived += 1;
         let first_version = self.published.borrow().version + 1;
         self.changed.notify_one();
         RegistrationGuard { registry: self.clone(), key, first_version }
@@ -306,6 +448,12 @@ impl Registry {
     fn deregister(&self, key: u64) {
         let mut inner = self.lock();
         if let Some(e) = inner.sidecars.remove(&key) {
+            if let Some(keys) = inner.by_address.get_mut(&e.reg.address) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    inner.by_address.remove(&e.reg.address);
+                }
+            }
             tracing::info!(spiffe_id = %e.reg.spiffe_id, service = %e.reg.service, "sidecar deregistered");
         }
         if let Some(tx) = &inner.changes {
@@ -313,6 +461,7 @@ impl Registry {
         }
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
+        inner.arrived += 1;
         self.changed.notify_one();
     }
 
@@ -336,6 +485,7 @@ impl Registry {
             // The JSON is always a serialized, validated MeshConfig.
             inner.mesh = serde_json::from_str(&json).ok().map(Arc::new);
             inner.mesh_config_json = json.into();
+            inner.scopes = Arc::default();
             self.publish(&mut inner);
         }
     }
@@ -362,6 +512,7 @@ impl Registry {
         if inner.shared != shared {
             inner.shared = shared;
             inner.dirty = true;
+            inner.arrived += 1;
             self.changed.notify_one();
         }
     }
@@ -391,7 +542,9 @@ impl Registry {
     /// Records a sidecar's ACK (`error` empty) or NACK of a version.
     pub fn ack(&self, id: &SpiffeId, address: &str, version: u64, error: String) {
         let mut inner = self.lock();
-        for e in inner.sidecars.values_mut().filter(|e| &e.reg.spiffe_id == id && e.reg.address == address) {
+        let keys = inner.by_address.get(address).cloned().unwrap_or_default();
+        for key in keys {
+            let Some(e) = inner.sidecars.get_mut(&key).filter(|e| &e.reg.spiffe_id == id) else { continue };
             if error.is_empty() {
                 // Versions since then that changed nothing for it count too.
                 let upto = if version == e.sent { e.same_until.max(version) } else { version };
