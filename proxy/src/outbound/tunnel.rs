@@ -8,6 +8,7 @@ use hyper_util::rt::TokioIo;
 use super::Outbound;
 use crate::error::ProxyError;
 use crate::http::empty;
+use crate::limits;
 use crate::metrics::{ConnLabels, OpenConn};
 use crate::state::balance;
 
@@ -40,8 +41,13 @@ impl Outbound {
             return Err(ProxyError::TunnelRefused { addr, status: resp.status() });
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(reset)?;
-        let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(upgraded))
-            .await
+        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
+            &mut tcp,
+            &mut TokioIo::new(upgraded),
+            limits::TUNNEL_BUFFER,
+            limits::TUNNEL_BUFFER,
+        )
+        .await
             .map_err(|source| ProxyError::TunnelIo { addr, source })?;
         self.metrics.tcp_bytes.get_or_create(&ConnLabels { direction: "outbound", protocol: "tcp" }).inc_by(up + down);
         Ok(())
