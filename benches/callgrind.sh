@@ -19,6 +19,8 @@ dir=$(mktemp -d "${TMPDIR:-/tmp}/weft-callgrind.XXXXXX")
 # weft-proxy is valgrind around the real one.
 ln "$bin/weft-pair" "$dir/weft-pair" 2>/dev/null || cp "$bin/weft-pair" "$dir/weft-pair"
 ln -s "$(realpath "$bin/weft-control-plane")" "$dir/weft-control-plane"
+# The CLI (join tokens) is not measured: any build of it.
+for b in "$bin/weft" "$target/debug/weft"; do [ -x "$b" ] && { ln -s "$(realpath "$b")" "$dir/weft"; break; }; done
 cat > "$dir/weft-proxy" <<WRAP
 #!/bin/sh
 exec valgrind --tool=callgrind --callgrind-out-file=$dir/cg.%p "$proxy" "\$@"
