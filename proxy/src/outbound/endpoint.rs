@@ -99,7 +99,7 @@ impl Service<Request<Body>> for EndpointService {
                                 tracing::info!(endpoint = %addr, error = %e, "request not taken by the endpoint's sidecar; trying another endpoint");
                                 this.report(in_flight, false);
                                 candidates.retain(|c| c.address != addr);
-                                req = Some(again);
+                                req = Some(*again);
                                 refused = Some(e);
                                 continue;
                             }
@@ -227,12 +227,15 @@ impl Kept {
 }
 
 /// A send's outcome.
+// Answered is the common case and lives on the stack for a moment: boxing
+// it would cost an allocation per request; the rare HandedBack is boxed.
+#[allow(clippy::large_enum_variant)]
 enum Sent {
     /// An answer, with the request kept if it can go to another endpoint.
     Answered(Response<Body>, Option<Kept>),
     /// The peer's sidecar did not take the request (its connection was
     /// closing): hyper handed it back untouched.
-    HandedBack(Unsent, ProxyError),
+    HandedBack(Box<Unsent>, ProxyError),
     Failed(ProxyError),
 }
 
@@ -339,7 +342,7 @@ impl EndpointService {
             }
             Ok(Err((Some(req), source))) if can_resend => {
                 let e = ProxyError::UpstreamReset { addr, peer: id.clone(), source };
-                Sent::HandedBack(Unsent { req, copy: again }, e)
+                Sent::HandedBack(Box::new(Unsent { req, copy: again }), e)
             }
             Ok(Err((_, source))) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");
