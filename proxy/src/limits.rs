@@ -34,6 +34,11 @@ pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// SETTINGS_MAX_CONCURRENT_STREAMS). The caller's pool opens another
 /// connection when every one it has is at the limit the peer advertised.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Bytes a TCP tunnel copies per read, in each direction (tokio's default is
+/// 8 KiB): each chunk written into an HTTP/2 stream is a copy, a channel
+/// send and a wake-up of the stream's task, so bulk transfers want few,
+/// large ones. Two such buffers per tunnel on each sidecar.
+pub const TUNNEL_BUFFER: usize = 64 * 1024;
 /// How often an HTTP/2 connection between sidecars is pinged, and how long
 /// an unanswered ping may wait before the connection is closed as dead.
 pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);

@@ -165,7 +165,12 @@ impl Inbound {
                 Err(e) => return tracing::info!(%peer, error = %e, "CONNECT upgrade failed"),
             };
             let (mut app, mut upgraded) = (app, TokioIo::new(upgraded));
-            let copy = tokio::io::copy_bidirectional(&mut upgraded, &mut app);
+            let copy = tokio::io::copy_bidirectional_with_sizes(
+                &mut upgraded,
+                &mut app,
+                crate::limits::TUNNEL_BUFFER,
+                crate::limits::TUNNEL_BUFFER,
+            );
             tokio::select! {
                 r = copy => match r {
                     Ok((a, b)) => {

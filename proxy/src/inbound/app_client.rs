@@ -89,23 +89,43 @@ impl AppClient {
         if !replayable {
             return self.pooled.request(Request::from_parts(parts, body)).await;
         }
-        let bytes = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            // The caller's body broke: let the request fail with that error.
-            Err(e) => {
-                let broken = StreamBody::new(futures::stream::iter([Err::<http_body::Frame<Bytes>, _>(e)]));
-                return self.pooled.request(Request::from_parts(parts, boxed(broken))).await;
+        // The copy for the one retry: the head without the extensions (the
+        // sidecar's own, of no use to the app's connection), and the body.
+        let copy = head_only(&parts);
+        let (first, bytes) = if body.is_end_stream() {
+            // Nothing to buffer (e.g. a GET): the body goes on as it is.
+            (Request::from_parts(parts, body), Bytes::new())
+        } else {
+            match body.collect().await {
+                Ok(b) => {
+                    let bytes = b.to_bytes();
+                    (Request::from_parts(parts, boxed(Full::new(bytes.clone()))), bytes)
+                }
+                // The caller's body broke: let the request fail with that error.
+                Err(e) => {
+                    let broken = StreamBody::new(futures::stream::iter([Err::<http_body::Frame<Bytes>, _>(e)]));
+                    return self.pooled.request(Request::from_parts(parts, boxed(broken))).await;
+                }
             }
         };
-        let first = Request::from_parts(parts.clone(), boxed(Full::new(bytes.clone())));
         match self.pooled.request(first).await {
             Err(e) if unanswered_on_reuse(&e) => {
                 tracing::debug!(error = %e, "app closed a reused connection without answering; retrying on a fresh one");
-                fresh.request(Request::from_parts(parts, boxed(Full::new(bytes)))).await
+                fresh.request(Request::from_parts(copy, boxed(Full::new(bytes)))).await
             }
             r => r,
         }
     }
+}
+
+/// A copy of a request head without its extensions.
+fn head_only(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
 }
 
 /// Whether `e` happened on a connection that had carried an earlier

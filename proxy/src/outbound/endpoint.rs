@@ -89,7 +89,7 @@ impl Service<Request<Body>> for EndpointService {
                                 tracing::info!(endpoint = %addr, "the endpoint's app refused the request unseen; trying another endpoint");
                                 this.report(in_flight, false);
                                 candidates.retain(|c| c.address != addr);
-                                req = again;
+                                req = again.map(Kept::resend);
                                 refused = None;
                                 last_refusal = Some(resp);
                                 continue;
@@ -99,7 +99,7 @@ impl Service<Request<Body>> for EndpointService {
                                 tracing::info!(endpoint = %addr, error = %e, "request not taken by the endpoint's sidecar; trying another endpoint");
                                 this.report(in_flight, false);
                                 candidates.retain(|c| c.address != addr);
-                                req = Some(again);
+                                req = Some(*again);
                                 refused = Some(e);
                                 continue;
                             }
@@ -171,11 +171,20 @@ struct Unsent {
     /// The head and body again, for another endpoint; None when the body
     /// cannot be kept (streamed, large, `Expect: 100-continue`, or a carried
     /// exchange).
-    copy: Option<(http::request::Parts, bytes::Bytes)>,
+    copy: Option<Kept>,
+}
+
+/// A request's head and body kept for another endpoint. The copy sent on
+/// is made only when one is needed ([`Kept::resend`]): nearly every request
+/// is answered by its first endpoint.
+struct Kept {
+    parts: http::request::Parts,
+    body: bytes::Bytes,
 }
 
 impl Unsent {
-    /// Keeps a copy of `req` if it can be sent again (buffering its body).
+    /// Keeps a copy of `req` if it can be sent again (buffering its body;
+    /// a request without one, e.g. a GET, keeps its head only).
     async fn keep(req: Request<Body>) -> Self {
         use http_body::Body as _;
         let (parts, body) = req.into_parts();
@@ -185,11 +194,15 @@ impl Unsent {
         if !keepable {
             return Self { req: Request::from_parts(parts, body), copy: None };
         }
+        if body.is_end_stream() {
+            let req = Request::from_parts(clone_head(&parts), body);
+            return Self { req, copy: Some(Kept { parts, body: bytes::Bytes::new() }) };
+        }
         match body.collect().await {
             Ok(b) => {
-                let bytes = b.to_bytes();
-                let req = Request::from_parts(clone_head(&parts), boxed(Full::new(bytes.clone())));
-                Self { req, copy: Some((parts, bytes)) }
+                let body = b.to_bytes();
+                let req = Request::from_parts(clone_head(&parts), boxed(Full::new(body.clone())));
+                Self { req, copy: Some(Kept { parts, body }) }
             }
             // The caller's body broke: the request fails with that error.
             Err(e) => {
@@ -199,23 +212,30 @@ impl Unsent {
         }
     }
 
-    /// The request to send, and the copy for another endpoint.
-    fn split(self) -> (Request<Body>, Option<Unsent>) {
-        let again = self.copy.map(|(parts, bytes)| {
-            let req = Request::from_parts(clone_head(&parts), boxed(Full::new(bytes.clone())));
-            Unsent { req, copy: Some((parts, bytes)) }
-        });
-        (self.req, again)
+    /// The request to send, and what is kept for another endpoint.
+    fn split(self) -> (Request<Body>, Option<Kept>) {
+        (self.req, self.copy)
+    }
+}
+
+impl Kept {
+    /// The kept request, to send to another endpoint (and kept again).
+    fn resend(self) -> Unsent {
+        let req = Request::from_parts(clone_head(&self.parts), boxed(Full::new(self.body.clone())));
+        Unsent { req, copy: Some(self) }
     }
 }
 
 /// A send's outcome.
+// Answered is the common case and lives on the stack for a moment: boxing
+// it would cost an allocation per request; the rare HandedBack is boxed.
+#[allow(clippy::large_enum_variant)]
 enum Sent {
-    /// An answer, with the request again if it can go to another endpoint.
-    Answered(Response<Body>, Option<Unsent>),
+    /// An answer, with the request kept if it can go to another endpoint.
+    Answered(Response<Body>, Option<Kept>),
     /// The peer's sidecar did not take the request (its connection was
     /// closing): hyper handed it back untouched.
-    HandedBack(Unsent, ProxyError),
+    HandedBack(Box<Unsent>, ProxyError),
     Failed(ProxyError),
 }
 
@@ -322,7 +342,7 @@ impl EndpointService {
             }
             Ok(Err((Some(req), source))) if can_resend => {
                 let e = ProxyError::UpstreamReset { addr, peer: id.clone(), source };
-                Sent::HandedBack(Unsent { req, copy: again.and_then(|a| a.copy) }, e)
+                Sent::HandedBack(Box::new(Unsent { req, copy: again }), e)
             }
             Ok(Err((_, source))) => {
                 tracing::warn!(endpoint = %addr, error = %source, "request to endpoint failed");
@@ -464,12 +484,20 @@ mod tests {
     async fn a_small_request_is_kept_for_another_endpoint_a_streamed_one_is_not() {
         let req = Request::post("http://api/x").header("x-a", "1").body(boxed(Full::new(bytes::Bytes::from("hi"))));
         let (first, again) = Unsent::keep(req.unwrap()).await.split();
-        let again = again.expect("a 2-byte body is kept");
+        let again = again.expect("a 2-byte body is kept").resend();
         let (second, _) = again.split();
         for r in [first, second] {
             assert_eq!((r.method(), r.uri().path()), (&http::Method::POST, "/x"));
             assert_eq!(r.headers()["x-a"], "1");
             assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hi");
+        }
+        let get = Request::get("http://api/y").header("x-b", "2").body(crate::http::empty()).unwrap();
+        let (first, again) = Unsent::keep(get).await.split();
+        let (second, _) = again.expect("a request without a body is kept").resend().split();
+        for r in [first, second] {
+            assert_eq!((r.method(), r.uri().path()), (&http::Method::GET, "/y"));
+            assert_eq!(r.headers()["x-b"], "2");
+            assert!(r.into_body().collect().await.unwrap().to_bytes().is_empty());
         }
         let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
         drop(tx);

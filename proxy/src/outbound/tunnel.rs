@@ -17,6 +17,7 @@ use super::pool::Lease;
 use super::{probe, Outbound};
 use crate::error::ProxyError;
 use crate::http::{empty, UNSENT};
+use crate::limits;
 use crate::metrics::{ConnLabels, OpenConn};
 use crate::state::balance::{self, InFlight};
 use crate::state::Endpoint;
@@ -51,8 +52,13 @@ impl Outbound {
         let _open = OpenConn::new(&self.metrics, "outbound", "tcp");
         let open = self.open_tunnel(service).await?;
         let addr = open.addr;
-        let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(open.upgraded))
-            .await
+        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
+            &mut tcp,
+            &mut TokioIo::new(open.upgraded),
+            limits::TUNNEL_BUFFER,
+            limits::TUNNEL_BUFFER,
+        )
+        .await
             .map_err(|source| ProxyError::TunnelIo { addr, source })?;
         self.metrics.tcp_bytes.get_or_create(&ConnLabels { direction: "outbound", protocol: "tcp" }).inc_by(up + down);
         Ok(())
