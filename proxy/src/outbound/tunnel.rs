@@ -59,7 +59,7 @@ impl Outbound {
             limits::TUNNEL_BUFFER,
         )
         .await
-            .map_err(|source| ProxyError::TunnelIo { addr, source })?;
+        .map_err(|source| ProxyError::TunnelIo { addr, source })?;
         self.metrics.tcp_bytes.get_or_create(&ConnLabels { direction: "outbound", protocol: "tcp" }).inc_by(up + down);
         Ok(())
     }
