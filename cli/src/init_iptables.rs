@@ -42,35 +42,13 @@ struct PortList(Vec<u16>);
 #[derive(Debug, Clone)]
 struct CidrList(Vec<Cidr>);
 
-/// The items of a comma-separated list; empty (or blank) is no items. An
-/// empty item (`1,,2`, a trailing comma) is refused by position: it is
-/// usually a value missing from a generated list.
-fn items(s: &str) -> Result<Vec<&str>, String> {
-    if s.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let items: Vec<&str> = s.split(',').map(str::trim).collect();
-    match items.iter().position(|i| i.is_empty()) {
-        Some(i) => {
-            Err(format!("item {} of {s:?} is empty: expected values separated by single commas, e.g. 15020,22", i + 1))
-        }
-        None => Ok(items),
-    }
+// The lists are parsed as `weft inject` parses the annotations it turns into them.
+fn parse_ports(s: &str) -> Result<PortList, weft_intercept::ListError> {
+    weft_intercept::parse_ports(s).map(PortList)
 }
 
-fn parse_ports(s: &str) -> Result<PortList, String> {
-    items(s)?
-        .into_iter()
-        .map(|p| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
-            Ok(n) => Ok(n),
-        })
-        .collect::<Result<_, _>>()
-        .map(PortList)
-}
-
-fn parse_cidrs(s: &str) -> Result<CidrList, String> {
-    items(s)?.into_iter().map(|c| c.parse::<Cidr>().map_err(|e| e.to_string())).collect::<Result<_, _>>().map(CidrList)
+fn parse_cidrs(s: &str) -> Result<CidrList, weft_intercept::ListError> {
+    weft_intercept::parse_cidrs(s).map(CidrList)
 }
 
 pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
