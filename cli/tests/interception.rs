@@ -415,6 +415,12 @@ fn start_sidecar(lab: &mut Lab, cp_addr: &str, pki: &Path, spec: &PodSpec<'_>) {
 
 fn init_iptables(lab: &Lab, pod: &str, extra: &[&str]) -> Output {
     let weft = bin("weft").display().to_string();
+    if extra.contains(&"--uninstall") {
+        // Install-only flags are refused with --uninstall.
+        let mut args = vec![weft.as_str(), "init-iptables"];
+        args.extend_from_slice(extra);
+        return lab.exec(pod, &args);
+    }
     let mut args = vec![
         weft.as_str(),
         "init-iptables",
@@ -467,6 +473,42 @@ fn init_iptables_refuses_empty_list_items_by_name() {
     // An empty list is still no items (the injector writes `--skip-inbound-ports ""` never, but a user may).
     let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--skip-outbound-ports", ""]);
     assert!(ok, "{text}");
+}
+
+/// Every bad flag is refused naming the flag and what is expected, before
+/// any rule changes.
+#[test]
+fn init_iptables_flags_say_what_is_expected() {
+    for (args, want) in [
+        (&["--proxy-uid", "4294967295"][..], "expected a number from 0 to 4294967294"),
+        (&["--proxy-uid", "abc"], "\"abc\" is not a UID"),
+        (&["--proxy-uid", "0"], "--allow-root-proxy-uid"),
+        (&["--outbound-port", "70000"], "a port is 1-65535"),
+        (&["--inbound-port", "0"], "a port is 1-65535"),
+        (&["--skip-outbound-cidrs", "10.0.0.1/8"], "the network is 10.0.0.0/8"),
+        (&["--uninstall", "--proxy-uid", "5"], "'--uninstall' cannot be used with '--proxy-uid"),
+        (&["--uninstall", "--skip-outbound-ports", "53"], "'--uninstall' cannot be used with '--skip-outbound-ports"),
+    ] {
+        let mut all = vec!["init-iptables", "--dry-run"];
+        all.extend_from_slice(args);
+        let (ok, text) = cli("weft", &all);
+        assert!(!ok && text.contains(want), "{args:?}: {text}");
+        assert!(!text.contains("invalid digit") && !text.contains("is not in 0..="), "{args:?}: {text}");
+    }
+    let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--proxy-uid", "0", "--allow-root-proxy-uid"]);
+    assert!(ok && text.contains("--uid-owner 0"), "{text}");
+    if effective_uid() != 0 {
+        return eprintln!("SKIPPED the root-only cases: not root");
+    }
+    // Only listing is attempted (and fails), so nothing changes here.
+    let out = run(Command::new(bin("weft")).args(["init-iptables", "--uninstall"]).env("PATH", "/nonexistent"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.matches("os error 2").count() == 1, "said once: {err}");
+    assert!(err.contains("apt-get install iptables"), "{err}");
+    let weft = bin("weft").display().to_string();
+    let out = run(Command::new("setpriv").args(["--bounding-set=-net_admin", &weft, "init-iptables", "--uninstall"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lacks the NET_ADMIN capability"), "{err}");
 }
 
 /// IPv6 is not intercepted: an IPv6 skip CIDR would exempt nothing, so it

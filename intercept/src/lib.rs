@@ -198,8 +198,13 @@ pub enum InterceptError {
         "weft init-iptables must run as root (uid 0; in Kubernetes, the init container with NET_ADMIN), not uid {0}"
     )]
     NotRoot(u32),
-    #[error("cannot run {tool}: {source}; install Debian's iptables package (apt-get install iptables)")]
-    Missing { tool: &'static str, source: std::io::Error },
+    // Not `source`: the cause is in the message once, not repeated by error chains.
+    #[error("cannot run {tool}: {error}; install Debian's iptables package (apt-get install iptables)")]
+    Missing { tool: &'static str, error: std::io::Error },
+    #[error(
+        "{command} was denied: this process is root but lacks the NET_ADMIN capability (in Kubernetes, add NET_ADMIN and NET_RAW to the init container's securityContext.capabilities; elsewhere run it with CAP_NET_ADMIN, e.g. not inside a container that drops it)"
+    )]
+    NoNetAdmin { command: String },
     #[error("{command} failed ({status}): {stderr}")]
     Failed { command: String, status: std::process::ExitStatus, stderr: String },
     #[error("--inbound-port and --outbound-port must differ and be non-zero (got {inbound} and {outbound})")]
@@ -339,13 +344,9 @@ fn iptables(args: &[&str]) -> Result<String, InterceptError> {
     let out = Command::new("iptables")
         .args(args)
         .output()
-        .map_err(|source| InterceptError::Missing { tool: "iptables", source })?;
+        .map_err(|error| InterceptError::Missing { tool: "iptables", error })?;
     if !out.status.success() {
-        return Err(InterceptError::Failed {
-            command: format!("iptables {}", args.join(" ")),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(failed(format!("iptables {}", args.join(" ")), &out));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -365,24 +366,30 @@ pub fn install(spec: &Spec) -> Result<(), InterceptError> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+        .map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         stdin
             .write_all(text.as_bytes())
-            .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+            .map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     }
-    let out =
-        child.wait_with_output().map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    let out = child.wait_with_output().map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     if !out.status.success() {
-        return Err(InterceptError::Failed {
-            command: "iptables-restore --noflush".into(),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(failed("iptables-restore --noflush".into(), &out));
     }
     Ok(())
+}
+
+/// A failed `command`: iptables' "Permission denied (you must be root)"
+/// as root means the NET_ADMIN capability is missing; anything else in
+/// iptables' own words.
+fn failed(command: String, out: &std::process::Output) -> InterceptError {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("Permission denied") {
+        return InterceptError::NoNetAdmin { command };
+    }
+    InterceptError::Failed { command, status: out.status, stderr }
 }
 
 fn require_root() -> Result<(), InterceptError> {
