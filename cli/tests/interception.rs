@@ -484,7 +484,7 @@ fn init_iptables_flags_say_what_is_expected() {
         (&["--proxy-uid", "abc"], "\"abc\" is not a UID"),
         (&["--proxy-uid", "0"], "--allow-root-proxy-uid"),
         (&["--outbound-port", "70000"], "a port is 1-65535"),
-        (&["--inbound-port", "0"], "a port is 1-65535"),
+        (&["--inbound-port", "http"], "a port is 1-65535"),
         (&["--skip-outbound-cidrs", "10.0.0.1/8"], "the network is 10.0.0.0/8"),
         (&["--uninstall", "--proxy-uid", "5"], "'--uninstall' cannot be used with '--proxy-uid"),
         (&["--uninstall", "--skip-outbound-ports", "53"], "'--uninstall' cannot be used with '--skip-outbound-ports"),

@@ -209,6 +209,10 @@ fn inject_workload(obj: &mut Value, path: &[&str], object: &str, opts: &InjectOp
             weft_intercept::ListError::EmptyItem { position, .. } => {
                 format!("has an empty item {position}: expected values separated by single commas, e.g. 22,8443")
             }
+            weft_intercept::ListError::Port(p) => {
+                format!("is not a comma-separated list of ports ({p:?} is not a port: a port is 1-65535)")
+            }
+            weft_intercept::ListError::Cidr(e) => format!("is not a comma-separated list of CIDRs ({e})"),
             other => format!("is refused: {other}"),
         },
     };
