@@ -10,14 +10,19 @@ use crate::output::outln;
 /// Flags of `weft init-iptables`; `weft inject` writes them (k8s/src/inject.rs).
 #[derive(Args, Debug)]
 pub struct InitIptablesArgs {
-    /// The UID the sidecar runs as: its own connections are never redirected.
-    #[arg(long, default_value_t = 1337)]
+    /// The UID the sidecar runs as (1-4294967294): its own connections are
+    /// never redirected. 0 (root) is refused unless --allow-root-proxy-uid.
+    #[arg(long, default_value_t = 1337, value_parser = parse_uid)]
     proxy_uid: u32,
+    /// Accept --proxy-uid 0: every process running as root then bypasses
+    /// interception (no mTLS, no registryOnly for it).
+    #[arg(long)]
+    allow_root_proxy_uid: bool,
     /// The sidecar's inbound (mTLS) port; arriving TCP is redirected to it.
-    #[arg(long, default_value_t = 15006)]
+    #[arg(long, default_value_t = 15006, value_parser = parse_port)]
     inbound_port: u16,
     /// The sidecar's outbound port; the pod's outgoing TCP is redirected to it.
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = 15001, value_parser = parse_port)]
     outbound_port: u16,
     /// Arriving ports that reach the app directly (comma-separated, may be empty), e.g. 15020,22.
     #[arg(long, default_value = "", value_parser = parse_ports)]
@@ -28,8 +33,12 @@ pub struct InitIptablesArgs {
     /// Destination networks that leave directly (comma-separated CIDRs), e.g. 169.254.169.254/32.
     #[arg(long, default_value = "", value_parser = parse_cidrs)]
     skip_outbound_cidrs: CidrList,
-    /// Remove weft's chains and jumps (only those) instead of installing them.
-    #[arg(long)]
+    /// Remove weft's chains and jumps (only those) instead of installing
+    /// them. Connections already redirected through the sidecar break.
+    #[arg(long, conflicts_with_all = [
+        "proxy_uid", "allow_root_proxy_uid", "inbound_port", "outbound_port",
+        "skip_inbound_ports", "skip_outbound_ports", "skip_outbound_cidrs",
+    ])]
     uninstall: bool,
     /// Print the rules (iptables-restore input) and change nothing; with
     /// --uninstall, print the iptables commands that would remove weft's rules.
@@ -42,35 +51,28 @@ struct PortList(Vec<u16>);
 #[derive(Debug, Clone)]
 struct CidrList(Vec<Cidr>);
 
-/// The items of a comma-separated list; empty (or blank) is no items. An
-/// empty item (`1,,2`, a trailing comma) is refused by position: it is
-/// usually a value missing from a generated list.
-fn items(s: &str) -> Result<Vec<&str>, String> {
-    if s.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let items: Vec<&str> = s.split(',').map(str::trim).collect();
-    match items.iter().position(|i| i.is_empty()) {
-        Some(i) => {
-            Err(format!("item {} of {s:?} is empty: expected values separated by single commas, e.g. 15020,22", i + 1))
-        }
-        None => Ok(items),
+/// A UID the owner match can name: 0..=4294967294 (4294967295 is `-1`, "no
+/// UID", which the kernel never gives a socket).
+fn parse_uid(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(u32::MAX) | Err(_) => Err(format!("{s:?} is not a UID: expected a number from 0 to 4294967294, e.g. 1337")),
+        Ok(n) => Ok(n),
     }
 }
 
-fn parse_ports(s: &str) -> Result<PortList, String> {
-    items(s)?
-        .into_iter()
-        .map(|p| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
-            Ok(n) => Ok(n),
-        })
-        .collect::<Result<_, _>>()
-        .map(PortList)
+/// A number that fits a port; 0 is refused by `Spec::check` (with the
+/// other port mistakes), so a dry run and an install say the same.
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.trim().parse::<u16>().map_err(|_| format!("{s:?} is not a port: a port is 1-65535"))
 }
 
-fn parse_cidrs(s: &str) -> Result<CidrList, String> {
-    items(s)?.into_iter().map(|c| c.parse::<Cidr>().map_err(|e| e.to_string())).collect::<Result<_, _>>().map(CidrList)
+// The lists are parsed as `weft inject` parses the annotations it turns into them.
+fn parse_ports(s: &str) -> Result<PortList, weft_intercept::ListError> {
+    weft_intercept::parse_ports(s).map(PortList)
+}
+
+fn parse_cidrs(s: &str) -> Result<CidrList, weft_intercept::ListError> {
+    weft_intercept::parse_cidrs(s).map(CidrList)
 }
 
 pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
@@ -88,6 +90,11 @@ pub fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
             outln!("removed weft's nat rules:\n{}", removal.commands().join("\n"))?;
         }
         return Ok(());
+    }
+    if args.proxy_uid == 0 && !args.allow_root_proxy_uid {
+        anyhow::bail!(
+            "--proxy-uid 0: every process running as root would bypass interception (no mTLS, no registryOnly); run the sidecar as its own UID (default 1337), or pass --allow-root-proxy-uid if that is really meant"
+        );
     }
     let spec = Spec {
         proxy_uid: args.proxy_uid,

@@ -105,6 +105,7 @@ pub fn endpoints_of(sidecars: &[weft_proto::admin::v1::SidecarStatus]) -> Vec<En
         .map(|p| EndpointFacts {
             service: p.service.clone(),
             labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            address: p.inbound_address.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
         })
         .collect()
 }

@@ -148,6 +148,27 @@ fn bad_annotations_and_yaml_are_refused_with_the_reason() {
     let pod = pod.replace("weft.dev/skip-outbound-cidrs: \"10.0.0.0\"", "weft.dev/app-port: \"http\"");
     let (ok, _, err) = weft_inject(&["-f", "-"], &pod);
     assert!(!ok && err.contains("weft.dev/app-port") && err.contains("is not a port"), "{err}");
+    // Lists are parsed as `weft init-iptables` parses them: an empty item
+    // (which the init step would refuse at pod start) is refused here.
+    for (list, position) in [("22,,23", 2), ("22,", 2), (",22", 1)] {
+        let bad = v6.replace(
+            "weft.dev/skip-outbound-cidrs: \"10.0.0.0/8,fd00::/8\"",
+            &format!("weft.dev/skip-inbound-ports: \"{list}\""),
+        );
+        let (ok, _, err) = weft_inject(&["-f", "-"], &bad);
+        assert!(
+            !ok && err.contains("weft.dev/skip-inbound-ports") && err.contains(&format!("empty item {position}")),
+            "{list}: {err}"
+        );
+    }
+    // The admin port is always skipped: naming it again does not repeat it.
+    let admin = v6
+        .replace("weft.dev/skip-outbound-cidrs: \"10.0.0.0/8,fd00::/8\"", "weft.dev/skip-inbound-ports: \"15020,22\"");
+    let (ok, out, err) = weft_inject(&["-f", "-"], &admin);
+    assert!(ok && out.contains("- --skip-inbound-ports\n    - 15020,22\n"), "{err}{out}");
+    let cidr = v6.replace("10.0.0.0/8,fd00::/8", "10.0.0.1/8");
+    let (ok, _, err) = weft_inject(&["-f", "-"], &cidr);
+    assert!(!ok && err.contains("host bits") && err.contains("10.0.0.0/8"), "{err}");
     let (ok, _, err) = weft_inject(&["-f", "-"], "kind: [unclosed");
     assert!(!ok && err.contains("-: document 1: not valid YAML"), "{err}");
 }

@@ -356,6 +356,9 @@ struct PodSpec<'a> {
     service: &'a str,
     app_port: u16,
     labels: &'a [&'a str],
+    /// Run the sidecar as root without `--proxy-uid` (a misconfiguration:
+    /// the rules exempt UID 1337 only, so its own connections are redirected).
+    as_root: bool,
 }
 
 fn start_sidecar(lab: &mut Lab, cp_addr: &str, pki: &Path, spec: &PodSpec<'_>) {
@@ -398,18 +401,26 @@ fn start_sidecar(lab: &mut Lab, cp_addr: &str, pki: &Path, spec: &PodSpec<'_>) {
         "127.0.0.1:15001".into(),
         "--admin".into(),
         "127.0.0.1:15020".into(),
-        // What init-iptables exempts; the sidecar checks it runs as that UID.
-        "--proxy-uid".into(),
-        PROXY_UID.into(),
     ];
+    if !spec.as_root {
+        // What init-iptables exempts; the sidecar checks it runs as that UID.
+        args.extend(["--proxy-uid".into(), PROXY_UID.into()]);
+    }
     for l in spec.labels {
         args.extend(["--label".into(), l.to_string()]);
     }
-    lab.spawn(spec.pod, &format!("{}-sidecar", spec.pod), Some(PROXY_UID), &args);
+    let uid = (!spec.as_root).then_some(PROXY_UID);
+    lab.spawn(spec.pod, &format!("{}-sidecar", spec.pod), uid, &args);
 }
 
 fn init_iptables(lab: &Lab, pod: &str, extra: &[&str]) -> Output {
     let weft = bin("weft").display().to_string();
+    if extra.contains(&"--uninstall") {
+        // Install-only flags are refused with --uninstall.
+        let mut args = vec![weft.as_str(), "init-iptables"];
+        args.extend_from_slice(extra);
+        return lab.exec(pod, &args);
+    }
     let mut args = vec![
         weft.as_str(),
         "init-iptables",
@@ -462,6 +473,42 @@ fn init_iptables_refuses_empty_list_items_by_name() {
     // An empty list is still no items (the injector writes `--skip-inbound-ports ""` never, but a user may).
     let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--skip-outbound-ports", ""]);
     assert!(ok, "{text}");
+}
+
+/// Every bad flag is refused naming the flag and what is expected, before
+/// any rule changes.
+#[test]
+fn init_iptables_flags_say_what_is_expected() {
+    for (args, want) in [
+        (&["--proxy-uid", "4294967295"][..], "expected a number from 0 to 4294967294"),
+        (&["--proxy-uid", "abc"], "\"abc\" is not a UID"),
+        (&["--proxy-uid", "0"], "--allow-root-proxy-uid"),
+        (&["--outbound-port", "70000"], "a port is 1-65535"),
+        (&["--inbound-port", "http"], "a port is 1-65535"),
+        (&["--skip-outbound-cidrs", "10.0.0.1/8"], "the network is 10.0.0.0/8"),
+        (&["--uninstall", "--proxy-uid", "5"], "'--uninstall' cannot be used with '--proxy-uid"),
+        (&["--uninstall", "--skip-outbound-ports", "53"], "'--uninstall' cannot be used with '--skip-outbound-ports"),
+    ] {
+        let mut all = vec!["init-iptables", "--dry-run"];
+        all.extend_from_slice(args);
+        let (ok, text) = cli("weft", &all);
+        assert!(!ok && text.contains(want), "{args:?}: {text}");
+        assert!(!text.contains("invalid digit") && !text.contains("is not in 0..="), "{args:?}: {text}");
+    }
+    let (ok, text) = cli("weft", &["init-iptables", "--dry-run", "--proxy-uid", "0", "--allow-root-proxy-uid"]);
+    assert!(ok && text.contains("--uid-owner 0"), "{text}");
+    if effective_uid() != 0 {
+        return eprintln!("SKIPPED the root-only cases: not root");
+    }
+    // Only listing is attempted (and fails), so nothing changes here.
+    let out = run(Command::new(bin("weft")).args(["init-iptables", "--uninstall"]).env("PATH", "/nonexistent"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.matches("os error 2").count() == 1, "said once: {err}");
+    assert!(err.contains("apt-get install iptables"), "{err}");
+    let weft = bin("weft").display().to_string();
+    let out = run(Command::new("setpriv").args(["--bounding-set=-net_admin", &weft, "init-iptables", "--uninstall"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lacks the NET_ADMIN capability"), "{err}");
 }
 
 /// IPv6 is not intercepted: an IPv6 skip CIDR would exempt nothing, so it
@@ -714,9 +761,17 @@ fn init_iptables_installs_once_and_uninstalls_exactly_what_it_added() {
 fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
     skip_unless_supported!();
     let mut lab = Lab::new("e2e");
-    for (pod, host) in
-        [("cp", 1), ("client", 2), ("v1", 3), ("v2", 4), ("echo", 5), ("banner", 6), ("greeter", 7), ("ext", 9)]
-    {
+    for (pod, host) in [
+        ("cp", 1),
+        ("client", 2),
+        ("v1", 3),
+        ("v2", 4),
+        ("echo", 5),
+        ("banner", 6),
+        ("greeter", 7),
+        ("loop", 8),
+        ("ext", 9),
+    ] {
         lab.pod(pod, host);
     }
     let ip = |host: u8| format!("{SUBNET}.{host}");
@@ -766,12 +821,13 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
     lab.spawn("client", "client-app", None, &py(&client_app, &[]));
 
     let pods = [
-        PodSpec { pod: "client", host: 2, service: "client", app_port: 8080, labels: &[] },
-        PodSpec { pod: "v1", host: 3, service: "backend", app_port: 8080, labels: &["version=v1"] },
-        PodSpec { pod: "v2", host: 4, service: "backend", app_port: 8080, labels: &["version=v2"] },
-        PodSpec { pod: "echo", host: 5, service: "echo", app_port: 9000, labels: &[] },
-        PodSpec { pod: "banner", host: 6, service: "banner", app_port: 2525, labels: &[] },
-        PodSpec { pod: "greeter", host: 7, service: "greeter", app_port: 50051, labels: &[] },
+        PodSpec { pod: "client", host: 2, service: "client", app_port: 8080, labels: &[], as_root: false },
+        PodSpec { pod: "v1", host: 3, service: "backend", app_port: 8080, labels: &["version=v1"], as_root: false },
+        PodSpec { pod: "v2", host: 4, service: "backend", app_port: 8080, labels: &["version=v2"], as_root: false },
+        PodSpec { pod: "echo", host: 5, service: "echo", app_port: 9000, labels: &[], as_root: false },
+        PodSpec { pod: "banner", host: 6, service: "banner", app_port: 2525, labels: &[], as_root: false },
+        PodSpec { pod: "greeter", host: 7, service: "greeter", app_port: 50051, labels: &[], as_root: false },
+        PodSpec { pod: "loop", host: 8, service: "looper", app_port: 8080, labels: &[], as_root: true },
     ];
     for spec in &pods {
         start_sidecar(&mut lab, &cp_addr, &pki, spec);
@@ -859,6 +915,38 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
     let (code, body) = lab.curl("client", &[], &format!("http://{}:8081/direct", ip(9)));
     assert_eq!((code, body.starts_with("outside /direct peer=-")), (0, true), "{body}");
     assert!(metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"passthrough\"") >= 1.0);
+
+    // A sidecar whose own connections are intercepted (it runs as root, the
+    // rules exempt UID 1337) refuses the first turn of the loop instead of
+    // passing through into itself until it runs out of file descriptors.
+    for _ in 0..2 {
+        let (code, body) = lab.curl("loop", &[], &format!("http://{}:8081/looped", ip(9)));
+        assert_ne!(code, 0, "a looping passthrough must fail: {body}");
+    }
+    let refused = metric(&lab, "loop", "weft_proxy_unknown_destinations_total", "action=\"refused_loop\"");
+    let passed = metric(&lab, "loop", "weft_proxy_unknown_destinations_total", "action=\"passthrough\"");
+    // One passthrough and one refusal per attempt (a little slack for the sidecar's own connections).
+    assert!(refused >= 2.0 && passed < 10.0, "refused_loop {refused}, passthrough {passed}\n{}", lab.logs());
+    let log = std::fs::read_to_string(lab.dir.path().join("loop-sidecar.log")).unwrap_or_default();
+    let said = log.lines().filter(|l| l.contains("sidecar's own traffic is being intercepted")).count();
+    assert_eq!(said, 1, "the loop is logged once, naming the cause:\n{log}");
+    assert!(log.contains("--proxy-uid"), "{log}");
+
+    // A pod whose sidecar leaves discovery (it drains after SIGTERM) is no
+    // unknown destination: its address is refused, never passed through in plaintext.
+    let passthrough_before = metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"passthrough\"");
+    let v2 = lab.procs.iter().find(|(n, _)| n == "v2-sidecar").map(|(_, c)| c.id()).expect("v2 sidecar");
+    ok(Command::new("kill").args(["-TERM", &v2.to_string()]));
+    lab.wait("the client to see v2 leave discovery", Duration::from_secs(30), || {
+        let (_, cfg) = lab.curl("client", &[], "http://127.0.0.1:15020/config");
+        cfg.contains(&format!("\"{}:15006\"", ip(3))) && !cfg.contains(&format!("\"{}:15006\"", ip(4)))
+    });
+    let (code, body) = lab.curl("client", &[], &format!("http://{}:8080/drained", ip(4)));
+    assert_ne!(code, 0, "a connection to a pod that left the mesh must be refused: {body}");
+    let former = "action=\"refused_former_mesh_address\"";
+    assert!(metric(&lab, "client", "weft_proxy_unknown_destinations_total", former) >= 1.0, "{}", lab.logs());
+    let passthrough_after = metric(&lab, "client", "weft_proxy_unknown_destinations_total", "action=\"passthrough\"");
+    assert_eq!(passthrough_after, passthrough_before, "a former mesh address was passed through");
     // ...and a plaintext client outside the mesh cannot reach a mesh app.
     let (code, _) = lab.curl("ext", &[], &format!("http://{}:8080/", ip(3)));
     assert_ne!(code, 0, "a plaintext connection to an intercepted pod must be refused");

@@ -177,8 +177,24 @@ pub struct ServiceSpec {
     pub admit: Option<Admit>,
     /// Virtual IP addresses of the service (e.g. a Kubernetes ClusterIP): an
     /// intercepted connection to one of them on `port` is this service's.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "virtual_addresses")]
     pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// `spec.addresses`: each entry one IP address, a bad one quoted with its
+/// index and what is expected (serde's own message names neither).
+fn virtual_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<std::net::IpAddr>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "[{i}]: {a:?} is not an IP address: a virtual address is one IPv4 address such as a ClusterIP, e.g. 10.96.0.10 (no /prefix)"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Which workloads a Service admits besides those whose identity names it:

@@ -279,6 +279,12 @@ fn mesh_outbound_traffic_policy_and_service_virtual_addresses() {
     assert_eq!(cfg.services["b"].addresses.len(), 2);
     let e = one_error(&service("b", "[10.96.0.300]"));
     assert!(e.contains("spec.addresses"), "{e}");
+    for bad in ["10.0.0.1/32", "not-an-ip"] {
+        let e = one_error(&service("b", &format!("[10.96.0.9, \"{bad}\"]")));
+        assert!(e.contains("spec.addresses") && e.contains(&format!("[1]: \"{bad}\" is not an IP address")), "{e}");
+    }
+    let e = one_error(&service("b", "[255.255.255.255]"));
+    assert!(e.contains("spec.addresses[0]: 255.255.255.255 cannot be"), "{e}");
     let e = one_error(&service("b", "[0.0.0.0]"));
     assert!(e.contains("spec.addresses[0]: 0.0.0.0 cannot be"), "{e}");
     let e = one_error(&format!("{}---\n{}", service("a", "[10.96.0.10]"), service("b", "[10.96.0.10]")));

@@ -89,11 +89,12 @@ fn service(report: &mut Report, lbl: &str, name: &str, svc: &ServiceSpec) {
         report.err(lbl, "spec.port", "must be between 1 and 65535");
     }
     for (i, ip) in svc.addresses.iter().enumerate() {
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || broadcast {
             report.err(
                 lbl,
                 format!("spec.addresses[{i}]"),
-                format!("{ip} cannot be a service's virtual address (unspecified, loopback or multicast)"),
+                format!("{ip} cannot be a service's virtual address (unspecified, loopback, multicast or broadcast)"),
             );
         }
     }

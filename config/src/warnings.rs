@@ -14,6 +14,8 @@ use crate::{ConfigError, MeshConfig};
 pub struct EndpointFacts {
     pub service: String,
     pub labels: BTreeMap<String, String>,
+    /// The endpoint's IP (a pod address), when known (live sidecars).
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// What is known about the mesh beyond the file. `None` means unknown, and
@@ -38,7 +40,11 @@ impl MeshFacts {
             cfg.workloads
                 .iter()
                 .filter(|w| w.spec.replicas > 0)
-                .map(|w| EndpointFacts { service: w.spec.service.clone(), labels: w.spec.labels.clone() })
+                .map(|w| EndpointFacts {
+                    service: w.spec.service.clone(),
+                    labels: w.spec.labels.clone(),
+                    address: None,
+                })
                 .collect(),
         )
     }
@@ -49,8 +55,34 @@ impl MeshFacts {
 /// AuthorizationPolicy identities or trust domains outside the mesh's trust
 /// domain. Each names the document (`HTTPRoute "backend-canary"`), the field
 /// path and what to change, like a [`ConfigError`].
+///
+/// Also Service virtual addresses that interception will not use as meant:
+/// an IPv6 one (only IPv4 is intercepted), and one that is a live
+/// endpoint's own IP (intercepted connections to that pod would go to the
+/// Service instead of the pod's own service).
 pub fn warnings(cfg: &MeshConfig, facts: &MeshFacts) -> Vec<ConfigError> {
     let mut out = Vec::new();
+    for (name, svc) in &cfg.services {
+        for (i, ip) in svc.addresses.iter().enumerate() {
+            let at = |reason: String| ConfigError {
+                document: format!("Service {name:?}"),
+                field: format!("spec.addresses[{i}]"),
+                reason,
+            };
+            if ip.is_ipv6() {
+                out.push(at(format!(
+                    "{ip} is an IPv6 address, but only IPv4 is intercepted: connections to it leave directly (no mTLS, no registryOnly)"
+                )));
+            }
+            let pod = facts.endpoints.iter().flatten().find(|e| e.address == Some(*ip));
+            if let Some(pod) = pod {
+                out.push(at(format!(
+                    "{ip} is the address of a live endpoint of service {:?}: intercepted connections to that pod on port {} go to Service {name:?} instead; list the Service's own virtual address (its ClusterIP), not a pod's",
+                    pod.service, svc.port
+                )));
+            }
+        }
+    }
     if let Some(endpoints) = &facts.endpoints {
         for r in &cfg.routes {
             let doc = format!("HTTPRoute {:?}", r.name);
@@ -138,6 +170,26 @@ fn foreign(what: &str, other: &str, td: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_virtual_address_that_is_a_pod_or_ipv6_is_warned_about() {
+        let cfg = crate::parse(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec: {port: 5432, addresses: [10.77.0.3, \"fd00::1\", 10.96.0.10]}\n",
+        )
+        .unwrap();
+        let pod = EndpointFacts {
+            service: "backend".into(),
+            labels: BTreeMap::new(),
+            address: Some("10.77.0.3".parse().unwrap()),
+        };
+        let facts = MeshFacts { trust_domain: None, endpoints: Some(vec![pod]) };
+        let w: Vec<String> = warnings(&cfg, &facts).iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("spec.addresses[0]") && w[0].contains("live endpoint of service \"backend\""), "{w:?}");
+        assert!(w[1].contains("spec.addresses[1]") && w[1].contains("only IPv4 is intercepted"), "{w:?}");
+        // Without live facts, only the IPv6 one.
+        assert_eq!(warnings(&cfg, &MeshFacts::default()).len(), 1);
+    }
+
     const MESH: &str = r#"
 kind: Service
 metadata: {name: backend}
@@ -172,7 +224,11 @@ spec:
     }
 
     fn ep(service: &str, version: &str) -> EndpointFacts {
-        EndpointFacts { service: service.into(), labels: [("version".to_string(), version.to_string())].into() }
+        EndpointFacts {
+            service: service.into(),
+            labels: [("version".to_string(), version.to_string())].into(),
+            address: None,
+        }
     }
 
     #[test]

@@ -89,6 +89,91 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+impl Cidr {
+    /// The network's first address (the address with its host bits cleared).
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+}
+
+/// Why a comma-separated list (a `weft init-iptables` flag, or the
+/// `weft.dev/skip-*` annotation `weft inject` turns into one) is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListError {
+    /// `1,,2`, `22,`, `,22`: usually a value missing from a generated list.
+    #[error("item {position} of {list:?} is empty: expected values separated by single commas, e.g. 15020,22")]
+    EmptyItem { list: String, position: usize },
+    #[error("{0:?} is not a port: a port is 1-65535")]
+    Port(String),
+    #[error(transparent)]
+    Cidr(#[from] CidrError),
+    /// `10.0.0.1/8`: the rule would match the network, not the address written.
+    #[error("{given} has host bits set: the network is {network}; write that (or a /32 for one address)")]
+    HostBits { given: Cidr, network: Cidr },
+}
+
+/// The items of a comma-separated list (each trimmed); empty or blank is no
+/// items, an empty item is refused by its position (1-based).
+fn list_items(s: &str) -> Result<Vec<&str>, ListError> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let items: Vec<&str> = s.split(',').map(str::trim).collect();
+    match items.iter().position(|i| i.is_empty()) {
+        Some(i) => Err(ListError::EmptyItem { list: s.to_string(), position: i + 1 }),
+        None => Ok(items),
+    }
+}
+
+/// A comma-separated list of ports (1-65535), e.g. `15020,22`, without
+/// repeats (the first occurrence's order kept). Shared by `weft
+/// init-iptables` and `weft inject`, so the injector refuses what the init
+/// step would.
+///
+/// # Errors
+/// [`ListError::EmptyItem`] or [`ListError::Port`].
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, ListError> {
+    let mut ports = Vec::new();
+    for p in list_items(s)? {
+        match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(ListError::Port(p.to_string())),
+            Ok(n) if !ports.contains(&n) => ports.push(n),
+            Ok(_) => {}
+        }
+    }
+    Ok(ports)
+}
+
+/// A comma-separated list of CIDRs (`ADDRESS/PREFIX`), e.g.
+/// `10.0.0.0/8,169.254.169.254/32`, without repeats; a CIDR with host bits
+/// set is refused, naming its network.
+///
+/// # Errors
+/// [`ListError::EmptyItem`], [`ListError::Cidr`] or [`ListError::HostBits`].
+pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, ListError> {
+    let mut cidrs = Vec::new();
+    for c in list_items(s)? {
+        let given: Cidr = c.parse()?;
+        let network = Cidr { addr: given.network(), prefix: given.prefix };
+        if network != given {
+            return Err(ListError::HostBits { given, network });
+        }
+        if !cidrs.contains(&given) {
+            cidrs.push(given);
+        }
+    }
+    Ok(cidrs)
+}
+
 /// What to intercept: flags of `weft init-iptables`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {
@@ -113,8 +198,13 @@ pub enum InterceptError {
         "weft init-iptables must run as root (uid 0; in Kubernetes, the init container with NET_ADMIN), not uid {0}"
     )]
     NotRoot(u32),
-    #[error("cannot run {tool}: {source}; install Debian's iptables package (apt-get install iptables)")]
-    Missing { tool: &'static str, source: std::io::Error },
+    // Not `source`: the cause is in the message once, not repeated by error chains.
+    #[error("cannot run {tool}: {error}; install Debian's iptables package (apt-get install iptables)")]
+    Missing { tool: &'static str, error: std::io::Error },
+    #[error(
+        "{command} was denied: this process is root but lacks the NET_ADMIN capability (in Kubernetes, add NET_ADMIN and NET_RAW to the init container's securityContext.capabilities; elsewhere run it with CAP_NET_ADMIN, e.g. not inside a container that drops it)"
+    )]
+    NoNetAdmin { command: String },
     #[error("{command} failed ({status}): {stderr}")]
     Failed { command: String, status: std::process::ExitStatus, stderr: String },
     #[error("--inbound-port and --outbound-port must differ and be non-zero (got {inbound} and {outbound})")]
@@ -254,13 +344,9 @@ fn iptables(args: &[&str]) -> Result<String, InterceptError> {
     let out = Command::new("iptables")
         .args(args)
         .output()
-        .map_err(|source| InterceptError::Missing { tool: "iptables", source })?;
+        .map_err(|error| InterceptError::Missing { tool: "iptables", error })?;
     if !out.status.success() {
-        return Err(InterceptError::Failed {
-            command: format!("iptables {}", args.join(" ")),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(failed(format!("iptables {}", args.join(" ")), &out));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -280,24 +366,30 @@ pub fn install(spec: &Spec) -> Result<(), InterceptError> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+        .map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         stdin
             .write_all(text.as_bytes())
-            .map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+            .map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     }
-    let out =
-        child.wait_with_output().map_err(|source| InterceptError::Missing { tool: "iptables-restore", source })?;
+    let out = child.wait_with_output().map_err(|error| InterceptError::Missing { tool: "iptables-restore", error })?;
     if !out.status.success() {
-        return Err(InterceptError::Failed {
-            command: "iptables-restore --noflush".into(),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(failed("iptables-restore --noflush".into(), &out));
     }
     Ok(())
+}
+
+/// A failed `command`: iptables' "Permission denied (you must be root)"
+/// as root means the NET_ADMIN capability is missing; anything else in
+/// iptables' own words.
+fn failed(command: String, out: &std::process::Output) -> InterceptError {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("Permission denied") {
+        return InterceptError::NoNetAdmin { command };
+    }
+    InterceptError::Failed { command, status: out.status, stderr }
 }
 
 fn require_root() -> Result<(), InterceptError> {
@@ -311,6 +403,29 @@ fn require_root() -> Result<(), InterceptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_refuse_empty_items_and_drop_repeats() {
+        for (list, position) in [("22,,23", 2), ("22,", 2), (",22", 1)] {
+            assert_eq!(parse_ports(list), Err(ListError::EmptyItem { list: list.into(), position }), "{list}");
+        }
+        assert_eq!(parse_ports(""), Ok(vec![]));
+        assert_eq!(parse_ports("15020, 22,15020"), Ok(vec![15020, 22]));
+        assert_eq!(parse_ports("0").unwrap_err().to_string(), "\"0\" is not a port: a port is 1-65535");
+        assert!(matches!(parse_ports("70000"), Err(ListError::Port(_))));
+        assert_eq!(parse_cidrs("10.0.0.0/8,10.0.0.0/8").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cidr_with_host_bits_is_refused_naming_its_network() {
+        let err = parse_cidrs("10.0.0.1/8").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "10.0.0.1/8 has host bits set: the network is 10.0.0.0/8; write that (or a /32 for one address)"
+        );
+        assert!(parse_cidrs("169.254.169.254/32,0.0.0.0/0,192.0.2.0/24").is_ok());
+        assert!(matches!(parse_cidrs("fd00::1/8"), Err(ListError::HostBits { .. })));
+    }
 
     fn spec() -> Spec {
         Spec {

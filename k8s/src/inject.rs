@@ -16,8 +16,6 @@
 //! annotation `weft.dev/inject: "false"` (on the workload or its pod
 //! template) opts a workload out.
 
-use std::net::IpAddr;
-
 use serde_norway::{Mapping, Value};
 
 /// The annotation that opts a workload out with `"false"`.
@@ -202,40 +200,44 @@ fn inject_workload(obj: &mut Value, path: &[&str], object: &str, opts: &InjectOp
         return Ok(Outcome::AlreadyInjected);
     }
 
+    // Parsed as `weft init-iptables` parses the flags they become, so what it would refuse is refused here.
+    let bad = |annotation: &'static str, value: &str, e: weft_intercept::ListError| InjectError::BadAnnotation {
+        object: object.into(),
+        annotation,
+        value: value.to_string(),
+        reason: match e {
+            weft_intercept::ListError::EmptyItem { position, .. } => {
+                format!("has an empty item {position}: expected values separated by single commas, e.g. 22,8443")
+            }
+            weft_intercept::ListError::Port(p) => {
+                format!("is not a comma-separated list of ports ({p:?} is not a port: a port is 1-65535)")
+            }
+            weft_intercept::ListError::Cidr(e) => format!("is not a comma-separated list of CIDRs ({e})"),
+            other => format!("is refused: {other}"),
+        },
+    };
     let ports = |name: &'static str| -> Result<Vec<u16>, InjectError> {
         let Some(v) = annotation(name) else { return Ok(Vec::new()) };
-        split_list(&v)
-            .map(|p| {
-                p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| InjectError::BadAnnotation {
-                    object: object.into(),
-                    annotation: name,
-                    value: v.clone(),
-                    reason: format!("is not a comma-separated list of ports ({p:?} is not 1-65535)"),
-                })
-            })
-            .collect()
+        weft_intercept::parse_ports(&v).map_err(|e| bad(name, &v, e))
     };
     let mut skip_inbound = vec![opts.admin_port];
-    skip_inbound.extend(ports(ANNOTATION_SKIP_INBOUND_PORTS)?);
+    skip_inbound.extend(ports(ANNOTATION_SKIP_INBOUND_PORTS)?.into_iter().filter(|p| *p != opts.admin_port));
     let skip_outbound = ports(ANNOTATION_SKIP_OUTBOUND_PORTS)?;
     let skip_cidrs: Vec<String> = match annotation(ANNOTATION_SKIP_OUTBOUND_CIDRS) {
         None => Vec::new(),
-        Some(v) => split_list(&v)
-            .map(|c| {
-                let reason = match valid_cidr(c) {
-                    Some(true) => return Ok(c.to_string()),
-                    // `weft init-iptables` intercepts IPv4 only, and refuses these.
-                    Some(false) => format!("names {c:?}, an IPv6 network: only IPv4 is intercepted"),
-                    None => format!("is not a comma-separated list of CIDRs ({c:?} is not ADDRESS/PREFIX)"),
-                };
-                Err(InjectError::BadAnnotation {
+        Some(v) => {
+            let cidrs = weft_intercept::parse_cidrs(&v).map_err(|e| bad(ANNOTATION_SKIP_OUTBOUND_CIDRS, &v, e))?;
+            if let Some(c) = cidrs.iter().find(|c| c.addr.is_ipv6()) {
+                // `weft init-iptables` intercepts IPv4 only, and refuses these.
+                return Err(InjectError::BadAnnotation {
                     object: object.into(),
                     annotation: ANNOTATION_SKIP_OUTBOUND_CIDRS,
                     value: v.clone(),
-                    reason,
-                })
-            })
-            .collect::<Result<_, _>>()?,
+                    reason: format!("names \"{c}\", an IPv6 network: only IPv4 is intercepted"),
+                });
+            }
+            cidrs.iter().map(ToString::to_string).collect()
+        }
     };
     let app_port = match annotation(ANNOTATION_APP_PORT) {
         Some(v) => v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| InjectError::BadAnnotation {
@@ -286,20 +288,6 @@ fn list_mut<'a>(
         field: format!("{spec_field}.{key}"),
         reason: "must be a list".into(),
     })
-}
-
-fn split_list(v: &str) -> impl Iterator<Item = &str> {
-    v.split(',').map(str::trim).filter(|s| !s.is_empty())
-}
-
-/// Whether `c` is an IPv4 CIDR (`Some(true)`), an IPv6 one (`Some(false)`), or none.
-fn valid_cidr(c: &str) -> Option<bool> {
-    let (addr, prefix) = c.split_once('/')?;
-    match (addr.parse::<IpAddr>(), prefix.parse::<u8>()) {
-        (Ok(IpAddr::V4(_)), Ok(p)) if p <= 32 => Some(true),
-        (Ok(IpAddr::V6(_)), Ok(p)) if p <= 128 => Some(false),
-        _ => None,
-    }
 }
 
 /// The first TCP `containerPort` of the first app container that has one.

@@ -154,7 +154,11 @@ pub struct InterceptedLabels {
 /// An intercepted outbound connection to a destination the mesh does not know.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnknownDestinationLabels {
-    /// `passthrough` (Mesh `outboundTrafficPolicy: allowAny`) or `refused` (`registryOnly`).
+    /// `passthrough` (Mesh `outboundTrafficPolicy: allowAny`), `refused`
+    /// (`registryOnly`), `refused_no_config` (no config within 5 s of the
+    /// connection), `refused_former_mesh_address` (the address left the mesh
+    /// less than 5 minutes ago) or `refused_loop` (the sidecar's own
+    /// connection, redirected back into it).
     pub action: &'static str,
 }
 
@@ -268,7 +272,7 @@ impl Metrics {
         );
         reg.register(
             "unknown_destinations",
-            "Intercepted outbound connections to destinations the mesh does not know, by action (passthrough, refused)",
+            "Intercepted outbound connections not carried to a service of the mesh, by action (passthrough, refused, refused_no_config, refused_former_mesh_address, refused_loop)",
             self.unknown_destinations.clone(),
         );
         reg.register_collector(Box::new(self.listeners.clone()));

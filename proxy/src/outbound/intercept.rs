@@ -14,10 +14,21 @@
 //!   `opaque` is tunnelled without waiting for bytes.
 //! - Anything else: passed through to the original destination, or refused
 //!   under the Mesh's `outboundTrafficPolicy: registryOnly`; counted either way.
+//!
+//! Plaintext never leaves for an address the mesh may own ([`judge`]):
+//! before the first config is applied every destination would look unknown,
+//! so a connection waits for it (at most [`FIRST_CONFIG_WAIT`]) and is
+//! refused if none comes; an address that left the mesh within
+//! [`FORMER_DESTINATION_RETENTION`] (a draining or restarting pod) is
+//! refused, not passed through. A connection that comes back from the
+//! sidecar's own passthrough socket ([`OwnSockets`]: the sidecar runs as a
+//! UID the rules do not exempt) is refused, ending the loop at its first turn.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +36,119 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::detect::{detect, Detection, Protocol};
+use crate::state::State;
+pub use crate::state::FORMER_DESTINATION_RETENTION;
+
+/// How long an intercepted connection waits for the sidecar's first config
+/// (after a start or restart) before it is refused: 5 seconds.
+pub const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
+
+/// What becomes of an intercepted connection, by its original destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A service of the mesh: carried over mTLS to it.
+    Mesh { service: String, declared_opaque: bool },
+    /// Not the mesh's (Mesh `outboundTrafficPolicy: allowAny`): passed through.
+    Passthrough,
+    /// Closed with a reset.
+    Refused(Refusal),
+}
+
+/// Why an intercepted connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not the mesh's, under Mesh `outboundTrafficPolicy: registryOnly`.
+    RegistryOnly,
+    /// No config arrived within [`FIRST_CONFIG_WAIT`]: the destination cannot be judged.
+    NoConfig,
+    /// The address left the mesh less than [`FORMER_DESTINATION_RETENTION`]
+    /// ago; `first`: the first refusal since (logged).
+    FormerlyInMesh { first: bool },
+    /// The connection came from the sidecar's own passthrough socket.
+    Loop,
+}
+
+impl Refusal {
+    /// The `action` label of `weft_proxy_unknown_destinations_total`.
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::RegistryOnly => "refused",
+            Self::NoConfig => "refused_no_config",
+            Self::FormerlyInMesh { .. } => "refused_former_mesh_address",
+            Self::Loop => "refused_loop",
+        }
+    }
+}
+
+/// Judges an intercepted connection to `dst`: waits (at most `config_wait`)
+/// for a first config when there is none yet, then looks `dst` up in it.
+pub async fn judge(state: &State, dst: SocketAddr, config_wait: Duration) -> Verdict {
+    if !state.has_config() && tokio::time::timeout(config_wait, state.first_applied()).await.is_err() {
+        return Verdict::Refused(Refusal::NoConfig);
+    }
+    let snapshot = state.snapshot();
+    if let Some(service) = snapshot.service_at(dst) {
+        return Verdict::Mesh { service: service.to_string(), declared_opaque: snapshot.declared_opaque(service) };
+    }
+    if let (true, first) = state.formerly_in_mesh(dst.ip()) {
+        return Verdict::Refused(Refusal::FormerlyInMesh { first });
+    }
+    match snapshot.outbound_traffic_policy() {
+        weft_config::OutboundTrafficPolicy::AllowAny => Verdict::Passthrough,
+        weft_config::OutboundTrafficPolicy::RegistryOnly => Verdict::Refused(Refusal::RegistryOnly),
+    }
+}
+
+/// The local ports of the sidecar's open passthrough sockets: an intercepted
+/// connection from one of them is the sidecar's own connection redirected
+/// back into it (it runs as a UID the rules do not exempt).
+#[derive(Debug, Default)]
+pub struct OwnSockets {
+    ports: Mutex<HashSet<u16>>,
+}
+
+impl OwnSockets {
+    /// Whether `peer` (an accepted connection's source) is one of ours.
+    pub fn contains(&self, peer: SocketAddr) -> bool {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer.port())
+    }
+
+    /// Connects to `dst` from a socket whose local port is recorded (before
+    /// the connection starts, so its redirected twin finds it) while the
+    /// returned stream lives.
+    ///
+    /// # Errors
+    /// Binding or connecting failed.
+    pub async fn connect(self: &Arc<Self>, dst: SocketAddr) -> io::Result<(TcpStream, OwnSocket)> {
+        let socket = if dst.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        let any: SocketAddr =
+            if dst.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        socket.bind(any)?;
+        let port = socket.local_addr()?.port();
+        self.ports.lock().unwrap_or_else(|e| e.into_inner()).insert(port);
+        let guard = OwnSocket { owner: self.clone(), port };
+        Ok((socket.connect(dst).await?, guard))
+    }
+}
+
+/// Keeps a port in [`OwnSockets`] until dropped.
+#[derive(Debug)]
+pub struct OwnSocket {
+    owner: Arc<OwnSockets>,
+    port: u16,
+}
+
+impl Drop for OwnSocket {
+    fn drop(&mut self) {
+        self.owner.ports.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.port);
+    }
+}
+
+/// Closes `tcp` with a reset (linger 0), so the app sees a refusal at once.
+pub fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
 
 /// Where an accepted connection was going before iptables redirected it;
 /// None when it was not redirected (its original destination is the
@@ -143,6 +267,102 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    use weft_proto::config::v1 as pb;
+
+    /// A snapshot where service `api` has endpoints at `ips` (port 15006)
+    /// and the Mesh's policy is `policy`.
+    fn snapshot(version: u64, ips: &[&str], policy: &str) -> pb::Snapshot {
+        let cfg = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{outboundTrafficPolicy: {policy}}}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: api}}\nspec: {{port: 8080}}\n"
+        );
+        let cfg = weft_config::parse(&cfg).unwrap();
+        let endpoints = ips
+            .iter()
+            .map(|ip| pb::Endpoint {
+                address: format!("{ip}:15006"),
+                spiffe_id: "spiffe://td/ns/a/sa/api".into(),
+                labels: Default::default(),
+            })
+            .collect();
+        pb::Snapshot {
+            version,
+            services: vec![pb::Service { name: "api".into(), endpoints }],
+            mesh_config_json: serde_json::to_string(&cfg).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    fn state() -> Arc<State> {
+        State::new("client", Arc::new(crate::metrics::Metrics::default()))
+    }
+
+    fn api() -> Verdict {
+        Verdict::Mesh { service: "api".into(), declared_opaque: false }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_judged_before_the_first_config() {
+        let state = state();
+        let dst: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        // No config: refused after the wait, never passed through.
+        let v = judge(&state, dst, Duration::from_millis(50)).await;
+        assert_eq!(v, Verdict::Refused(Refusal::NoConfig));
+        // A config arriving during the wait decides.
+        let waiting = {
+            let state = state.clone();
+            tokio::spawn(async move { judge(&state, dst, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state.apply(&snapshot(1, &["10.0.0.1"], "allowAny")).unwrap();
+        assert_eq!(waiting.await.unwrap(), api());
+        assert_eq!(judge(&state, "10.0.0.9:8080".parse().unwrap(), Duration::ZERO).await, Verdict::Passthrough);
+    }
+
+    #[tokio::test]
+    async fn an_address_that_left_the_mesh_is_refused_not_passed_through() {
+        let state = state();
+        state.apply(&snapshot(1, &["10.0.0.1", "10.0.0.2"], "allowAny")).unwrap();
+        let gone: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(judge(&state, gone, Duration::ZERO).await, api());
+        // The pod drains: discovery drops it while it still accepts.
+        state.apply(&snapshot(2, &["10.0.0.1"], "allowAny")).unwrap();
+        let first = Verdict::Refused(Refusal::FormerlyInMesh { first: true });
+        assert_eq!(judge(&state, gone, Duration::ZERO).await, first);
+        let again = Verdict::Refused(Refusal::FormerlyInMesh { first: false });
+        assert_eq!(judge(&state, gone, Duration::ZERO).await, again, "logged once");
+        // Any port of that address.
+        assert_eq!(judge(&state, "10.0.0.2:22".parse().unwrap(), Duration::ZERO).await, again);
+        // Unrelated updates keep the memory; addresses never in the mesh pass.
+        state.apply(&snapshot(3, &["10.0.0.1"], "allowAny")).unwrap();
+        assert_eq!(judge(&state, gone, Duration::ZERO).await, again);
+        assert_eq!(judge(&state, "10.0.0.3:8080".parse().unwrap(), Duration::ZERO).await, Verdict::Passthrough);
+        // Back in discovery: carried over mTLS again, and forgotten as former.
+        state.apply(&snapshot(4, &["10.0.0.1", "10.0.0.2"], "allowAny")).unwrap();
+        assert_eq!(judge(&state, gone, Duration::ZERO).await, api());
+        assert_eq!(state.formerly_in_mesh(gone.ip()), (false, false));
+    }
+
+    #[tokio::test]
+    async fn registry_only_refuses_unknown_destinations() {
+        let state = state();
+        state.apply(&snapshot(1, &["10.0.0.1"], "registryOnly")).unwrap();
+        let v = judge(&state, "10.0.0.3:8080".parse().unwrap(), Duration::ZERO).await;
+        assert_eq!(v, Verdict::Refused(Refusal::RegistryOnly));
+    }
+
+    #[tokio::test]
+    async fn the_sidecars_own_passthrough_sockets_are_recognised() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = Arc::new(OwnSockets::default());
+        let (stream, guard) = own.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (_accepted, peer) = listener.accept().await.unwrap();
+        assert!(own.contains(peer), "the accepted peer is our own socket");
+        drop((stream, guard));
+        assert!(!own.contains(peer), "forgotten once closed");
+        let other = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        assert!(!own.contains(other.local_addr().unwrap()));
+    }
 
     #[test]
     fn the_proxy_uid_must_be_the_effective_one() {

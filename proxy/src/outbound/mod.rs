@@ -24,8 +24,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use intercept::{Refusal, Verdict, FORMER_DESTINATION_RETENTION};
 use tokio::net::{TcpListener, TcpStream};
-use weft_config::OutboundTrafficPolicy;
 use weft_runtime::serve::Server;
 
 use crate::context::ServedBy;
@@ -55,6 +55,10 @@ pub struct Outbound {
     /// How long an intercepted connection's first bytes are awaited before
     /// it is treated as opaque TCP (`--detect-timeout`).
     detect_timeout: std::time::Duration,
+    /// The sidecar's own passthrough sockets (loop detection, `intercept.rs`).
+    own: Arc<intercept::OwnSockets>,
+    /// Whether the loop error was logged (once per process).
+    loop_logged: std::sync::atomic::AtomicBool,
 }
 
 /// The app-facing listener's HTTP/1.1 + h2c connection builder.
@@ -82,7 +86,15 @@ impl Outbound {
             .layer(TimeoutLayer)
             .layer(RetryLayer::new(metrics.clone()))
             .service(EndpointService { pool: pool.clone(), metrics: metrics.clone() });
-        Arc::new(Self { state, pool, metrics, stack, detect_timeout })
+        Arc::new(Self {
+            state,
+            pool,
+            metrics,
+            stack,
+            detect_timeout,
+            own: Arc::default(),
+            loop_logged: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 }
 
@@ -163,14 +175,14 @@ impl Outbound {
 
     /// An intercepted connection to `dst` (see `intercept.rs`).
     async fn intercepted(self: Arc<Self>, tcp: TcpStream, dst: SocketAddr, builder: &HttpBuilder, drain: Drain) {
-        let snapshot = self.state.snapshot();
-        let Some(service) = snapshot.service_at(dst).map(str::to_string) else {
-            let policy = snapshot.outbound_traffic_policy();
-            drop(snapshot);
-            return self.unknown_destination(tcp, dst, policy).await;
+        if tcp.peer_addr().is_ok_and(|peer| self.own.contains(peer)) {
+            return self.refuse(tcp, dst, Refusal::Loop);
+        }
+        let (service, declared_opaque) = match intercept::judge(&self.state, dst, intercept::FIRST_CONFIG_WAIT).await {
+            Verdict::Mesh { service, declared_opaque } => (service, declared_opaque),
+            Verdict::Passthrough => return self.passthrough(tcp, dst).await,
+            Verdict::Refused(why) => return self.refuse(tcp, dst, why),
         };
-        let declared_opaque = snapshot.declared_opaque(&service);
-        drop(snapshot);
         let (protocol, io) = if declared_opaque {
             (Protocol::Opaque, intercept::Rewind::new(tcp, Vec::new()))
         } else {
@@ -194,21 +206,43 @@ impl Outbound {
         }
     }
 
-    /// An intercepted connection to a destination the mesh does not know:
-    /// passed through untouched (`allowAny`) or closed (`registryOnly`).
-    async fn unknown_destination(&self, mut tcp: TcpStream, dst: SocketAddr, policy: OutboundTrafficPolicy) {
-        let action = match policy {
-            OutboundTrafficPolicy::AllowAny => "passthrough",
-            OutboundTrafficPolicy::RegistryOnly => "refused",
-        };
-        self.metrics.unknown_destinations.get_or_create(&UnknownDestinationLabels { action }).inc();
-        if policy == OutboundTrafficPolicy::RegistryOnly {
-            tracing::info!(%dst, "refused: not a destination of the mesh (Mesh outboundTrafficPolicy: registryOnly)");
-            return;
+    /// Refuses an intercepted connection (a reset), counts it, and says why.
+    fn refuse(&self, tcp: TcpStream, dst: SocketAddr, why: Refusal) {
+        self.metrics.unknown_destinations.get_or_create(&UnknownDestinationLabels { action: why.action() }).inc();
+        intercept::reset(tcp);
+        match why {
+            Refusal::RegistryOnly => {
+                tracing::info!(%dst, "refused: not a destination of the mesh (Mesh outboundTrafficPolicy: registryOnly)")
+            }
+            Refusal::NoConfig => tracing::warn!(
+                %dst,
+                wait_secs = intercept::FIRST_CONFIG_WAIT.as_secs(),
+                "refused: no config from the control plane yet, so the destination cannot be told from the mesh's (it would otherwise leave in plaintext)"
+            ),
+            Refusal::FormerlyInMesh { first: true } => tracing::warn!(
+                %dst,
+                retention_secs = FORMER_DESTINATION_RETENTION.as_secs(),
+                "refused: this address left the mesh recently (a draining or restarting pod, or a removed Service address); it is not passed through in plaintext until the retention ends"
+            ),
+            Refusal::FormerlyInMesh { first: false } => {}
+            Refusal::Loop => {
+                if !self.loop_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::error!(
+                        %dst,
+                        "refused: the sidecar's own traffic is being intercepted and redirected back into it (a loop); run the sidecar as the UID that weft init-iptables exempts (its --proxy-uid, default 1337), and pass weft-proxy the same --proxy-uid so it checks this at start"
+                    );
+                }
+            }
         }
+    }
+
+    /// An intercepted connection to a destination the mesh does not know,
+    /// under `allowAny`: passed through untouched.
+    async fn passthrough(&self, mut tcp: TcpStream, dst: SocketAddr) {
+        self.metrics.unknown_destinations.get_or_create(&UnknownDestinationLabels { action: "passthrough" }).inc();
         let _open = OpenConn::new(&self.metrics, "outbound", "passthrough");
         // The sidecar's own connections are exempt from the rules (--proxy-uid), so this one leaves directly.
-        let mut up = match tokio::time::timeout(self.pool.connect_timeout(), TcpStream::connect(dst)).await {
+        let (mut up, _own) = match tokio::time::timeout(self.pool.connect_timeout(), self.own.connect(dst)).await {
             Ok(Ok(up)) => up,
             Ok(Err(e)) => return tracing::info!(%dst, error = %e, "passthrough connect failed"),
             Err(_) => return tracing::info!(%dst, "passthrough connect timed out"),

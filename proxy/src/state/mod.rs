@@ -19,8 +19,8 @@ pub mod routes;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -128,6 +128,20 @@ impl Snapshot {
     }
 }
 
+/// How long an address that left the mesh (an endpoint's IP or a Service
+/// virtual address no longer in the config) is remembered, so that an
+/// intercepted connection to it is refused rather than passed through in
+/// plaintext while callers catch up (a draining pod still accepts for a
+/// moment; a restarted one comes back at the same IP): 5 minutes.
+pub const FORMER_DESTINATION_RETENTION: Duration = Duration::from_secs(300);
+
+/// An address that left the mesh: when, and whether a refusal was logged.
+#[derive(Debug, Clone, Copy)]
+struct Former {
+    since: Instant,
+    logged: bool,
+}
+
 /// The sidecar's state: the current [`Snapshot`] and what outlives it.
 pub struct State {
     /// This sidecar's service (authorization and rate limits guard it).
@@ -139,6 +153,9 @@ pub struct State {
     budgets: Kept<String, Budget>,
     clock: LimitClock,
     metrics: Arc<Metrics>,
+    /// Addresses that were destinations of the mesh and are no longer
+    /// ([`State::formerly_in_mesh`]), kept [`FORMER_DESTINATION_RETENTION`].
+    former: Mutex<HashMap<IpAddr, Former>>,
 }
 
 impl State {
@@ -152,6 +169,7 @@ impl State {
             budgets: Kept::default(),
             clock: LimitClock::default(),
             metrics,
+            former: Mutex::new(HashMap::new()),
         })
     }
 
@@ -163,6 +181,30 @@ impl State {
     /// Notified after every applied snapshot.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// Whether a first snapshot has been applied (before it, no destination
+    /// can be judged: every one would look unknown).
+    pub fn has_config(&self) -> bool {
+        *self.applied.borrow() > 0
+    }
+
+    /// Whether `ip` was a destination of the mesh (an endpoint's IP or a
+    /// Service's virtual address) within [`FORMER_DESTINATION_RETENTION`]
+    /// and is not one now. The second value is true the first time it is
+    /// asked about since it left (so a refusal is logged once per address).
+    pub fn formerly_in_mesh(&self, ip: IpAddr) -> (bool, bool) {
+        let mut former = self.former.lock().unwrap_or_else(|e| e.into_inner());
+        match former.get_mut(&ip) {
+            Some(f) if f.since.elapsed() < FORMER_DESTINATION_RETENTION => {
+                (true, !std::mem::replace(&mut f.logged, true))
+            }
+            Some(_) => {
+                former.remove(&ip);
+                (false, false)
+            }
+            None => (false, false),
+        }
     }
 
     /// Resolves once a first snapshot has been applied.
@@ -229,9 +271,25 @@ impl State {
         endpoints.commit();
         limits.commit();
         budgets.commit();
+        self.remember_former(&snapshot, now);
         self.snapshot.store(Arc::new(snapshot));
         self.applied.send_replace(s.version.max(1));
         Ok(())
+    }
+}
+
+impl State {
+    /// Records the addresses the current snapshot maps and `next` does not,
+    /// forgets those `next` maps again, and drops the expired.
+    fn remember_former(&self, next: &Snapshot, now: Instant) {
+        let current = self.snapshot.load();
+        let mut former = self.former.lock().unwrap_or_else(|e| e.into_inner());
+        former.retain(|ip, f| {
+            !next.destinations.contains_key(ip) && now.duration_since(f.since) < FORMER_DESTINATION_RETENTION
+        });
+        for ip in current.destinations.keys().filter(|ip| !next.destinations.contains_key(ip)) {
+            former.insert(*ip, Former { since: now, logged: false });
+        }
     }
 }
 
