@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use weft_testkit::bin;
 use weft_testkit::mesh::ConfigFile;
+use weft_testkit::netns::{self, effective_uid, ok, run};
 
 const TD: &str = "example.org";
 const PROXY_UID: &str = "1337";
@@ -26,30 +27,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Why these tests cannot run here, if they cannot.
 fn unsupported() -> Option<String> {
-    if effective_uid() != 0 {
-        return Some("not root (network namespaces and iptables need uid 0)".into());
-    }
-    for tool in ["ip", "iptables", "iptables-restore", "tcpdump", "setpriv", "curl", "python3"] {
-        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    let probe = format!("weft-probe-{}", std::process::id());
-    let ok = Command::new("ip").args(["netns", "add", &probe]).output().is_ok_and(|o| o.status.success());
-    let _ = Command::new("ip").args(["netns", "del", &probe]).output();
-    (!ok).then(|| "cannot create a network namespace (ip netns add failed)".into())
-}
-
-fn effective_uid() -> u32 {
-    // No libc dependency here: the effective uid from /proc.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(u32::MAX)
+    netns::unsupported(&["iptables", "iptables-restore", "tcpdump", "setpriv", "curl", "python3"])
 }
 
 macro_rules! skip_unless_supported {
@@ -59,21 +37,6 @@ macro_rules! skip_unless_supported {
             return;
         }
     };
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The test's namespaces and processes; dropping it kills the processes and

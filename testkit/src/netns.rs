@@ -30,7 +30,8 @@ pub fn unsupported(tools: &[&str]) -> Option<String> {
     (!ok).then(|| "cannot create a network namespace (ip netns add failed)".into())
 }
 
-fn effective_uid() -> u32 {
+/// The process's effective UID, read from `/proc/self/status` (no libc here).
+pub fn effective_uid() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
