@@ -176,23 +176,6 @@ fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-const HTTP_APP: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-name, port = sys.argv[1], int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = f"{name} {self.path} peer={self.headers.get('x-weft-peer-id', '-')}\n".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
-"#;
-
 /// Speaks first: a banner line on connect, then echoes.
 const BANNER_APP: &str = r#"
 import socket, sys, threading
@@ -766,7 +749,7 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
 
     // Apps: they listen on the pod's address too, so that traffic without
     // the rules reaches them directly.
-    let http_app = lab.write("http_app.py", HTTP_APP);
+    let http_app = lab.write("http_app.py", netns::HTTP_APP);
     let banner_app = lab.write("banner_app.py", BANNER_APP);
     let grpc_app = lab.write("grpc_app.py", GRPC_APP);
     let py = |script: &Path, args: &[&str]| {

@@ -41,24 +41,6 @@ metadata: {name: web}
 spec: {port: 8080, protocol: http}
 ";
 
-/// `name path peer=<caller's SPIFFE ID>` for every GET.
-const HTTP_APP: &str = r#"
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-name, port = sys.argv[1], int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = f"{name} {self.path} peer={self.headers.get('x-weft-peer-id', '-')}\n".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-"#;
-
 /// GETs through the sidecar (keep-alive) every 20 ms until the stop file
 /// exists; keeps "<ok> <failed> <first failure>" in the out file.
 const LOAD: &str = r#"
@@ -200,14 +182,14 @@ fn sidecars_on_separate_hosts_talk_over_mtls_and_survive_the_loss_of_their_repli
     // A host per workload: its app on loopback, its sidecar on a wildcard
     // with the host's address advertised, knowing both replicas (cp2 is not
     // up yet: a first pick of it moves on to cp1).
-    let app = lab.write("app.py", HTTP_APP).display().to_string();
+    let app = lab.write("app.py", weft_testkit::netns::HTTP_APP).display().to_string();
     let replicas = format!("{},{}", cp_addr(CP1), cp_addr(CP2));
     for (host, n, service, upstream) in [("a", HOST_A, "api", None), ("b", HOST_B, "web", Some("api=127.0.0.1:18080"))]
     {
         lab.spawn(
             host,
             &format!("{service}-app"),
-            &["python3".into(), "-u".into(), app.clone(), service.into(), "8080".into()],
+            &["python3".into(), "-u".into(), app.clone(), service.into(), "8080".into(), "127.0.0.1".into()],
         );
         let id = format!("spiffe://{TD}/ns/default/sa/{service}");
         let token = weft_on(&lab, "cp1", &cp_addr(CP1), &pki, &["token", "create", "--spiffe-id", &id, "--ttl", "10m"]);

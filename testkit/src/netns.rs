@@ -223,3 +223,24 @@ impl Drop for Lab {
         }
     }
 }
+
+/// A Python HTTP/1.1 app for namespace tests: `python3 app.py NAME PORT [BIND]`
+/// answers every GET with `NAME PATH peer=<x-weft-peer-id or ->`, listening
+/// on BIND (default `0.0.0.0`).
+pub const HTTP_APP: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port = sys.argv[1], int(sys.argv[2])
+bind = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"{name} {self.path} peer={self.headers.get('x-weft-peer-id', '-')}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer((bind, port), H).serve_forever()
+"#;
