@@ -303,8 +303,8 @@ pub fn build_view(
                 svid_expires_in: human::relative(p.svid_expires_at, now),
                 svid_seconds_left: p.svid_expires_at - now,
                 acked_version: p.acked_version,
-                in_sync: p.acked_version == status.config_version,
-                sync: operator::sync_state(p, status.config_version),
+                in_sync: operator::in_sync(p, status).unwrap_or(false),
+                sync: operator::sync_state(p, status),
                 metrics_reachable: reachable,
             }
         })

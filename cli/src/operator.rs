@@ -130,19 +130,79 @@ pub async fn fetch_status(
     Ok(c.status(StatusRequest {}).await.map_err(|s| rpc_error(s, conn))?.into_inner())
 }
 
-/// A sidecar's config sync state against the version being served:
-/// `in sync`, `REJECTED: <reason>` or `stale (lag N)`; for a sidecar held
-/// by another replica (whose versions are its own), `on replica <id>`.
-pub fn sync_state(p: &SidecarStatus, config_version: u64) -> String {
-    if p.remote {
-        format!("on replica {}", p.replica)
-    } else if p.acked_version == config_version {
+/// The version a sidecar's acked/nacked versions count in: the version its
+/// replica serves (versions are per replica). None for another replica's
+/// sidecar whose ACK state that replica has not reported yet.
+fn served_version(p: &SidecarStatus, s: &StatusResponse) -> Option<u64> {
+    if !p.remote {
+        Some(s.config_version)
+    } else {
+        (p.replica_config_version > 0).then_some(p.replica_config_version)
+    }
+}
+
+/// Another replica's sidecar whose replica serves an older mesh config
+/// revision than the one asked: its revision.
+fn behind_revision(p: &SidecarStatus, s: &StatusResponse) -> Option<i64> {
+    (p.remote && p.replica_config_revision < s.config_revision).then_some(p.replica_config_revision)
+}
+
+/// Whether a sidecar applied the config its replica serves (and, for
+/// another replica's sidecar, that replica serves the current mesh config
+/// revision); None when not known yet.
+pub fn in_sync(p: &SidecarStatus, s: &StatusResponse) -> Option<bool> {
+    served_version(p, s).map(|v| p.acked_version == v && behind_revision(p, s).is_none())
+}
+
+/// A sidecar's config sync state against the version its replica serves:
+/// `in sync`, `REJECTED: <reason>`, `stale (lag N)` or, for a sidecar of a
+/// replica behind on the mesh config, `stale (config revision R of S)`.
+/// A sidecar held by another replica than the one asked gets `, on replica
+/// <id>` after it, or is only `on replica <id>` while its ACK state is not
+/// known yet.
+pub fn sync_state(p: &SidecarStatus, s: &StatusResponse) -> String {
+    let Some(version) = served_version(p, s) else { return format!("on replica {}", p.replica) };
+    let state = if let Some(rev) = behind_revision(p, s) {
+        format!("stale (config revision {rev} of {})", s.config_revision)
+    } else if p.acked_version == version {
         "in sync".to_string()
-    } else if p.nacked_version == config_version {
+    } else if p.nacked_version == version {
         format!("REJECTED: {}", p.nack_reason)
     } else {
-        format!("stale (lag {})", config_version.saturating_sub(p.acked_version))
+        format!("stale (lag {})", version.saturating_sub(p.acked_version))
+    };
+    if p.remote {
+        format!("{state}, on replica {}", p.replica)
+    } else {
+        state
     }
+}
+
+/// One warning per service name that sidecars declare they call
+/// (`--calls`) and the mesh does not define, naming those sidecars.
+fn unknown_calls_warnings(s: &StatusResponse) -> Vec<String> {
+    let mut by_name: std::collections::BTreeMap<&str, Vec<&SidecarStatus>> = std::collections::BTreeMap::new();
+    for p in &s.sidecars {
+        for name in &p.unknown_calls {
+            by_name.entry(name).or_default().push(p);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, sidecars)| {
+            let mut who: Vec<String> =
+                sidecars.iter().take(3).map(|p| format!("{} ({})", p.service, p.inbound_address)).collect();
+            if sidecars.len() > 3 {
+                who.push(format!("{} more", sidecars.len() - 3));
+            }
+            format!(
+                "--calls of {} names service `{name}`, which the mesh does not define (no Service {name} in the mesh \
+                 config and no sidecar registered as {name}), so they get nothing for it; check the spelling or \
+                 apply a Service named {name}",
+                who.join(", ")
+            )
+        })
+        .collect()
 }
 
 pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyhow::Result<CreateJoinTokenResponse> {
@@ -169,14 +229,19 @@ pub async fn get_config(conn: &ConnArgs) -> anyhow::Result<GetConfigResponse> {
 
 /// Warnings about the config being served, checked against the connected
 /// sidecars and the mesh's trust domain (route backends without endpoints,
-/// policies naming another trust domain), one line each.
+/// policies naming another trust domain), and about services sidecars
+/// declare they call (`--calls`) that the mesh does not define; one line each.
 pub fn status_warnings(s: &StatusResponse) -> Vec<String> {
-    let Ok(cfg) = serde_json::from_str::<weft_config::MeshConfig>(&s.mesh_config_json) else { return Vec::new() };
-    let facts = weft_config::warnings::MeshFacts {
-        trust_domain: Some(s.trust_domain.clone()),
-        endpoints: Some(crate::validate::endpoints_of(&s.sidecars)),
-    };
-    weft_config::warnings::warnings(&cfg, &facts).iter().map(ToString::to_string).collect()
+    let mut warnings = Vec::new();
+    if let Ok(cfg) = serde_json::from_str::<weft_config::MeshConfig>(&s.mesh_config_json) {
+        let facts = weft_config::warnings::MeshFacts {
+            trust_domain: Some(s.trust_domain.clone()),
+            endpoints: Some(crate::validate::endpoints_of(&s.sidecars)),
+        };
+        warnings.extend(weft_config::warnings::warnings(&cfg, &facts).iter().map(ToString::to_string));
+    }
+    warnings.extend(unknown_calls_warnings(s));
+    warnings
 }
 
 /// Prints the control plane's view as a table (or JSON).
@@ -198,10 +263,16 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
                     "acked_version": p.acked_version,
                     "nacked_version": p.nacked_version,
                     "nack_reason": p.nack_reason,
-                    // Another replica's sidecar: its versions are that replica's.
-                    "in_sync": (!p.remote).then_some(p.acked_version == s.config_version),
+                    // Another replica's sidecar: its versions are that
+                    // replica's (null until that replica reports them).
+                    "in_sync": in_sync(p, &s),
+                    "sync": sync_state(p, &s),
                     "replica": p.replica,
                     "remote": p.remote,
+                    "replica_config_version": p.replica_config_version,
+                    "replica_config_revision": p.replica_config_revision,
+                    "calls": p.calls,
+                    "unknown_calls": p.unknown_calls,
                 })
             })
             .collect();
@@ -258,7 +329,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             p.inbound_address,
             human::relative(p.svid_expires_at, now),
             p.acked_version,
-            sync_state(p, s.config_version)
+            sync_state(p, &s)
         )?;
     }
     if s.sidecars.is_empty() {

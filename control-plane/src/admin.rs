@@ -13,7 +13,7 @@ use weft_proto::admin::v1::{
 };
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Published, Registry};
 use crate::replicas::SharedState;
 use crate::server::require_peer;
 use crate::store::etcd::EtcdStore;
@@ -116,7 +116,7 @@ impl Admin for AdminService {
             status.store_error = self.health.down_reason().unwrap_or_default();
             if let Some((_, shared)) = &self.shared {
                 status.config_revision = shared.config_revision.load(std::sync::atomic::Ordering::Acquire);
-                add_replicas(&mut status, shared);
+                add_replicas(&mut status, shared, &self.registry.current());
             }
             Ok(Response::new(status))
         }
@@ -183,15 +183,19 @@ impl Admin for AdminService {
 }
 
 /// With etcd: marks this replica's sidecars with its ID, adds the other
-/// replicas' sidecars (as known from etcd, `remote`) and every live replica,
-/// so one `weft status` shows the whole mesh whichever replica it asks.
-fn add_replicas(status: &mut StatusResponse, shared: &SharedState) {
+/// replicas' sidecars (as known from etcd, `remote`, with their ACK state
+/// from their replica's ack record) and every live replica, so one
+/// `weft status` shows the whole mesh whichever replica it asks. `published`
+/// is this replica's current version, which tells which declared calls the
+/// mesh does not define.
+fn add_replicas(status: &mut StatusResponse, shared: &SharedState, published: &Published) {
     status.replica = shared.replica.clone();
     for s in &mut status.sidecars {
         s.replica = shared.replica.clone();
     }
     let local = status.sidecars.len() as u64;
     let remote = shared.remote();
+    let acks = shared.acks();
     // A sidecar that just moved here is still registered by the replica it
     // left until that lease ends: list it once, here.
     let here: std::collections::HashSet<(String, String)> =
@@ -202,7 +206,19 @@ fn add_replicas(status: &mut StatusResponse, shared: &SharedState) {
             continue;
         }
         *per_replica.entry(replica.clone()).or_default() += 1;
+        let record = acks.get(&replica);
+        let (acked_version, nacked_version, nack_reason) =
+            record.and_then(|r| r.get(&reg.address)).unwrap_or_default();
+        // Known only once its replica's record lists it.
+        let known = record.filter(|r| r.sidecars.contains_key(&reg.address));
         status.sidecars.push(SidecarStatus {
+            acked_version,
+            nacked_version,
+            nack_reason,
+            replica_config_version: known.map_or(0, |r| r.version),
+            replica_config_revision: known.map_or(0, |r| r.config_revision),
+            unknown_calls: published.unknown_calls(&reg.calls),
+            calls: reg.calls,
             spiffe_id: reg.spiffe_id.to_string(),
             service: reg.service,
             inbound_address: reg.address,

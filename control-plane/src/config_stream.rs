@@ -47,6 +47,7 @@ impl Config for ConfigService {
             }
             let (own, calls, incremental) = (req.service.clone(), req.calls, req.accepts_incremental);
             let guard = self.registry.register(Registration {
+                calls: calls.clone(),
                 spiffe_id: id,
                 service: req.service,
                 address: req.inbound_address,
@@ -118,13 +119,15 @@ pub struct StreamView {
     /// The services last sent (their shared `Arc`s) and the mesh config;
     /// `None` before the first message.
     sent: Option<(Services, Arc<str>)>,
+    /// The unknown names of `calls` last sent ([`Published::unknown_calls`]).
+    unknown: Vec<String>,
 }
 
 impl StreamView {
     /// A stream for a sidecar of service `own` that calls `calls` (empty:
     /// the whole mesh) and takes incremental snapshots if `incremental`.
     pub fn new(own: String, calls: Vec<String>, incremental: bool) -> Self {
-        Self { own, calls, incremental, scope: None, sent: None }
+        Self { own, calls, incremental, scope: None, sent: None, unknown: Vec::new() }
     }
 
     /// The message for `p`, or `None` when nothing this sidecar sees
@@ -141,6 +144,9 @@ impl StreamView {
             None => (p.services.iter().map(|(n, s)| (n.clone(), s.clone())).collect(), p.mesh_config_json.clone()),
         };
         let prev = self.sent.replace((now, mesh));
+        let unknown = p.unknown_calls(&self.calls);
+        let unknown_changed = unknown != self.unknown;
+        self.unknown = unknown;
         let (now, mesh) = self.sent.as_ref().expect("just set");
         let Some((before, mesh_before)) = prev else {
             return Some(self.whole(p, now, mesh));
@@ -151,7 +157,7 @@ impl StreamView {
         let changed: Vec<&Arc<weft_proto::config::v1::Service>> =
             now.iter().filter(|(n, s)| before.get(*n).is_none_or(|b| !Arc::ptr_eq(b, s))).map(|(_, s)| s).collect();
         let removed: Vec<String> = before.keys().filter(|n| !now.contains_key(*n)).cloned().collect();
-        if mesh_unchanged && changed.is_empty() && removed.is_empty() {
+        if mesh_unchanged && changed.is_empty() && removed.is_empty() && !unknown_changed {
             return None;
         }
         if !self.incremental {
@@ -165,6 +171,7 @@ impl StreamView {
             removed_services: removed,
             mesh_config_unchanged: mesh_unchanged,
             config_revision: p.config_revision,
+            unknown_calls: self.unknown.clone(),
         })
     }
 
@@ -179,6 +186,7 @@ impl StreamView {
             services: services.values().map(|s| (**s).clone()).collect(),
             mesh_config_json: mesh.to_string(),
             config_revision: p.config_revision,
+            unknown_calls: self.unknown.clone(),
             ..Default::default()
         }
     }
@@ -201,6 +209,7 @@ mod tests {
             admin_address: String::new(),
             labels: HashMap::new(),
             svid_expires: None,
+            calls: Vec::new(),
         }
     }
 

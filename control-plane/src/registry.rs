@@ -40,6 +40,8 @@ pub struct Registration {
     pub admin_address: String,
     pub labels: HashMap<String, String>,
     pub svid_expires: Option<SystemTime>,
+    /// The services it declared it calls (`WatchRequest.calls`); empty: the whole mesh.
+    pub calls: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,23 @@ struct Inner {
     /// Where registrations and deregistrations of this replica are told
     /// (the etcd writer), if anywhere.
     changes: Option<mpsc::UnboundedSender<LocalChange>>,
+    /// Bumped whenever what [`Registry::local_acks`] returns may have
+    /// changed (an ACK, a NACK, a sidecar coming or going, a new version),
+    /// so the etcd writer rewrites this replica's ack record only then.
+    acks_generation: u64,
+}
+
+/// This replica's sidecars' ACK state at one moment ([`Registry::local_acks`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalAcks {
+    /// See `Inner::acks_generation`: equal generations, equal contents.
+    pub generation: u64,
+    /// The version this replica serves, which the versions below count in.
+    pub version: u64,
+    /// The mesh config revision it serves (0: file store, or none stored).
+    pub config_revision: i64,
+    /// Per sidecar: (inbound address, acked version, nacked version, NACK reason).
+    pub sidecars: Vec<(String, u64, u64, String)>,
 }
 
 /// A change to this replica's own registrations, keyed by the registry's
@@ -206,6 +225,14 @@ impl Published {
         Some(scope)
     }
 
+    /// The names in `calls` that this version does not know: no Service of
+    /// that name in the mesh config and no endpoint registered for it (a
+    /// misspelt `--calls`, or a Service not applied yet). In `calls` order.
+    pub fn unknown_calls(&self, calls: &[String]) -> Vec<String> {
+        let defined = |name: &String| self.mesh.as_ref().is_some_and(|m| m.services.contains_key(name));
+        calls.iter().filter(|c| !self.services.contains_key(*c) && !defined(c)).cloned().collect()
+    }
+
     /// The [`Scope`] of a sidecar of `own` that calls `calls`, made once per
     /// mesh config and (own, calls); `None` (the whole mesh) when `calls` is
     /// empty.
@@ -283,10 +310,12 @@ impl RegistrationGuard {
     /// was pushed: having ACKed what it was last sent, it is in sync with
     /// `version` too (what `weft status` compares).
     pub fn unchanged(&self, version: u64) {
-        if let Some(e) = self.registry.lock().sidecars.get_mut(&self.key) {
+        let mut inner = self.registry.lock();
+        if let Some(e) = inner.sidecars.get_mut(&self.key) {
             e.same_until = version;
-            if e.acked >= e.sent && e.sent > 0 {
-                e.acked = e.acked.max(version);
+            if e.acked >= e.sent && e.sent > 0 && e.acked < version {
+                e.acked = version;
+                inner.acks_generation += 1;
             }
         }
     }
@@ -388,6 +417,7 @@ impl Registry {
         };
         self.metrics.config_version.set(next.version as i64);
         self.published.send_replace(Arc::new(next));
+        inner.acks_generation += 1;
     }
 
     /// Publishes gathered registration changes at most once per
@@ -437,6 +467,7 @@ impl Registry {
             same_until: 0,
         };
         inner.sidecars.insert(key, entry);
+        inner.acks_generation += 1;
         self.metrics.sidecars_connected.set(inner.sidecars.len() as i64);
         inner.dirty = true;
         inner.arrived += 1;
@@ -455,6 +486,7 @@ impl Registry {
                 }
             }
             tracing::info!(spiffe_id = %e.reg.spiffe_id, service = %e.reg.service, "sidecar deregistered");
+            inner.acks_generation += 1;
         }
         if let Some(tx) = &inner.changes {
             let _ = tx.send(LocalChange::Deregistered(key));
@@ -543,6 +575,7 @@ impl Registry {
     pub fn ack(&self, id: &SpiffeId, address: &str, version: u64, error: String) {
         let mut inner = self.lock();
         let keys = inner.by_address.get(address).cloned().unwrap_or_default();
+        inner.acks_generation += 1;
         for key in keys {
             let Some(e) = inner.sidecars.get_mut(&key).filter(|e| &e.reg.spiffe_id == id) else { continue };
             if error.is_empty() {
@@ -557,11 +590,34 @@ impl Registry {
         }
     }
 
+    /// The generation of [`Registry::local_acks`]: unchanged, nothing to rewrite.
+    pub fn acks_generation(&self) -> u64 {
+        self.lock().acks_generation
+    }
+
+    /// This replica's sidecars' ACK state, with the version it counts in
+    /// (read together, so they agree), for the other replicas' `weft status`.
+    pub fn local_acks(&self) -> LocalAcks {
+        let inner = self.lock();
+        let published = self.published.borrow();
+        LocalAcks {
+            generation: inner.acks_generation,
+            version: published.version,
+            config_revision: published.config_revision,
+            sidecars: inner
+                .sidecars
+                .values()
+                .map(|e| (e.reg.address.clone(), e.acked, e.nacked, e.nack_reason.clone()))
+                .collect(),
+        }
+    }
+
     pub fn status(&self, td: &TrustDomain) -> StatusResponse {
         let inner = self.lock();
+        let published = self.published.borrow().clone();
         StatusResponse {
             trust_domain: td.to_string(),
-            config_version: self.published.borrow().version,
+            config_version: published.version,
             config_error: inner.config_error.clone(),
             mesh_config_json: inner.mesh_config_json.to_string(),
             sidecars: inner
@@ -578,6 +634,10 @@ impl Registry {
                     nack_reason: e.nack_reason.clone(),
                     connected_seconds: e.connected.elapsed().as_secs(),
                     admin_address: e.reg.admin_address.clone(),
+                    unknown_calls: published.unknown_calls(&e.reg.calls),
+                    calls: e.reg.calls.clone(),
+                    replica_config_version: published.version,
+                    replica_config_revision: published.config_revision,
                     ..Default::default()
                 })
                 .collect(),
@@ -598,6 +658,7 @@ mod tests {
             admin_address: String::new(),
             labels: HashMap::new(),
             svid_expires: None,
+            calls: Vec::new(),
         }
     }
 

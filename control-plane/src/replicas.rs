@@ -8,6 +8,12 @@
 //! - **Replicas**: each replica also writes `/weft/replicas/<replica>`
 //!   ([`ReplicaInfo`]) under the same lease, so `weft status` asked of any
 //!   replica lists every live one and the sidecars each holds.
+//! - **Acks**: each replica also writes `/weft/acks/<replica>` ([`AckRecord`])
+//!   under the same lease: the acked and nacked config versions of every
+//!   sidecar it holds, with the version they count in (versions are per
+//!   replica). One key per replica, rewritten at most once per
+//!   [`ACKS_INTERVAL`] and only when something changed, so `weft status`
+//!   through any replica tells whether every sidecar is in sync.
 //! - **Following**: every replica reads the registration prefix and
 //!   `/weft/config`, then watches `/weft/` from that revision on, and feeds
 //!   the other replicas' registrations ([`Registry::set_shared`]) and the
@@ -33,7 +39,7 @@ use weft_proto::etcd::watch_request::RequestUnion;
 use weft_proto::etcd::{LeaseKeepAliveRequest, LeaseRevokeRequest, WatchCreateRequest, WatchRequest};
 
 use crate::metrics::Metrics;
-use crate::registry::{LocalChange, Registration, Registry};
+use crate::registry::{LocalAcks, LocalChange, Registration, Registry};
 use crate::store::etcd::{prefix_end, Etcd, StoredConfig, CALL_TIMEOUT, CONFIG_KEY, PREFIX};
 use crate::store::health::StoreHealth;
 use crate::store::StoreError;
@@ -42,6 +48,112 @@ use crate::store::StoreError;
 pub const REGISTRATIONS: &str = "/weft/registrations/";
 /// Prefix of the replicas' own records ([`ReplicaInfo`]).
 pub const REPLICAS: &str = "/weft/replicas/";
+/// Prefix of the replicas' ack records ([`AckRecord`]), one key per replica.
+pub const ACKS: &str = "/weft/acks/";
+
+/// How often a replica rewrites its ack record at most (only when changed):
+/// a join storm of 10,000 sidecars ACKing is one write a second, not 10,000.
+pub const ACKS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// NACK reasons in an ack record: each cut to this many bytes, and at most
+/// [`MAX_REASONS`] distinct ones (sidecars rejecting one version usually
+/// share the reason); the rest point at the replica's own `weft status`.
+const MAX_REASON: usize = 256;
+const MAX_REASONS: usize = 32;
+
+/// The largest ack record written, in bytes: etcd refuses requests above
+/// 1.5 MiB (its default `--max-request-bytes`). About 40 bytes a sidecar,
+/// so 10,000 sidecars make about 400 KB.
+const MAX_ACK_RECORD: usize = 1024 * 1024;
+
+/// One replica's sidecars' config ACK state, as JSON at `/weft/acks/<id>`.
+/// Short field names keep it compact: it holds every sidecar of a replica.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AckRecord {
+    /// The config version the replica served, which the versions below count in.
+    #[serde(rename = "v")]
+    pub version: u64,
+    /// The mesh config revision it served (0: none stored).
+    #[serde(rename = "r", default)]
+    pub config_revision: i64,
+    /// Distinct NACK reasons, indexed by [`AckEntry`]'s third field.
+    #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// Per sidecar inbound address (`host:port`, as registered).
+    #[serde(rename = "s", default)]
+    pub sidecars: BTreeMap<String, AckEntry>,
+    /// True when the sidecars did not fit in [`MAX_ACK_RECORD`] and were left out.
+    #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// A sidecar's (acked version, nacked version, index of the NACK reason in
+/// [`AckRecord::reasons`]); versions 0: none yet; the index means something
+/// only when the nacked version is not 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckEntry(pub u64, pub u64, pub u32);
+
+impl AckRecord {
+    /// The record of `acks`, within the size limits above.
+    pub fn from_local(acks: &LocalAcks, replica: &str) -> Self {
+        let mut record = AckRecord { version: acks.version, config_revision: acks.config_revision, ..Default::default() };
+        let mut index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        for (address, acked, nacked, reason) in &acks.sidecars {
+            let mut at = 0;
+            if *nacked > 0 {
+                at = match index.get(reason.as_str()) {
+                    Some(i) => *i,
+                    None if record.reasons.len() < MAX_REASONS => {
+                        record.reasons.push(cut(reason, MAX_REASON));
+                        index.insert(reason, record.reasons.len() as u32 - 1);
+                        record.reasons.len() as u32 - 1
+                    }
+                    None => {
+                        if record.reasons.len() == MAX_REASONS {
+                            record.reasons.push(format!(
+                                "(more reasons than an ack record holds: `weft status` through replica {replica} itself shows it)"
+                            ));
+                        }
+                        MAX_REASONS as u32
+                    }
+                };
+            }
+            record.sidecars.insert(address.clone(), AckEntry(*acked, *nacked, at));
+        }
+        record
+    }
+
+    /// The record as JSON, at most [`MAX_ACK_RECORD`] bytes (without its
+    /// sidecars, marked truncated, when they do not fit).
+    pub fn to_json(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("serializes");
+        if json.len() <= MAX_ACK_RECORD {
+            return json;
+        }
+        let short = AckRecord { sidecars: BTreeMap::new(), reasons: Vec::new(), truncated: true, ..self.clone() };
+        serde_json::to_vec(&short).expect("serializes")
+    }
+
+    /// A sidecar's (acked, nacked, NACK reason), by inbound address.
+    pub fn get(&self, address: &str) -> Option<(u64, u64, String)> {
+        let AckEntry(acked, nacked, at) = *self.sidecars.get(address)?;
+        let reason =
+            if nacked > 0 { self.reasons.get(at as usize).cloned().unwrap_or_default() } else { String::new() };
+        Some((acked, nacked, reason))
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
 
 /// A replica as it registers itself in etcd (JSON at `/weft/replicas/<id>`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +181,9 @@ struct StoredRegistration {
     /// SVID expiry, seconds since the Unix epoch (0: unknown).
     #[serde(default)]
     svid_expires_at: i64,
+    /// The services it declared it calls (omitted when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    calls: Vec<String>,
 }
 
 impl StoredRegistration {
@@ -80,6 +195,7 @@ impl StoredRegistration {
             admin_address: r.admin_address.clone(),
             labels: r.labels.clone(),
             svid_expires_at: r.svid_expires.map(weft_certs::svid::unix_secs).unwrap_or(0),
+            calls: r.calls.clone(),
         }
     }
 
@@ -92,6 +208,7 @@ impl StoredRegistration {
             labels: self.labels,
             svid_expires: (self.svid_expires_at > 0)
                 .then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(self.svid_expires_at as u64)),
+            calls: self.calls,
         })
     }
 }
@@ -111,6 +228,8 @@ pub struct SharedState {
     pub replicas: Mutex<BTreeMap<String, ReplicaInfo>>,
     /// The other replicas' sidecars: (replica ID, registration).
     pub remote: Mutex<Vec<(String, Registration)>>,
+    /// The other replicas' ack records, by replica ID.
+    pub acks: Mutex<BTreeMap<String, Arc<AckRecord>>>,
 }
 
 impl SharedState {
@@ -131,6 +250,11 @@ impl SharedState {
     /// The other replicas' sidecars: (replica ID, registration).
     pub fn remote(&self) -> Vec<(String, Registration)> {
         Self::lock(&self.remote).clone()
+    }
+
+    /// The other replicas' ack records, by replica ID.
+    pub fn acks(&self) -> BTreeMap<String, Arc<AckRecord>> {
+        Self::lock(&self.acks).clone()
     }
 }
 
@@ -162,7 +286,8 @@ pub async fn start(
     registry.expect_stored_config();
     let (tx, rx) = mpsc::unbounded_channel();
     registry.publish_local_changes(tx);
-    tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, format!("{REGISTRATIONS}{replica}/"), me, health.clone()));
+    let held = Held { own: format!("{REGISTRATIONS}{replica}/"), me, acks: format!("{ACKS}{replica}"), replica: replica.clone() };
+    tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, held, registry.clone(), health.clone()));
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
     let follower =
         Follower { etcd, registry, health, metrics, own: format!("{REGISTRATIONS}{replica}/"), shared: shared.clone() };
@@ -185,17 +310,33 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Keeps this replica's record (`me`: key and value) and registrations in
-/// etcd under one lease.
+/// The keys one replica holds under its lease.
+struct Held {
+    /// Its registration prefix (`/weft/registrations/<id>/`).
+    own: String,
+    /// Its record: key and value.
+    me: (String, Vec<u8>),
+    /// Its ack record's key.
+    acks: String,
+    replica: String,
+}
+
+/// Keeps this replica's record, registrations and ack record in etcd under
+/// one lease.
 async fn hold_registrations(
     etcd: Etcd,
     mut changes: mpsc::UnboundedReceiver<LocalChange>,
     ttl: Duration,
-    own: String,
-    me: (String, Vec<u8>),
+    keys: Held,
+    registry: Arc<Registry>,
     health: Arc<StoreHealth>,
 ) {
+    let Held { own, me, .. } = &keys;
     let mut held: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    // The generation of the ack record in etcd under the current lease.
+    let mut acks_written: Option<u64> = None;
+    let mut acks_tick = tokio::time::interval(ACKS_INTERVAL);
+    acks_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lease: Option<i64> = None;
     // A lease given up while etcd was away: revoked once a new one holds
     // every registration, which drops the keys of streams that ended meanwhile.
@@ -229,6 +370,22 @@ async fn hold_registrations(
                     tracing::debug!(error = %e, "registration write failed");
                 }
             }
+            _ = acks_tick.tick() => {
+                let Some(l) = lease else { continue };
+                let generation = registry.acks_generation();
+                if acks_written == Some(generation) {
+                    continue;
+                }
+                let local = registry.local_acks();
+                let value = AckRecord::from_local(&local, &keys.replica).to_json();
+                match etcd.put(&keys.acks, value, l).await {
+                    Ok(()) => acks_written = Some(local.generation),
+                    Err(e) => {
+                        stale = stale.or(lease.take());
+                        tracing::debug!(error = %e, "ack record write failed");
+                    }
+                }
+            }
             _ = tick.tick() => {
                 match lease {
                     Some(l) => match keep_alive_twice(&etcd, l).await {
@@ -242,9 +399,11 @@ async fn hold_registrations(
                             stale = stale.or(lease.take());
                         }
                     },
-                    None => match register_all(&etcd, &own, &me, &held, ttl).await {
+                    None => match register_all(&etcd, own, me, &held, ttl).await {
                         Ok(l) => {
                             lease = Some(l);
+                            // Written again under the new lease at the next tick.
+                            acks_written = None;
                             if let Some(old) = stale.take() {
                                 let mut client = etcd.lease.clone();
                                 let _ = etcd.call(client.lease_revoke(LeaseRevokeRequest { id: old })).await;
@@ -352,6 +511,12 @@ impl Follower {
             self.put_registration(others, kv.key, &kv.value);
         }
         self.publish_others(others);
+        let (ack_kvs, _) = self.etcd.get_prefix(ACKS).await?;
+        let mut acks = BTreeMap::new();
+        for kv in ack_kvs {
+            self.put_acks(&mut acks, &kv.key, &kv.value);
+        }
+        *SharedState::lock(&self.shared.acks) = acks;
         match self.etcd.get(CONFIG_KEY).await? {
             Some(kv) => self.apply_config(&kv.value, kv.mod_revision),
             None => self.registry.config_settled(),
@@ -400,6 +565,13 @@ impl Follower {
                     } else {
                         self.put_replica(&mut replicas, &kv.key, &kv.value);
                     }
+                } else if kv.key.starts_with(ACKS.as_bytes()) {
+                    let mut acks = SharedState::lock(&self.shared.acks);
+                    if ev.r#type == EventType::Delete as i32 {
+                        acks.remove(&*String::from_utf8_lossy(&kv.key[ACKS.len()..]));
+                    } else {
+                        self.put_acks(&mut acks, &kv.key, &kv.value);
+                    }
                 } else if kv.key == CONFIG_KEY.as_bytes() && ev.r#type == EventType::Put as i32 {
                     self.apply_config(&kv.value, kv.mod_revision);
                 }
@@ -424,6 +596,20 @@ impl Follower {
                 replicas.insert(id, info);
             }
             Err(e) => tracing::warn!(replica = %id, error = %e, "unreadable replica record in etcd; ignored"),
+        }
+    }
+
+    /// Another replica's ack record (this one's own is the registry itself).
+    fn put_acks(&self, acks: &mut BTreeMap<String, Arc<AckRecord>>, key: &[u8], value: &[u8]) {
+        let id = String::from_utf8_lossy(&key[ACKS.len()..]).into_owned();
+        if id == self.shared.replica {
+            return;
+        }
+        match serde_json::from_slice::<AckRecord>(value) {
+            Ok(record) => {
+                acks.insert(id, Arc::new(record));
+            }
+            Err(e) => tracing::warn!(replica = %id, error = %e, "unreadable ack record in etcd; ignored"),
         }
     }
 

@@ -56,6 +56,7 @@ pub fn merge_incremental(base: Option<&Snapshot>, delta: Snapshot) -> Result<Sna
             delta.mesh_config_json
         },
         config_revision: delta.config_revision,
+        unknown_calls: delta.unknown_calls,
         ..Default::default()
     })
 }
@@ -97,8 +98,12 @@ pub struct Registration {
     pub inbound_address: SocketAddr,
     pub admin_address: SocketAddr,
     pub labels: HashMap<String, String>,
-    /// The services this workload calls (`--calls`); empty: the whole mesh.
+    /// The services this workload calls (`--calls`, plus its `--upstream`
+    /// names when `--calls` is given); empty: the whole mesh.
     pub calls: Vec<String>,
+    /// The names given to `--calls` (the rest of `calls` come from
+    /// `--upstream`), to name the right flag in a warning.
+    pub declared_calls: Vec<String>,
 }
 
 /// The config client of one sidecar.
@@ -107,11 +112,38 @@ pub struct ConfigStream {
     identity: Arc<Identity>,
     registration: Registration,
     metrics: Arc<Metrics>,
+    /// The names of `calls` the control plane last said the mesh does not
+    /// define (`Snapshot.unknown_calls`), warned about once per change.
+    unknown_calls: std::sync::Mutex<Vec<String>>,
 }
 
 impl ConfigStream {
     pub fn new(state: Arc<State>, identity: Arc<Identity>, registration: Registration, metrics: Arc<Metrics>) -> Self {
-        Self { state, identity, registration, metrics }
+        Self { state, identity, registration, metrics, unknown_calls: Default::default() }
+    }
+
+    /// Logs, once per change, the declared calls the mesh does not define
+    /// (a WARN naming the flag, the service and what to change) and the
+    /// ones that became defined since.
+    fn report_unknown_calls(&self, unknown: &[String]) {
+        let mut before = self.unknown_calls.lock().unwrap_or_else(|e| e.into_inner());
+        if *before == unknown {
+            return;
+        }
+        let flag = |name: &String| if self.registration.declared_calls.contains(name) { "--calls" } else { "--upstream" };
+        for name in unknown.iter().filter(|n| !before.contains(n)) {
+            let flag = flag(name);
+            tracing::warn!(
+                service = %name,
+                "{flag} names service `{name}`, which the mesh does not define (no Service {name} in the mesh config \
+                 and no sidecar registered as {name}), so this sidecar gets no endpoints or routes for it; check the \
+                 spelling or apply a Service named {name}"
+            );
+        }
+        for name in before.iter().filter(|n| !unknown.contains(n)) {
+            tracing::info!(service = %name, "service `{name}` named by {} is now defined in the mesh", flag(name));
+        }
+        *before = unknown.to_vec();
     }
 
     /// Watches the control plane forever, reconnecting with jittered
@@ -176,6 +208,7 @@ impl ConfigStream {
                         break;
                     };
                     let snap = merge_incremental(latest.as_ref(), snap)?;
+                    self.report_unknown_calls(&snap.unknown_calls);
                     let effective = match (&previous, grace) {
                         (Some(p), true) => with_missing_endpoints(&snap, p),
                         _ => snap.clone(),

@@ -109,6 +109,8 @@ pub enum StartError {
     Registration(#[from] weft_config::registration::RegistrationError),
     #[error("--calls: {0:?} is not a service name (a DNS label: lowercase letters, digits and '-')")]
     Calls(String),
+    #[error("--calls: an empty service name (two commas in a row, or a leading or trailing comma); list names as --calls api,db")]
+    CallsEmpty,
     #[error("--trust-bundle {0}")]
     TrustBundle(weft_certs::CertError),
     #[error("cannot register inbound address {0} in discovery: peers cannot dial {what}; pass --advertise-address <pod IP>[:<port>] (or a specific --inbound)", what = if .0.port() == 0 { "port 0" } else { "a wildcard or unspecified address" })]
@@ -207,6 +209,9 @@ impl Proxy {
             return Err(StartError::Registration(weft_config::registration::RegistrationError::BadName(
                 opts.service.clone(),
             )));
+        }
+        if opts.calls.iter().any(String::is_empty) {
+            return Err(StartError::CallsEmpty);
         }
         if let Some(bad) = opts.calls.iter().find(|c| !weft_config::registration::valid_service_name(c)) {
             return Err(StartError::Calls(bad.clone()));
@@ -347,6 +352,7 @@ fn start_config_stream(
         admin_address: addrs.admin,
         labels: opts.labels.clone(),
         calls: scope(opts),
+        declared_calls: opts.calls.clone(),
     };
     let stream = ConfigStream::new(state.clone(), identity.clone(), reg, metrics.clone());
     let view = state.clone();
