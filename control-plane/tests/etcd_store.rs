@@ -471,13 +471,7 @@ async fn sidecars_fail_over_when_their_replica_is_killed() {
     // Sidecar::start names one replica; restart both with the list (the SVID is in their state dirs).
     let mut sidecars = [api, web];
     for s in &mut sidecars {
-        s.proc_.kill();
-        let mut args = s.args.clone();
-        let at = args.iter().position(|a| a == "--control-plane").unwrap() + 1;
-        args[at] = both.clone();
-        s.proc_ =
-            weft_testkit::Proc::spawn(&format!("{}-failover", s.service), &bin("weft-proxy"), &args, cps[0].dir.path());
-        weft_testkit::wait_ok(s.admin, "/ready", Duration::from_secs(20), Some(&s.proc_)).await;
+        restart_with_control_planes(s, &both, &cps[0]).await;
     }
     let [api, web] = sidecars;
     web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
@@ -500,6 +494,137 @@ async fn sidecars_fail_over_when_their_replica_is_killed() {
         "{}",
         status.stdout
     );
+    drop(api);
+}
+
+/// Restarts sidecar `s` (SIGKILL) with `--control-plane list`; its SVID is
+/// in its state dir. Its log goes to `cp`'s dir.
+async fn restart_with_control_planes(s: &mut Sidecar, list: &str, cp: &ControlPlane) {
+    s.proc_.kill();
+    let mut args = s.args.clone();
+    let at = args.iter().position(|a| a == "--control-plane").unwrap() + 1;
+    args[at] = list.to_string();
+    s.proc_ = weft_testkit::Proc::spawn(&format!("{}-failover", s.service), &bin("weft-proxy"), &args, cp.dir.path());
+    weft_testkit::wait_ok(s.admin, "/ready", Duration::from_secs(20), Some(&s.proc_)).await;
+}
+
+/// The sidecars `weft status --json` through `cp` lists for `service`.
+fn status_of(cp: &ControlPlane, service: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let st = status_json(cp);
+    let found = st["sidecars"].as_array().unwrap().iter().filter(|s| s["service"] == service).cloned().collect();
+    (st, found)
+}
+
+/// Polls `weft status --json` through `cp` until `ok` holds for the one
+/// sidecar of `service` listed; that sidecar.
+async fn wait_status(
+    cp: &ControlPlane,
+    service: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (st, found) = status_of(cp, service);
+        if let [one] = found.as_slice() {
+            if ok(&st, one) {
+                return one.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: weft status never showed it; last:\n{st:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The ack records (`/weft/acks/<replica>`) in etcd, by replica ID.
+async fn ack_records(etcd: &Etcd) -> Vec<String> {
+    let endpoints = vec![etcd.client_addr(0).to_string()];
+    let client = weft_control_plane::store::etcd::Etcd::connect(&endpoints, &Default::default()).expect("etcd client");
+    let (kvs, _) = client.get_prefix(weft_control_plane::replicas::ACKS).await.expect("read /weft/acks/");
+    kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key[weft_control_plane::replicas::ACKS.len()..]).into_owned()).collect()
+}
+
+/// `weft status` through either replica shows a sidecar held by the other
+/// in sync (its acked version, in its replica's versions, and the config
+/// revision), also after a config change; when that replica is killed, the
+/// sidecar moves and shows in sync as the asked replica's own at once, and
+/// the dead replica's ack record leaves etcd with its lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_through_any_replica_shows_every_sidecars_acks() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let seed = tempfile::tempdir().unwrap();
+    let seed_file = seed.path().join("mesh.yaml");
+    std::fs::write(&seed_file, SEED).unwrap();
+    let seed_arg = seed_file.display().to_string();
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
+    let api_app = servers::http("api").await;
+    let mut api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
+    // Given both replicas (to move when its own dies), it starts on either.
+    restart_with_control_planes(&mut api, &format!("{},{}", cps[1].addr, cps[0].addr), &cps[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Held by `held`, asked through `asked`: listed once by each, as its own by one.
+    let (held, asked) = loop {
+        let local = |i: usize| status_of(&cps[i], "api").1.iter().map(|s| s["remote"] == false).collect::<Vec<_>>();
+        let (zero, one) = (local(0), local(1));
+        if zero.len() == 1 && one.len() == 1 && zero[0] != one[0] {
+            break if zero[0] { (0, 1) } else { (1, 0) };
+        }
+        assert!(Instant::now() < deadline, "no replica holds the api sidecar: {}", status_json(&cps[0]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let held_id = status_json(&cps[held])["replica"].as_str().unwrap().to_string();
+    let asked_id = status_json(&cps[asked])["replica"].as_str().unwrap().to_string();
+
+    let in_sync = |st: &serde_json::Value, s: &serde_json::Value| {
+        s["remote"] == true
+            && s["in_sync"] == true
+            && s["acked_version"].as_u64().unwrap_or(0) > 0
+            && s["acked_version"] == s["replica_config_version"]
+            && s["replica_config_revision"] == st["config_revision"]
+    };
+    let s = wait_status(&cps[asked], "api", "the other replica's sidecar in sync", Duration::from_secs(20), in_sync).await;
+    assert_eq!(s["replica"], held_id.as_str(), "{s}");
+    let table = weft(&cps[asked], &["status"]);
+    let line = table.stdout.lines().find(|l| l.contains("/sa/api")).unwrap_or_default().to_string();
+    assert!(line.contains(&format!("in sync, on replica {held_id}")), "{}", table.stdout);
+
+    // A config applied through the asked replica: the sidecar on the other acks it, and status shows that.
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v2, with_marker("acks-marker")).unwrap();
+    let out = weft(&cps[asked], &["apply", "-f", &v2.display().to_string()]);
+    assert!(out.status.success(), "weft apply: {}", out.stderr);
+    let revision: i64 = out.stdout.trim().rsplit(' ').next().and_then(|r| r.parse().ok()).expect("revision printed");
+    wait_config_has(&api, "acks-marker", Duration::from_secs(15)).await;
+    let s = wait_status(&cps[asked], "api", "in sync at the new revision", Duration::from_secs(20), |st, s| {
+        in_sync(st, s) && s["replica_config_revision"] == revision
+    })
+    .await;
+    assert_eq!(s["replica"], held_id.as_str(), "{s}");
+    let mut records = ack_records(&etcd).await;
+    records.sort();
+    let mut both_ids = vec![held_id.clone(), asked_id.clone()];
+    both_ids.sort();
+    assert_eq!(records, both_ids, "one ack record per replica");
+
+    // Its replica dies: it moves to the asked one, which lists it as its own, in sync.
+    cps[held].stop();
+    let s = wait_status(&cps[asked], "api", "the moved sidecar in sync", Duration::from_secs(30), |_, s| {
+        s["remote"] == false && s["in_sync"] == true
+    })
+    .await;
+    assert_eq!(s["replica"], asked_id.as_str(), "{s}");
+    // The dead replica's record leaves with its lease (TTL 4 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ack_records(&etcd).await.contains(&held_id) {
+        assert!(Instant::now() < deadline, "the dead replica's ack record outlived its lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ack_records(&etcd).await, [asked_id.clone()]);
+    let st = status_json(&cps[asked]);
+    assert_eq!(st["replicas"].as_array().map(Vec::len), Some(1), "{st}");
     drop(api);
 }
 
