@@ -207,8 +207,7 @@ fn add_replicas(status: &mut StatusResponse, shared: &SharedState, published: &P
         }
         *per_replica.entry(replica.clone()).or_default() += 1;
         let record = acks.get(&replica);
-        let (acked_version, nacked_version, nack_reason) =
-            record.and_then(|r| r.get(&reg.address)).unwrap_or_default();
+        let (acked_version, nacked_version, nack_reason) = record.and_then(|r| r.get(&reg.address)).unwrap_or_default();
         // Known only once its replica's record lists it.
         let known = record.filter(|r| r.sidecars.contains_key(&reg.address));
         status.sidecars.push(SidecarStatus {

@@ -106,7 +106,7 @@ pub struct LocalAcks {
 /// per-stream key (unique within this process).
 #[derive(Debug, Clone)]
 pub enum LocalChange {
-    Registered(u64, Registration),
+    Registered(u64, Box<Registration>),
     Deregistered(u64),
 }
 
@@ -454,7 +454,7 @@ impl Registry {
         inner.next_key += 1;
         tracing::info!(spiffe_id = %reg.spiffe_id, service = %reg.service, address = %reg.address, "sidecar registered");
         if let Some(tx) = &inner.changes {
-            let _ = tx.send(LocalChange::Registered(key, reg.clone()));
+            let _ = tx.send(LocalChange::Registered(key, Box::new(reg.clone())));
         }
         inner.by_address.entry(reg.address.clone()).or_default().push(key);
         let entry = Entry {
@@ -532,7 +532,7 @@ impl Registry {
     pub fn publish_local_changes(&self, tx: mpsc::UnboundedSender<LocalChange>) {
         let mut inner = self.lock();
         for (key, e) in &inner.sidecars {
-            let _ = tx.send(LocalChange::Registered(*key, e.reg.clone()));
+            let _ = tx.send(LocalChange::Registered(*key, Box::new(e.reg.clone())));
         }
         inner.changes = Some(tx);
     }

@@ -96,7 +96,8 @@ pub struct AckEntry(pub u64, pub u64, pub u32);
 impl AckRecord {
     /// The record of `acks`, within the size limits above.
     pub fn from_local(acks: &LocalAcks, replica: &str) -> Self {
-        let mut record = AckRecord { version: acks.version, config_revision: acks.config_revision, ..Default::default() };
+        let mut record =
+            AckRecord { version: acks.version, config_revision: acks.config_revision, ..Default::default() };
         let mut index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
         for (address, acked, nacked, reason) in &acks.sidecars {
             let mut at = 0;
@@ -286,7 +287,12 @@ pub async fn start(
     registry.expect_stored_config();
     let (tx, rx) = mpsc::unbounded_channel();
     registry.publish_local_changes(tx);
-    let held = Held { own: format!("{REGISTRATIONS}{replica}/"), me, acks: format!("{ACKS}{replica}"), replica: replica.clone() };
+    let held = Held {
+        own: format!("{REGISTRATIONS}{replica}/"),
+        me,
+        acks: format!("{ACKS}{replica}"),
+        replica: replica.clone(),
+    };
     tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, held, registry.clone(), health.clone()));
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
     let follower =

@@ -542,7 +542,9 @@ async fn ack_records(etcd: &Etcd) -> Vec<String> {
     let endpoints = vec![etcd.client_addr(0).to_string()];
     let client = weft_control_plane::store::etcd::Etcd::connect(&endpoints, &Default::default()).expect("etcd client");
     let (kvs, _) = client.get_prefix(weft_control_plane::replicas::ACKS).await.expect("read /weft/acks/");
-    kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key[weft_control_plane::replicas::ACKS.len()..]).into_owned()).collect()
+    kvs.iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key[weft_control_plane::replicas::ACKS.len()..]).into_owned())
+        .collect()
 }
 
 /// `weft status` through either replica shows a sidecar held by the other
@@ -584,7 +586,8 @@ async fn status_through_any_replica_shows_every_sidecars_acks() {
             && s["acked_version"] == s["replica_config_version"]
             && s["replica_config_revision"] == st["config_revision"]
     };
-    let s = wait_status(&cps[asked], "api", "the other replica's sidecar in sync", Duration::from_secs(20), in_sync).await;
+    let s =
+        wait_status(&cps[asked], "api", "the other replica's sidecar in sync", Duration::from_secs(20), in_sync).await;
     assert_eq!(s["replica"], held_id.as_str(), "{s}");
     let table = weft(&cps[asked], &["status"]);
     let line = table.stdout.lines().find(|l| l.contains("/sa/api")).unwrap_or_default().to_string();
@@ -622,7 +625,7 @@ async fn status_through_any_replica_shows_every_sidecars_acks() {
         assert!(Instant::now() < deadline, "the dead replica's ack record outlived its lease");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(ack_records(&etcd).await, [asked_id.clone()]);
+    assert_eq!(ack_records(&etcd).await, [asked_id.as_str()]);
     let st = status_json(&cps[asked]);
     assert_eq!(st["replicas"].as_array().map(Vec::len), Some(1), "{st}");
     drop(api);

@@ -130,7 +130,8 @@ impl ConfigStream {
         if *before == unknown {
             return;
         }
-        let flag = |name: &String| if self.registration.declared_calls.contains(name) { "--calls" } else { "--upstream" };
+        let flag =
+            |name: &String| if self.registration.declared_calls.contains(name) { "--calls" } else { "--upstream" };
         for name in unknown.iter().filter(|n| !before.contains(n)) {
             let flag = flag(name);
             tracing::warn!(
