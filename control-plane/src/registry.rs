@@ -739,6 +739,45 @@ mod tests {
     }
 
     #[test]
+    fn calls_the_mesh_does_not_define_are_unknown_until_registered_or_configured() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let td = TrustDomain::new("td").unwrap();
+        let cfg = weft_config::parse("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec: {}\n")
+            .unwrap();
+        r.set_mesh_config(serde_json::to_string(&cfg).unwrap());
+        let mut web = reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:1");
+        web.calls = vec!["api".into(), "apii".into(), "db".into()];
+        let _web = r.register(web);
+        assert_eq!(r.current().unknown_calls(&["api".into(), "apii".into(), "db".into()]), ["apii", "db"]);
+        assert_eq!(r.status(&td).sidecars[0].unknown_calls, ["apii", "db"]);
+        let _db = r.register(reg("spiffe://td/ns/a/sa/db", "db", "127.0.0.1:2"));
+        r.snapshot(); // published (the publisher task would, within COALESCE)
+        let st = r.status(&td);
+        let web = st.sidecars.iter().find(|s| s.service == "web").unwrap();
+        assert_eq!(web.unknown_calls, ["apii"], "a registered service is known");
+        assert_eq!(web.calls, ["api", "apii", "db"]);
+    }
+
+    #[test]
+    fn local_acks_change_generation_with_every_ack_and_version() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let _g = r.register(reg("spiffe://td/ns/a/sa/web", "web", "127.0.0.1:1"));
+        let v = r.snapshot().version;
+        let before = r.acks_generation();
+        r.ack(&id, "127.0.0.1:1", v, String::new());
+        assert!(r.acks_generation() > before);
+        let acks = r.local_acks();
+        assert_eq!((acks.version, acks.generation), (v, r.acks_generation()));
+        assert_eq!(acks.sidecars, [("127.0.0.1:1".to_string(), v, 0, String::new())]);
+        r.ack(&id, "127.0.0.1:1", v, "bad".into());
+        assert_eq!(r.local_acks().sidecars[0], ("127.0.0.1:1".to_string(), v, v, "bad".to_string()));
+        let g = r.acks_generation();
+        r.set_mesh_config("{\"a\":2}".into());
+        assert!(r.acks_generation() > g, "a new version changes what the acks are compared with");
+    }
+
+    #[test]
     fn a_good_config_clears_the_rejection_even_when_unchanged() {
         let r = Registry::new(Arc::new(Metrics::default()));
         let td = TrustDomain::new("td").unwrap();

@@ -654,3 +654,65 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acks(n: usize, reason: impl Fn(usize) -> Option<String>) -> LocalAcks {
+        LocalAcks {
+            generation: 1,
+            version: 123_456,
+            config_revision: 98_765,
+            sidecars: (0..n)
+                .map(|i| {
+                    let address = format!("10.{}.{}.{}:15006", i / 65536, (i / 256) % 256, i % 256);
+                    match reason(i) {
+                        Some(r) => (address, 123_455, 123_456, r),
+                        None => (address, 123_456, 0, String::new()),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_ack_record_of_10000_sidecars_stays_far_below_etcds_request_limit() {
+        // Every tenth one rejecting, each with its own long reason: at most
+        // MAX_REASONS reasons are kept, each cut.
+        let local = acks(10_000, |i| (i % 10 == 0).then(|| format!("route {i}: {}", "x".repeat(2000))));
+        let record = AckRecord::from_local(&local, "r1");
+        let json = record.to_json();
+        assert!(json.len() < 600 * 1024, "{} bytes", json.len());
+        let back: AckRecord = serde_json::from_slice(&json).unwrap();
+        assert!(!back.truncated);
+        assert_eq!((back.version, back.config_revision, back.sidecars.len()), (123_456, 98_765, 10_000));
+        assert_eq!(back.reasons.len(), MAX_REASONS + 1);
+        assert!(back.reasons.iter().all(|r| r.len() <= MAX_REASON + "…".len()));
+        assert_eq!(back.get("10.0.0.1:15006"), Some((123_456, 0, String::new())));
+        let (acked, nacked, reason) = back.get("10.0.0.0:15006").unwrap();
+        assert_eq!((acked, nacked), (123_455, 123_456));
+        assert!(reason.starts_with("route 0: xxx"), "{reason}");
+        let (_, _, late) = back.get("10.0.3.232:15006").unwrap();
+        assert!(late.contains("weft status` through replica r1"), "{late}");
+        assert_eq!(back.get("10.9.9.9:1"), None);
+    }
+
+    #[test]
+    fn one_reason_shared_by_many_sidecars_is_stored_once() {
+        let record = AckRecord::from_local(&acks(100, |_| Some("bad route".into())), "r1");
+        assert_eq!(record.reasons, ["bad route"]);
+        let json = String::from_utf8(record.to_json()).unwrap();
+        assert_eq!(json.matches("bad route").count(), 1, "{json}");
+    }
+
+    #[test]
+    fn a_record_that_would_not_fit_is_written_without_its_sidecars() {
+        let record = AckRecord::from_local(&acks(40_000, |_| None), "r1");
+        let json = record.to_json();
+        assert!(json.len() < 1024, "{} bytes", json.len());
+        let back: AckRecord = serde_json::from_slice(&json).unwrap();
+        assert!(back.truncated && back.sidecars.is_empty());
+        assert_eq!(back.version, 123_456);
+    }
+}

@@ -284,10 +284,12 @@ mod tests {
             incremental: true,
             removed_services: vec!["db".into()],
             mesh_config_unchanged: true,
+            unknown_calls: vec!["apii".into()],
             ..Default::default()
         };
         let merged = merge_incremental(Some(&full), delta.clone()).unwrap();
         assert_eq!(merged.version, 4);
+        assert_eq!(merged.unknown_calls, ["apii"], "every message carries the whole list");
         assert!(!merged.incremental);
         assert_eq!(merged.services, vec![svc("api", &["127.0.0.1:1", "127.0.0.1:3"]), svc("web", &["127.0.0.1:4"])]);
         assert_eq!(merged.mesh_config_json, "{\"m\":1}", "unchanged mesh config kept");
