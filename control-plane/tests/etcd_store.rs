@@ -626,8 +626,16 @@ async fn status_through_any_replica_shows_every_sidecars_acks() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(ack_records(&etcd).await, [asked_id.as_str()]);
-    let st = status_json(&cps[asked]);
-    assert_eq!(st["replicas"].as_array().map(Vec::len), Some(1), "{st}");
+    // The asked replica hears of it through its watch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_json(&cps[asked]);
+        if st["replicas"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead replica is still listed: {st:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(api);
 }
 
