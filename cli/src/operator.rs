@@ -322,6 +322,11 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
     let now = human::now_unix();
     outln!("{:<48} {:<12} {:<22} {:<14} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION")?;
     for p in &s.sidecars {
+        let mut sync = sync_state(p, &s);
+        if !p.remote && !p.replica.is_empty() {
+            // With etcd every sidecar names its replica; other replicas' do in sync_state.
+            sync += &format!(", on replica {} (this one)", p.replica);
+        }
         outln!(
             "{:<48} {:<12} {:<22} {:<14} {:<8} {}",
             p.spiffe_id,
@@ -329,7 +334,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             p.inbound_address,
             human::relative(p.svid_expires_at, now),
             p.acked_version,
-            sync_state(p, &s)
+            sync
         )?;
     }
     if s.sidecars.is_empty() {
