@@ -393,3 +393,56 @@ pub async fn proxy_config(conn: &ConnArgs, which: &str) -> anyhow::Result<()> {
     out!("{}", serde_norway::to_string(&json)?)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_replicas_sidecar_is_judged_by_its_replicas_version_and_the_config_revision() {
+        let s = StatusResponse { config_version: 40, config_revision: 7, ..Default::default() };
+        let remote = |acked, served, revision| SidecarStatus {
+            remote: true,
+            replica: "r2".into(),
+            acked_version: acked,
+            replica_config_version: served,
+            replica_config_revision: revision,
+            ..Default::default()
+        };
+        // Not reported yet.
+        let p = remote(0, 0, 0);
+        assert_eq!((sync_state(&p, &s), in_sync(&p, &s)), ("on replica r2".to_string(), None));
+        // Its own versions (12), not this replica's (40).
+        let p = remote(12, 12, 7);
+        assert_eq!((sync_state(&p, &s), in_sync(&p, &s)), ("in sync, on replica r2".to_string(), Some(true)));
+        let p = remote(10, 12, 7);
+        assert_eq!(sync_state(&p, &s), "stale (lag 2), on replica r2");
+        let p = remote(12, 12, 6);
+        assert_eq!(
+            (sync_state(&p, &s), in_sync(&p, &s)),
+            ("stale (config revision 6 of 7), on replica r2".into(), Some(false))
+        );
+        let p = SidecarStatus { nacked_version: 12, nack_reason: "bad".into(), ..remote(11, 12, 7) };
+        assert_eq!(sync_state(&p, &s), "REJECTED: bad, on replica r2");
+        let local = SidecarStatus { acked_version: 40, ..Default::default() };
+        assert_eq!((sync_state(&local, &s), in_sync(&local, &s)), ("in sync".to_string(), Some(true)));
+    }
+
+    #[test]
+    fn unknown_calls_are_one_warning_per_name() {
+        let sidecar = |addr: &str, unknown: &[&str]| SidecarStatus {
+            service: "web".into(),
+            inbound_address: addr.into(),
+            unknown_calls: unknown.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        let s = StatusResponse {
+            sidecars: (1..=5).map(|i| sidecar(&format!("10.0.0.{i}:15006"), &["apii"])).collect(),
+            ..Default::default()
+        };
+        let w = status_warnings(&s);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("--calls of web (10.0.0.1:15006), web (10.0.0.2:15006), web (10.0.0.3:15006), 2 more names service `apii`"), "{w:?}");
+        assert!(w[0].ends_with("check the spelling or apply a Service named apii"), "{w:?}");
+    }
+}
