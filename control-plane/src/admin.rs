@@ -116,7 +116,10 @@ impl Admin for AdminService {
             status.store_error = self.health.down_reason().unwrap_or_default();
             if let Some((_, shared)) = &self.shared {
                 status.config_revision = shared.config_revision.load(std::sync::atomic::Ordering::Acquire);
-                add_replicas(&mut status, shared, &self.registry.current());
+                // The last published version (what the local sidecars' state was
+                // judged by), not a new one: a Status call must not cut coalescing short.
+                let published = self.registry.subscribe().borrow().clone();
+                add_replicas(&mut status, shared, &published);
             }
             Ok(Response::new(status))
         }

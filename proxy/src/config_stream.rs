@@ -209,7 +209,11 @@ impl ConfigStream {
                         break;
                     };
                     let snap = merge_incremental(latest.as_ref(), snap)?;
-                    self.report_unknown_calls(&snap.unknown_calls);
+                    // Not during the reconnect grace: a restarted control plane
+                    // knows a service only once its sidecars are back.
+                    if !grace {
+                        self.report_unknown_calls(&snap.unknown_calls);
+                    }
                     let effective = match (&previous, grace) {
                         (Some(p), true) => with_missing_endpoints(&snap, p),
                         _ => snap.clone(),
@@ -218,6 +222,9 @@ impl ConfigStream {
                 }
                 _ = tokio::time::sleep_until(grace_end), if grace => {
                     grace = false;
+                    if let Some(l) = &latest {
+                        self.report_unknown_calls(&l.unknown_calls);
+                    }
                     // From now on the control plane's view is the whole truth.
                     match &latest {
                         Some(l) if applied.as_ref() != Some(l) => (l.clone(), l.clone(), false),
