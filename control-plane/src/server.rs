@@ -62,10 +62,11 @@ impl Default for HandshakeLimits {
     /// 256 at once (a handshake holds its slot while its client computes
     /// its part, which takes long when thousands of clients share a CPU;
     /// 64 slots measured 60 handshakes/s at 10,000 clients on this machine),
-    /// and 4 s of waiting: within weft-proxy's 5 s connect
-    /// timeout, which also covers the TCP connect and the handshake itself.
+    /// and 15 s of waiting: within weft-proxy's 20 s TLS handshake timeout
+    /// (`weft_proto::channel::HANDSHAKE_TIMEOUT`), leaving it 5 s for the
+    /// handshake itself.
     fn default() -> Self {
-        Self { concurrent: 256, max_wait: Duration::from_secs(4) }
+        Self { concurrent: 256, max_wait: Duration::from_secs(15) }
     }
 }
 

@@ -4,6 +4,7 @@
 //! connector that does the TLS handshake with the caller's rustls config.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -12,16 +13,30 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// How long the TCP connect to a control-plane replica may take: one whose
+/// host is gone (SYNs unanswered) is given up on after this, and the caller
+/// moves to another replica.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the TLS handshake may take once the TCP connect succeeded.
+/// Longer than [`CONNECT_TIMEOUT`]: a replica that accepted the connection
+/// is alive, and in a join storm (a control-plane restart, every sidecar
+/// at once) its handshakes wait their turn (the server runs a bounded number
+/// at once and closes a connection that waited 15 s); giving up earlier
+/// would throw away the place in that queue and cost a new handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A channel that connects on first use and reconnects after failures.
 /// `addr` is `host:port`; `tls` decides which server identity is accepted.
+/// Connecting fails with `TimedOut` after [`CONNECT_TIMEOUT`] for the TCP
+/// connect or [`HANDSHAKE_TIMEOUT`] for the TLS handshake.
 pub fn lazy_channel(
     addr: &str,
     tls: Arc<ClientConfig>,
     server_name: ServerName<'static>,
 ) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+        .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
     Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
@@ -34,9 +49,19 @@ pub fn lazy_channel(
                     std::io::Error::new(std::io::ErrorKind::InvalidInput, "control-plane address has no host:port")
                 })?
                 .to_string();
-            let tcp = TcpStream::connect(authority).await?;
+            let timed_out = |what: &str, after: Duration| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{what} with control plane {authority} timed out after {after:?}"),
+                )
+            };
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
+                .await
+                .map_err(|_| timed_out("TCP connect", CONNECT_TIMEOUT))??;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
+                .await
+                .map_err(|_| timed_out("TLS handshake", HANDSHAKE_TIMEOUT))??;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     })))
