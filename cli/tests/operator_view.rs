@@ -153,7 +153,7 @@ fn unknown_calls(cp: &ControlPlane, service: &str) -> (Vec<String>, serde_json::
 }
 
 async fn wait_unknown_calls(cp: &ControlPlane, service: &str, want: &[&str]) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (names, doc) = unknown_calls(cp, service);
         if names == want {
@@ -165,7 +165,7 @@ async fn wait_unknown_calls(cp: &ControlPlane, service: &str, want: &[&str]) -> 
 }
 
 async fn wait_log(s: &Sidecar, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let log = s.proc_.log_text();
         if log.contains(needle) {
@@ -227,7 +227,7 @@ async fn calls_naming_services_the_mesh_does_not_define_are_reported() {
     // db registers: known from then on; the sidecar says so, apii is not warned again.
     let db_app = servers::http("db").await;
     let _db = Sidecar::start(&cp, TD, SidecarSpec::new("db", db_app.addr)).await;
-    web.wait_endpoints("db", 1, Duration::from_secs(20)).await;
+    web.wait_endpoints("db", 1, Duration::from_secs(60)).await;
     wait_unknown_calls(&cp, "web", &["apii"]).await;
     wait_log(&web, "service `db` named by --calls is now defined").await;
 
