@@ -128,7 +128,9 @@ impl Departure {
         let Some((etcd, key)) = self.0 else { return };
         match etcd.delete(&key).await {
             Ok(()) => tracing::info!(%key, "replica record removed from etcd"),
-            Err(e) => tracing::warn!(error = %e, "could not remove this replica's record; it goes when its lease runs out"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove this replica's record; it goes when its lease runs out")
+            }
         }
     }
 }

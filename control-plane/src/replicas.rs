@@ -709,7 +709,10 @@ impl Follower {
         published.held.retain(|key, _| !others.contains_key(key));
         published.cancelled += before - published.held.len();
         if before > 0 && published.held.is_empty() {
-            tracing::info!(cancelled = published.cancelled, "every held removal cancelled: their replicas registered them again");
+            tracing::info!(
+                cancelled = published.cancelled,
+                "every held removal cancelled: their replicas registered them again"
+            );
             published.cancelled = 0;
         } else if !holding && !published.held.is_empty() {
             tracing::info!(

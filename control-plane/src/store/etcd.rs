@@ -151,10 +151,7 @@ impl MeshIdentity {
     pub fn new(trust_domain: &str, bundle_der: &[u8]) -> Self {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(bundle_der);
-        Self {
-            trust_domain: trust_domain.to_string(),
-            ca_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
-        }
+        Self { trust_domain: trust_domain.to_string(), ca_sha256: digest.iter().map(|b| format!("{b:02x}")).collect() }
     }
 }
 
