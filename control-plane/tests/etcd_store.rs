@@ -839,6 +839,14 @@ fn load(app: App, host: &'static str, stop: Arc<AtomicBool>) -> tokio::task::Joi
     })
 }
 
+/// How many endpoints of `service` a sidecar's /config dump lists.
+fn endpoints_in(config_json: &str, service: &str) -> usize {
+    let key = format!("\"{service}\": [");
+    let Some(start) = config_json.find(&key) else { return 0 };
+    let rest = &config_json[start + key.len()..];
+    rest[..rest.find(']').unwrap_or(rest.len())].matches("\"address\"").count()
+}
+
 /// A paused etcd (SIGSTOP, longer than the registration TTL) expires every
 /// lease when it resumes, deleting the registrations of replica 2 before
 /// replica 2 could renew them. Replica 1 holds those removals for the
@@ -872,6 +880,21 @@ async fn registrations_survive_an_etcd_pause_longer_than_their_lease() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = load(App::of(&web), "api", stop.clone());
+    // The lowest number of api endpoints web's discovery ever showed.
+    let lowest = {
+        let (admin, stop) = (web.admin, stop.clone());
+        tokio::spawn(async move {
+            let mut lowest = usize::MAX;
+            while !stop.load(Ordering::Relaxed) {
+                let (_, body) = http_get(admin, "/config").await.unwrap_or_default();
+                if !body.is_empty() {
+                    lowest = lowest.min(endpoints_in(&body, "api"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lowest
+        })
+    };
     etcd.pause_all();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Really gone during the outage: its replica cannot tell etcd.
@@ -888,6 +911,8 @@ async fn registrations_survive_an_etcd_pause_longer_than_their_lease() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, first) = load.await.unwrap();
+    let lowest = lowest.await.unwrap();
+    assert_eq!(lowest, 1, "web's discovery lost api during the recovery; replica 1 log:\n{}", cps[0].log_text());
     assert_eq!(
         failed,
         0,
