@@ -214,12 +214,13 @@ impl ControlPlane {
                 None
             }
             Some(etcd) => {
-                if let Some((path, (text, _))) = &config {
-                    seed_config(path, text, etcd).await;
-                }
+                // Before any write: another mesh's replica must change nothing.
                 let bundle = state.authority.bundle().concat_der();
                 let identity = store::etcd::MeshIdentity::new(td.as_str(), &bundle);
                 claim_identity(&etcd.etcd, identity).await?;
+                if let Some((path, (text, _))) = &config {
+                    seed_config(path, text, etcd).await;
+                }
                 share_jwt_key(etcd.clone(), opts.state_dir.join(JWT_KEY_FILE), state.jwt_signer.clone()).await;
                 let shared = replicas::start(
                     etcd.etcd.clone(),
@@ -323,8 +324,11 @@ async fn claim_identity(etcd: &store::etcd::Etcd, ours: store::etcd::MeshIdentit
                     match etcd.claim_identity(&ours).await {
                         Ok(()) => return tracing::info!("mesh identity checked in etcd"),
                         Err(ClaimError::Mismatch(m)) => {
-                            tracing::error!("{m}");
-                            eprintln!("error: {m}");
+                            if weft_runtime::logging::is_json() {
+                                tracing::error!("{m}");
+                            } else {
+                                eprintln!("error: {m}");
+                            }
                             std::process::exit(2);
                         }
                         Err(ClaimError::Store(_)) => {}

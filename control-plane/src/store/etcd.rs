@@ -287,7 +287,7 @@ impl Etcd {
     }
 
     /// Writes wait until the mesh identity is checked ([`Etcd::claim_identity`]).
-    fn writable(&self) -> Result<(), StoreError> {
+    pub(crate) fn writable(&self) -> Result<(), StoreError> {
         if self.identity_checked.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -481,6 +481,7 @@ impl EtcdStore {
         match expected {
             Some(rev) => self.etcd.put_if(CONFIG_KEY, yaml.as_bytes().to_vec(), 0, rev).await,
             None => {
+                self.etcd.writable()?;
                 let req = PutRequest { key: CONFIG_KEY.as_bytes().to_vec(), value: yaml.as_bytes().to_vec(), lease: 0 };
                 let resp = self.etcd.call(self.etcd.kv.clone().put(req)).await?;
                 Ok(resp.header.map(|h| h.revision).unwrap_or(0))
