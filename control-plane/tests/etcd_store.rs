@@ -1072,3 +1072,43 @@ async fn an_etcd_that_never_answered_is_named_as_a_likely_wrong_address() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `--store-ca` against an etcd serving plaintext: the member closes the
+/// TLS handshake at once, and the replica's log hints that etcd may be
+/// serving plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_towards_a_plaintext_etcd_hints_at_plaintext() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let certs = tempfile::tempdir().unwrap();
+    let tls = ca_and_leaf(certs.path());
+    let pki = Pki::new(TD);
+    let state = tempfile::tempdir().unwrap();
+    let url = etcd.url();
+    let args: Vec<String> = [
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--store",
+        &url,
+        "--store-ca",
+        &tls.client_ca.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = weft_testkit::Proc::spawn("cp-tls-to-plaintext", &bin("weft-control-plane"), &args, state.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = cp.log_text();
+        if log.contains("etcd may be serving plaintext on this port") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no plaintext hint; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -551,6 +551,36 @@ impl Store for EtcdStore {
 
 #[cfg(test)]
 mod tests {
+    use super::Reachability;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn removals_are_held_while_calls_fail_and_for_the_grace_after() {
+        let grace = Duration::from_secs(10);
+        let reach = Reachability::default();
+        assert!(!reach.ever_answered());
+        assert_eq!(reach.removal_hold(grace), None, "nothing failed: no hold");
+        reach.answered();
+        assert!(reach.ever_answered());
+        assert_eq!(reach.removal_hold(grace), None);
+        reach.failed();
+        let during = reach.removal_hold(grace).expect("held while calls fail");
+        assert!(during >= Instant::now() + grace - Duration::from_secs(1));
+        reach.answered();
+        let after = reach.removal_hold(grace).expect("held for the grace after etcd answered");
+        assert!(after > Instant::now() + grace - Duration::from_secs(1));
+        assert_eq!(reach.removal_hold(Duration::ZERO), None, "a grace of 0 is over at once");
+    }
+
+    #[test]
+    fn mesh_identity_is_the_trust_domain_and_the_bundle_digest() {
+        let a = super::MeshIdentity::new("example.org", b"der");
+        assert_eq!(a.ca_sha256.len(), 64);
+        assert_eq!(a, super::MeshIdentity::new("example.org", b"der"));
+        assert_ne!(a, super::MeshIdentity::new("other.org", b"der"));
+        assert_ne!(a, super::MeshIdentity::new("example.org", b"other der"));
+    }
+
     #[test]
     fn prefix_end_increments_the_last_byte() {
         assert_eq!(super::prefix_end(b"/weft/"), b"/weft0".to_vec());
