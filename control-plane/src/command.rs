@@ -55,8 +55,8 @@ pub struct Args {
     #[arg(long, requires = "store_cert")]
     store_key: Option<PathBuf>,
     /// With etcd: how long a sidecar stays in discovery after the replica it
-    /// was connected to died (its registration lease's TTL), e.g. 15s.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// was connected to died (its registration lease's TTL), e.g. 15s; 2s to 5m.
+    #[arg(long, default_value = "15s", value_parser = parse_registration_ttl)]
     registration_ttl: Duration,
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
@@ -74,6 +74,21 @@ pub enum DurationError {
     Syntax { input: String, source: humantime::DurationError },
     #[error("{0:?} is too short; at least 2s")]
     TooShort(String),
+    #[error("{0:?} is out of range: 2s to 5m (a stopped replica's sidecars stay in discovery that long)")]
+    OutOfRange(String),
+}
+
+/// The longest `--registration-ttl`: a replica that dies without a word
+/// stays listed, and its sidecars in discovery, this long.
+pub const MAX_REGISTRATION_TTL: Duration = Duration::from_secs(300);
+
+/// `--registration-ttl`: a lifetime from 2s to [`MAX_REGISTRATION_TTL`].
+fn parse_registration_ttl(s: &str) -> Result<Duration, DurationError> {
+    let d = parse_duration(s)?;
+    if d > MAX_REGISTRATION_TTL {
+        return Err(DurationError::OutOfRange(s.into()));
+    }
+    Ok(d)
 }
 
 /// A lifetime of at least 2s in humantime syntax (`1h`, `30m`, `20s`).
@@ -104,9 +119,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         registration_ttl: args.registration_ttl,
     })
     .await?;
+    let departure = cp.departure();
     tokio::select! {
         _ = cp.wait() => {}
-        signal = weft_runtime::shutdown_signal() => tracing::info!("{}; stopping", signal.map_err(RunError::Signal)?),
+        signal = weft_runtime::shutdown_signal() => {
+            tracing::info!("{}; stopping", signal.map_err(RunError::Signal)?);
+            departure.leave().await;
+        }
     }
     Ok(())
 }

@@ -61,6 +61,12 @@ pub enum StartError {
     StateDir(#[from] state_lock::StateLockError),
     #[error("--store {store}: {source}")]
     Etcd { store: String, source: store::etcd::EtcdSetupError },
+    #[error(transparent)]
+    MeshIdentity(#[from] store::etcd::IdentityMismatch),
+    #[error(
+        "--store-ca, --store-cert and --store-key apply only to --store etcd://...: drop them, or use --store etcd://host:port"
+    )]
+    StoreTlsWithoutEtcd,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +111,28 @@ pub struct ControlPlane {
     /// Dropped with the control plane, which stops the accept loop.
     _drain: DrainTrigger,
     _state_lock: StateLock,
+    /// With etcd: the connection and this replica's record's key.
+    record: Option<(store::etcd::Etcd, String)>,
+}
+
+/// What a stopping replica removes from etcd: its own replica record, so
+/// `weft status` through the others stops listing it at once. Its sidecars'
+/// registrations stay until the lease runs out: callers keep their endpoints
+/// while those sidecars move to another replica.
+pub struct Departure(Option<(store::etcd::Etcd, String)>);
+
+impl Departure {
+    /// Deletes the record (at most [`store::etcd::CALL_TIMEOUT`]; a failure is
+    /// logged: the lease drops the record later anyway).
+    pub async fn leave(self) {
+        let Some((etcd, key)) = self.0 else { return };
+        match etcd.delete(&key).await {
+            Ok(()) => tracing::info!(%key, "replica record removed from etcd"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove this replica's record; it goes when its lease runs out")
+            }
+        }
+    }
 }
 
 /// What the control plane keeps on disk: PKI, state directory (locked), store, JWT key.
@@ -122,7 +150,13 @@ impl State {
         let authority = Arc::new(pki::load_authority(&opts.pki, opts.trust_domain.as_ref())?);
         let lock = state_lock::lock(&opts.state_dir)?;
         let (store, etcd): (Arc<dyn store::Store>, _) = match &opts.store {
-            store::url::StoreUrl::File => (Arc::new(store::file::FileStore::open(&opts.state_dir)?), None),
+            store::url::StoreUrl::File => {
+                let tls = &opts.store_tls;
+                if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
+                    return Err(StartError::StoreTlsWithoutEtcd);
+                }
+                (Arc::new(store::file::FileStore::open(&opts.state_dir)?), None)
+            }
             store::url::StoreUrl::Etcd { endpoints } => {
                 let etcd = store::etcd::Etcd::connect(endpoints, &opts.store_tls)
                     .map_err(|source| StartError::Etcd { store: opts.store.to_string(), source })?;
@@ -180,6 +214,10 @@ impl ControlPlane {
                 None
             }
             Some(etcd) => {
+                // Before any write: another mesh's replica must change nothing.
+                let bundle = state.authority.bundle().concat_der();
+                let identity = store::etcd::MeshIdentity::new(td.as_str(), &bundle);
+                claim_identity(&etcd.etcd, identity).await?;
                 if let Some((path, (text, _))) = &config {
                     seed_config(path, text, etcd).await;
                 }
@@ -199,6 +237,9 @@ impl ControlPlane {
                 Some((etcd.clone(), shared))
             }
         };
+        let record = shared
+            .as_ref()
+            .map(|(etcd, shared)| (etcd.etcd.clone(), format!("{}{}", replicas::REPLICAS, shared.replica)));
         let tls = server_tls(&state.authority, opts.svid_ttl)?;
         let listeners = Listeners::bind(&opts).await?;
         let router = grpc_router(&opts, &state, &registry, &metrics, &health, shared);
@@ -219,7 +260,12 @@ impl ControlPlane {
         serve_admin(listeners.admin, &metrics, &registry, &health);
         let (grpc_addr, admin_addr) = (listeners.grpc_addr, listeners.admin_addr);
         tracing::info!(trust_domain = %td, grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
-        Ok(Self { grpc_addr, admin_addr, registry, serve, _drain: drain_trigger, _state_lock: state.lock })
+        Ok(Self { grpc_addr, admin_addr, registry, serve, _drain: drain_trigger, _state_lock: state.lock, record })
+    }
+
+    /// What to remove from etcd when this replica stops gracefully.
+    pub fn departure(&self) -> Departure {
+        Departure(self.record.clone())
     }
 
     /// Runs until the server task ends.
@@ -256,6 +302,41 @@ async fn seed_config(path: &std::path::Path, text: &str, etcd: &store::etcd::Etc
             "etcd already holds a mesh config; --config is not used (change it with weft apply)"
         ),
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not seed the mesh config from --config"),
+    }
+}
+
+/// With etcd: checks that etcd holds this replica's mesh (trust domain and
+/// CA), recording it if etcd holds none: another mesh's replica is a
+/// start-up error. Until checked, every write to etcd is refused; if etcd
+/// does not answer now, it is asked again every 2 s in the background, and
+/// a mismatch found then stops the process (exit status 2).
+async fn claim_identity(etcd: &store::etcd::Etcd, ours: store::etcd::MeshIdentity) -> Result<(), StartError> {
+    use store::etcd::ClaimError;
+    match etcd.claim_identity(&ours).await {
+        Ok(()) => Ok(()),
+        Err(ClaimError::Mismatch(m)) => Err(m.into()),
+        Err(ClaimError::Store(e)) => {
+            tracing::warn!(error = %e, "cannot check the mesh identity in etcd yet: writes to etcd wait until it is checked");
+            let etcd = etcd.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match etcd.claim_identity(&ours).await {
+                        Ok(()) => return tracing::info!("mesh identity checked in etcd"),
+                        Err(ClaimError::Mismatch(m)) => {
+                            if weft_runtime::logging::is_json() {
+                                tracing::error!("{m}");
+                            } else {
+                                eprintln!("error: {m}");
+                            }
+                            std::process::exit(2);
+                        }
+                        Err(ClaimError::Store(_)) => {}
+                    }
+                }
+            });
+            Ok(())
+        }
     }
 }
 

@@ -24,6 +24,15 @@
 //! When it answers again, the lease is re-granted, every held registration
 //! re-written, the old lease revoked (dropping what ended meanwhile), and the
 //! follower reads everything afresh before watching again.
+//!
+//! **Recovery grace**: an etcd that was away (stopped, paused, out of
+//! quorum) may expire every replica's lease as it comes back, deleting all
+//! their registrations before their replicas could renew. So while this
+//! replica's etcd calls fail, and for [`recovery_grace`] after etcd answers
+//! again, removals of other replicas' registrations (watch DELETE events,
+//! keys missing in a re-read) are held: callers keep those endpoints while
+//! their replicas register them again. At the end of the grace whatever etcd
+//! then holds is the truth: a sidecar really gone meanwhile disappears then.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -266,6 +275,13 @@ fn replica_of(key: &[u8]) -> String {
     String::from_utf8_lossy(id).into_owned()
 }
 
+/// How long removals of other replicas' registrations are held after etcd
+/// came back: the registration TTL (time for every replica to notice its
+/// lease is gone and register again), at least 10 s.
+pub fn recovery_grace(ttl: Duration) -> Duration {
+    ttl.max(Duration::from_secs(10))
+}
+
 /// Starts the registration writer and the follower for this replica and
 /// waits (at most `first_sync`) until the follower has read etcd once, so a
 /// new replica serves the stored config from its first snapshot.
@@ -295,8 +311,17 @@ pub async fn start(
     };
     tokio::spawn(hold_registrations(etcd.clone(), rx, ttl, held, registry.clone(), health.clone()));
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
-    let follower =
-        Follower { etcd, registry, health, metrics, own: format!("{REGISTRATIONS}{replica}/"), shared: shared.clone() };
+    let reach = etcd.reach.clone();
+    let endpoints = etcd.endpoints.clone();
+    let follower = Follower {
+        etcd,
+        registry,
+        health,
+        metrics,
+        own: format!("{REGISTRATIONS}{replica}/"),
+        shared: shared.clone(),
+        grace: recovery_grace(ttl),
+    };
     tokio::spawn(follower.run(synced_tx));
     match tokio::time::timeout(first_sync, synced).await {
         Ok(_) => tracing::info!(%replica, "replica joined: registrations and the mesh config read from etcd"),
@@ -305,7 +330,27 @@ pub async fn start(
             "etcd did not answer within {first_sync:?}: config streams wait until it does (sidecars keep their last config)"
         ),
     }
+    tokio::spawn(warn_until_answered(reach, endpoints));
     shared
+}
+
+/// How often [`warn_until_answered`] repeats itself.
+const NEVER_ANSWERED_EVERY: Duration = Duration::from_secs(10);
+
+/// An etcd that never answered since start-up is more likely a wrong
+/// address or TLS setting than an outage: says so until it answers.
+async fn warn_until_answered(reach: Arc<crate::store::etcd::Reachability>, endpoints: String) {
+    let address = endpoints.trim_start_matches("etcd://").to_string();
+    loop {
+        if reach.ever_answered() {
+            return;
+        }
+        tracing::warn!(
+            "etcd at {address} has not answered since start-up: check the --store address and port, and \
+             --store-ca/--store-cert/--store-key (TLS) against how etcd listens"
+        );
+        tokio::time::sleep(NEVER_ANSWERED_EVERY).await;
+    }
 }
 
 /// This host's name, for people reading `weft status` (empty if unknown).
@@ -347,6 +392,7 @@ async fn hold_registrations(
     // A lease given up while etcd was away: revoked once a new one holds
     // every registration, which drops the keys of streams that ended meanwhile.
     let mut stale: Option<i64> = None;
+    let mut registered_once = false;
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(500)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -399,6 +445,9 @@ async fn hold_registrations(
                         Ok(false) => {
                             tracing::warn!(lease = l, "registration lease expired (etcd was away longer than its TTL); registering again");
                             lease = None;
+                            // At once: other replicas hold this one's
+                            // removed registrations only for a grace.
+                            tick.reset_immediately();
                         }
                         Err(e) => {
                             health.report_down(e.to_string());
@@ -407,6 +456,10 @@ async fn hold_registrations(
                     },
                     None => match register_all(&etcd, own, me, &held, ttl).await {
                         Ok(l) => {
+                            if registered_once {
+                                tracing::info!(lease = l, sidecars = held.len(), "registered this replica's {} sidecars again under a new lease", held.len());
+                            }
+                            registered_once = true;
                             lease = Some(l);
                             // Written again under the new lease at the next tick.
                             acks_written = None;
@@ -462,6 +515,22 @@ async fn keep_alive(etcd: &Etcd, lease: i64) -> Result<bool, StoreError> {
     }
 }
 
+/// Sleeps until `at`, or forever (None).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the follower keeps across re-reads.
+#[derive(Default)]
+struct Others {
+    /// Other replicas' registrations as etcd holds them, by key.
+    etcd: BTreeMap<Vec<u8>, Registration>,
+    published: Published,
+}
+
 /// Reads and watches etcd into the registry.
 struct Follower {
     etcd: Etcd,
@@ -471,12 +540,26 @@ struct Follower {
     /// This replica's own registration prefix (those are in the registry already).
     own: String,
     shared: Arc<SharedState>,
+    /// [`recovery_grace`].
+    grace: Duration,
+}
+
+/// Other replicas' registrations as published, and the removals held
+/// during a recovery grace.
+#[derive(Default)]
+struct Published {
+    /// What the registry was last given: etcd's keys and the held ones.
+    view: BTreeMap<Vec<u8>, Registration>,
+    /// Removed from etcd during a grace, still published.
+    held: BTreeMap<Vec<u8>, Registration>,
+    /// Held removals cancelled (registered again) in this grace.
+    cancelled: usize,
 }
 
 impl Follower {
     async fn run(self, synced: tokio::sync::oneshot::Sender<()>) {
         let mut synced = Some(synced);
-        let mut others: BTreeMap<Vec<u8>, Registration> = BTreeMap::new();
+        let mut others = Others::default();
         let mut failures = 0u32;
         loop {
             match self.follow(&mut others, &mut synced).await {
@@ -500,9 +583,10 @@ impl Follower {
     /// until the watch fails (an error) or is cancelled by etcd.
     async fn follow(
         &self,
-        others: &mut BTreeMap<Vec<u8>, Registration>,
+        state: &mut Others,
         synced: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), StoreError> {
+        let Others { etcd: others, published } = state;
         // Replicas first: the watch starts after this read, and replays
         // (idempotently) whatever changed between the two reads.
         let (replica_kvs, revision) = self.etcd.get_prefix(REPLICAS).await?;
@@ -516,7 +600,7 @@ impl Follower {
         for kv in kvs {
             self.put_registration(others, kv.key, &kv.value);
         }
-        self.publish_others(others);
+        self.publish_others(others, published);
         let (ack_kvs, _) = self.etcd.get_prefix(ACKS).await?;
         let mut acks = BTreeMap::new();
         for kv in ack_kvs {
@@ -544,7 +628,19 @@ impl Follower {
         // `tx` lives as long as the watch: closing the request side ends it.
         let mut stream = self.etcd.call(self.etcd.watch.clone().watch(ReceiverStream::new(rx))).await?;
         loop {
-            let resp = match stream.message().await {
+            // Wakes up when held removals are due.
+            let due = match published.held.is_empty() {
+                true => None,
+                false => Some(self.etcd.reach.removal_hold(self.grace).unwrap_or_else(std::time::Instant::now)),
+            };
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = sleep_until(due) => {
+                    self.publish_others(others, published);
+                    continue;
+                }
+            };
+            let resp = match message {
                 Ok(Some(r)) => r,
                 Ok(None) => return Err(self.etcd.unavailable("watch stream ended")),
                 Err(s) => return Err(self.etcd.unavailable(format!("watch: {}", s.message()))),
@@ -583,16 +679,57 @@ impl Follower {
                 }
             }
             if registrations_changed {
-                self.publish_others(others);
+                self.publish_others(others, published);
             }
         }
     }
 
     /// The other replicas' registrations to the registry (endpoints) and
-    /// to the shared state (status).
-    fn publish_others(&self, others: &BTreeMap<Vec<u8>, Registration>) {
-        self.registry.set_shared(others.values().cloned().collect());
-        *SharedState::lock(&self.shared.remote) = others.iter().map(|(k, r)| (replica_of(k), r.clone())).collect();
+    /// to the shared state (status): those in etcd (`others`), plus, during
+    /// a recovery grace, those removed from etcd meanwhile.
+    fn publish_others(&self, others: &BTreeMap<Vec<u8>, Registration>, published: &mut Published) {
+        let holding = self.etcd.reach.removal_hold(self.grace).is_some();
+        if holding {
+            let mut newly = 0;
+            for (key, reg) in &published.view {
+                if !others.contains_key(key) && !published.held.contains_key(key) {
+                    published.held.insert(key.clone(), reg.clone());
+                    newly += 1;
+                }
+            }
+            if newly > 0 {
+                tracing::info!(
+                    held = published.held.len(),
+                    "etcd was away: holding the removal of {newly} other replicas' registrations for up to {:?} after it answers, so their replicas can register them again",
+                    self.grace
+                );
+            }
+        }
+        let before = published.held.len();
+        published.held.retain(|key, _| !others.contains_key(key));
+        published.cancelled += before - published.held.len();
+        if before > 0 && published.held.is_empty() {
+            tracing::info!(
+                cancelled = published.cancelled,
+                "every held removal cancelled: their replicas registered them again"
+            );
+            published.cancelled = 0;
+        } else if !holding && !published.held.is_empty() {
+            tracing::info!(
+                applied = published.held.len(),
+                cancelled = published.cancelled,
+                "recovery grace over: {} held removals applied (not registered again), {} cancelled",
+                published.held.len(),
+                published.cancelled
+            );
+            published.held.clear();
+            published.cancelled = 0;
+        }
+        let mut view = others.clone();
+        view.extend(published.held.iter().map(|(k, r)| (k.clone(), r.clone())));
+        self.registry.set_shared(view.values().cloned().collect());
+        *SharedState::lock(&self.shared.remote) = view.iter().map(|(k, r)| (replica_of(k), r.clone())).collect();
+        published.view = view;
     }
 
     fn put_replica(&self, replicas: &mut BTreeMap<String, ReplicaInfo>, key: &[u8], value: &[u8]) {

@@ -820,3 +820,295 @@ async fn apply_prints_the_warnings_validate_gives() {
     assert!(!applied.status.success() && applied.stderr.contains("cannot read config file"), "{}", applied.stderr);
     assert_eq!(applied.stderr, validated.stderr);
 }
+
+/// Continuous requests web → api until `stop`; (ok, failed, first failure).
+fn load(app: App, host: &'static str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64, Option<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failed, mut first) = (0, 0, None);
+        while !stop.load(Ordering::Relaxed) {
+            match app.send(Method::GET, host, "/load", &[]).await {
+                Ok(r) if r.status == 200 => ok += 1,
+                other => {
+                    first.get_or_insert(format!("{other:?}"));
+                    failed += 1
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (ok, failed, first)
+    })
+}
+
+/// How many endpoints of `service` a sidecar's /config dump lists.
+fn endpoints_in(config_json: &str, service: &str) -> usize {
+    let key = format!("\"{service}\": [");
+    let Some(start) = config_json.find(&key) else { return 0 };
+    let rest = &config_json[start + key.len()..];
+    rest[..rest.find(']').unwrap_or(rest.len())].matches("\"address\"").count()
+}
+
+/// A paused etcd (SIGSTOP, longer than the registration TTL) expires every
+/// lease when it resumes, deleting the registrations of replica 2 before
+/// replica 2 could renew them. Replica 1 holds those removals for the
+/// recovery grace: requests from its sidecar to replica 2's never fail,
+/// while a sidecar really killed during the outage disappears after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_survive_an_etcd_pause_longer_than_their_lease() {
+    let Some(mut etcd) = Etcd::start(3).await else { return };
+    let pki = Pki::new(TD);
+    let url = etcd.url();
+    let mut dirs = Vec::new();
+    let mut cps = Vec::new();
+    for _ in 0..2 {
+        let state = tempfile::tempdir().unwrap();
+        cps.push(ControlPlane::start_on(&pki, state.path(), &["--store", &url, "--registration-ttl", "3s"]).await);
+        dirs.push(state);
+    }
+    let api_app = servers::http("api").await;
+    let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
+    let doomed_app = servers::http("doomed").await;
+    let mut doomed = Sidecar::start(&cps[1], TD, SidecarSpec::new("doomed", doomed_app.addr)).await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(
+        &cps[0],
+        TD,
+        SidecarSpec { service: "web", app: web_app.addr, upstreams: &["api", "doomed"], labels: &[], extra_args: &[] },
+    )
+    .await;
+    web.wait_endpoints("api", 1, Duration::from_secs(20)).await;
+    web.wait_endpoints("doomed", 1, Duration::from_secs(20)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(App::of(&web), "api", stop.clone());
+    // The lowest number of api endpoints web's discovery ever showed.
+    let lowest = {
+        let (admin, stop) = (web.admin, stop.clone());
+        tokio::spawn(async move {
+            let mut lowest = usize::MAX;
+            while !stop.load(Ordering::Relaxed) {
+                let (_, body) = http_get(admin, "/config").await.unwrap_or_default();
+                if !body.is_empty() {
+                    lowest = lowest.min(endpoints_in(&body, "api"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lowest
+        })
+    };
+    etcd.pause_all();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Really gone during the outage: its replica cannot tell etcd.
+    doomed.proc_.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    etcd.resume_all();
+    let resumed = Instant::now();
+    // The leases expired as etcd resumed; replica 2 registers api again and
+    // replica 1 drops what was not registered again only after the grace.
+    web.wait_endpoints("doomed", 0, Duration::from_secs(60)).await;
+    let gone_after = resumed.elapsed();
+    web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
+    // Requests go on for a while after the grace too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, first) = load.await.unwrap();
+    let lowest = lowest.await.unwrap();
+    assert_eq!(lowest, 1, "web's discovery lost api during the recovery; replica 1 log:\n{}", cps[0].log_text());
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed requests of {}; first: {first:?}; replica 1 log:\n{}",
+        ok + failed,
+        cps[0].log_text()
+    );
+    assert!(ok > 100, "only {ok} requests went through");
+    // Dropped at the end of the grace (10 s at this TTL), not before.
+    assert!(gone_after >= Duration::from_secs(5), "doomed removed {gone_after:?} after etcd resumed");
+    let log = cps[0].log_text();
+    assert!(log.contains("held removals applied"), "{log}");
+    assert!(cps[1].log_text().contains("sidecars again under a new lease"), "{}", cps[1].log_text());
+    drop(api);
+}
+
+/// A control plane of another mesh (another PKI: another trust domain, or
+/// the same trust domain with another CA) pointed at this mesh's etcd
+/// refuses to start, naming both; one with the same PKI joins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_of_another_mesh_refuses_to_join_its_etcd() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, cps) = replicas(&pki, &etcd, 1, &[]).await;
+    let url = etcd.url();
+    for (other, td) in [(Pki::new("other.org"), "other.org"), (Pki::new(TD), TD)] {
+        let state = tempfile::tempdir().unwrap();
+        let out = run(Command::new(bin("weft-control-plane")).args([
+            "--pki",
+            &other.path().display().to_string(),
+            "--state-dir",
+            &state.path().display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+        ]));
+        assert!(!out.status.success(), "a replica of {td} with another CA started: {}", out.stderr);
+        for needle in
+            [format!("trust domain {TD}"), format!("trust domain {td}"), "CA sha256".into(), "same --pki".into()]
+        {
+            assert!(out.stderr.contains(&needle), "{needle:?} not in: {}", out.stderr);
+        }
+    }
+    // Nothing of the other mesh got in: one replica listed, tokens work.
+    let (_more, same) = replicas(&pki, &etcd, 1, &[]).await;
+    let st = status_json(&cps[0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_json(&cps[0])["replicas"].as_array().map_or(0, Vec::len) != 2 {
+        assert!(Instant::now() < deadline, "the same-PKI replica never joined: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = cps[0].create_token(&cps[0].id("/ns/default/sa/after"), 60).await;
+    same[0].attest(&token).await.expect("a token works across same-PKI replicas");
+}
+
+/// SIGTERM: the replica removes its own record at once (other replicas'
+/// `weft status` stop listing it long before its lease would run out), but
+/// not its sidecars' registrations, which stay while they move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_replica_leaves_status_at_once_and_keeps_its_sidecars_for_the_lease() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let url = etcd.url();
+    let mut dirs = Vec::new();
+    let mut cps = Vec::new();
+    for _ in 0..2 {
+        let state = tempfile::tempdir().unwrap();
+        cps.push(ControlPlane::start_on(&pki, state.path(), &["--store", &url, "--registration-ttl", "60s"]).await);
+        dirs.push(state);
+    }
+    let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_json(&cps[0])["replicas"].as_array().map_or(0, Vec::len) != 2 {
+        assert!(Instant::now() < deadline, "status never listed both replicas");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cps[1].terminate();
+    let stopped = Instant::now();
+    loop {
+        let st = status_json(&cps[0]);
+        if st["replicas"].as_array().map_or(0, Vec::len) == 1 {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5), "the stopped replica is still listed: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its sidecar stays in discovery (for the lease) and serves.
+    web.wait_endpoints("api", 1, Duration::from_millis(100)).await;
+    assert_eq!(App::of(&web).get("api", "/after-stop").await.status, 200);
+    drop(api);
+}
+
+/// No etcd needed: a registration TTL beyond 5m is refused naming the
+/// flag and the range; --store-ca with the file store is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_flags_out_of_range_or_without_etcd_are_refused() {
+    let out = run(Command::new(bin("weft-control-plane")).args(["--registration-ttl", "10d"]));
+    assert!(!out.status.success());
+    for needle in ["--registration-ttl", "10d", "2s to 5m"] {
+        assert!(out.stderr.contains(needle), "{needle:?} not in: {}", out.stderr);
+    }
+    let pki = Pki::new(TD);
+    let state = tempfile::tempdir().unwrap();
+    let out = run(Command::new(bin("weft-control-plane")).args([
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--store-ca",
+        "/nonexistent/ca.pem",
+    ]));
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("apply only to --store etcd://"), "{}", out.stderr);
+}
+
+/// An etcd address where nothing listens is said to be a likely wrong
+/// address (not an outage) while etcd has never answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_etcd_that_never_answered_is_named_as_a_likely_wrong_address() {
+    let pki = Pki::new(TD);
+    let state = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    // Bound and dropped: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("etcd://127.0.0.1:{port}");
+    let args: Vec<String> = [
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = weft_testkit::Proc::spawn("cp", &bin("weft-control-plane"), &args, logs.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = format!("etcd at 127.0.0.1:{port} has not answered since start-up: check the --store address and port");
+    loop {
+        let log = cp.log_text();
+        if log.contains(&want) && log.contains("--store-ca/--store-cert/--store-key") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no never-answered warning; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `--store-ca` against an etcd serving plaintext: the member closes the
+/// TLS handshake at once, and the replica's log hints that etcd may be
+/// serving plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_towards_a_plaintext_etcd_hints_at_plaintext() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let certs = tempfile::tempdir().unwrap();
+    let tls = ca_and_leaf(certs.path());
+    let pki = Pki::new(TD);
+    let state = tempfile::tempdir().unwrap();
+    let url = etcd.url();
+    let args: Vec<String> = [
+        "--pki",
+        &pki.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--store",
+        &url,
+        "--store-ca",
+        &tls.client_ca.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = weft_testkit::Proc::spawn("cp-tls-to-plaintext", &bin("weft-control-plane"), &args, state.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = cp.log_text();
+        if log.contains("etcd may be serving plaintext on this port") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no plaintext hint; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

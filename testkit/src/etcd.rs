@@ -179,6 +179,30 @@ impl Etcd {
         }
     }
 
+    /// Pauses every member (SIGSTOP): the processes and their leases'
+    /// clocks stay, nothing answers; a paused leader expires leases when it
+    /// resumes ([`Etcd::resume_all`]), unlike a restarted cluster.
+    pub fn pause_all(&mut self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Resumes every paused member (SIGCONT).
+    pub fn resume_all(&mut self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        for m in &self.members {
+            if let Some(p) = &m.proc_ {
+                let ok = std::process::Command::new("kill")
+                    .args([signal, &p.pid().to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "kill {signal} {} failed", p.pid());
+            }
+        }
+    }
+
     /// Starts every stopped member again and waits until all are healthy.
     pub async fn start_all(&mut self) {
         for i in 0..self.members.len() {

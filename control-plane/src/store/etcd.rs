@@ -13,11 +13,14 @@
 //!   bundle of any; the first replica stores its own key there. Whoever can
 //!   write to etcd can already mint SVIDs (a token record is enough), so
 //!   etcd must be protected (TLS, client certificates) either way;
+//! - `/weft/mesh-identity`: a [`MeshIdentity`] as JSON, written by the first
+//!   replica (create-if-absent); a replica with another trust domain or CA
+//!   refuses to start rather than share this mesh's keys, tokens and discovery;
 //! - `/weft/registrations/<replica>/<n>`, `/weft/replicas/<replica>`: see [`crate::replicas`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
@@ -42,6 +45,8 @@ pub const CONFIG_KEY: &str = "/weft/config";
 const TOKENS: &str = "/weft/tokens/";
 /// The JWT-SVID signing key every replica signs with (PEM PKCS#8).
 pub const JWT_KEY: &str = "/weft/jwt-signing-key";
+/// The mesh's identity ([`MeshIdentity`]), written once by the first replica.
+pub const IDENTITY_KEY: &str = "/weft/mesh-identity";
 /// Spent tokens are kept this long after expiry (so "already used" can be
 /// told apart from "unknown"), then etcd drops them with their lease.
 const KEEP_SPENT_SECS: i64 = 7 * 86400;
@@ -70,6 +75,100 @@ pub struct Etcd {
     pub lease: LeaseClient<Channel>,
     /// `etcd://...` as configured, for messages.
     pub endpoints: String,
+    /// Whether and when etcd answered or failed, as seen by this replica.
+    pub reach: Arc<Reachability>,
+    /// Set once this replica's [`MeshIdentity`] matched etcd's: until then
+    /// every write is refused, so a replica of another mesh changes nothing.
+    identity_checked: Arc<AtomicBool>,
+}
+
+/// What this replica saw of etcd's answers: whether it ever answered since
+/// start-up, and when it last came back after calls failed. The follower
+/// holds removals of other replicas' registrations for a grace after a
+/// recovery ([`Reachability::removal_hold`]).
+#[derive(Debug, Default)]
+pub struct Reachability {
+    answered: AtomicBool,
+    state: Mutex<ReachState>,
+}
+
+#[derive(Debug, Default)]
+struct ReachState {
+    /// A call failed and none succeeded since.
+    troubled: bool,
+    /// When a call succeeded after failures, last.
+    recovered_at: Option<Instant>,
+}
+
+impl Reachability {
+    fn state(&self) -> std::sync::MutexGuard<'_, ReachState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A call was answered.
+    pub fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+        let mut s = self.state();
+        if s.troubled {
+            s.troubled = false;
+            s.recovered_at = Some(Instant::now());
+        }
+    }
+
+    /// A call failed (error or no answer in time).
+    pub fn failed(&self) {
+        self.state().troubled = true;
+    }
+
+    /// Whether etcd ever answered since start-up.
+    pub fn ever_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Until when removals of other replicas' registrations are held
+    /// (`grace` after etcd came back; None: not holding). While calls fail,
+    /// `grace` from now (it moves on until etcd answers).
+    pub fn removal_hold(&self, grace: Duration) -> Option<Instant> {
+        let s = self.state();
+        let now = Instant::now();
+        if s.troubled {
+            return Some(now + grace);
+        }
+        s.recovered_at.map(|at| at + grace).filter(|until| *until > now)
+    }
+}
+
+/// Who a mesh is: its trust domain and the SHA-256 of its CA certificates
+/// (the trust bundle's DER, concatenated), hex. Stored at [`IDENTITY_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MeshIdentity {
+    pub trust_domain: String,
+    pub ca_sha256: String,
+}
+
+impl MeshIdentity {
+    /// The identity of a PKI: `trust_domain` and its bundle's DER certificates.
+    pub fn new(trust_domain: &str, bundle_der: &[u8]) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(bundle_der);
+        Self { trust_domain: trust_domain.to_string(), ca_sha256: digest.iter().map(|b| format!("{b:02x}")).collect() }
+    }
+}
+
+/// This replica's PKI is not the one of the mesh etcd holds.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{endpoints} (key {IDENTITY_KEY}) holds the mesh of trust domain {stored_td} (CA sha256 {stored_ca}), \
+     but this replica's --pki is trust domain {ours_td} (CA sha256 {ours_ca}): replicas of one mesh must \
+     share one PKI. Start this replica with the same --pki as the others (copy that pki directory), or \
+     give this mesh its own etcd (another --store)"
+)]
+pub struct IdentityMismatch {
+    pub endpoints: String,
+    pub stored_td: String,
+    pub stored_ca: String,
+    pub ours_td: String,
+    pub ours_ca: String,
 }
 
 /// Why etcd could not be set up (at start-up).
@@ -161,7 +260,8 @@ impl Etcd {
                             let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
                             let name = rustls_pki_types::ServerName::try_from(host)
                                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                            Box::new(tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await?)
+                            let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await;
+                            Box::new(tls.map_err(|e| tls_hint(addr, e))?)
                         }
                     };
                     return Ok(TokioIo::new(io));
@@ -175,12 +275,63 @@ impl Etcd {
             watch: WatchClient::new(channel.clone()),
             lease: LeaseClient::new(channel),
             endpoints: format!("etcd://{}", endpoints.join(",")),
+            reach: Arc::default(),
+            identity_checked: Arc::default(),
         })
     }
 
-    /// A failed call as a [`StoreError::Unavailable`].
+    /// A failed call as a [`StoreError::Unavailable`] (noted in [`Etcd::reach`]).
     pub fn unavailable(&self, reason: impl std::fmt::Display) -> StoreError {
+        self.reach.failed();
         StoreError::Unavailable { endpoints: self.endpoints.clone(), reason: reason.to_string() }
+    }
+
+    /// Writes wait until the mesh identity is checked ([`Etcd::claim_identity`]).
+    pub(crate) fn writable(&self) -> Result<(), StoreError> {
+        if self.identity_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable {
+            endpoints: self.endpoints.clone(),
+            reason: "this replica has not yet checked that etcd holds its own mesh (trust domain and CA)".into(),
+        })
+    }
+
+    /// Records `ours` as the mesh's identity if etcd holds none yet, else
+    /// compares it with the stored one; writes are allowed from then on.
+    /// Errors: [`ClaimError::Mismatch`] (another mesh: do not start), or
+    /// the store being unreachable (try again).
+    pub async fn claim_identity(&self, ours: &MeshIdentity) -> Result<(), ClaimError> {
+        let value = serde_json::to_vec(ours).expect("serializes");
+        let stored = match self.put_if_unchecked(IDENTITY_KEY, value, 0, 0).await {
+            Ok(_) => {
+                tracing::info!(trust_domain = %ours.trust_domain, ca_sha256 = %ours.ca_sha256, "mesh identity recorded in etcd (first replica)");
+                None
+            }
+            Err(StoreError::Conflict { .. }) => match self.get(IDENTITY_KEY).await? {
+                Some(kv) => Some(serde_json::from_slice::<MeshIdentity>(&kv.value).map_err(|e| {
+                    ClaimError::Store(StoreError::Backend {
+                        path: format!("{}{IDENTITY_KEY}", self.endpoints),
+                        reason: format!("unreadable mesh identity: {e}"),
+                    })
+                })?),
+                None => return Err(self.unavailable("the mesh identity vanished between two reads").into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(stored) = stored {
+            if &stored != ours {
+                return Err(ClaimError::Mismatch(IdentityMismatch {
+                    endpoints: self.endpoints.clone(),
+                    stored_td: stored.trust_domain,
+                    stored_ca: stored.ca_sha256,
+                    ours_td: ours.trust_domain.clone(),
+                    ours_ca: ours.ca_sha256.clone(),
+                }));
+            }
+        }
+        self.identity_checked.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Runs one unary call with [`CALL_TIMEOUT`].
@@ -189,7 +340,10 @@ impl Etcd {
         f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Ok(r)) => {
+                self.reach.answered();
+                Ok(r.into_inner())
+            }
             Ok(Err(s)) => Err(self.unavailable(format!("{:?}: {}", s.code(), s.message()))),
             Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
         }
@@ -213,16 +367,19 @@ impl Etcd {
     }
 
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), StoreError> {
+        self.writable()?;
         self.call(self.kv.clone().put(PutRequest { key: key.as_bytes().to_vec(), value, lease })).await.map(|_| ())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.writable()?;
         let req = DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() };
         self.call(self.kv.clone().delete_range(req)).await.map(|_| ())
     }
 
     /// A new lease of `ttl` (whole seconds, at least 1); its ID.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        self.writable()?;
         let req = LeaseGrantRequest { ttl: ttl.as_secs().max(1) as i64, id: 0 };
         let resp = self.call(self.lease.clone().lease_grant(req)).await?;
         if !resp.error.is_empty() {
@@ -234,6 +391,11 @@ impl Etcd {
     /// Puts `value` at `key` only if the key's `mod_revision` is `expected`
     /// (0: the key does not exist). Ok(new revision) or Err(Conflict).
     pub async fn put_if(&self, key: &str, value: Vec<u8>, lease: i64, expected: i64) -> Result<i64, StoreError> {
+        self.writable()?;
+        self.put_if_unchecked(key, value, lease, expected).await
+    }
+
+    async fn put_if_unchecked(&self, key: &str, value: Vec<u8>, lease: i64, expected: i64) -> Result<i64, StoreError> {
         let compare = Compare {
             result: CompareResult::Equal as i32,
             target: CompareTarget::Mod as i32,
@@ -262,6 +424,28 @@ impl Etcd {
             .unwrap_or(0);
         Err(StoreError::Conflict { expected, actual })
     }
+}
+
+/// Why [`Etcd::claim_identity`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Mismatch(#[from] IdentityMismatch),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A failed TLS handshake with `addr`, with a hint when the member closed
+/// the connection at once: what a plaintext etcd does with a ClientHello.
+fn tls_hint(addr: &str, e: std::io::Error) -> std::io::Error {
+    let eof = e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string().to_lowercase().contains("eof");
+    let hint = if eof {
+        " (etcd may be serving plaintext on this port: drop --store-ca/--store-cert/--store-key, \
+         or start etcd with --cert-file/--key-file and https:// client URLs)"
+    } else {
+        ""
+    };
+    std::io::Error::new(e.kind(), format!("{addr}: TLS handshake: {e}{hint}"))
 }
 
 /// Boxed so plaintext and TLS connections are one type for tonic.
@@ -297,6 +481,7 @@ impl EtcdStore {
         match expected {
             Some(rev) => self.etcd.put_if(CONFIG_KEY, yaml.as_bytes().to_vec(), 0, rev).await,
             None => {
+                self.etcd.writable()?;
                 let req = PutRequest { key: CONFIG_KEY.as_bytes().to_vec(), value: yaml.as_bytes().to_vec(), lease: 0 };
                 let resp = self.etcd.call(self.etcd.kv.clone().put(req)).await?;
                 Ok(resp.header.map(|h| h.revision).unwrap_or(0))
@@ -366,6 +551,36 @@ impl Store for EtcdStore {
 
 #[cfg(test)]
 mod tests {
+    use super::Reachability;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn removals_are_held_while_calls_fail_and_for_the_grace_after() {
+        let grace = Duration::from_secs(10);
+        let reach = Reachability::default();
+        assert!(!reach.ever_answered());
+        assert_eq!(reach.removal_hold(grace), None, "nothing failed: no hold");
+        reach.answered();
+        assert!(reach.ever_answered());
+        assert_eq!(reach.removal_hold(grace), None);
+        reach.failed();
+        let during = reach.removal_hold(grace).expect("held while calls fail");
+        assert!(during >= Instant::now() + grace - Duration::from_secs(1));
+        reach.answered();
+        let after = reach.removal_hold(grace).expect("held for the grace after etcd answered");
+        assert!(after > Instant::now() + grace - Duration::from_secs(1));
+        assert_eq!(reach.removal_hold(Duration::ZERO), None, "a grace of 0 is over at once");
+    }
+
+    #[test]
+    fn mesh_identity_is_the_trust_domain_and_the_bundle_digest() {
+        let a = super::MeshIdentity::new("example.org", b"der");
+        assert_eq!(a.ca_sha256.len(), 64);
+        assert_eq!(a, super::MeshIdentity::new("example.org", b"der"));
+        assert_ne!(a, super::MeshIdentity::new("other.org", b"der"));
+        assert_ne!(a, super::MeshIdentity::new("example.org", b"other der"));
+    }
+
     #[test]
     fn prefix_end_increments_the_last_byte() {
         assert_eq!(super::prefix_end(b"/weft/"), b"/weft0".to_vec());
