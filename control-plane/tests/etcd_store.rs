@@ -647,10 +647,13 @@ async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
     for (store, expect) in [
         ("http://127.0.0.1:2379", "expected `file` or `etcd://host:port[,host:port...]`"),
         ("etcd://127.0.0.1", "\"127.0.0.1\" is not host:port"),
+        ("etcd://127.0.0.1:99999", "the port of \"127.0.0.1:99999\" is out of range: a port is 1-65535"),
     ] {
         let out = run(Command::new(bin("weft-control-plane")).args(["--store", store]));
         assert!(!out.status.success());
         assert!(out.stderr.contains(expect), "--store {store}: {}", out.stderr);
+        // clap names the value; the message does not repeat it.
+        assert_eq!(out.stderr.matches(store).count(), 1, "--store {store}: {}", out.stderr);
     }
     let cp = ControlPlane::start(TD, &[]).await;
     let dir = tempfile::tempdir().unwrap();
