@@ -17,7 +17,9 @@ fn output(cmd: &mut Command) -> (bool, String, String) {
 }
 
 fn weft_at(control_plane: &str, pki: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    output(Command::new(env!("CARGO_BIN_EXE_weft")).args(args).args(["--control-plane", control_plane, "--pki"]).arg(pki))
+    output(
+        Command::new(env!("CARGO_BIN_EXE_weft")).args(args).args(["--control-plane", control_plane, "--pki"]).arg(pki),
+    )
 }
 
 /// A loopback address nothing listens on (bound, then released).

@@ -647,7 +647,7 @@ async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
     for (store, expect) in [
         ("http://127.0.0.1:2379", "expected `file` or `etcd://host:port[,host:port...]`"),
         ("etcd://127.0.0.1", "\"127.0.0.1\" is not host:port"),
-        ("etcd://127.0.0.1:99999", "the port of \"127.0.0.1:99999\" is out of range: a port is 1-65535"),
+        ("etcd://127.0.0.1:99999", "\"127.0.0.1:99999\" has a port out of range: a port is 1-65535"),
     ] {
         let out = run(Command::new(bin("weft-control-plane")).args(["--store", store]));
         assert!(!out.status.success());
@@ -882,7 +882,11 @@ async fn empty_applies_are_refused_and_identical_ones_are_unchanged() {
         assert!(out.stderr.contains(says), "no {says:?}: {}", out.stderr);
     }
     let got = weft(&cps[0], &["get", "config"]);
-    assert!(got.stdout.starts_with(&format!("# revision: {revision}\n")) && got.stdout.contains("callers"), "{}", got.stdout);
+    assert!(
+        got.stdout.starts_with(&format!("# revision: {revision}\n")) && got.stdout.contains("callers"),
+        "{}",
+        got.stdout
+    );
 }
 
 /// `weft status` says on its first line what the asked replica can do:
@@ -919,7 +923,8 @@ async fn status_first_line_tells_a_store_outage_and_not_ready() {
     let table = first_line(&cps[0]);
     let first = table.lines().next().unwrap_or_default();
     assert!(
-        first.starts_with(&format!("control plane {}: not ready: has not read the stored mesh config yet", cps[0].addr)),
+        first
+            .starts_with(&format!("control plane {}: not ready: has not read the stored mesh config yet", cps[0].addr)),
         "{table}"
     );
     let replica = table.lines().find(|l| l.starts_with("replica ")).unwrap_or_default();

@@ -133,8 +133,7 @@ impl ControlPlanes {
     /// ([`weft_intercept::distinct_list_items`]): an empty entry (`a,,b`, a
     /// trailing comma) is refused by its position, and so is a repeat.
     pub fn parse(list: &str) -> Result<Self, ControlPlaneAddrError> {
-        let entries: Vec<String> =
-            weft_intercept::distinct_list_items(list)?.into_iter().map(str::to_string).collect();
+        let entries: Vec<String> = weft_intercept::distinct_list_items(list)?.into_iter().map(str::to_string).collect();
         if entries.is_empty() {
             return Err(ControlPlaneAddrError::Empty);
         }

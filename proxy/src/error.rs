@@ -464,7 +464,12 @@ mod tests {
         assert_eq!(e.refusal(), Some("unknown_service"));
         let r = answer(e).await;
         assert_eq!(r.0, 404);
-        assert!(r.1.starts_with("weft: service \"backend\" is not in this sidecar's view: the sidecar was started with --calls api,db"), "{r:?}");
+        assert!(
+            r.1.starts_with(
+                "weft: service \"backend\" is not in this sidecar's view: the sidecar was started with --calls api,db"
+            ),
+            "{r:?}"
+        );
         let e = ProxyError::UnknownService { service: "x".into() };
         assert_eq!(e.refusal(), Some("unknown_service"));
         let r = answer(e).await;

@@ -21,10 +21,9 @@ pub enum StoreUrlError {
     // '--store <STORE>'" in front of them names it already.
     #[error("expected `file` or `etcd://host:port[,host:port...]`")]
     Scheme(String),
-    #[error("{endpoint:?} is not host:port (e.g. etcd://10.0.0.5:2379,10.0.0.6:2379)")]
-    Endpoint { url: String, endpoint: String },
-    #[error("the port of {endpoint:?} is out of range: a port is 1-65535")]
-    Port { url: String, endpoint: String },
+    /// `why`: "is not host:port (…)", or that its port is out of range.
+    #[error("{endpoint:?} {why}")]
+    Endpoint { url: String, endpoint: String, why: &'static str },
 }
 
 impl FromStr for StoreUrl {
@@ -41,15 +40,20 @@ impl FromStr for StoreUrl {
         for e in &endpoints {
             // A number, but not a port: say that, not "not host:port".
             if let Some((_, port)) = e.rsplit_once(':') {
-                if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !matches!(port.parse::<u16>(), Ok(1..)) {
-                    return Err(StoreUrlError::Port { url: s.into(), endpoint: e.clone() });
+                if !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && !matches!(port.parse::<u16>(), Ok(1..))
+                {
+                    let why = "has a port out of range: a port is 1-65535";
+                    return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone(), why });
                 }
             }
             let ok = e
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok());
             if !ok {
-                return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone() });
+                let why = "is not host:port (e.g. etcd://10.0.0.5:2379,10.0.0.6:2379)";
+                return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone(), why });
             }
         }
         Ok(Self::Etcd { endpoints })
@@ -89,8 +93,9 @@ mod tests {
         );
         assert!(matches!("etcd://127.0.0.1".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
         let e = "etcd://127.0.0.1:99999".parse::<StoreUrl>().unwrap_err();
-        assert_eq!(e.to_string(), "the port of \"127.0.0.1:99999\" is out of range: a port is 1-65535");
-        assert!(matches!("etcd://127.0.0.1:0".parse::<StoreUrl>(), Err(StoreUrlError::Port { .. })));
+        assert_eq!(e.to_string(), "\"127.0.0.1:99999\" has a port out of range: a port is 1-65535");
+        let e = "etcd://127.0.0.1:0".parse::<StoreUrl>().unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
         assert!(matches!("etcd://".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
         assert!(matches!("etcd://h:99999".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
         let err = "http://127.0.0.1:2379".parse::<StoreUrl>().unwrap_err().to_string();
