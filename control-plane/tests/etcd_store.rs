@@ -937,3 +937,30 @@ async fn status_first_line_tells_a_store_outage_and_not_ready() {
     let table = first_line(&cps[0]);
     assert!(table.starts_with(&format!("control plane {}: healthy,", cps[0].addr)), "{table}");
 }
+
+/// A replica started with a `--config` that differs from the config etcd
+/// holds serves the stored one and says so as a WARN, naming the file and
+/// `weft apply`; one started with the stored file says nothing of the kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_file_differing_from_the_stored_one_is_warned_about() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let dir = tempfile::tempdir().unwrap();
+    let (seed, other) = (dir.path().join("seed.yaml"), dir.path().join("other.yaml"));
+    std::fs::write(&seed, SEED).unwrap();
+    std::fs::write(&other, with_marker("other-one")).unwrap();
+    let (_d1, first) = replicas(&pki, &etcd, 1, &["--config", seed.to_str().unwrap()]).await;
+    assert!(first[0].wait_for_log("seeded it from --config").await, "{}", first[0].log_text());
+    let (_d2, differing) = replicas(&pki, &etcd, 1, &["--config", other.to_str().unwrap()]).await;
+    assert!(
+        differing[0].wait_for_log("is ignored: etcd already holds a mesh config").await,
+        "{}",
+        differing[0].log_text()
+    );
+    let log = differing[0].log_text();
+    let line = log.lines().find(|l| l.contains("is ignored")).unwrap_or_default();
+    assert!(line.contains("WARN") && line.contains(&format!("weft apply -f {}", other.display())), "{line}");
+    let (_d3, same) = replicas(&pki, &etcd, 1, &["--config", seed.to_str().unwrap()]).await;
+    assert!(same[0].wait_for_log("already holds this --config's mesh config").await, "{}", same[0].log_text());
+    assert!(!same[0].log_text().contains("is ignored"), "{}", same[0].log_text());
+}
