@@ -93,12 +93,17 @@ enum Cmd {
     Apply {
         #[command(flatten)]
         conn: operator::ConnArgs,
-        /// The YAML file, e.g. examples/canary.yaml.
+        /// The YAML file, e.g. examples/canary.yaml; `-` reads it from stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// Apply only if the stored config is still at this revision (from `weft get config`).
         #[arg(long)]
         if_revision: Option<i64>,
+        /// Apply a config that declares nothing (no services, routes,
+        /// policies or rate limits), removing everything the mesh has;
+        /// refused without this flag.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Read what the control plane stores.
     Get {
@@ -235,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token { cmd: TokenCmd::Create { conn, spiffe_id, ttl } } => {
             // Validate locally first so the message names the rule broken.
             let id = SpiffeId::parse(&spiffe_id).with_context(|| format!("--spiffe-id {spiffe_id:?}"))?;
+            let conn = conn.reach().await?;
             let resp = operator::create_token(&conn, &id, ttl).await?;
             eprintln!(
                 "token for {id}, expires {} ({})",
@@ -243,17 +249,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             outln!("{}", resp.token)?;
         }
-        Cmd::Status { conn, json } => operator::status(&conn, json).await?,
-        Cmd::Apply { conn, file, if_revision } => {
+        Cmd::Status { conn, json } => operator::status(&conn.reach().await?, json).await?,
+        Cmd::Apply { conn, file, if_revision, allow_empty } => {
             // The same check, messages and warnings as `weft validate`, before anything is sent.
             let (yaml, cfg) = validate::load(&file)?;
+            let name = validate::source_name(&file);
+            let conn = conn.reach().await?;
+            if validate::declares_nothing(&cfg) && !allow_empty {
+                anyhow::bail!("{}", operator::empty_apply_refusal(&conn, &name).await);
+            }
             for w in validate::apply_warnings(&cfg, &conn) {
                 eprintln!("warning: {w}");
             }
-            let revision = operator::apply_config(&conn, yaml, if_revision.unwrap_or(0)).await?;
-            outln!("{}: applied, revision {revision}", file.display())?;
+            match operator::apply_config(&conn, yaml, if_revision.unwrap_or(0)).await? {
+                (revision, true) => outln!("{name}: unchanged (revision {revision})")?,
+                (revision, false) => outln!("{name}: applied, revision {revision}")?,
+            }
         }
         Cmd::Get { cmd: GetCmd::Config { conn } } => {
+            let conn = conn.reach().await?;
             let c = operator::get_config(&conn).await?;
             if c.revision == 0 {
                 anyhow::bail!("no mesh config is stored yet: store one with weft apply -f FILE");
@@ -275,17 +289,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Install(args) => install::run(args)?,
         Cmd::InitIptables(args) => init_iptables::run(args)?,
         Cmd::DemoApp(args) => demo::run(args).await?,
-        Cmd::Dashboard(args) => dashboard::run(args).await?,
+        Cmd::Dashboard(mut args) => {
+            args.conn = args.conn.reach().await?;
+            dashboard::run(args).await?
+        }
         Cmd::Top { conn, interval, iterations, no_clear } => {
+            let conn = conn.reach().await?;
             let targets = operator::sidecar_targets(&conn).await?;
             anyhow::ensure!(!targets.is_empty(), "no sidecars are connected to {}", conn.control_plane);
             let (n, cp) = (targets.len(), conn.control_plane.clone());
             let header = move || format!("weft top: {n} sidecars via control plane {cp}\n\n");
             top::run(move || targets.clone(), header, interval, iterations, !no_clear).await?;
         }
-        Cmd::ProxyConfig { conn, sidecar } => operator::proxy_config(&conn, &sidecar).await?,
+        Cmd::ProxyConfig { conn, sidecar } => operator::proxy_config(&conn.reach().await?, &sidecar).await?,
         Cmd::Example { name: _ } => out!("{}", up::EMBEDDED_EXAMPLE)?,
-        Cmd::Validate(args) => validate::run(args).await?,
+        Cmd::Validate(mut args) => {
+            if args.live {
+                args.conn = args.conn.reach().await?;
+            }
+            validate::run(args).await?
+        }
     }
     Ok(())
 }

@@ -16,12 +16,56 @@ use weft_proto::admin::v1::{
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// Control-plane gRPC address.
-    #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = "127.0.0.1:7443")]
+    /// Control-plane gRPC address (host:port), or several replicas
+    /// comma-separated (cp1:7443,cp2:7443), tried in order: the first that
+    /// accepts a connection is asked.
+    #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = "127.0.0.1:7443", value_parser = parse_control_plane)]
     pub control_plane: String,
     /// PKI directory holding operator.crt, operator.key and trust-bundle.pem.
     #[arg(long, env = "WEFT_PKI", default_value = "./pki")]
     pub pki: PathBuf,
+}
+
+/// `--control-plane`: the sidecars' list syntax and checks
+/// ([`weft_proxy::control_plane::ControlPlanes::parse`]: no empty entries,
+/// no repeats, each host:port), kept as given.
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    weft_proxy::control_plane::ControlPlanes::parse(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// How long the TCP connect to each listed replica may take before the next is tried.
+const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ConnArgs {
+    /// These arguments naming one replica: with a single `--control-plane`
+    /// entry, that one (its errors come from the call itself); with several,
+    /// the first in order that accepts a TCP connection, moving on from one
+    /// that refuses or does not answer within 5 s.
+    ///
+    /// # Errors
+    /// An unusable `--control-plane` value, or every replica unreachable
+    /// (each named with why).
+    pub async fn reach(&self) -> anyhow::Result<ConnArgs> {
+        let cps = weft_proxy::control_plane::ControlPlanes::parse(&self.control_plane)?;
+        let entries = cps.entries();
+        if entries.len() == 1 {
+            return Ok(ConnArgs { control_plane: entries[0].clone(), pki: self.pki.clone() });
+        }
+        let mut failures = Vec::new();
+        for entry in entries {
+            match tokio::time::timeout(REPLICA_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(entry.as_str())).await {
+                Ok(Ok(_)) => return Ok(ConnArgs { control_plane: entry.clone(), pki: self.pki.clone() }),
+                Ok(Err(e)) => failures.push(format!("{entry}: {e}")),
+                Err(_) => failures.push(format!("{entry}: no answer within {}s", REPLICA_CONNECT_TIMEOUT.as_secs())),
+            }
+            tracing::debug!(control_plane = %entry, "control-plane replica unreachable; trying the next");
+        }
+        anyhow::bail!(
+            "no control-plane replica of --control-plane {} is reachable ({}); check that they run and listen there",
+            self.control_plane,
+            failures.join("; ")
+        )
+    }
 }
 
 /// The files the operator commands read from `--pki`, and what each one is.
@@ -82,6 +126,14 @@ fn check_operator_cert(conn: &ConnArgs, op: &weft_certs::Svid, bundle: &TrustBun
 
 /// An admin client speaking mTLS as the operator (connects lazily).
 pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    // Callers normally pass `reach()`'s result (one replica); a list is reached here.
+    let reached;
+    let conn = if conn.control_plane.contains(',') {
+        reached = conn.reach().await?;
+        &reached
+    } else {
+        conn
+    };
     check_pki_dir(&conn.pki)?;
     let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
     let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
@@ -90,7 +142,12 @@ pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transp
     let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
     let tls =
         weft_certs::tls::client_config(Some(SvidResolver::with_svid(&op)?), verifier, &[weft_certs::tls::ALPN_H2]);
-    let channel = weft_proto::channel::lazy_channel(&conn.control_plane, Arc::new(tls), weft_certs::tls::server_name())
+    let channel = weft_proto::channel::lazy_channel_with(
+        &conn.control_plane,
+        Arc::new(tls),
+        weft_certs::tls::server_name(),
+        weft_proto::channel::Timeouts::OPERATOR,
+    )
         .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
     Ok(AdminClient::new(channel))
 }
@@ -120,6 +177,38 @@ fn rpc_error(status: tonic::Status, conn: &ConnArgs) -> anyhow::Error {
     } else {
         anyhow::anyhow!("{}", status.message())
     }
+}
+
+/// The asked replica's state for the first line of `weft status`: `not
+/// ready: <reason>` (its /ready 503 reason), `serving, writes unavailable:
+/// store unreachable`, or `healthy`.
+pub fn health(s: &StatusResponse) -> String {
+    if !s.not_ready.is_empty() {
+        format!("not ready: {}", s.not_ready)
+    } else if !s.store_error.is_empty() {
+        "serving, writes unavailable: store unreachable".to_string()
+    } else {
+        "healthy".to_string()
+    }
+}
+
+/// One replica of `weft status`: what its record in the store says, leaving
+/// out what it does not (a replica whose record is not read yet).
+fn replica_line(r: &weft_proto::admin::v1::ReplicaStatus, s: &StatusResponse) -> String {
+    let this = if r.id == s.replica { " (this one)" } else { "" };
+    let mut facts = Vec::new();
+    if !r.listen.is_empty() {
+        facts.push(format!("listen {}", r.listen));
+    }
+    if !r.host.is_empty() {
+        facts.push(format!("host {}", r.host));
+    }
+    facts.push(human::count(r.sidecars as usize, "sidecar", "sidecars"));
+    if r.listen.is_empty() && r.host.is_empty() {
+        let why = if s.store_error.is_empty() { "not read yet" } else { "not readable: store unreachable" };
+        facts.push(format!("its record in the store is {why}"));
+    }
+    format!("replica {}{this}: {}", r.id, facts.join(", "))
 }
 
 /// The control plane's Status RPC: trust domain, config version, connected sidecars.
@@ -214,11 +303,47 @@ pub async fn create_token(conn: &ConnArgs, id: &SpiffeId, ttl: Duration) -> anyh
     Ok(resp.into_inner())
 }
 
-/// Stores `yaml` as the mesh config (ApplyConfig); the new revision.
-pub async fn apply_config(conn: &ConnArgs, yaml: String, if_revision: i64) -> anyhow::Result<i64> {
+/// Stores `yaml` as the mesh config (ApplyConfig): the revision, and
+/// whether the stored config already was this one (nothing written).
+pub async fn apply_config(conn: &ConnArgs, yaml: String, if_revision: i64) -> anyhow::Result<(i64, bool)> {
     let mut c = client(conn).await?;
     let resp = c.apply_config(ApplyConfigRequest { yaml, if_revision }).await.map_err(|s| rpc_error(s, conn))?;
-    Ok(resp.into_inner().revision)
+    let resp = resp.into_inner();
+    Ok((resp.revision, resp.unchanged))
+}
+
+/// Why `weft apply` refuses a config declaring nothing (`name`: where it
+/// was read from): what applying it would remove, read from the stored
+/// config when the control plane answers, and the flag that does it anyway.
+pub async fn empty_apply_refusal(conn: &ConnArgs, name: &str) -> String {
+    let stored = get_config(conn).await.ok().filter(|c| c.revision > 0);
+    let removed = match stored.as_ref().map(|c| weft_config::parse(&c.yaml)) {
+        Some(Ok(cfg)) => {
+            let names = |v: Vec<&str>| if v.is_empty() { String::new() } else { format!(" ({})", v.join(", ")) };
+            let mut parts = vec![
+                human::count(cfg.services.len(), "service", "services")
+                    + &names(cfg.services.keys().map(String::as_str).collect()),
+                human::count(cfg.routes.len() + cfg.grpc_routes.len(), "route", "routes"),
+                human::count(cfg.policies.len(), "authorization policy", "authorization policies")
+                    + &names(cfg.policies.iter().map(|p| p.name.as_str()).collect()),
+                human::count(cfg.rate_limits.len(), "rate limit", "rate limits"),
+            ];
+            if !cfg.workloads.is_empty() {
+                parts.push(human::count(cfg.workloads.len(), "workload", "workloads"));
+            }
+            format!(
+                "everything the stored config (revision {}) declares: {}",
+                stored.as_ref().map_or(0, |c| c.revision),
+                parts.join(", ")
+            )
+        }
+        _ => "every service, route, authorization policy and rate limit the stored config declares".to_string(),
+    };
+    format!(
+        "refusing to apply {name}: it declares no services, routes, authorization policies, rate limits or workloads, \
+         so applying it would remove {removed}; without their authorization policies services accept every caller \
+         of the mesh. Pass --allow-empty to apply it anyway"
+    )
 }
 
 /// The stored mesh config and its revision (GetConfig).
@@ -284,6 +409,8 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
             "store_error": s.store_error,
             "config_revision": s.config_revision,
             "replica": s.replica,
+            "not_ready": s.not_ready,
+            "health": health(&s),
             "replicas": s.replicas.iter().map(|r| serde_json::json!({
                 "id": r.id,
                 "listen": r.listen,
@@ -298,8 +425,9 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     outln!(
-        "control plane {}: healthy, trust domain {}, config version {}",
+        "control plane {}: {}, trust domain {}, config version {}",
         conn.control_plane,
+        health(&s),
         s.trust_domain,
         s.config_version
     )?;
@@ -316,8 +444,7 @@ pub async fn status(conn: &ConnArgs, json: bool) -> anyhow::Result<()> {
         outln!("store {}: up, mesh config revision {}", s.store, s.config_revision)?;
     }
     for r in &s.replicas {
-        let this = if r.id == s.replica { " (this one)" } else { "" };
-        outln!("replica {}{this}: listen {}, host {}, {} sidecars", r.id, r.listen, r.host, r.sidecars)?;
+        outln!("{}", replica_line(r, &s))?;
     }
     let now = human::now_unix();
     outln!("{:<48} {:<12} {:<22} {:<14} {:<8} SYNC", "SPIFFE ID", "SERVICE", "ADDRESS", "SVID EXPIRY", "VERSION")?;
@@ -426,6 +553,29 @@ mod tests {
         assert_eq!(sync_state(&p, &s), "REJECTED: bad, on replica r2");
         let local = SidecarStatus { acked_version: 40, ..Default::default() };
         assert_eq!((sync_state(&local, &s), in_sync(&local, &s)), ("in sync".to_string(), Some(true)));
+    }
+
+    #[test]
+    fn first_line_and_replica_lines_tell_the_replicas_state() {
+        let mut s = StatusResponse { replica: "r1".into(), ..Default::default() };
+        assert_eq!(health(&s), "healthy");
+        s.store_error = "store etcd://127.0.0.1:1 is unreachable".into();
+        assert_eq!(health(&s), "serving, writes unavailable: store unreachable");
+        s.not_ready = "has not read the stored mesh config yet: x".into();
+        assert_eq!(health(&s), "not ready: has not read the stored mesh config yet: x");
+        let bare = weft_proto::admin::v1::ReplicaStatus { id: "r1".into(), ..Default::default() };
+        assert_eq!(
+            replica_line(&bare, &s),
+            "replica r1 (this one): 0 sidecars, its record in the store is not readable: store unreachable"
+        );
+        let full = weft_proto::admin::v1::ReplicaStatus {
+            id: "r2".into(),
+            listen: "0.0.0.0:7443".into(),
+            host: "h2".into(),
+            sidecars: 1,
+            ..Default::default()
+        };
+        assert_eq!(replica_line(&full, &s), "replica r2: listen 0.0.0.0:7443, host h2, 1 sidecar");
     }
 
     #[test]

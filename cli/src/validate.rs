@@ -38,12 +38,38 @@ pub struct ValidateArgs {
 /// Reads and validates a config file as `weft validate` and `weft apply`
 /// do: (its text, the config); errors name the file and every field.
 pub fn load(file: &std::path::Path) -> anyhow::Result<(String, weft_config::MeshConfig)> {
-    let path = file.display();
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        anyhow::anyhow!("cannot read config file {path}: {} (pass the path of an existing file)", io_reason(&e))
-    })?;
+    let path = source_name(file);
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| anyhow::anyhow!("cannot read the config from stdin: {}", io_reason(&e)))?
+    } else {
+        std::fs::read_to_string(file).map_err(|e| {
+            anyhow::anyhow!("cannot read config file {path}: {} (pass the path of an existing file)", io_reason(&e))
+        })?
+    };
     let cfg = weft_config::parse(&text).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
     Ok((text, cfg))
+}
+
+/// How messages name a `-f` source: its path, or `stdin` for `-`.
+pub fn source_name(file: &std::path::Path) -> String {
+    if file.as_os_str() == "-" {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// Whether `cfg` declares nothing a mesh config removes when replaced:
+/// no services, routes (HTTP or gRPC), authorization policies, rate
+/// limits or workloads.
+pub fn declares_nothing(cfg: &weft_config::MeshConfig) -> bool {
+    cfg.services.is_empty()
+        && cfg.routes.is_empty()
+        && cfg.grpc_routes.is_empty()
+        && cfg.policies.is_empty()
+        && cfg.rate_limits.is_empty()
+        && cfg.workloads.is_empty()
 }
 
 /// The warnings `weft apply` prints before storing `cfg`: those knowable
@@ -51,7 +77,7 @@ pub fn load(file: &std::path::Path) -> anyhow::Result<(String, weft_config::Mesh
 pub fn apply_warnings(cfg: &weft_config::MeshConfig, conn: &ConnArgs) -> Vec<String> {
     let facts = MeshFacts { trust_domain: pki_trust_domain(conn), endpoints: MeshFacts::declared_workloads(cfg) };
     let mut out: Vec<String> = weft_config::warnings::warnings(cfg, &facts).iter().map(ToString::to_string).collect();
-    if cfg.services.is_empty() && cfg.routes.is_empty() && cfg.policies.is_empty() && cfg.rate_limits.is_empty() {
+    if declares_nothing(cfg) {
         out.push(
             "the file declares no services, routes, authorization policies or rate limits: applying it removes \
              every one the mesh has"

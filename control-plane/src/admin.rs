@@ -114,6 +114,11 @@ impl Admin for AdminService {
             let mut status = self.registry.status(&self.trust_domain);
             status.store = self.health.store.clone();
             status.store_error = self.health.down_reason().unwrap_or_default();
+            // The same reason /ready gives (see `serve_admin`).
+            if !*self.registry.config_known().borrow() {
+                let why = if status.store_error.is_empty() { "reading it".into() } else { status.store_error.clone() };
+                status.not_ready = format!("has not read the stored mesh config yet: {why}");
+            }
             if let Some((_, shared)) = &self.shared {
                 status.config_revision = shared.config_revision.load(std::sync::atomic::Ordering::Acquire);
                 // The last published version (what the local sidecars' state was
@@ -134,8 +139,17 @@ impl Admin for AdminService {
             let (store, shared) = self.require_etcd()?;
             let req = req.into_inner();
             // The same checks and messages as `weft validate`.
-            weft_config::parse(&req.yaml).map_err(|errs| Status::invalid_argument(errs.to_string()))?;
+            let cfg = weft_config::parse(&req.yaml).map_err(|errs| Status::invalid_argument(errs.to_string()))?;
             let expected = (req.if_revision > 0).then_some(req.if_revision);
+            // Re-applying what is stored writes nothing: a new revision would
+            // make every replica rebuild and push the same config again.
+            let stored = store.get_config().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            if let Some(stored) = stored.filter(|c| expected.is_none_or(|rev| rev == c.revision)) {
+                if same_config(&stored.yaml, &req.yaml, &cfg) {
+                    tracing::info!(revision = stored.revision, "mesh config unchanged; nothing stored");
+                    return Ok(ApplyConfigResponse { revision: stored.revision, unchanged: true });
+                }
+            }
             let revision = store.put_config(&req.yaml, expected).await.map_err(|e| match e {
                 StoreError::Conflict { .. } => Status::failed_precondition(e.to_string()),
                 e => Status::unavailable(e.to_string()),
@@ -148,7 +162,7 @@ impl Admin for AdminService {
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Ok(ApplyConfigResponse { revision })
+            Ok(ApplyConfigResponse { revision, unchanged: false })
         }
         .await;
         self.metrics.rpc("ApplyConfig", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
@@ -183,6 +197,16 @@ impl Admin for AdminService {
         self.metrics.rpc("GetConfig", r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()));
         r.map(Response::new)
     }
+}
+
+/// Whether the stored YAML is the config `yaml` (parsed as `cfg`) declares:
+/// the same text, or the same config once parsed (comments, order of keys,
+/// formatting aside).
+fn same_config(stored: &str, yaml: &str, cfg: &weft_config::MeshConfig) -> bool {
+    stored == yaml
+        || weft_config::parse(stored).is_ok_and(|old| {
+            serde_json::to_value(&old).ok().is_some_and(|old| serde_json::to_value(cfg).ok() == Some(old))
+        })
 }
 
 /// With etcd: marks this replica's sidecars with its ID, adds the other

@@ -296,11 +296,22 @@ async fn seed_config(path: &std::path::Path, text: &str, etcd: &store::etcd::Etc
         Ok(revision) => {
             tracing::info!(path = %path.display(), revision, "etcd held no mesh config: seeded it from --config")
         }
-        Err(store::StoreError::Conflict { actual, .. }) => tracing::info!(
-            path = %path.display(),
-            revision = actual,
-            "etcd already holds a mesh config; --config is not used (change it with weft apply)"
-        ),
+        Err(store::StoreError::Conflict { actual, .. }) => {
+            // Silent only when the file is what is stored: otherwise the
+            // operator expects the file's config and gets another one.
+            if etcd.get_config().await.ok().flatten().is_some_and(|c| c.yaml == text) {
+                tracing::info!(path = %path.display(), revision = actual, "etcd already holds this --config's mesh config");
+            } else {
+                tracing::warn!(
+                    path = %path.display(),
+                    revision = actual,
+                    "--config {} is ignored: etcd already holds a mesh config (revision {actual}), and that one is \
+                     served; to replace it with this file run `weft apply -f {}` (weft get config shows the stored one)",
+                    path.display(),
+                    path.display()
+                )
+            }
+        }
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not seed the mesh config from --config"),
     }
 }

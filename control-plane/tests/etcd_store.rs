@@ -647,10 +647,13 @@ async fn bad_store_urls_and_file_store_apply_are_refused_clearly() {
     for (store, expect) in [
         ("http://127.0.0.1:2379", "expected `file` or `etcd://host:port[,host:port...]`"),
         ("etcd://127.0.0.1", "\"127.0.0.1\" is not host:port"),
+        ("etcd://127.0.0.1:99999", "\"127.0.0.1:99999\" has a port out of range: a port is 1-65535"),
     ] {
         let out = run(Command::new(bin("weft-control-plane")).args(["--store", store]));
         assert!(!out.status.success());
         assert!(out.stderr.contains(expect), "--store {store}: {}", out.stderr);
+        // clap names the value; the message does not repeat it.
+        assert_eq!(out.stderr.matches(store).count(), 1, "--store {store}: {}", out.stderr);
     }
     let cp = ControlPlane::start(TD, &[]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -811,7 +814,8 @@ async fn apply_prints_the_warnings_validate_gives() {
 
     let empty = dir.path().join("empty.yaml");
     std::fs::write(&empty, "").unwrap();
-    let out = weft(&cps[0], &["apply", "-f", empty.to_str().unwrap()]);
+    // Refused without --allow-empty (see empty_applies_are_refused_...); with it, warned.
+    let out = weft(&cps[0], &["apply", "-f", empty.to_str().unwrap(), "--allow-empty"]);
     assert!(out.stderr.contains("removes every one the mesh has"), "{}", out.stderr);
 
     let missing = dir.path().join("missing.yaml");
@@ -1111,4 +1115,144 @@ async fn tls_towards_a_plaintext_etcd_hints_at_plaintext() {
         assert!(Instant::now() < deadline, "no plaintext hint; log:\n{log}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `weft apply` of a file declaring nothing is refused, naming what it
+/// would remove (the policy too) and `--allow-empty`, and changes nothing;
+/// re-applying the stored config (from a file or from stdin, `-f -`) says
+/// "unchanged" and writes no new revision.
+#[tokio::test(flavor = "multi_thread")]
+async fn empty_applies_are_refused_and_identical_ones_are_unchanged() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let (_dirs, cps) = replicas(&pki, &etcd, 1, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let guarded = format!(
+        "{SEED}---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: callers}}\n\
+         spec:\n  targetRef: {{name: seeded-one}}\n  action: ALLOW\n  rules:\n    - from:\n        - identities: \
+         [\"spiffe://{TD}/ns/default/sa/web\"]\n"
+    );
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, &guarded).unwrap();
+    let out = weft(&cps[0], &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let revision: i64 = out.stdout.trim().rsplit(' ').next().unwrap().parse().expect(&out.stdout);
+
+    let out = weft(&cps[0], &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), format!("{}: unchanged (revision {revision})", file.display()));
+    // The same config written differently (a comment) is the same config.
+    let mut child = Command::new(bin("weft"))
+        .args(["apply", "-f", "-", "--control-plane", &cps[0].addr.to_string(), "--pki"])
+        .arg(&cps[0].pki)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("# from stdin\n{guarded}").as_bytes()).unwrap();
+    }
+    let piped = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&piped.stdout), String::from_utf8_lossy(&piped.stderr));
+    assert!(piped.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), format!("stdin: unchanged (revision {revision})"), "{stderr}");
+
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "# nothing yet\n").unwrap();
+    let out = weft(&cps[0], &["apply", "-f", empty.to_str().unwrap()]);
+    assert!(!out.status.success(), "an empty config was applied: {}", out.stdout);
+    for says in [
+        "refusing to apply",
+        "would remove everything the stored config",
+        "1 service (seeded-one)",
+        "1 authorization policy (callers)",
+        "Pass --allow-empty",
+    ] {
+        assert!(out.stderr.contains(says), "no {says:?}: {}", out.stderr);
+    }
+    let got = weft(&cps[0], &["get", "config"]);
+    assert!(
+        got.stdout.starts_with(&format!("# revision: {revision}\n")) && got.stdout.contains("callers"),
+        "{}",
+        got.stdout
+    );
+}
+
+/// `weft status` says on its first line what the asked replica can do:
+/// serving without writes while etcd is away, not ready (with /ready's
+/// reason) when it started without reading the stored config; its replica
+/// line has no empty fields then.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_first_line_tells_a_store_outage_and_not_ready() {
+    let Some(mut etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let seed_dir = tempfile::tempdir().unwrap();
+    let seed = seed_dir.path().join("mesh.yaml");
+    std::fs::write(&seed, SEED).unwrap();
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 1, &["--config", seed.to_str().unwrap()]).await;
+    let first_line = |cp: &ControlPlane| {
+        let out = weft(cp, &["status"]);
+        assert!(out.status.success(), "{}", out.stderr);
+        out.stdout
+    };
+    let table = first_line(&cps[0]);
+    assert!(table.starts_with(&format!("control plane {}: healthy,", cps[0].addr)), "{table}");
+
+    etcd.stop_all();
+    wait_writes(&cps[0], 503, Duration::from_secs(30)).await;
+    let table = first_line(&cps[0]);
+    assert!(
+        table.starts_with(&format!("control plane {}: serving, writes unavailable: store unreachable,", cps[0].addr)),
+        "{table}"
+    );
+
+    cps[0].restart_unready().await;
+    let reason = wait_ready(&cps[0], 503, Duration::from_secs(30)).await;
+    assert!(reason.contains("has not read the stored mesh config yet"), "{reason}");
+    let table = first_line(&cps[0]);
+    let first = table.lines().next().unwrap_or_default();
+    assert!(
+        first
+            .starts_with(&format!("control plane {}: not ready: has not read the stored mesh config yet", cps[0].addr)),
+        "{table}"
+    );
+    let replica = table.lines().find(|l| l.starts_with("replica ")).unwrap_or_default();
+    assert!(replica.contains("(this one)") && !replica.contains("listen ,") && !replica.contains("host ,"), "{table}");
+    let doc = status_json(&cps[0]);
+    assert!(doc["not_ready"].as_str().unwrap_or_default().starts_with("has not read"), "{doc:#}");
+
+    etcd.start_all().await;
+    wait_ready(&cps[0], 200, Duration::from_secs(30)).await;
+    let table = first_line(&cps[0]);
+    assert!(table.starts_with(&format!("control plane {}: healthy,", cps[0].addr)), "{table}");
+}
+
+/// A replica started with a `--config` that differs from the config etcd
+/// holds serves the stored one and says so as a WARN, naming the file and
+/// `weft apply`; one started with the stored file says nothing of the kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_file_differing_from_the_stored_one_is_warned_about() {
+    let Some(etcd) = Etcd::start(1).await else { return };
+    let pki = Pki::new(TD);
+    let dir = tempfile::tempdir().unwrap();
+    let (seed, other) = (dir.path().join("seed.yaml"), dir.path().join("other.yaml"));
+    std::fs::write(&seed, SEED).unwrap();
+    std::fs::write(&other, with_marker("other-one")).unwrap();
+    let (_d1, first) = replicas(&pki, &etcd, 1, &["--config", seed.to_str().unwrap()]).await;
+    assert!(first[0].wait_for_log("seeded it from --config").await, "{}", first[0].log_text());
+    let (_d2, differing) = replicas(&pki, &etcd, 1, &["--config", other.to_str().unwrap()]).await;
+    assert!(
+        differing[0].wait_for_log("is ignored: etcd already holds a mesh config").await,
+        "{}",
+        differing[0].log_text()
+    );
+    let log = differing[0].log_text();
+    let line = log.lines().find(|l| l.contains("is ignored")).unwrap_or_default();
+    assert!(line.contains("WARN") && line.contains(&format!("weft apply -f {}", other.display())), "{line}");
+    let (_d3, same) = replicas(&pki, &etcd, 1, &["--config", seed.to_str().unwrap()]).await;
+    assert!(same[0].wait_for_log("already holds this --config's mesh config").await, "{}", same[0].log_text());
+    assert!(!same[0].log_text().contains("is ignored"), "{}", same[0].log_text());
 }

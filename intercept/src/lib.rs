@@ -119,11 +119,19 @@ pub enum ListError {
     /// `10.0.0.1/8`: the rule would match the network, not the address written.
     #[error("{given} has host bits set: the network is {network}; write that (or a /32 for one address)")]
     HostBits { given: Cidr, network: Cidr },
+    /// `a,b,a`: in a list whose items must be distinct (e.g. control-plane
+    /// replicas), a repeat is usually a copy-paste slip.
+    #[error("item {position} of {list:?} repeats {item:?} (item {first}): list each value once")]
+    Duplicate { list: String, item: String, position: usize, first: usize },
 }
 
 /// The items of a comma-separated list (each trimmed); empty or blank is no
-/// items, an empty item is refused by its position (1-based).
-fn list_items(s: &str) -> Result<Vec<&str>, ListError> {
+/// items, an empty item is refused by its position (1-based). The one list
+/// syntax of weft's flags (`weft init-iptables`, `--control-plane`, ...).
+///
+/// # Errors
+/// [`ListError::EmptyItem`] (`1,,2`, `22,`, `,22`).
+pub fn list_items(s: &str) -> Result<Vec<&str>, ListError> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -132,6 +140,26 @@ fn list_items(s: &str) -> Result<Vec<&str>, ListError> {
         Some(i) => Err(ListError::EmptyItem { list: s.to_string(), position: i + 1 }),
         None => Ok(items),
     }
+}
+
+/// Like [`list_items`], and every item must be distinct.
+///
+/// # Errors
+/// [`ListError::EmptyItem`], or [`ListError::Duplicate`] naming the repeat
+/// and both positions (1-based).
+pub fn distinct_list_items(s: &str) -> Result<Vec<&str>, ListError> {
+    let items = list_items(s)?;
+    for (i, item) in items.iter().enumerate() {
+        if let Some(first) = items[..i].iter().position(|x| x == item) {
+            return Err(ListError::Duplicate {
+                list: s.to_string(),
+                item: item.to_string(),
+                position: i + 1,
+                first: first + 1,
+            });
+        }
+    }
+    Ok(items)
 }
 
 /// A comma-separated list of ports (1-65535), e.g. `15020,22`, without
@@ -403,6 +431,16 @@ fn require_root() -> Result<(), InterceptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_lists_refuse_repeats_by_position() {
+        assert_eq!(distinct_list_items("a:1, b:2").unwrap(), ["a:1", "b:2"]);
+        assert_eq!(
+            distinct_list_items("a:1,b:2,a:1"),
+            Err(ListError::Duplicate { list: "a:1,b:2,a:1".into(), item: "a:1".into(), position: 3, first: 1 })
+        );
+        assert!(matches!(distinct_list_items("a:1,,b:2"), Err(ListError::EmptyItem { position: 2, .. })));
+    }
 
     #[test]
     fn lists_refuse_empty_items_and_drop_repeats() {

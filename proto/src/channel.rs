@@ -26,14 +26,42 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// would throw away the place in that queue and cost a new handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long connecting to a control plane may take, in two parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The TCP connect.
+    pub connect: Duration,
+    /// The TLS handshake, once connected.
+    pub handshake: Duration,
+}
+
+impl Timeouts {
+    /// A sidecar's: [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`].
+    pub const SIDECAR: Timeouts = Timeouts { connect: CONNECT_TIMEOUT, handshake: HANDSHAKE_TIMEOUT };
+    /// An operator command's (`weft status`, `weft apply`, ...): someone is
+    /// waiting at a terminal, so 5 s for each part, and the command says
+    /// the control plane is not answering.
+    pub const OPERATOR: Timeouts = Timeouts { connect: CONNECT_TIMEOUT, handshake: CONNECT_TIMEOUT };
+}
+
 /// A channel that connects on first use and reconnects after failures.
 /// `addr` is `host:port`; `tls` decides which server identity is accepted.
 /// Connecting fails with `TimedOut` after [`CONNECT_TIMEOUT`] for the TCP
-/// connect or [`HANDSHAKE_TIMEOUT`] for the TLS handshake.
+/// connect or [`HANDSHAKE_TIMEOUT`] for the TLS handshake ([`Timeouts::SIDECAR`]).
 pub fn lazy_channel(
     addr: &str,
     tls: Arc<ClientConfig>,
     server_name: ServerName<'static>,
+) -> Result<Channel, tonic::transport::Error> {
+    lazy_channel_with(addr, tls, server_name, Timeouts::SIDECAR)
+}
+
+/// [`lazy_channel`] with other [`Timeouts`].
+pub fn lazy_channel_with(
+    addr: &str,
+    tls: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    timeouts: Timeouts,
 ) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -55,13 +83,13 @@ pub fn lazy_channel(
                     format!("{what} with control plane {authority} timed out after {after:?}"),
                 )
             };
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
+            let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(&authority))
                 .await
-                .map_err(|_| timed_out("TCP connect", CONNECT_TIMEOUT))??;
+                .map_err(|_| timed_out("TCP connect", timeouts.connect))??;
             tcp.set_nodelay(true)?;
-            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
+            let tls = tokio::time::timeout(timeouts.handshake, connector.connect(server_name, tcp))
                 .await
-                .map_err(|_| timed_out("TLS handshake", HANDSHAKE_TIMEOUT))??;
+                .map_err(|_| timed_out("TLS handshake", timeouts.handshake))??;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     })))

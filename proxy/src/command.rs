@@ -17,7 +17,7 @@ pub struct Args {
     /// Control-plane gRPC address (host:port), or several replicas
     /// comma-separated (cp1:7443,cp2:7443); a DNS name may stand for several
     /// addresses. The sidecar moves to another replica when its own goes away.
-    #[arg(long, default_value = "127.0.0.1:7443")]
+    #[arg(long, default_value = "127.0.0.1:7443", value_parser = parse_control_plane)]
     control_plane: String,
     /// On a first start (no saved SVID): how long to keep trying when no
     /// control-plane replica answers, with jittered backoff, before exiting
@@ -149,13 +149,31 @@ pub struct Advertise {
 }
 
 fn parse_advertise(s: &str) -> Result<Advertise, String> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(Advertise { ip, port: None });
+    let a = if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        Advertise { ip, port: None }
+    } else {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Advertise { ip: a.ip(), port: Some(a.port()) },
+            Err(_) => return Err(format!("{s:?}: expected IP or IP:PORT, e.g. 10.1.0.5 or 10.1.0.5:15006")),
+        }
+    };
+    // What peers dial: a wildcard is where to listen, not an address to reach.
+    if a.ip.is_unspecified() {
+        return Err(format!(
+            "{s:?} is a wildcard: the advertised address must be a specific address peers on other hosts can dial \
+             (this host's or pod's IP, e.g. 10.1.0.5)"
+        ));
     }
-    match s.parse::<SocketAddr>() {
-        Ok(a) => Ok(Advertise { ip: a.ip(), port: Some(a.port()) }),
-        Err(_) => Err(format!("{s:?}: expected IP or IP:PORT, e.g. 10.1.0.5 or 10.1.0.5:15006")),
+    if a.port == Some(0) {
+        return Err(format!("{s:?}: port 0 cannot be dialed; give the inbound port, e.g. 10.1.0.5:15006, or no port"));
     }
+    Ok(a)
+}
+
+/// `--control-plane`: checked with [`crate::control_plane::ControlPlanes::parse`]
+/// (the shared list syntax: no empty entries, no repeats) and kept as given.
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    crate::control_plane::ControlPlanes::parse(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// `--max-connections`: at least 1.
@@ -235,5 +253,10 @@ mod tests {
         let a = super::parse_advertise("[fd00::5]:15006").unwrap();
         assert_eq!((a.ip.to_string(), a.port), ("fd00::5".into(), Some(15006)));
         assert!(super::parse_advertise("pod.local").unwrap_err().contains("IP or IP:PORT"));
+        for wildcard in ["0.0.0.0", "0.0.0.0:15006", "::", "[::]:15006"] {
+            let e = super::parse_advertise(wildcard).unwrap_err();
+            assert!(e.contains("must be a specific address") && !e.contains("pass --advertise-address"), "{e}");
+        }
+        assert!(super::parse_advertise("10.1.0.5:0").unwrap_err().contains("port 0"));
     }
 }

@@ -164,6 +164,9 @@ impl ConfigStream {
                 }
             }
             if let Some(addr) = replica {
+                if received {
+                    self.identity.control_planes().answered(addr);
+                }
                 self.identity.control_planes().failed(addr);
             }
             if received {

@@ -24,6 +24,9 @@ pub enum ControlPlaneAddrError {
     Empty,
     #[error("--control-plane entry {0:?} is not host:port (e.g. 10.0.0.5:7443 or cp.mesh.internal:7443)")]
     NotHostPort(String),
+    /// An empty item (`a,,b`, a trailing comma) or a repeated replica.
+    #[error("--control-plane: {0}")]
+    List(#[from] weft_intercept::ListError),
     #[error("--control-plane {entries}: no entry resolves to an address ({reason})")]
     Unresolved { entries: String, reason: String },
 }
@@ -112,6 +115,9 @@ struct Choice {
     current: Option<SocketAddr>,
     /// The replica that failed last, avoided by the next choice.
     failed: Option<SocketAddr>,
+    /// The replica in use has answered a call (it can be "lost"; one that
+    /// never answered was only unreachable).
+    answered: bool,
 }
 
 /// The replicas of `--control-plane` and the one in use.
@@ -122,10 +128,12 @@ pub struct ControlPlanes {
 }
 
 impl ControlPlanes {
-    /// Parses `cp1:7443,cp2:7443` (spaces around entries are ignored).
+    /// Parses `cp1:7443,cp2:7443` (spaces around entries are ignored) with
+    /// the list syntax of every weft list flag
+    /// ([`weft_intercept::distinct_list_items`]): an empty entry (`a,,b`, a
+    /// trailing comma) is refused by its position, and so is a repeat.
     pub fn parse(list: &str) -> Result<Self, ControlPlaneAddrError> {
-        let entries: Vec<String> =
-            list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
+        let entries: Vec<String> = weft_intercept::distinct_list_items(list)?.into_iter().map(str::to_string).collect();
         if entries.is_empty() {
             return Err(ControlPlaneAddrError::Empty);
         }
@@ -142,6 +150,11 @@ impl ControlPlanes {
     /// The entries as given, comma-separated (for messages).
     pub fn describe(&self) -> String {
         self.entries.join(",")
+    }
+
+    /// The entries as given, in order.
+    pub fn entries(&self) -> &[String] {
+        &self.entries
     }
 
     /// The first entry, unresolved: where a channel goes before any choice.
@@ -190,6 +203,7 @@ impl ControlPlanes {
             .expect("resolve returns at least one address");
         if c.current != Some(chosen) {
             tracing::info!(control_plane = %chosen, "using control-plane replica");
+            c.answered = false;
         }
         c.current = Some(chosen);
         Ok(chosen)
@@ -202,7 +216,21 @@ impl ControlPlanes {
         c.failed = Some(addr);
         if c.current == Some(addr) {
             c.current = None;
-            tracing::warn!(control_plane = %addr, "control-plane replica lost; moving to another");
+            if std::mem::take(&mut c.answered) {
+                tracing::warn!(control_plane = %addr, "control-plane replica lost; moving to another");
+            } else {
+                // It never answered (e.g. the first entry is down at start): nothing was lost.
+                tracing::warn!(control_plane = %addr, "control-plane replica {addr} unreachable; trying another");
+            }
+        }
+    }
+
+    /// A call to `addr` succeeded: while it stays the one in use, a later
+    /// failure is a replica lost rather than one never reached.
+    pub fn answered(&self, addr: SocketAddr) {
+        let mut c = self.lock();
+        if c.current == Some(addr) {
+            c.answered = true;
         }
     }
 }
@@ -235,10 +263,17 @@ mod tests {
     #[test]
     fn parses_one_or_several_entries() {
         assert_eq!(ControlPlanes::parse("127.0.0.1:7443").unwrap().describe(), "127.0.0.1:7443");
-        let cps = ControlPlanes::parse(" cp1:7443, cp2.mesh:7453 ,").unwrap();
+        let cps = ControlPlanes::parse(" cp1:7443, cp2.mesh:7453 ").unwrap();
         assert_eq!(cps.describe(), "cp1:7443,cp2.mesh:7453");
         assert_eq!(cps.first_entry(), "cp1:7443");
-        assert!(matches!(ControlPlanes::parse(" , "), Err(ControlPlaneAddrError::Empty)));
+        assert!(matches!(ControlPlanes::parse(" "), Err(ControlPlaneAddrError::Empty)));
+        // The shared list syntax: empty items and repeats refused by position.
+        let e = ControlPlanes::parse("127.0.0.1:21111,,127.0.0.1:21121").unwrap_err().to_string();
+        assert!(e.starts_with("--control-plane: item 2 of \"127.0.0.1:21111,,127.0.0.1:21121\" is empty"), "{e}");
+        let e = ControlPlanes::parse("cp1:7443,").unwrap_err().to_string();
+        assert!(e.contains("item 2 of"), "{e}");
+        let e = ControlPlanes::parse("cp1:7443,cp2:7443,cp1:7443").unwrap_err().to_string();
+        assert!(e.contains("item 3 of") && e.contains("repeats \"cp1:7443\" (item 1)"), "{e}");
         assert!(matches!(ControlPlanes::parse("cp1"), Err(ControlPlaneAddrError::NotHostPort(e)) if e == "cp1"));
         assert!(matches!(ControlPlanes::parse("cp1:7443,:80"), Err(ControlPlaneAddrError::NotHostPort(_))));
         assert!(matches!(ControlPlanes::parse("cp1:99999"), Err(ControlPlaneAddrError::NotHostPort(_))));

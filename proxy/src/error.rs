@@ -52,6 +52,15 @@ pub enum ProxyError {
     /// discovery nor the config has it).
     #[error("no service named {service:?} in the mesh; send Host: <service>")]
     UnknownService { service: String },
+    /// Outbound, on a sidecar started with `--calls`: the host names a
+    /// service outside that list, so the sidecar was never sent it (whether
+    /// or not the mesh has it).
+    #[error(
+        "service {service:?} is not in this sidecar's view: the sidecar was started with --calls {} and gets \
+         only those services; add {service} to its --calls (or drop --calls to get the whole mesh)",
+        .calls.join(",")
+    )]
+    NotInCalls { service: String, calls: Vec<String> },
     /// Outbound: the request target cannot be carried on.
     #[error("bad request target: {source}")]
     BadTarget { source: http::Error },
@@ -206,7 +215,7 @@ impl ProxyError {
         use ProxyError as E;
         match self {
             E::NonCanonical(_) | E::BadTarget { .. } | E::BadExchange { .. } => StatusCode::BAD_REQUEST,
-            E::NoRoute { .. } | E::UnknownService { .. } => StatusCode::NOT_FOUND,
+            E::NoRoute { .. } | E::UnknownService { .. } | E::NotInCalls { .. } => StatusCode::NOT_FOUND,
             E::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::ConnectFailed { .. }
             | E::PeerIdentity { .. }
@@ -237,7 +246,7 @@ impl ProxyError {
             // response that cannot be carried is the callee side's INTERNAL.
             E::HeadersTooLarge { hop, .. } if hop.is_request() => code::RESOURCE_EXHAUSTED,
             E::HeadersTooLarge { .. } => code::INTERNAL,
-            E::NoRoute { .. } | E::UnknownService { .. } => code::UNIMPLEMENTED,
+            E::NoRoute { .. } | E::UnknownService { .. } | E::NotInCalls { .. } => code::UNIMPLEMENTED,
             E::NoEndpoints { .. }
             | E::ConnectFailed { .. }
             | E::PeerIdentity { .. }
@@ -260,7 +269,7 @@ impl ProxyError {
         match self {
             ProxyError::NonCanonical(CanonicalError::MissingHost) => Some("missing_host"),
             ProxyError::NonCanonical(_) => Some("non_canonical"),
-            ProxyError::UnknownService { .. } => Some("unknown_service"),
+            ProxyError::UnknownService { .. } | ProxyError::NotInCalls { .. } => Some("unknown_service"),
             _ => None,
         }
     }
@@ -451,6 +460,16 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_service() {
+        let e = ProxyError::NotInCalls { service: "backend".into(), calls: vec!["api".into(), "db".into()] };
+        assert_eq!(e.refusal(), Some("unknown_service"));
+        let r = answer(e).await;
+        assert_eq!(r.0, 404);
+        assert!(
+            r.1.starts_with(
+                "weft: service \"backend\" is not in this sidecar's view: the sidecar was started with --calls api,db"
+            ),
+            "{r:?}"
+        );
         let e = ProxyError::UnknownService { service: "x".into() };
         assert_eq!(e.refusal(), Some("unknown_service"));
         let r = answer(e).await;

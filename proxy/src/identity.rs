@@ -219,7 +219,10 @@ impl Identity {
                 };
                 let req = AttestRequest { join_token: token.to_string(), csr: csr.clone() };
                 match IdentityClient::new(channel).attest(req).await.map_err(|s| self.rpc_error(addr, s)) {
-                    Ok(resp) => break 'rounds resp.into_inner(),
+                    Ok(resp) => {
+                        self.control_planes.answered(addr);
+                        break 'rounds resp.into_inner();
+                    }
                     Err(e) if e.replica_failed() => {
                         self.control_planes.failed(addr);
                         if attempt >= attempts {
@@ -261,7 +264,10 @@ impl Identity {
         let (csr, key_pair) = make_csr()?;
         let (channel, addr) = self.replica_channel(true).await?;
         let resp = match IdentityClient::new(channel).renew(RenewRequest { csr }).await {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                self.control_planes.answered(addr);
+                r.into_inner()
+            }
             Err(s) => {
                 let e = self.rpc_error(addr, s);
                 if e.replica_failed() {

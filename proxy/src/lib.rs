@@ -239,6 +239,7 @@ impl Proxy {
         attest(&opts, &identity, workload.as_ref()).await?;
 
         let state = State::new(&opts.service, metrics.clone());
+        state.set_calls(opts.calls.clone());
         let config_task = start_config_stream(&opts, &addrs, &state, &identity, &metrics, &admin);
         let (drain_trigger, drain) = weft_runtime::drain::channel();
         let app_readiness = serve_inbound(&opts, listeners.inbound, &state, &identity, &td, &metrics, &drain);

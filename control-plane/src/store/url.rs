@@ -17,10 +17,13 @@ pub enum StoreUrl {
 /// A `--store` value that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreUrlError {
-    #[error("--store {0:?}: expected `file` or `etcd://host:port[,host:port...]`")]
+    // The messages do not repeat the value: clap's "invalid value '...' for
+    // '--store <STORE>'" in front of them names it already.
+    #[error("expected `file` or `etcd://host:port[,host:port...]`")]
     Scheme(String),
-    #[error("--store {url:?}: {endpoint:?} is not host:port (e.g. etcd://10.0.0.5:2379,10.0.0.6:2379)")]
-    Endpoint { url: String, endpoint: String },
+    /// `why`: "is not host:port (…)", or that its port is out of range.
+    #[error("{endpoint:?} {why}")]
+    Endpoint { url: String, endpoint: String, why: &'static str },
 }
 
 impl FromStr for StoreUrl {
@@ -35,11 +38,22 @@ impl FromStr for StoreUrl {
         };
         let endpoints: Vec<String> = rest.trim_end_matches('/').split(',').map(|e| e.trim().to_string()).collect();
         for e in &endpoints {
+            // A number, but not a port: say that, not "not host:port".
+            if let Some((_, port)) = e.rsplit_once(':') {
+                if !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && !matches!(port.parse::<u16>(), Ok(1..))
+                {
+                    let why = "has a port out of range: a port is 1-65535";
+                    return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone(), why });
+                }
+            }
             let ok = e
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok());
             if !ok {
-                return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone() });
+                let why = "is not host:port (e.g. etcd://10.0.0.5:2379,10.0.0.6:2379)";
+                return Err(StoreUrlError::Endpoint { url: s.into(), endpoint: e.clone(), why });
             }
         }
         Ok(Self::Etcd { endpoints })
@@ -78,6 +92,10 @@ mod tests {
             Ok(StoreUrl::Etcd { endpoints: vec!["127.0.0.1:2379".into(), "etcd-1.example:2379".into()] })
         );
         assert!(matches!("etcd://127.0.0.1".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
+        let e = "etcd://127.0.0.1:99999".parse::<StoreUrl>().unwrap_err();
+        assert_eq!(e.to_string(), "\"127.0.0.1:99999\" has a port out of range: a port is 1-65535");
+        let e = "etcd://127.0.0.1:0".parse::<StoreUrl>().unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
         assert!(matches!("etcd://".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
         assert!(matches!("etcd://h:99999".parse::<StoreUrl>(), Err(StoreUrlError::Endpoint { .. })));
         let err = "http://127.0.0.1:2379".parse::<StoreUrl>().unwrap_err().to_string();

@@ -297,6 +297,16 @@ impl Outbound {
             // A request that names no service of the mesh is answered, and
             // counted as a refusal (its host is no service label).
             Err((None, e)) => {
+                // A sidecar with --calls gets only those services: a name
+                // outside the list is out of its view, not (known) absent.
+                let e = match e {
+                    ProxyError::UnknownService { service }
+                        if !self.state.calls().is_empty() && !self.state.calls().contains(&service) =>
+                    {
+                        ProxyError::NotInCalls { service, calls: self.state.calls().to_vec() }
+                    }
+                    e => e,
+                };
                 if let Some(reason) = e.refusal() {
                     self.metrics.refused("outbound", reason);
                 }

@@ -156,6 +156,9 @@ pub struct State {
     /// Addresses that were destinations of the mesh and are no longer
     /// ([`State::formerly_in_mesh`]), kept [`FORMER_DESTINATION_RETENTION`].
     former: Mutex<HashMap<IpAddr, Former>>,
+    /// `--calls` (empty: the whole mesh), to tell a service outside the
+    /// sidecar's scope from one the mesh lacks.
+    calls: std::sync::OnceLock<Vec<String>>,
 }
 
 impl State {
@@ -170,7 +173,18 @@ impl State {
             clock: LimitClock::default(),
             metrics,
             former: Mutex::new(HashMap::new()),
+            calls: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records the sidecar's `--calls` (set once, at start; later calls are ignored).
+    pub fn set_calls(&self, calls: Vec<String>) {
+        let _ = self.calls.set(calls);
+    }
+
+    /// The sidecar's `--calls` (empty: not given, the whole mesh).
+    pub fn calls(&self) -> &[String] {
+        self.calls.get().map(Vec::as_slice).unwrap_or_default()
     }
 
     /// The current snapshot; holding it keeps that version for the whole request.
