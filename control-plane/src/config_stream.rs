@@ -96,7 +96,15 @@ impl Config for ConfigService {
         let r: Result<Response<AckResponse>, Status> = async {
             let (id, _) = require_peer(&req)?;
             let req = req.into_inner();
-            self.registry.ack(&id, &req.inbound_address, req.version, req.error);
+            if req.svid_expires_at > 0 {
+                // The SVID it holds now, which may be newer than its stream's connection's.
+                let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(req.svid_expires_at as u64);
+                self.registry.svid_renewed(&id, &req.inbound_address, expires);
+            }
+            // Version 0 acknowledges nothing (an SVID report after a renewal).
+            if req.version > 0 || !req.error.is_empty() {
+                self.registry.ack(&id, &req.inbound_address, req.version, req.error);
+            }
             Ok(Response::new(AckResponse {}))
         }
         .await;

@@ -60,6 +60,9 @@ pub struct Registration {
     pub address: String,
     pub admin_address: String,
     pub labels: HashMap<String, String>,
+    /// When the SVID the sidecar holds expires: that of the stream's TLS
+    /// connection at first, then what the sidecar reports after each renewal
+    /// ([`Registry::svid_renewed`]). `None`: unknown.
     pub svid_expires: Option<SystemTime>,
     /// The services it declared it calls (`WatchRequest.calls`); empty: the whole mesh.
     pub calls: Vec<String>,
@@ -562,15 +565,47 @@ impl Registry {
     }
 
     /// Replaces the registrations held by other replicas; a new version
-    /// only when they changed.
+    /// only when what sidecars are told changed (a renewed SVID's expiry,
+    /// shown only by `weft status`, is no new version).
     pub fn set_shared(&self, shared: Vec<Registration>) {
         let mut inner = self.lock();
-        if inner.shared != shared {
-            inner.shared = shared;
+        let same_but_expiry = |a: &Registration, b: &Registration| {
+            Registration { svid_expires: None, ..a.clone() } == Registration { svid_expires: None, ..b.clone() }
+        };
+        let endpoints_same =
+            inner.shared.len() == shared.len() && inner.shared.iter().zip(&shared).all(|(a, b)| same_but_expiry(a, b));
+        inner.shared = shared;
+        if !endpoints_same {
             inner.dirty = true;
             inner.arrived += 1;
             self.changed.notify_one();
         }
+    }
+
+    /// Records that the sidecar with SPIFFE ID `id` registered at inbound
+    /// `address` now holds an SVID expiring at `expires` (it renewed; its
+    /// config stream still runs on the connection made with the old one).
+    /// Only that registration changes: replicas of a service share one
+    /// SPIFFE ID but renew at different times. A changed registration is
+    /// written again for the other replicas (see
+    /// [`Registry::publish_local_changes`]); no new version is published.
+    /// Returns whether a registration of this replica changed.
+    pub fn svid_renewed(&self, id: &SpiffeId, address: &str, expires: SystemTime) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut changed = false;
+        for key in inner.by_address.get(address).into_iter().flatten() {
+            let Some(e) = inner.sidecars.get_mut(key).filter(|e| &e.reg.spiffe_id == id) else { continue };
+            if e.reg.svid_expires == Some(expires) {
+                continue;
+            }
+            e.reg.svid_expires = Some(expires);
+            changed = true;
+            if let Some(tx) = &inner.changes {
+                let _ = tx.send(LocalChange::Registered(*key, Box::new(e.reg.clone())));
+            }
+        }
+        changed
     }
 
     /// Every published version, as it is published (a slow reader skips to
@@ -808,6 +843,54 @@ mod tests {
         let g = r.acks_generation();
         r.set_mesh_config("{\"a\":2}".into());
         assert!(r.acks_generation() > g, "a new version changes what the acks are compared with");
+    }
+
+    #[test]
+    fn a_renewed_svid_updates_only_the_registration_at_that_address() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let td = TrustDomain::new("td").unwrap();
+        let api = SpiffeId::parse("spiffe://td/ns/a/sa/api").unwrap();
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let first = |addr: &str, id: &str| Registration { svid_expires: Some(at(1_000)), ..reg(id, "api", addr) };
+        // Two replicas of api (one SPIFFE ID), and another ID at the first address.
+        let _a = r.register(first("127.0.0.1:1", "spiffe://td/ns/a/sa/api"));
+        let _b = r.register(first("127.0.0.1:2", "spiffe://td/ns/a/sa/api"));
+        let _other = r.register(first("127.0.0.1:1", "spiffe://td/ns/a/sa/web"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        r.publish_local_changes(tx);
+        while rx.try_recv().is_ok() {}
+        let v = r.snapshot().version;
+        assert!(r.svid_renewed(&api, "127.0.0.1:1", at(2_000)));
+        let expiry = |addr: &str, id: &str| {
+            let st = r.status(&td);
+            st.sidecars.iter().find(|s| s.inbound_address == addr && s.spiffe_id == id).unwrap().svid_expires_at
+        };
+        assert_eq!(expiry("127.0.0.1:1", "spiffe://td/ns/a/sa/api"), 2_000, "the renewed sidecar");
+        assert_eq!(expiry("127.0.0.1:2", "spiffe://td/ns/a/sa/api"), 1_000, "another replica of api");
+        assert_eq!(expiry("127.0.0.1:1", "spiffe://td/ns/a/sa/web"), 1_000, "another ID at that address");
+        // Written again for the other replicas, under its own key.
+        match rx.try_recv() {
+            Ok(LocalChange::Registered(_, x)) => {
+                assert_eq!(
+                    (x.address.as_str(), x.spiffe_id.clone(), x.svid_expires),
+                    ("127.0.0.1:1", api.clone(), Some(at(2_000)))
+                )
+            }
+            other => panic!("expected the renewed registration, got {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "only that registration");
+        assert!(!r.svid_renewed(&api, "127.0.0.1:1", at(2_000)), "the same expiry again changes nothing");
+        assert!(!r.svid_renewed(&api, "127.0.0.1:9", at(3_000)), "no sidecar at that address");
+        assert_eq!(r.snapshot().version, v, "no new version: sidecars are told nothing new");
+        // Another replica's renewal, seen in etcd, is no new version either.
+        r.set_shared(vec![first("127.0.0.1:3", "spiffe://td/ns/a/sa/api")]);
+        let v = r.snapshot().version;
+        r.set_shared(vec![Registration {
+            svid_expires: Some(at(2_000)),
+            ..first("127.0.0.1:3", "spiffe://td/ns/a/sa/api")
+        }]);
+        assert_eq!(r.snapshot().version, v);
+        assert_eq!(r.lock().shared[0].svid_expires, Some(at(2_000)), "but kept");
     }
 
     #[test]

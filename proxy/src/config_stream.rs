@@ -1,6 +1,7 @@
 //! The config client: the control plane's `weft.config.v1.Config` service.
 //! It registers this sidecar (`Watch`), receives versioned snapshots, has
-//! [`State`] apply them, acknowledges each (ACK, or NACK with the reason),
+//! [`State`] apply them, acknowledges each (ACK, or NACK with the reason)
+//! with the expiry of the SVID it holds (also reported after each renewal),
 //! and reconnects with jittered backoff, to another control-plane replica
 //! when its replica went away ([`crate::control_plane`]); the last good
 //! config keeps serving while the control plane is away. It declares the
@@ -147,6 +148,11 @@ impl ConfigStream {
         *before = unknown.to_vec();
     }
 
+    /// The expiry of the SVID held now, seconds since the Unix epoch (0: none).
+    fn svid_expires_at(&self) -> i64 {
+        self.identity.current().map_or(0, |s| s.expires_unix())
+    }
+
     /// Watches the control plane forever, reconnecting with jittered
     /// backoff; a replica whose stream ended or failed is left for another.
     pub async fn run(self) {
@@ -186,6 +192,10 @@ impl ConfigStream {
         let (reg, metrics) = (&self.registration, &self.metrics);
         let (channel, addr) = self.identity.replica_channel(true).await?;
         *replica = Some(addr);
+        // Renewals from now on: the stream's connection keeps the SVID it was
+        // made with, so the replica holding it hears of each new one here.
+        let mut svids = self.identity.subscribe();
+        let mut svid_reports = true;
         let mut client = ConfigClient::new(channel);
         let mut stream = client
             .watch(WatchRequest {
@@ -223,6 +233,22 @@ impl ConfigStream {
                     };
                     (snap, effective, true)
                 }
+                r = svids.changed(), if svid_reports => {
+                    if r.is_err() {
+                        svid_reports = false;
+                        continue;
+                    }
+                    // Version 0: an SVID report, no acknowledgement.
+                    let report = AckRequest {
+                        inbound_address: reg.inbound_address.to_string(),
+                        svid_expires_at: self.svid_expires_at(),
+                        ..Default::default()
+                    };
+                    if let Err(s) = client.ack(report).await {
+                        tracing::debug!(error = %s, "SVID report failed");
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(grace_end), if grace => {
                     grace = false;
                     if let Some(l) = &latest {
@@ -254,7 +280,12 @@ impl ConfigStream {
             if !ack {
                 continue;
             }
-            let ack = AckRequest { version, error, inbound_address: reg.inbound_address.to_string() };
+            let ack = AckRequest {
+                version,
+                error,
+                inbound_address: reg.inbound_address.to_string(),
+                svid_expires_at: self.svid_expires_at(),
+            };
             if let Err(s) = client.ack(ack).await {
                 tracing::debug!(error = %s, "ack failed");
             }

@@ -272,6 +272,7 @@ async fn run_sim(sim: Arc<Sim>, idx: usize, channel: Channel, obs: Arc<Observed>
                 version: snap.version,
                 error: String::new(),
                 inbound_address: req.inbound_address.clone(),
+                ..Default::default()
             };
             let _ = client.ack(ack).await;
         };
