@@ -123,7 +123,7 @@ pub struct Args {
     /// threads (a sidecar usually gets about one core); N > 1 a pool of N
     /// threads sharing the work; 0 or auto, one per CPU core the process may
     /// use. 1 to 1024, 0 or auto.
-    #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "1", value_parser = parse_worker_threads)]
+    #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "1", allow_negative_numbers = true, value_parser = parse_worker_threads)]
     pub worker_threads: WorkerThreads,
 }
 
@@ -137,6 +137,10 @@ pub enum WorkerThreads {
     /// Exactly this many, 1..=[`MAX_WORKER_THREADS`].
     Count(usize),
 }
+
+/// The name of the runtime's threads (workers and the blocking pool); the
+/// main thread keeps the process's name.
+pub const THREAD_NAME: &str = "weft-worker";
 
 /// The most `--worker-threads` accepts.
 pub const MAX_WORKER_THREADS: usize = 1024;
@@ -160,10 +164,16 @@ impl WorkerThreads {
     /// Errors: the OS refused a thread or the I/O driver (epoll) could not be
     /// created.
     pub fn runtime(self) -> std::io::Result<tokio::runtime::Runtime> {
-        match self.resolve() {
-            1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-            n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-        }
+        let mut builder = match self.resolve() {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        };
+        // Named for `top -H` and /proc/PID/task/*/comm (workers and the blocking pool).
+        builder.thread_name(THREAD_NAME).enable_all().build()
     }
 }
 

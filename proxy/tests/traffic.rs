@@ -331,7 +331,7 @@ async fn worker_threads_pick_the_runtime_and_bad_values_are_refused() {
     let (web_log, api_log) = (web.proc_.log_text(), api.proc_.log_text());
     assert!(web_log.contains("runtime: current-thread, 1 worker thread(s)"), "{web_log}");
     assert!(api_log.contains("runtime: multi-thread, 3 worker thread(s)"), "{api_log}");
-    // tokio names its worker threads (and its blocking pool's) tokio-runtime-worker, cut to 15 bytes.
-    let workers = thread_names(api.proc_.pid()).iter().filter(|n| *n == "tokio-runtime-w").count();
+    // The runtime's threads (workers, and the blocking pool's if any) are named weft-worker.
+    let workers = thread_names(api.proc_.pid()).iter().filter(|n| *n == "weft-worker").count();
     assert!(workers >= 3, "{:?}", thread_names(api.proc_.pid()));
 }
