@@ -118,6 +118,77 @@ pub struct Args {
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    /// Threads that run the sidecar's connections: 1 (the default) runs
+    /// everything on one thread, so a request is never handed between
+    /// threads (a sidecar usually gets about one core); N > 1 a pool of N
+    /// threads sharing the work; 0 or auto, one per CPU core the process may
+    /// use. 1 to 1024, 0 or auto.
+    #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "1", allow_negative_numbers = true, value_parser = parse_worker_threads)]
+    pub worker_threads: WorkerThreads,
+}
+
+/// `--worker-threads`: how many threads run the sidecar's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerThreads {
+    /// One per CPU core the process may use (`0` or `auto`;
+    /// [`std::thread::available_parallelism`], which honours CPU affinity
+    /// and cgroup quotas).
+    Auto,
+    /// Exactly this many, 1..=[`MAX_WORKER_THREADS`].
+    Count(usize),
+}
+
+/// The name of the runtime's threads (workers and the blocking pool); the
+/// main thread keeps the process's name.
+pub const THREAD_NAME: &str = "weft-worker";
+
+/// The most `--worker-threads` accepts.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+impl WorkerThreads {
+    /// The number of threads this resolves to on this machine (at least 1).
+    pub fn resolve(self) -> usize {
+        match self {
+            Self::Count(n) => n,
+            Self::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// The tokio runtime to run the sidecar on: the current-thread scheduler
+    /// for one thread (every task on the thread that calls `block_on`: no
+    /// cross-thread wake-ups between a client connection's task and the task
+    /// driving the shared HTTP/2 connection to a peer), the multi-thread
+    /// (work-stealing) scheduler for more. Blocking work (`spawn_blocking`,
+    /// DNS lookups) goes to tokio's blocking pool either way.
+    ///
+    /// Errors: the OS refused a thread or the I/O driver (epoll) could not be
+    /// created.
+    pub fn runtime(self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.resolve() {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        };
+        // Named for `top -H` and /proc/PID/task/*/comm (workers and the blocking pool).
+        builder.thread_name(THREAD_NAME).enable_all().build()
+    }
+}
+
+/// `--worker-threads`: `0` or `auto` (one per core), or 1..=1024.
+fn parse_worker_threads(s: &str) -> Result<WorkerThreads, String> {
+    let expected = "expected a number of threads from 1 to 1024, or 0 or auto for one per CPU core";
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(WorkerThreads::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Ok(WorkerThreads::Auto),
+        Ok(n) if n <= MAX_WORKER_THREADS => Ok(WorkerThreads::Count(n)),
+        Ok(n) => Err(format!("{n}: too many threads; {expected}")),
+        Err(_) => Err(format!("{s:?}: {expected}")),
+    }
 }
 
 /// `--max-header-bytes`: 1 KiB .. 16 MiB (h2's setting is 32-bit, and hyper's
@@ -242,10 +313,37 @@ pub enum RunError {
     Start(#[from] crate::StartError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
+    /// The tokio runtime could not be built (threads, epoll).
+    #[error("cannot start the runtime with {threads} worker thread(s): {source}; try fewer with --worker-threads")]
+    Runtime { threads: usize, source: std::io::Error },
 }
 
 #[cfg(test)]
 mod tests {
+    use super::WorkerThreads;
+
+    #[test]
+    fn worker_threads_are_a_count_zero_or_auto() {
+        assert_eq!(super::parse_worker_threads("1"), Ok(WorkerThreads::Count(1)));
+        assert_eq!(super::parse_worker_threads("4"), Ok(WorkerThreads::Count(4)));
+        assert_eq!(super::parse_worker_threads("0"), Ok(WorkerThreads::Auto));
+        assert_eq!(super::parse_worker_threads("AUTO"), Ok(WorkerThreads::Auto));
+        for bad in ["-1", "two", "", "1.5", "1025"] {
+            let err = super::parse_worker_threads(bad).unwrap_err();
+            assert!(err.contains("from 1 to 1024, or 0 or auto"), "{bad:?}: {err}");
+        }
+        assert!(WorkerThreads::Auto.resolve() >= 1);
+    }
+
+    #[test]
+    fn one_worker_thread_is_the_current_thread_scheduler() {
+        let rt = WorkerThreads::Count(1).runtime().unwrap();
+        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread);
+        let rt = WorkerThreads::Count(3).runtime().unwrap();
+        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::MultiThread);
+        assert_eq!(rt.handle().metrics().num_workers(), 3);
+    }
+
     #[test]
     fn advertise_address_is_an_ip_with_an_optional_port() {
         let a = super::parse_advertise("10.1.0.5").unwrap();

@@ -273,3 +273,65 @@ async fn sidecar_start_up_errors_name_what_is_wrong() {
     assert!(!ok && err.contains("in use by another weft process"), "{err}");
     sidecar.kill();
 }
+
+/// Names of the threads of process `pid` (`/proc/<pid>/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// `--worker-threads` (or `WEFT_PROXY_WORKER_THREADS`) picks the runtime: by
+/// default one thread (tokio's current-thread scheduler), N > 1 a pool of N
+/// worker threads; traffic flows through a pair with one of each. A value
+/// that is not a thread count stops the sidecar at start-up with a message
+/// naming the flag and what it accepts.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_threads_pick_the_runtime_and_bad_values_are_refused() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let token = cp.token_file("spiffe://example.org/ns/default/sa/web");
+    for bad in ["two", "-1", "1025"] {
+        let (ok, err) = run_sidecar(
+            &[sidecar_args(&cp, &token, "web", "bad"), vec!["--worker-threads".into(), bad.into()]].concat(),
+        );
+        assert!(
+            !ok && err.contains("--worker-threads") && err.contains("from 1 to 1024, or 0 or auto"),
+            "{bad}: {err}"
+        );
+    }
+    let out = std::process::Command::new(weft_testkit::bin("weft-proxy"))
+        .args(sidecar_args(&cp, &token, "web", "bad"))
+        .env("WEFT_PROXY_WORKER_THREADS", "many")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--worker-threads") && err.contains("\"many\""), "{err}");
+
+    let app = servers::http("api").await;
+    let api = Sidecar::start(
+        &cp,
+        TD,
+        SidecarSpec {
+            service: "api",
+            app: app.addr,
+            upstreams: &[],
+            labels: &[],
+            extra_args: &["--worker-threads", "3"],
+        },
+    )
+    .await;
+    let web_app = servers::http("web").await;
+    let web = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
+    web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+    let (body, err) = curl(&["-H", "Host: api", &format!("http://{}/threads", web.outbound)]);
+    assert_eq!(body, "api /threads", "{err}");
+
+    let (web_log, api_log) = (web.proc_.log_text(), api.proc_.log_text());
+    assert!(web_log.contains("runtime: current-thread, 1 worker thread(s)"), "{web_log}");
+    assert!(api_log.contains("runtime: multi-thread, 3 worker thread(s)"), "{api_log}");
+    // The runtime's threads (workers, and the blocking pool's if any) are named weft-worker.
+    let workers = thread_names(api.proc_.pid()).iter().filter(|n| *n == "weft-worker").count();
+    assert!(workers >= 3, "{:?}", thread_names(api.proc_.pid()));
+}
