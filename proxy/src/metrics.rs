@@ -18,8 +18,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use weft_runtime::serve::ListenerStats;
 
+use weft_certs::SpiffeId;
+
 use crate::grpc;
 use crate::http::Body;
+use crate::state::routes::{Backend, Rule};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -71,12 +74,34 @@ pub struct RetryLabels {
     pub outcome: &'static str,
 }
 
-/// What a finished request is labelled with.
+/// What a finished request is labelled with, besides its direction,
+/// service and status: shared handles, read as labels only when counted
+/// (a series seen before then costs no copy of them).
 #[derive(Debug, Default, Clone)]
 pub struct RequestMeta {
-    pub route: String,
-    pub backend: String,
-    pub peer: String,
+    /// The HTTPRoute rule that carried the request (outbound): the `route`
+    /// label is its name; empty without one.
+    pub route: Option<Arc<Rule>>,
+    /// The backend routing chose (outbound): the `backend` label is its
+    /// subset; empty without one.
+    pub backend: Option<Arc<Backend>>,
+    /// The peer sidecar's SPIFFE ID: the caller (inbound), or the endpoint
+    /// that answered or failed (outbound); the `peer` label, empty without one.
+    pub peer: Option<Arc<SpiffeId>>,
+}
+
+impl RequestMeta {
+    fn route(&self) -> &str {
+        self.route.as_ref().map_or("", |r| r.name.as_str())
+    }
+
+    fn backend(&self) -> &str {
+        self.backend.as_ref().map_or("", |b| b.subset.as_str())
+    }
+
+    fn peer(&self) -> &str {
+        self.peer.as_ref().map_or("", |p| p.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -324,7 +349,7 @@ impl Metrics {
         resp: Response<Body>,
         secs: f64,
     ) -> Response<Body> {
-        let latency = LatencyKey { direction, service, route: &meta.route, backend: &meta.backend };
+        let latency = LatencyKey { direction, service, route: meta.route(), backend: meta.backend() };
         self.latency_series.with(&latency, || resolve(&self.latency, latency.to_owned()), |h| h.observe(secs));
         let code = resp.status().as_u16();
         let status_text;
@@ -337,9 +362,9 @@ impl Metrics {
             let mut labels = RequestLabels {
                 direction,
                 service: service.to_string(),
-                route: meta.route,
-                backend: meta.backend,
-                peer: meta.peer,
+                route: meta.route().to_string(),
+                backend: meta.backend().to_string(),
+                peer: meta.peer().to_string(),
                 code,
                 grpc_status: String::new(),
             };
@@ -354,9 +379,9 @@ impl Metrics {
         self.count(&RequestKey {
             direction,
             service,
-            route: &meta.route,
-            backend: &meta.backend,
-            peer: &meta.peer,
+            route: meta.route(),
+            backend: meta.backend(),
+            peer: meta.peer(),
             code,
             grpc_status,
         });
@@ -669,7 +694,11 @@ mod tests {
     }
 
     fn meta(route: &str) -> RequestMeta {
-        RequestMeta { route: route.into(), backend: "v2".into(), peer: "spiffe://example.org/ns/default/sa/api".into() }
+        let mut rule = Rule::default_for("api");
+        rule.name = route.into();
+        let backend = Backend { service: "api".into(), subset: "v2".into(), labels: Default::default(), weight: 1 };
+        let peer = SpiffeId::parse("spiffe://example.org/ns/default/sa/api").unwrap();
+        RequestMeta { route: Some(Arc::new(rule)), backend: Some(Arc::new(backend)), peer: Some(Arc::new(peer)) }
     }
 
     /// hashbrown finds an owned key by a borrowed one only if both hash alike.

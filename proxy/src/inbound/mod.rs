@@ -91,8 +91,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         // Tunnels are counted as connections and bytes, not requests.
         let peer = (req.method() != Method::CONNECT)
-            .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.as_ref()).map(|p| p.to_string()))
-            .map(Option::unwrap_or_default);
+            .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone()));
         let (metrics, service) = (self.metrics.clone(), self.service.clone());
         Box::pin(async move {
             let start = Instant::now();

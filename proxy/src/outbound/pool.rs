@@ -82,7 +82,7 @@ impl Pool {
             ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
                 ProxyError::PeerIdentity { addr, expected: id, source }
             }
-            source => ProxyError::ConnectFailed { peer: ep.spiffe_id.clone(), source: Box::new(source) },
+            source => ProxyError::ConnectFailed { peer: (*ep.spiffe_id).clone(), source: Box::new(source) },
         })?;
         let pooled = Pooled::new(sender.clone(), streams, &self.metrics.pool_connections);
         let lease = Lease { sender, guard: pooled.streams.open_one() };
