@@ -159,6 +159,7 @@ impl Inbound {
             .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_frame_size(limits::H2_MAX_FRAME_SIZE)
             .max_header_list_size(limits.parser_bytes_u32())
             .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT)
