@@ -190,6 +190,9 @@ struct Kept {
 impl Unsent {
     /// [`Unsent::keep`] without waiting: the request back when its body
     /// is to be buffered first.
+    // The request handed back is as large as `Self` (the Ok side): boxing
+    // it would add an allocation to every request with a body.
+    #[allow(clippy::result_large_err)]
     fn keep_now(req: Request<Body>) -> Result<Self, Request<Body>> {
         use http_body::Body as _;
         let (parts, body) = req.into_parts();
