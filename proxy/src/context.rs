@@ -60,4 +60,4 @@ impl Deadline {
 
 /// Which endpoint answered (a response extension, for the outbound metrics).
 #[derive(Clone, Debug)]
-pub struct ServedBy(pub SpiffeId);
+pub struct ServedBy(pub Arc<SpiffeId>);

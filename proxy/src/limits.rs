@@ -34,6 +34,11 @@ pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// SETTINGS_MAX_CONCURRENT_STREAMS). The caller's pool opens another
 /// connection when every one it has is at the limit the peer advertised.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Largest HTTP/2 frame payload a sidecar accepts from another
+/// (SETTINGS_MAX_FRAME_SIZE, RFC 9113 6.5.2; bytes). Above the 16 KiB
+/// default so a tunnel's bulk data crosses in fewer frames, each one poll of
+/// the stream and one read at the far end.
+pub const H2_MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// Bytes a TCP tunnel copies per read, in each direction (tokio's default is
 /// 8 KiB): each chunk written into an HTTP/2 stream is a copy, a channel
 /// send and a wake-up of the stream's task, so bulk transfers want few,

@@ -1,6 +1,9 @@
 //! The sidecar's Prometheus metrics (docs/metrics.md lists them).
 
-use std::sync::Arc;
+use std::hash::Hash;
+use std::sync::{Arc, RwLock};
+
+use hashbrown::{Equivalent, HashMap};
 
 use http::Response;
 
@@ -15,8 +18,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use weft_runtime::serve::ListenerStats;
 
+use weft_certs::SpiffeId;
+
 use crate::grpc;
 use crate::http::Body;
+use crate::state::routes::{Backend, Rule};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -68,12 +74,34 @@ pub struct RetryLabels {
     pub outcome: &'static str,
 }
 
-/// What a finished request is labelled with.
+/// What a finished request is labelled with, besides its direction,
+/// service and status: shared handles, read as labels only when counted
+/// (a series seen before then costs no copy of them).
 #[derive(Debug, Default, Clone)]
 pub struct RequestMeta {
-    pub route: String,
-    pub backend: String,
-    pub peer: String,
+    /// The HTTPRoute rule that carried the request (outbound): the `route`
+    /// label is its name; empty without one.
+    pub route: Option<Arc<Rule>>,
+    /// The backend routing chose (outbound): the `backend` label is its
+    /// subset; empty without one.
+    pub backend: Option<Arc<Backend>>,
+    /// The peer sidecar's SPIFFE ID: the caller (inbound), or the endpoint
+    /// that answered or failed (outbound); the `peer` label, empty without one.
+    pub peer: Option<Arc<SpiffeId>>,
+}
+
+impl RequestMeta {
+    fn route(&self) -> &str {
+        self.route.as_ref().map_or("", |r| r.name.as_str())
+    }
+
+    fn backend(&self) -> &str {
+        self.backend.as_ref().map_or("", |b| b.subset.as_str())
+    }
+
+    fn peer(&self) -> &str {
+        self.peer.as_ref().map_or("", |p| p.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,6 +168,11 @@ pub struct Metrics {
     pub intercepted: Family<InterceptedLabels, Counter>,
     /// Intercepted outbound connections to destinations outside the mesh.
     pub unknown_destinations: Family<UnknownDestinationLabels, Counter>,
+    /// The series of `latency`, `requests` and `authz` counted per request,
+    /// found without SipHash ([`SeriesCache`]).
+    latency_series: SeriesCache<LatencyLabels, Histogram>,
+    request_series: SeriesCache<RequestLabels, Counter>,
+    authz_series: SeriesCache<AuthzLabels, Counter>,
 }
 
 /// An intercepted outbound connection to a service of the mesh.
@@ -195,6 +228,9 @@ impl Default for Metrics {
             headers_too_large: Family::default(),
             intercepted: Family::default(),
             unknown_destinations: Family::default(),
+            latency_series: SeriesCache::default(),
+            request_series: SeriesCache::default(),
+            authz_series: SeriesCache::default(),
         }
     }
 }
@@ -302,6 +338,9 @@ impl Metrics {
     /// count with its `grpc_status` — now, or for a gRPC response whose
     /// status comes in trailers, when its body ends (the response's body is
     /// then watched, [`grpc::ObservedBody`]).
+    ///
+    /// The series are found in [`SeriesCache`]s by the borrowed labels, so a
+    /// label set seen before costs no allocation and no SipHash.
     pub fn response(
         self: &Arc<Self>,
         direction: &'static str,
@@ -310,37 +349,227 @@ impl Metrics {
         resp: Response<Body>,
         secs: f64,
     ) -> Response<Body> {
-        // The request's own strings move into the labels: one allocation
-        // (the service) per request instead of one per label value.
-        let latency =
-            LatencyLabels { direction, service: service.to_string(), route: meta.route, backend: meta.backend };
-        self.latency.get_or_create(&latency).observe(secs);
-        let LatencyLabels { service, route, backend, .. } = latency;
-        let mut labels = RequestLabels {
+        let latency = LatencyKey { direction, service, route: meta.route(), backend: meta.backend() };
+        self.latency_series.with(&latency, || resolve(&self.latency, latency.to_owned()), |h| h.observe(secs));
+        let code = resp.status().as_u16();
+        let status_text;
+        let grpc_status = if !grpc::is_grpc(resp.headers()) {
+            ""
+        } else if let Some(status) = grpc::status(resp.headers()) {
+            status_text = status.to_string();
+            &status_text
+        } else {
+            let mut labels = RequestLabels {
+                direction,
+                service: service.to_string(),
+                route: meta.route().to_string(),
+                backend: meta.backend().to_string(),
+                peer: meta.peer().to_string(),
+                code,
+                grpc_status: String::new(),
+            };
+            let this = self.clone();
+            return resp.map(|body| {
+                http_body_util::BodyExt::boxed(grpc::ObservedBody::new(body, move |outcome| {
+                    labels.grpc_status = outcome.label();
+                    this.count(&RequestKey::of(&labels));
+                }))
+            });
+        };
+        self.count(&RequestKey {
             direction,
             service,
-            route,
-            backend,
-            peer: meta.peer,
-            code: resp.status().as_u16(),
-            grpc_status: String::new(),
+            route: meta.route(),
+            backend: meta.backend(),
+            peer: meta.peer(),
+            code,
+            grpc_status,
+        });
+        resp
+    }
+
+    /// Counts one request in `weft_proxy_requests_total`.
+    fn count(&self, key: &RequestKey<'_>) {
+        self.request_series.with(
+            key,
+            || resolve(&self.requests, key.to_owned()),
+            |c| {
+                c.inc();
+            },
+        );
+    }
+
+    /// Counts an inbound authorization decision (`weft_proxy_authz_decisions_total`).
+    pub fn authz_decision(&self, policy: &str, outcome: &'static str, protocol: &'static str) {
+        let key = AuthzKey { policy, outcome, protocol };
+        self.authz_series.with(
+            &key,
+            || resolve(&self.authz, key.to_owned()),
+            |c| {
+                c.inc();
+            },
+        );
+    }
+}
+
+/// The family's series for `labels` (created at zero if new), with the labels.
+fn resolve<K, M, C>(family: &Family<K, M, C>, labels: K) -> (K, M)
+where
+    K: Clone + Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    let m = family.get_or_create_owned(&labels);
+    (labels, m)
+}
+
+/// The series of one metric family already used, by label set: a
+/// [`Family::get_or_create`] hashes its owned label set with SipHash under
+/// the family's lock, where this finds the series by the borrowed labels
+/// (`Q`, a [`hashbrown::Equivalent`] of the owned `K`) with foldhash, and
+/// allocates nothing for a label set seen before. It holds clones of the
+/// family's handles (an `Arc` each), so what it counts is what the family
+/// exports; a series is added to it, as to the family, the first time it
+/// is counted, and never removed (the family keeps every series too). A
+/// config change needs no invalidation: the key is the label values, so a
+/// renamed route is a new key, counted under its new labels.
+pub struct SeriesCache<K, M> {
+    series: RwLock<HashMap<K, M>>,
+}
+
+impl<K, M> Default for SeriesCache<K, M> {
+    fn default() -> Self {
+        Self { series: RwLock::new(HashMap::default()) }
+    }
+}
+
+impl<K: Hash + Eq, M> SeriesCache<K, M> {
+    /// Runs `f` on the series of `key`, made by `create` (its owned labels
+    /// and the family's handle for them) the first time `key` is seen.
+    pub fn with<Q>(&self, key: &Q, create: impl FnOnce() -> (K, M), f: impl FnOnce(&M))
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        if let Some(m) = self.series.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return f(m);
+        }
+        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        let m = match series.get(key) {
+            Some(m) => m,
+            None => {
+                let (k, m) = create();
+                series.entry(k).or_insert(m)
+            }
         };
-        if !grpc::is_grpc(resp.headers()) {
-            self.requests.get_or_create(&labels).inc();
-            return resp;
+        f(m)
+    }
+
+    /// How many series it holds.
+    pub fn len(&self) -> usize {
+        self.series.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// [`LatencyLabels`], borrowed. Its fields and their order are those of
+/// the owned labels, so the derived `Hash`es agree (`str` and `String`
+/// hash alike), as [`Equivalent`] requires.
+#[derive(Hash)]
+pub struct LatencyKey<'a> {
+    pub direction: &'static str,
+    pub service: &'a str,
+    pub route: &'a str,
+    pub backend: &'a str,
+}
+
+impl LatencyKey<'_> {
+    fn to_owned(&self) -> LatencyLabels {
+        LatencyLabels {
+            direction: self.direction,
+            service: self.service.to_string(),
+            route: self.route.to_string(),
+            backend: self.backend.to_string(),
         }
-        if let Some(code) = grpc::status(resp.headers()) {
-            labels.grpc_status = code.to_string();
-            self.requests.get_or_create(&labels).inc();
-            return resp;
+    }
+}
+
+impl Equivalent<LatencyLabels> for LatencyKey<'_> {
+    fn equivalent(&self, k: &LatencyLabels) -> bool {
+        self.direction == k.direction && self.service == k.service && self.route == k.route && self.backend == k.backend
+    }
+}
+
+/// [`RequestLabels`], borrowed (fields in the same order, see [`LatencyKey`]).
+#[derive(Hash)]
+pub struct RequestKey<'a> {
+    pub direction: &'static str,
+    pub service: &'a str,
+    pub route: &'a str,
+    pub backend: &'a str,
+    pub peer: &'a str,
+    pub code: u16,
+    pub grpc_status: &'a str,
+}
+
+impl<'a> RequestKey<'a> {
+    fn of(l: &'a RequestLabels) -> Self {
+        Self {
+            direction: l.direction,
+            service: &l.service,
+            route: &l.route,
+            backend: &l.backend,
+            peer: &l.peer,
+            code: l.code,
+            grpc_status: &l.grpc_status,
         }
-        let this = self.clone();
-        resp.map(|body| {
-            http_body_util::BodyExt::boxed(grpc::ObservedBody::new(body, move |outcome| {
-                labels.grpc_status = outcome.label();
-                this.requests.get_or_create(&labels).inc();
-            }))
-        })
+    }
+
+    fn to_owned(&self) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction,
+            service: self.service.to_string(),
+            route: self.route.to_string(),
+            backend: self.backend.to_string(),
+            peer: self.peer.to_string(),
+            code: self.code,
+            grpc_status: self.grpc_status.to_string(),
+        }
+    }
+}
+
+impl Equivalent<RequestLabels> for RequestKey<'_> {
+    fn equivalent(&self, k: &RequestLabels) -> bool {
+        self.code == k.code
+            && self.direction == k.direction
+            && self.service == k.service
+            && self.route == k.route
+            && self.backend == k.backend
+            && self.peer == k.peer
+            && self.grpc_status == k.grpc_status
+    }
+}
+
+/// [`AuthzLabels`], borrowed (fields in the same order, see [`LatencyKey`]).
+#[derive(Hash)]
+pub struct AuthzKey<'a> {
+    pub policy: &'a str,
+    pub outcome: &'static str,
+    pub protocol: &'static str,
+}
+
+impl AuthzKey<'_> {
+    fn to_owned(&self) -> AuthzLabels {
+        AuthzLabels { policy: self.policy.to_string(), outcome: self.outcome, protocol: self.protocol }
+    }
+}
+
+impl Equivalent<AuthzLabels> for AuthzKey<'_> {
+    fn equivalent(&self, k: &AuthzLabels) -> bool {
+        self.outcome == k.outcome && self.protocol == k.protocol && self.policy == k.policy
     }
 }
 
@@ -442,5 +671,129 @@ impl prometheus_client::collector::Collector for ListenerCollector {
             ConstGauge::new(i64::try_from(stats.open()).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+    use crate::http::empty;
+
+    fn scrape(m: &Metrics) -> String {
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        text
+    }
+
+    fn sample<'a>(text: &'a str, name: &str, labels: &str) -> Option<&'a str> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(labels)?.strip_prefix(' '))
+    }
+
+    fn meta(route: &str) -> RequestMeta {
+        let mut rule = Rule::default_for("api");
+        rule.name = route.into();
+        let backend = Backend { service: "api".into(), subset: "v2".into(), labels: Default::default(), weight: 1 };
+        let peer = SpiffeId::parse("spiffe://example.org/ns/default/sa/api").unwrap();
+        RequestMeta { route: Some(Arc::new(rule)), backend: Some(Arc::new(backend)), peer: Some(Arc::new(peer)) }
+    }
+
+    /// hashbrown finds an owned key by a borrowed one only if both hash alike.
+    #[test]
+    fn borrowed_keys_hash_as_the_owned_labels() {
+        let hasher = hashbrown::DefaultHashBuilder::default();
+        let request = RequestKey {
+            direction: "outbound",
+            service: "api",
+            route: "HTTPRoute/api-split/0",
+            backend: "v2",
+            peer: "spiffe://example.org/ns/default/sa/api",
+            code: 200,
+            grpc_status: "",
+        };
+        assert_eq!(hasher.hash_one(&request), hasher.hash_one(request.to_owned()));
+        let latency = LatencyKey { direction: "inbound", service: "api", route: "", backend: "" };
+        assert_eq!(hasher.hash_one(&latency), hasher.hash_one(latency.to_owned()));
+        let authz = AuthzKey { policy: "allow-web", outcome: "allow", protocol: "http" };
+        assert_eq!(hasher.hash_one(&authz), hasher.hash_one(authz.to_owned()));
+    }
+
+    #[test]
+    fn responses_are_counted_under_their_labels_once_per_series() {
+        let m = Arc::new(Metrics::default());
+        for _ in 0..3 {
+            m.response("outbound", "api", meta("HTTPRoute/api/0"), Response::new(empty()), 0.001);
+        }
+        let mut refused = Response::new(empty());
+        *refused.status_mut() = http::StatusCode::FORBIDDEN;
+        m.response("outbound", "api", meta("HTTPRoute/api/0"), refused, 0.001);
+        m.authz_decision("allow-web", "allow", "http");
+        m.authz_decision("allow-web", "allow", "http");
+        let text = scrape(&m);
+        let labels = |code: u16| {
+            format!(
+                "{{direction=\"outbound\",service=\"api\",route=\"HTTPRoute/api/0\",backend=\"v2\",peer=\"spiffe://example.org/ns/default/sa/api\",code=\"{code}\",grpc_status=\"\"}}"
+            )
+        };
+        assert_eq!(sample(&text, "weft_proxy_requests_total", &labels(200)), Some("3"), "{text}");
+        assert_eq!(sample(&text, "weft_proxy_requests_total", &labels(403)), Some("1"), "{text}");
+        let latency = "{direction=\"outbound\",service=\"api\",route=\"HTTPRoute/api/0\",backend=\"v2\"}";
+        assert_eq!(sample(&text, "weft_proxy_request_duration_seconds_count", latency), Some("4"), "{text}");
+        let authz = "{policy=\"allow-web\",outcome=\"allow\",protocol=\"http\"}";
+        assert_eq!(sample(&text, "weft_proxy_authz_decisions_total", authz), Some("2"), "{text}");
+        assert_eq!((m.request_series.len(), m.latency_series.len(), m.authz_series.len()), (2, 1, 1));
+    }
+
+    /// A config change that renames the route (or moves the request to
+    /// another backend) counts the next request under the new labels, and
+    /// leaves the old series as they were.
+    #[test]
+    fn a_route_change_counts_under_the_new_labels() {
+        let m = Arc::new(Metrics::default());
+        m.response("outbound", "api", meta("HTTPRoute/api/0"), Response::new(empty()), 0.001);
+        m.response("outbound", "api", meta("HTTPRoute/api-v2/0"), Response::new(empty()), 0.001);
+        m.response("outbound", "api", meta("HTTPRoute/api-v2/0"), Response::new(empty()), 0.001);
+        let text = scrape(&m);
+        let count = |route: &str| {
+            let labels = format!("{{direction=\"outbound\",service=\"api\",route=\"{route}\",backend=\"v2\",peer=\"spiffe://example.org/ns/default/sa/api\",code=\"200\",grpc_status=\"\"}}");
+            sample(&text, "weft_proxy_requests_total", &labels).map(str::to_string)
+        };
+        assert_eq!(count("HTTPRoute/api/0").as_deref(), Some("1"), "{text}");
+        assert_eq!(count("HTTPRoute/api-v2/0").as_deref(), Some("2"), "{text}");
+        let latency = "{direction=\"outbound\",service=\"api\",route=\"HTTPRoute/api-v2/0\",backend=\"v2\"}";
+        assert_eq!(sample(&text, "weft_proxy_request_duration_seconds_count", latency), Some("2"), "{text}");
+    }
+
+    /// gRPC statuses: in the response's headers (trailers-only) counted at
+    /// once, in trailers counted when the body ends; no series is made for
+    /// a status not seen.
+    #[tokio::test]
+    async fn grpc_statuses_are_counted_as_they_come() {
+        use http_body_util::BodyExt;
+        let m = Arc::new(Metrics::default());
+        let grpc = |status: Option<&str>| {
+            let mut resp = Response::new(empty());
+            resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            if let Some(s) = status {
+                resp.headers_mut().insert("grpc-status", http::HeaderValue::from_str(s).unwrap());
+            }
+            resp
+        };
+        m.response("inbound", "echo", RequestMeta::default(), grpc(Some("14")), 0.001);
+        let later = m.response("inbound", "echo", RequestMeta::default(), grpc(None), 0.001);
+        let before = scrape(&m);
+        let labels = |status: &str| {
+            format!("{{direction=\"inbound\",service=\"echo\",route=\"\",backend=\"\",peer=\"\",code=\"200\",grpc_status=\"{status}\"}}")
+        };
+        assert_eq!(sample(&before, "weft_proxy_requests_total", &labels("14")), Some("1"), "{before}");
+        assert_eq!(before.matches("weft_proxy_requests_total{").count(), 1, "{before}");
+        later.into_body().collect().await.unwrap();
+        let after = scrape(&m);
+        assert_eq!(sample(&after, "weft_proxy_requests_total", &labels("none")), Some("1"), "{after}");
+        let latency = "{direction=\"inbound\",service=\"echo\",route=\"\",backend=\"\"}";
+        assert_eq!(sample(&after, "weft_proxy_request_duration_seconds_count", latency), Some("2"), "{after}");
     }
 }

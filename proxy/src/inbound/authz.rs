@@ -12,7 +12,7 @@ use super::app::MISSING_CONTEXT;
 use super::gate::{Gate, GateLayer};
 use crate::context::RequestContext;
 use crate::error::ProxyError;
-use crate::metrics::{AuthzLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::state::authz::Request;
 
 /// The gate that enforces authorization, reading the caller and the config
@@ -47,12 +47,8 @@ impl Gate for Authz {
                 port: authz.port(),
             },
         );
-        let labels = AuthzLabels {
-            policy: decision.policy.clone(),
-            outcome: if decision.allowed { "allow" } else { "deny" },
-            protocol: if tcp { "tcp" } else { "http" },
-        };
-        self.metrics.authz.get_or_create(&labels).inc();
+        let outcome = if decision.allowed { "allow" } else { "deny" };
+        self.metrics.authz_decision(&decision.policy, outcome, if tcp { "tcp" } else { "http" });
         if decision.allowed {
             return Ok(());
         }

@@ -59,7 +59,7 @@ impl Inbound {
                     }
                     .unwrap_or_else(|e| respond(&e, false));
                     *resp.version_mut() = Version::HTTP_11;
-                    let meta = RequestMeta { peer: peer.to_string(), ..Default::default() };
+                    let meta = RequestMeta { peer: Some(Arc::new(peer.clone())), ..Default::default() };
                     let secs = start.elapsed().as_secs_f64();
                     Ok(this.metrics.response("inbound", &this.service, meta, resp, secs))
                 }

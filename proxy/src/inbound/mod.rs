@@ -91,8 +91,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         // Tunnels are counted as connections and bytes, not requests.
         let peer = (req.method() != Method::CONNECT)
-            .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.as_ref()).map(|p| p.to_string()))
-            .map(Option::unwrap_or_default);
+            .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone()));
         let (metrics, service) = (self.metrics.clone(), self.service.clone());
         Box::pin(async move {
             let start = Instant::now();
@@ -160,6 +159,7 @@ impl Inbound {
             .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_frame_size(limits::H2_MAX_FRAME_SIZE)
             .max_header_list_size(limits.parser_bytes_u32())
             .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT)

@@ -61,7 +61,12 @@ impl Service<Request<Body>> for EndpointService {
             for ep in balance::probes_due(&candidates) {
                 tokio::spawn(probe::run(this.pool.clone(), this.metrics.clone(), ep.clone(), service.to_string()));
             }
-            let mut req = Some(Unsent::keep(req).await);
+            let mut req = Some(match Unsent::keep_now(req) {
+                Ok(unsent) => unsent,
+                // Boxed: a body to buffer is the rare case, and its future
+                // inline would make every request's future larger.
+                Err(req) => Box::pin(Unsent::keep(req)).await,
+            });
             let mut refused = None;
             let mut last_refusal = None;
             // An endpoint that cannot be connected to, or whose sidecar says
@@ -183,6 +188,24 @@ struct Kept {
 }
 
 impl Unsent {
+    /// [`Unsent::keep`] without waiting: the request back when its body
+    /// is to be buffered first.
+    // The request handed back is as large as `Self` (the Ok side): boxing
+    // it would add an allocation to every request with a body.
+    #[allow(clippy::result_large_err)]
+    fn keep_now(req: Request<Body>) -> Result<Self, Request<Body>> {
+        use http_body::Body as _;
+        let (parts, body) = req.into_parts();
+        if body.is_end_stream() && parts.extensions.get::<Carried>().is_none() {
+            if parts.headers.contains_key(http::header::EXPECT) {
+                return Ok(Self { req: Request::from_parts(parts, body), copy: None });
+            }
+            let req = Request::from_parts(clone_head(&parts), body);
+            return Ok(Self { req, copy: Some(Kept { parts, body: bytes::Bytes::new() }) });
+        }
+        Err(Request::from_parts(parts, body))
+    }
+
     /// Keeps a copy of `req` if it can be sent again (buffering its body;
     /// a request without one, e.g. a GET, keeps its head only).
     async fn keep(req: Request<Body>) -> Self {
@@ -310,7 +333,8 @@ impl EndpointService {
         let exchange = async move {
             let resp = sender.try_send_request(req).await.map_err(|mut e| (e.take_message(), e.into_error()))?;
             match carried {
-                Some(carried) => extended_connect::finish(resp, carried).await.map_err(|e| (None, e)),
+                // Boxed: rare (upgrades, 100-continue), and large inline.
+                Some(carried) => Box::pin(extended_connect::finish(resp, carried)).await.map_err(|e| (None, e)),
                 None => Ok(resp),
             }
         };
@@ -387,7 +411,9 @@ impl AttemptLimit {
     async fn run<F: std::future::Future>(&self, f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
         match self.until {
             None => Ok(f.await),
-            Some(until) => tokio::time::timeout_at(until, f).await,
+            // Boxed: the timer is as large as a request's other state, and
+            // only routes with a timeout need it.
+            Some(until) => Box::pin(tokio::time::timeout_at(until, f)).await,
         }
     }
 
@@ -499,6 +525,13 @@ mod tests {
             assert_eq!(r.headers()["x-b"], "2");
             assert!(r.into_body().collect().await.unwrap().to_bytes().is_empty());
         }
+        // Without waiting: a bodyless request is kept at once (its head), one with a body is handed back.
+        let get = Request::get("http://api/y").body(crate::http::empty()).unwrap();
+        assert!(Unsent::keep_now(get).ok().and_then(|u| u.copy).is_some_and(|k| k.body.is_empty()));
+        let expect = Request::get("http://api/y").header("expect", "100-continue").body(crate::http::empty());
+        assert!(Unsent::keep_now(expect.unwrap()).ok().is_some_and(|u| u.copy.is_none()));
+        let post = Request::post("http://api/x").body(boxed(Full::new(bytes::Bytes::from("hi")))).unwrap();
+        assert!(Unsent::keep_now(post).is_err(), "a body is buffered by the waiting keep");
         let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
         drop(tx);
         let streamed = Request::post("http://api/x").body(boxed(StreamBody::new(rx))).unwrap();

@@ -282,7 +282,7 @@ impl Outbound {
                 let mut resp = match self.stack.clone().oneshot(req).await {
                     Ok(mut resp) => {
                         if let Some(ServedBy(id)) = resp.extensions_mut().remove::<ServedBy>() {
-                            meta.peer = id.to_string();
+                            meta.peer = Some(id);
                         }
                         resp
                     }
@@ -335,7 +335,7 @@ impl Outbound {
     /// The response for a failed request, with the endpoint it failed at.
     fn failed(&self, e: &ProxyError, meta: &mut RequestMeta, grpc: bool) -> Response<Body> {
         if let Some(id) = e.peer() {
-            meta.peer = id.to_string();
+            meta.peer = Some(Arc::new(id.clone()));
         }
         respond(e, grpc)
     }

@@ -82,7 +82,7 @@ impl Pool {
             ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
                 ProxyError::PeerIdentity { addr, expected: id, source }
             }
-            source => ProxyError::ConnectFailed { peer: ep.spiffe_id.clone(), source: Box::new(source) },
+            source => ProxyError::ConnectFailed { peer: (*ep.spiffe_id).clone(), source: Box::new(source) },
         })?;
         let pooled = Pooled::new(sender.clone(), streams, &self.metrics.pool_connections);
         let lease = Lease { sender, guard: pooled.streams.open_one() };
@@ -133,6 +133,7 @@ impl Pool {
             .keep_alive_while_idle(true)
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_frame_size(limits::H2_MAX_FRAME_SIZE)
             .max_header_list_size(self.limits.parser_bytes_u32())
             .handshake(TokioIo::new(tls))
             .await

@@ -61,8 +61,8 @@ pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMet
         }
     };
     let backend = rule.pick_backend().clone();
-    meta.route = rule.name.clone();
-    meta.backend = backend.subset.clone();
+    meta.route = Some(rule.clone());
+    meta.backend = Some(backend.clone());
 
     let app_protocol = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
     strip_hop_by_hop(&mut parts.headers);

@@ -111,7 +111,7 @@ impl Outbound {
             .version(Version::HTTP_2)
             .body(empty())
             .map_err(|source| Attempt::Refused(ProxyError::BadTarget { source }))?;
-        let reset = |source| Attempt::Unsent(ProxyError::UpstreamReset { addr, peer: ep.spiffe_id.clone(), source });
+        let reset = |source| Attempt::Unsent(ProxyError::UpstreamReset { addr, peer: (*ep.spiffe_id).clone(), source });
         let resp = sender.send_request(req).await.map_err(reset)?;
         let status = resp.status();
         if status != StatusCode::OK {

@@ -208,7 +208,7 @@ mod tests {
         let seen = *SEEN.get_or_init(Instant::now);
         Endpoint {
             address: SocketAddr::from(([127, 0, 0, 1], port)),
-            spiffe_id: SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap(),
+            spiffe_id: Arc::new(SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap()),
             labels: Default::default(),
             state: Arc::new(EndpointState::new(&Default::default(), seen)),
         }

@@ -20,15 +20,17 @@ use crate::metrics::Live;
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
     pub address: SocketAddr,
+    /// Shared: a request's answer names its endpoint (`ServedBy`, the
+    /// `peer` label) without copying the ID.
     #[serde(serialize_with = "ser_id")]
-    pub spiffe_id: SpiffeId,
+    pub spiffe_id: Arc<SpiffeId>,
     pub labels: BTreeMap<String, String>,
     /// What the sidecar keeps for this endpoint while discovery lists it.
     #[serde(skip)]
     pub state: Arc<EndpointState>,
 }
 
-fn ser_id<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+fn ser_id<S: serde::Serializer>(id: &Arc<SpiffeId>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(id.as_str())
 }
 

@@ -256,7 +256,12 @@ impl State {
                 })?;
                 let gauge = &self.metrics.balancer_endpoints;
                 let state = endpoints.get((address, spiffe_id.clone()), |_| true, || EndpointState::new(gauge, now));
-                eps.push(Endpoint { address, spiffe_id, labels: ep.labels.clone().into_iter().collect(), state });
+                eps.push(Endpoint {
+                    address,
+                    spiffe_id: Arc::new(spiffe_id),
+                    labels: ep.labels.clone().into_iter().collect(),
+                    state,
+                });
             }
             services.insert(svc.name.clone(), eps);
         }
