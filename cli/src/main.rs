@@ -189,12 +189,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn async_main(cli: Cli) -> std::process::ExitCode {
-    match cli.cmd {
-        Cmd::ControlPlane(args) => {
-            weft_runtime::init_logging(&args.log_format);
-            return weft_runtime::exit_code(weft_control_plane::command::run(args).await);
-        }
-        _ => {}
+    if let Cmd::ControlPlane(args) = cli.cmd {
+        weft_runtime::init_logging(&args.log_format);
+        return weft_runtime::exit_code(weft_control_plane::command::run(args).await);
     }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
