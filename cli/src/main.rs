@@ -174,21 +174,29 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 10m, 1h)"))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `weft up` runs the daemons as child processes of this binary, so a
-    // newcomer needs only `cargo run --bin weft -- up`.
-    match cli.cmd {
-        Cmd::Proxy(args) => {
-            weft_runtime::init_logging(&args.log_format);
-            return weft_runtime::exit_code(weft_proxy::command::run(args).await);
+    // newcomer needs only `cargo run --bin weft -- up`. The sidecar builds
+    // the runtime its `--worker-threads` asks for; everything else runs on
+    // tokio's multi-thread runtime, as `#[tokio::main]` would.
+    let cli = match cli.cmd {
+        Cmd::Proxy(args) => return weft_proxy::command::main(args),
+        cmd => Cli { cmd },
+    };
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
         }
-        Cmd::ControlPlane(args) => {
-            weft_runtime::init_logging(&args.log_format);
-            return weft_runtime::exit_code(weft_control_plane::command::run(args).await);
-        }
-        _ => {}
+    }
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
+    if let Cmd::ControlPlane(args) = cli.cmd {
+        weft_runtime::init_logging(&args.log_format);
+        return weft_runtime::exit_code(weft_control_plane::command::run(args).await);
     }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -264,6 +264,26 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// The whole daemon, from parsed flags to exit status: logging, the runtime
+/// `--worker-threads` asks for (its choice logged), then [`run`] on it.
+/// For `weft-proxy` and `weft proxy` (`weft up`); call it outside any tokio
+/// runtime (it builds its own).
+pub fn main(args: Args) -> std::process::ExitCode {
+    weft_runtime::init_logging(&args.log_format);
+    let threads = args.worker_threads;
+    let runtime = match threads.runtime() {
+        Ok(rt) => rt,
+        Err(source) => return weft_runtime::exit_code(Err(RunError::Runtime { threads: threads.resolve(), source })),
+    };
+    let workers = runtime.handle().metrics().num_workers();
+    let flavor = match runtime.handle().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+        _ => "multi-thread",
+    };
+    tracing::info!(worker_threads = workers, "runtime: {flavor}, {workers} worker thread(s)");
+    weft_runtime::exit_code(runtime.block_on(run(args)))
+}
+
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), RunError> {
     let drain_timeout = args.drain_timeout;
