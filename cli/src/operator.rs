@@ -148,7 +148,7 @@ pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transp
         weft_certs::tls::server_name(),
         weft_proto::channel::Timeouts::OPERATOR,
     )
-        .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
+    .with_context(|| format!("--control-plane {:?}", conn.control_plane))?;
     Ok(AdminClient::new(channel))
 }
 
