@@ -712,24 +712,8 @@ async fn etcd_over_tls_with_client_certificates() {
     let state = tempfile::tempdir().unwrap();
     let url = etcd.url();
     let admin = weft_testkit::free_addr();
-    let args: Vec<String> = [
-        "--pki",
-        &pki.path().display().to_string(),
-        "--state-dir",
-        &state.path().display().to_string(),
-        "--listen",
-        &weft_testkit::free_addr().to_string(),
-        "--admin",
-        &admin.to_string(),
-        "--store",
-        &url,
-        "--store-ca",
-        &ca,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cp = weft_testkit::Proc::spawn("cp-no-client-cert", &bin("weft-control-plane"), &args, state.path());
+    let admin_arg = admin.to_string();
+    let cp = spawn_cp("cp-no-client-cert", &pki, state.path(), &admin_arg, &["--store", &url, "--store-ca", &ca]);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Ok((503, why)) = http_get(admin, "/ready").await {
@@ -1039,42 +1023,43 @@ async fn store_flags_out_of_range_or_without_etcd_are_refused() {
     assert!(out.stderr.contains("apply only to --store etcd://"), "{}", out.stderr);
 }
 
+/// A control plane started from its binary with the usual flags (`--pki`,
+/// `--state-dir`, `--listen`, `--admin` on `admin`) and `extra`, for the
+/// tests of one that warns or is not ready (which `ControlPlane::start_on`
+/// would wait out).
+fn spawn_cp(name: &str, pki: &Pki, state: &std::path::Path, admin: &str, extra: &[&str]) -> weft_testkit::Proc {
+    let (pki, state) = (pki.path().display().to_string(), state.display().to_string());
+    let mut args: Vec<String> =
+        ["--pki", &pki, "--state-dir", &state, "--listen", "127.0.0.1:0", "--admin", admin].map(String::from).into();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    weft_testkit::Proc::spawn(name, &bin("weft-control-plane"), &args, std::path::Path::new(&state))
+}
+
+/// Waits up to 30 s for `cp`'s log to hold every one of `needles`.
+async fn wait_log_all(cp: &weft_testkit::Proc, needles: &[&str], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = cp.log_text();
+        if needles.iter().all(|n| log.contains(n)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {what}; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// An etcd address where nothing listens is said to be a likely wrong
 /// address (not an outage) while etcd has never answered.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_etcd_that_never_answered_is_named_as_a_likely_wrong_address() {
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
     // Bound and dropped: nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store = format!("etcd://127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "--pki",
-        &pki.path().display().to_string(),
-        "--state-dir",
-        &state.path().display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--store",
-        &store,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cp = weft_testkit::Proc::spawn("cp", &bin("weft-control-plane"), &args, logs.path());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let cp = spawn_cp("cp", &pki, state.path(), "127.0.0.1:0", &["--store", &store]);
     let want = format!("etcd at 127.0.0.1:{port} has not answered since start-up: check the --store address and port");
-    loop {
-        let log = cp.log_text();
-        if log.contains(&want) && log.contains("--store-ca/--store-cert/--store-key") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no never-answered warning; log:\n{log}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_log_all(&cp, &[&want, "--store-ca/--store-cert/--store-key"], "never-answered warning").await;
 }
 
 /// `--store-ca` against an etcd serving plaintext: the member closes the
@@ -1088,33 +1073,9 @@ async fn tls_towards_a_plaintext_etcd_hints_at_plaintext() {
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
     let url = etcd.url();
-    let args: Vec<String> = [
-        "--pki",
-        &pki.path().display().to_string(),
-        "--state-dir",
-        &state.path().display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--store",
-        &url,
-        "--store-ca",
-        &tls.client_ca.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cp = weft_testkit::Proc::spawn("cp-tls-to-plaintext", &bin("weft-control-plane"), &args, state.path());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = cp.log_text();
-        if log.contains("etcd may be serving plaintext on this port") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no plaintext hint; log:\n{log}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let ca = tls.client_ca.display().to_string();
+    let cp = spawn_cp("cp-tls-to-plaintext", &pki, state.path(), "127.0.0.1:0", &["--store", &url, "--store-ca", &ca]);
+    wait_log_all(&cp, &["etcd may be serving plaintext on this port"], "plaintext hint").await;
 }
 
 /// `weft apply` of a file declaring nothing is refused, naming what it
