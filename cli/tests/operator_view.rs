@@ -9,13 +9,8 @@ use weft_testkit::{servers, ControlPlane, Sidecar, SidecarSpec};
 const TD: &str = "example.org";
 
 fn weft(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(args)
-        .args(["--control-plane", &cp.addr.to_string(), "--pki"])
-        .arg(&cp.pki)
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = cp.weft(args);
+    (out.status.success(), out.stdout, out.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,7 +2,6 @@
 //! stream connected with: a real control plane with short SVIDs, a real
 //! weft-proxy that renews them, and the real `weft status`.
 
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use weft_testkit::etcd::Etcd;
@@ -11,13 +10,8 @@ use weft_testkit::{servers, ControlPlane, Pki, Sidecar, SidecarSpec};
 const TD: &str = "example.org";
 
 fn weft(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(args)
-        .args(["--control-plane", &cp.addr.to_string(), "--pki"])
-        .arg(&cp.pki)
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = cp.weft(args);
+    (out.status.success(), out.stdout, out.stderr)
 }
 
 /// The notAfter of the SVID in the sidecar's state directory, seconds since the Unix epoch.

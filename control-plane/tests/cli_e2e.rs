@@ -25,16 +25,8 @@ fn weft_bin() -> PathBuf {
 
 /// `weft args...` pointed at `cp` with --control-plane and --pki.
 fn weft(cp: &ControlPlane, args: &[&str]) -> Output {
-    let mut cmd = Command::new(weft_bin());
-    cmd.args(args)
-        .arg("--control-plane")
-        .arg(cp.addr.to_string())
-        .arg("--pki")
-        .arg(&cp.pki)
-        .env_remove("WEFT_CONTROL_PLANE")
-        .env_remove("WEFT_PKI")
-        .env_remove("RUST_LOG");
-    run(&mut cmd)
+    assert!(weft_bin().is_file());
+    cp.weft(args)
 }
 
 #[tokio::test]

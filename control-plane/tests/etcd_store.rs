@@ -88,7 +88,7 @@ async fn pair(api_cp: &ControlPlane, web_cp: &ControlPlane) -> Pair {
 }
 
 fn weft(cp: &ControlPlane, args: &[&str]) -> weft_testkit::Output {
-    run(Command::new(bin("weft")).args(args).arg("--control-plane").arg(cp.addr.to_string()).arg("--pki").arg(&cp.pki))
+    cp.weft(args)
 }
 
 /// Waits until the sidecar's applied config (its /config) contains `needle`.

@@ -145,6 +145,22 @@ impl ControlPlane {
         self.proc_.log_text()
     }
 
+    /// Runs the real `weft` CLI with `args` against this control plane
+    /// (`--control-plane`, `--pki`; `WEFT_CONTROL_PLANE`, `WEFT_PKI` and
+    /// `RUST_LOG` of the test's environment removed).
+    pub fn weft(&self, args: &[&str]) -> crate::Output {
+        let mut cmd = std::process::Command::new(crate::bin("weft"));
+        cmd.args(args)
+            .arg("--control-plane")
+            .arg(self.addr.to_string())
+            .arg("--pki")
+            .arg(&self.pki)
+            .env_remove("WEFT_CONTROL_PLANE")
+            .env_remove("WEFT_PKI")
+            .env_remove("RUST_LOG");
+        crate::run(&mut cmd)
+    }
+
     /// Waits (up to 5 s) for `needle` to show up in the process's log.
     pub async fn wait_for_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
