@@ -33,14 +33,17 @@ fn parse_control_plane(s: &str) -> Result<String, String> {
     weft_proxy::control_plane::ControlPlanes::parse(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
-/// How long the TCP connect to each listed replica may take before the next is tried.
+/// How long the TCP connect and TLS handshake with each listed replica may
+/// take before the next is tried.
 const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ConnArgs {
     /// These arguments naming one replica: with a single `--control-plane`
     /// entry, that one (its errors come from the call itself); with several,
-    /// the first in order that accepts a TCP connection, moving on from one
-    /// that refuses or does not answer within 5 s.
+    /// the first in order that completes a mutual-TLS handshake as the
+    /// operator and proves the control plane's SPIFFE ID, moving on from one
+    /// that refuses, does not answer within 5 s (a frozen process whose
+    /// kernel still accepts TCP), or is not a control plane's gRPC port.
     ///
     /// # Errors
     /// An unusable `--control-plane` value, or every replica unreachable
@@ -51,12 +54,20 @@ impl ConnArgs {
         if entries.len() == 1 {
             return Ok(ConnArgs { control_plane: entries[0].clone(), pki: self.pki.clone() });
         }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(operator_tls(self)?));
         let mut failures = Vec::new();
         for entry in entries {
-            match tokio::time::timeout(REPLICA_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(entry.as_str())).await {
+            let handshake = async {
+                let tcp = tokio::net::TcpStream::connect(entry.as_str()).await?;
+                connector.connect(weft_certs::tls::server_name(), tcp).await
+            };
+            match tokio::time::timeout(REPLICA_CONNECT_TIMEOUT, handshake).await {
                 Ok(Ok(_)) => return Ok(ConnArgs { control_plane: entry.clone(), pki: self.pki.clone() }),
                 Ok(Err(e)) => failures.push(format!("{entry}: {e}")),
-                Err(_) => failures.push(format!("{entry}: no answer within {}s", REPLICA_CONNECT_TIMEOUT.as_secs())),
+                Err(_) => failures.push(format!(
+                    "{entry}: no TLS handshake within {}s (frozen, overloaded, or not a control plane's gRPC port)",
+                    REPLICA_CONNECT_TIMEOUT.as_secs()
+                )),
             }
             tracing::debug!(control_plane = %entry, "control-plane replica unreachable; trying the next");
         }
@@ -124,6 +135,19 @@ fn check_operator_cert(conn: &ConnArgs, op: &weft_certs::Svid, bundle: &TrustBun
     Ok(())
 }
 
+/// The operator's mutual-TLS client config from `--pki` (checked first:
+/// files present, certificate current and of this PKI), accepting only the
+/// control plane's SPIFFE ID.
+fn operator_tls(conn: &ConnArgs) -> anyhow::Result<rustls::ClientConfig> {
+    check_pki_dir(&conn.pki)?;
+    let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
+    let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
+    check_operator_cert(conn, &op, &bundle)?;
+    let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
+    let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
+    Ok(weft_certs::tls::client_config(Some(SvidResolver::with_svid(&op)?), verifier, &[weft_certs::tls::ALPN_H2]))
+}
+
 /// An admin client speaking mTLS as the operator (connects lazily).
 pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     // Callers normally pass `reach()`'s result (one replica); a list is reached here.
@@ -134,14 +158,7 @@ pub async fn client(conn: &ConnArgs) -> anyhow::Result<AdminClient<tonic::transp
     } else {
         conn
     };
-    check_pki_dir(&conn.pki)?;
-    let op = pki::load_svid(&conn.pki.join(pki::OPERATOR_CERT), &conn.pki.join(pki::OPERATOR_KEY))?;
-    let bundle = TrustBundle::load(&conn.pki.join(pki::TRUST_BUNDLE))?;
-    check_operator_cert(conn, &op, &bundle)?;
-    let cp_id = pki::control_plane_id(op.spiffe_id.trust_domain());
-    let verifier = SpiffeVerifier::new(verify::shared_bundle(bundle), IdMatcher::Exact(cp_id));
-    let tls =
-        weft_certs::tls::client_config(Some(SvidResolver::with_svid(&op)?), verifier, &[weft_certs::tls::ALPN_H2]);
+    let tls = operator_tls(conn)?;
     let channel = weft_proto::channel::lazy_channel_with(
         &conn.control_plane,
         Arc::new(tls),

@@ -53,6 +53,30 @@ async fn operator_commands_try_the_listed_replicas_in_order() {
     );
 }
 
+/// A first replica that accepts TCP but never answers (a frozen process:
+/// its kernel still accepts) or that is not a control plane's gRPC port (an
+/// admin HTTP port) is passed over for the next one; with none answering,
+/// every entry is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_commands_pass_over_a_frozen_or_wrong_replica() {
+    let cp = ControlPlane::start(TD, &[]).await;
+    let live = cp.addr.to_string();
+    // Accepts (the kernel's backlog) and never speaks.
+    let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let frozen_addr = frozen.local_addr().unwrap().to_string();
+    let admin = cp.admin.to_string();
+    for first in [&frozen_addr, &admin] {
+        let list = format!("{first},{live}");
+        let (ok, out, err) = weft_at(&list, &cp.pki, &["status"]);
+        assert!(ok, "weft status --control-plane {list}: {err}");
+        assert!(out.lines().next().unwrap_or_default().starts_with(&format!("control plane {live}: ")), "{out}");
+    }
+    let dead = dead_addr();
+    let (ok, _, err) = weft_at(&format!("{frozen_addr},{dead}"), &cp.pki, &["status"]);
+    assert!(!ok, "status with no answering replica succeeded");
+    assert!(err.contains(&frozen_addr) && err.contains(&dead) && err.contains("no TLS handshake within"), "{err}");
+}
+
 /// `--control-plane` has the list syntax of every weft list flag: an
 /// empty item is refused by its position, and so is a repeat, by
 /// weft-proxy and by the operator commands alike.
