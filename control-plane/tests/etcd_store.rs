@@ -928,18 +928,7 @@ async fn a_replica_of_another_mesh_refuses_to_join_its_etcd() {
     let url = etcd.url();
     for (other, td) in [(Pki::new("other.org"), "other.org"), (Pki::new(TD), TD)] {
         let state = tempfile::tempdir().unwrap();
-        let out = run(Command::new(bin("weft-control-plane")).args([
-            "--pki",
-            &other.path().display().to_string(),
-            "--state-dir",
-            &state.path().display().to_string(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--store",
-            &url,
-        ]));
+        let out = run_cp(&other, state.path(), &["--store", &url]);
         assert!(!out.status.success(), "a replica of {td} with another CA started: {}", out.stderr);
         for needle in
             [format!("trust domain {TD}"), format!("trust domain {td}"), "CA sha256".into(), "same --pki".into()]
@@ -1007,18 +996,7 @@ async fn store_flags_out_of_range_or_without_etcd_are_refused() {
     }
     let pki = Pki::new(TD);
     let state = tempfile::tempdir().unwrap();
-    let out = run(Command::new(bin("weft-control-plane")).args([
-        "--pki",
-        &pki.path().display().to_string(),
-        "--state-dir",
-        &state.path().display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--store-ca",
-        "/nonexistent/ca.pem",
-    ]));
+    let out = run_cp(&pki, state.path(), &["--store-ca", "/nonexistent/ca.pem"]);
     assert!(!out.status.success());
     assert!(out.stderr.contains("apply only to --store etcd://"), "{}", out.stderr);
 }
@@ -1028,11 +1006,20 @@ async fn store_flags_out_of_range_or_without_etcd_are_refused() {
 /// tests of one that warns or is not ready (which `ControlPlane::start_on`
 /// would wait out).
 fn spawn_cp(name: &str, pki: &Pki, state: &std::path::Path, admin: &str, extra: &[&str]) -> weft_testkit::Proc {
+    weft_testkit::Proc::spawn(name, &bin("weft-control-plane"), &cp_args(pki, state, admin, extra), state)
+}
+
+/// The same control plane run to its exit (one that must refuse to start).
+fn run_cp(pki: &Pki, state: &std::path::Path, extra: &[&str]) -> weft_testkit::Output {
+    run(Command::new(bin("weft-control-plane")).args(cp_args(pki, state, "127.0.0.1:0", extra)))
+}
+
+fn cp_args(pki: &Pki, state: &std::path::Path, admin: &str, extra: &[&str]) -> Vec<String> {
     let (pki, state) = (pki.path().display().to_string(), state.display().to_string());
     let mut args: Vec<String> =
         ["--pki", &pki, "--state-dir", &state, "--listen", "127.0.0.1:0", "--admin", admin].map(String::from).into();
     args.extend(extra.iter().map(|s| s.to_string()));
-    weft_testkit::Proc::spawn(name, &bin("weft-control-plane"), &args, std::path::Path::new(&state))
+    args
 }
 
 /// Waits up to 30 s for `cp`'s log to hold every one of `needles`.
