@@ -49,14 +49,28 @@ spec:
     - backendRefs: [{name: nowhere, weight: -3}]
 ";
 
-/// `n` replicas on one PKI and `etcd`, each with its own state dir.
+/// [`SEED`] in a file of a new temporary directory (kept alive by the
+/// caller), and its path as a `--config` argument.
+fn seed_file() -> (TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, SEED).unwrap();
+    let arg = file.display().to_string();
+    (dir, arg)
+}
+
+/// `n` replicas on one PKI and `etcd`, each with its own state dir
+/// (`--registration-ttl` [`TTL`] unless `extra` sets it).
 async fn replicas(pki: &Pki, etcd: &Etcd, n: usize, extra: &[&str]) -> (Vec<TempDir>, Vec<ControlPlane>) {
     let url = etcd.url();
     let mut dirs = Vec::new();
     let mut cps = Vec::new();
     for _ in 0..n {
         let state = tempfile::tempdir().expect("tempdir");
-        let mut args = vec!["--store", url.as_str(), "--registration-ttl", TTL];
+        let mut args = vec!["--store", url.as_str()];
+        if !extra.contains(&"--registration-ttl") {
+            args.extend(["--registration-ttl", TTL]);
+        }
         args.extend_from_slice(extra);
         cps.push(ControlPlane::start_on(pki, state.path(), &args).await);
         dirs.push(state);
@@ -262,10 +276,7 @@ async fn a_join_token_works_exactly_once_across_replicas() {
 async fn registrations_and_applied_config_reach_sidecars_on_every_replica() {
     let Some(etcd) = Etcd::start(1).await else { return };
     let pki = Pki::new(TD);
-    let seed = tempfile::tempdir().unwrap();
-    let seed_file = seed.path().join("mesh.yaml");
-    std::fs::write(&seed_file, SEED).unwrap();
-    let seed_arg = seed_file.display().to_string();
+    let (_seed, seed_arg) = seed_file();
     // Replica 1 seeds the empty store from --config; replica 2 reads it.
     let (_d1, mut cp1) = replicas(&pki, &etcd, 1, &["--config", &seed_arg]).await;
     let (_d2, mut cp2) = replicas(&pki, &etcd, 1, &[]).await;
@@ -350,10 +361,7 @@ async fn a_sidecar_of_a_dead_replica_stays_for_the_lease_then_goes() {
 async fn etcd_outages_go_unnoticed_by_sidecars_and_replicas_catch_up() {
     let Some(mut etcd) = Etcd::start(3).await else { return };
     let pki = Pki::new(TD);
-    let seed = tempfile::tempdir().unwrap();
-    let seed_file = seed.path().join("mesh.yaml");
-    std::fs::write(&seed_file, SEED).unwrap();
-    let seed_arg = seed_file.display().to_string();
+    let (_seed, seed_arg) = seed_file();
     let (_dirs, cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
     let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
 
@@ -556,10 +564,7 @@ async fn ack_records(etcd: &Etcd) -> Vec<String> {
 async fn status_through_any_replica_shows_every_sidecars_acks() {
     let Some(etcd) = Etcd::start(1).await else { return };
     let pki = Pki::new(TD);
-    let seed = tempfile::tempdir().unwrap();
-    let seed_file = seed.path().join("mesh.yaml");
-    std::fs::write(&seed_file, SEED).unwrap();
-    let seed_arg = seed_file.display().to_string();
+    let (_seed, seed_arg) = seed_file();
     let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--config", &seed_arg]).await;
     let api_app = servers::http("api").await;
     let mut api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
@@ -844,14 +849,7 @@ fn endpoints_in(config_json: &str, service: &str) -> usize {
 async fn registrations_survive_an_etcd_pause_longer_than_their_lease() {
     let Some(mut etcd) = Etcd::start(3).await else { return };
     let pki = Pki::new(TD);
-    let url = etcd.url();
-    let mut dirs = Vec::new();
-    let mut cps = Vec::new();
-    for _ in 0..2 {
-        let state = tempfile::tempdir().unwrap();
-        cps.push(ControlPlane::start_on(&pki, state.path(), &["--store", &url, "--registration-ttl", "3s"]).await);
-        dirs.push(state);
-    }
+    let (_dirs, cps) = replicas(&pki, &etcd, 2, &["--registration-ttl", "3s"]).await;
     let api_app = servers::http("api").await;
     let api = Sidecar::start(&cps[1], TD, SidecarSpec::new("api", api_app.addr)).await;
     let doomed_app = servers::http("doomed").await;
@@ -955,14 +953,7 @@ async fn a_replica_of_another_mesh_refuses_to_join_its_etcd() {
 async fn a_stopped_replica_leaves_status_at_once_and_keeps_its_sidecars_for_the_lease() {
     let Some(etcd) = Etcd::start(1).await else { return };
     let pki = Pki::new(TD);
-    let url = etcd.url();
-    let mut dirs = Vec::new();
-    let mut cps = Vec::new();
-    for _ in 0..2 {
-        let state = tempfile::tempdir().unwrap();
-        cps.push(ControlPlane::start_on(&pki, state.path(), &["--store", &url, "--registration-ttl", "60s"]).await);
-        dirs.push(state);
-    }
+    let (_dirs, mut cps) = replicas(&pki, &etcd, 2, &["--registration-ttl", "60s"]).await;
     let Pair { api, web, _apps } = pair(&cps[1], &cps[0]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while status_json(&cps[0])["replicas"].as_array().map_or(0, Vec::len) != 2 {
