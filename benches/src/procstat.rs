@@ -28,17 +28,41 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// User + system CPU seconds used so far by the processes `pids` (threads included).
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
-    let ticks: u64 = pids
+    let (user, system) = cpu_split(pids);
+    user + system
+}
+
+/// User and system CPU seconds (in that order) used so far by the processes
+/// `pids`, threads included: `utime` and `stime` of `/proc/<pid>/stat`.
+pub fn cpu_split(pids: &[u32]) -> (f64, f64) {
+    let (user, system) = pids
         .iter()
         .filter_map(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             // Fields after the command name (which may hold spaces), from field 3 on.
             let rest = &stat[stat.rfind(')')? + 2..];
             let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            Some((f.get(11)?.parse::<u64>().ok()?, f.get(12)?.parse::<u64>().ok()?))
         })
-        .sum();
-    ticks as f64 / TICKS_PER_SECOND
+        .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds));
+    (user as f64 / TICKS_PER_SECOND, system as f64 / TICKS_PER_SECOND)
+}
+
+/// Context switches so far (voluntary: the thread waited, for I/O or a
+/// wake-up; plus involuntary: it was preempted) of every thread of `pids`,
+/// from `/proc/<pid>/task/<tid>/status`.
+pub fn context_switches(pids: &[u32]) -> u64 {
+    pids.iter()
+        .flat_map(|p| std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// A `/proc/<pid>/status` field in KiB (`VmHWM`: peak resident set, `VmRSS`: now), summed over `pids`.

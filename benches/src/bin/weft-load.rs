@@ -233,6 +233,11 @@ struct Setup {
     fixed: Run,
     /// Both proxies' CPU seconds per 1,000 requests at the fixed rate.
     cpu_per_1k: Option<f64>,
+    /// The same split into user and system (kernel) CPU seconds per 1,000 requests.
+    cpu_split_per_1k: Option<(f64, f64)>,
+    /// Both proxies' context switches per request at the fixed rate (each
+    /// is a thread going to sleep, mostly in `epoll_wait`, and being woken).
+    switches_per_request: Option<f64>,
     /// Both proxies' peak RSS (sum of VmHWM), KiB.
     peak_rss_kib: Option<u64>,
     /// New mutual-TLS connections per second the server-side proxy accepted.
@@ -249,15 +254,30 @@ async fn measure(name: &'static str, entry: SocketAddr, pids: &[u32], args: &Arg
     // Warm the connections at the rate, then count CPU over the measured run only.
     let _ = run(entry, n, pace, Duration::ZERO, args.warmup).await;
     let procs: Vec<u32> = pids.iter().flat_map(|p| procstat::tree(*p)).collect();
-    let cpu0 = procstat::cpu_seconds(&procs);
+    let (user0, system0) = procstat::cpu_split(&procs);
+    let switches0 = procstat::context_switches(&procs);
     let fixed = run(entry, n, pace, Duration::ZERO, args.rate_duration).await;
-    let cpu = procstat::cpu_seconds(&procs) - cpu0;
-    let (cpu_per_1k, peak_rss_kib) = if pids.is_empty() {
-        (None, None)
-    } else {
-        (Some(cpu / fixed.requests.max(1) as f64 * 1000.0), Some(procstat::status_kib(&procs, "VmHWM")))
+    let (user1, system1) = procstat::cpu_split(&procs);
+    let switches = procstat::context_switches(&procs) - switches0;
+    let per_1k = 1000.0 / fixed.requests.max(1) as f64;
+    let mut setup = Setup {
+        name,
+        saturation,
+        fixed,
+        cpu_per_1k: None,
+        cpu_split_per_1k: None,
+        switches_per_request: None,
+        peak_rss_kib: None,
+        handshakes: None,
     };
-    Setup { name, saturation, fixed, cpu_per_1k, peak_rss_kib, handshakes: None }
+    if !pids.is_empty() {
+        let (user, system) = ((user1 - user0) * per_1k, (system1 - system0) * per_1k);
+        setup.cpu_per_1k = Some(user + system);
+        setup.cpu_split_per_1k = Some((user, system));
+        setup.switches_per_request = Some(switches as f64 * per_1k / 1000.0);
+        setup.peak_rss_kib = Some(procstat::status_kib(&procs, "VmHWM"));
+    }
+    setup
 }
 
 /// The client side's TLS config for the handshake benchmark: the web
@@ -651,6 +671,14 @@ fn print_table(r: &Report, args: &Args) {
         line.push_str(&format!(" {:>6}", s.saturation.errors + s.fixed.errors));
         println!("{line}");
     }
+    for s in &r.setups {
+        if let (Some((user, system)), Some(switches)) = (s.cpu_split_per_1k, s.switches_per_request) {
+            println!(
+                "{:<8} at {} req/s: CPU s/1k user {user:.3} + system {system:.3}; {switches:.2} context switches per request (both proxies)",
+                s.name, args.rate
+            );
+        }
+    }
     let pair = |name: &str, unit: &str, v: &[Option<f64>; 2]| match v {
         [Some(d), Some(w)] => println!("{name}: direct {d:.0} {unit}, weft {w:.0} {unit} (x{:.2} of direct)", w / d),
         [d, w] => println!("{name}: direct {d:?}, weft {w:?} {unit}"),
@@ -682,6 +710,9 @@ fn to_json(r: &Report, args: &Args) -> serde_json::Value {
             }
             o.insert("errors".into(), json!(s.saturation.errors + s.fixed.errors));
             o.insert("fixed_rate_requests".into(), json!(s.fixed.requests));
+            o.insert("cpu_user_s_per_1k".into(), json!(s.cpu_split_per_1k.map(|c| c.0)));
+            o.insert("cpu_system_s_per_1k".into(), json!(s.cpu_split_per_1k.map(|c| c.1)));
+            o.insert("context_switches_per_request".into(), json!(s.switches_per_request));
             serde_json::Value::Object(o)
         })
         .collect();
