@@ -14,6 +14,13 @@
 //!   `--header-read-timeout` has passed since that first byte (since accept);
 //! - no request in flight otherwise: closed after `--idle-timeout`; an
 //!   HTTP/2 connection gets a GOAWAY and finishes what it has.
+//!
+//! Requests starting and ending do not wake the watchdog (that was two extra
+//! polls of the whole connection task per request): it sleeps until the
+//! earliest moment a limit could be broken and looks again then. While a
+//! request is in flight, or while an HTTP/1.1 connection idles with no head
+//! begun (one may begin at any moment), that is one header-read timeout
+//! ahead, so a head that begins is still closed exactly at its deadline.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,7 +31,6 @@ use std::time::Duration;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use weft_runtime::drain::Drain;
 
@@ -63,7 +69,6 @@ pub struct Activity {
     idle_since: Mutex<Instant>,
     /// When the first byte arrived while no request was in flight.
     head_started: Mutex<Option<Instant>>,
-    changed: Notify,
 }
 
 impl Activity {
@@ -75,7 +80,6 @@ impl Activity {
             h2: AtomicBool::new(h2),
             idle_since: Mutex::new(Instant::now()),
             head_started: Mutex::new(None),
-            changed: Notify::new(),
         })
     }
 
@@ -98,8 +102,6 @@ impl Activity {
             let mut head = lock(&self.head_started);
             if head.is_none() {
                 *head = Some(Instant::now());
-                drop(head);
-                self.changed.notify_one();
             }
         }
     }
@@ -121,23 +123,34 @@ impl Activity {
         Some((idle_since + limits.idle_timeout, Closed::Idle))
     }
 
+    /// The limit broken at `now`, or when to look again: the deadline, or
+    /// sooner where the state may change without a wake-up (see the module
+    /// docs): a request in flight may end, an idle HTTP/1.1 connection may
+    /// begin a head (whose deadline is one header-read timeout after it).
+    fn check(&self, limits: &Limits, now: Instant) -> Result<Closed, Instant> {
+        let soon = now + limits.header_read_timeout.min(limits.idle_timeout).max(MIN_RECHECK);
+        match self.deadline(limits) {
+            None => Err(soon),
+            Some((at, why)) if at <= now => Ok(why),
+            Some((at, Closed::Idle)) if !self.h2.load(Ordering::Relaxed) => Err(at.min(soon)),
+            Some((at, _)) => Err(at),
+        }
+    }
+
     /// Resolves when the connection has broken a limit.
     async fn expired(&self, limits: &Limits) -> Closed {
         loop {
-            let changed = self.changed.notified();
-            match self.deadline(limits) {
-                None => changed.await,
-                Some((at, why)) if at <= Instant::now() => return why,
-                Some((at, _)) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = changed => {}
-                    }
-                }
+            match self.check(limits, Instant::now()) {
+                Ok(why) => return why,
+                Err(at) => tokio::time::sleep_until(at).await,
             }
         }
     }
 }
+
+/// The shortest time between two looks of the watchdog, whatever the
+/// limits (a zero `--header-read-timeout` must not make it spin).
+const MIN_RECHECK: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -160,7 +173,6 @@ impl Drop for InFlight {
         if self.activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             *lock(&self.activity.idle_since) = Instant::now();
             *lock(&self.activity.head_started) = None;
-            self.activity.changed.notify_one();
         }
     }
 }
@@ -291,6 +303,53 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             ..Limits::default()
         }
+    }
+
+    /// Counts the wake-ups of the task polling a future.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_starting_and_ending_do_not_wake_the_watchdog() {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        for h2 in [false, true] {
+            let a = Activity::new(h2);
+            drop(a.start());
+            let limits = limits();
+            let mut watchdog = std::pin::pin!(a.expired(&limits));
+            assert!(std::future::Future::poll(watchdog.as_mut(), &mut cx).is_pending());
+            // What every keep-alive request does: its first bytes, then in flight, then done.
+            for _ in 0..100 {
+                a.read(b"GET / HTTP/1.1\r\n", false);
+                let guard = a.start();
+                drop(guard);
+            }
+            assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "h2: {h2}: the connection's task was woken");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_while_idle_is_closed_at_its_own_deadline_however_long_the_idle_timeout() {
+        let limits = Limits { idle_timeout: Duration::from_secs(600), ..limits() };
+        let a = Activity::new(false);
+        drop(a.start());
+        let watchdog = tokio::spawn({
+            let a = a.clone();
+            async move { a.expired(&limits).await }
+        });
+        // The watchdog is asleep (no wake-up on the head's first byte) when the head begins.
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        a.read(b"G", false);
+        let start = Instant::now();
+        assert_eq!(watchdog.await.unwrap(), Closed::HeaderRead);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
