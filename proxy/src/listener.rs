@@ -22,6 +22,7 @@
 //! begun (one may begin at any moment), that is one header-read timeout
 //! ahead, so a head that begins is still closed exactly at its deadline.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,16 +125,16 @@ impl Activity {
     }
 
     /// The limit broken at `now`, or when to look again: the deadline, or
-    /// sooner where the state may change without a wake-up (see the module
-    /// docs): a request in flight may end, an idle HTTP/1.1 connection may
-    /// begin a head (whose deadline is one header-read timeout after it).
+    /// sooner, as the state changes without a wake-up (see the module docs).
+    /// Requests starting and ending, and heads beginning, only ever bring a
+    /// deadline of at least `now` plus the shorter of the two timeouts, so
+    /// looking again by then finds it in time.
     fn check(&self, limits: &Limits, now: Instant) -> Result<Closed, Instant> {
         let soon = now + limits.header_read_timeout.min(limits.idle_timeout).max(MIN_RECHECK);
         match self.deadline(limits) {
             None => Err(soon),
             Some((at, why)) if at <= now => Ok(why),
-            Some((at, Closed::Idle)) if !self.h2.load(Ordering::Relaxed) => Err(at.min(soon)),
-            Some((at, _)) => Err(at),
+            Some((at, _)) => Err(at.min(soon)),
         }
     }
 
@@ -260,6 +261,12 @@ impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
     }
 }
 
+/// Why a connection is asked to stop before it ends on its own.
+enum Stop {
+    Drain,
+    Limit(Closed),
+}
+
 /// Serves `conn` until it ends, the drain asks it to finish, or it breaks
 /// the header-read or idle limit (counted in `metrics` under `listener`).
 pub async fn serve_conn<C: GracefulConnection>(
@@ -271,13 +278,19 @@ pub async fn serve_conn<C: GracefulConnection>(
     listener: &'static str,
 ) {
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = drain.signaled() => {
+    let stop = std::pin::pin!(async {
+        tokio::select! {
+            _ = drain.signaled() => Stop::Drain,
+            why = activity.expired(&limits) => Stop::Limit(why),
+        }
+    });
+    let Some(stop) = UntilStop::new(conn.as_mut(), stop).await else { return };
+    match stop {
+        Stop::Drain => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        why = activity.expired(&limits) => {
+        Stop::Limit(why) => {
             metrics.listener_timeouts.get_or_create(&TimeoutLabels { listener, reason: why.label() }).inc();
             tracing::debug!(listener, reason = why.label(), "closing connection");
             if activity.h2.load(Ordering::Relaxed) {
@@ -287,6 +300,63 @@ pub async fn serve_conn<C: GracefulConnection>(
             }
             // HTTP/1.1 with nothing in flight: dropping the connection closes it.
         }
+    }
+}
+
+/// Runs `conn` until it ends (`None`) or `stop` resolves (`Some`), polling
+/// `stop` only when something it waits on (the drain, the watchdog's timer)
+/// has woken it. `tokio::select!` polls every branch on every wake-up of
+/// the task, and a connection's task wakes several times per request.
+struct UntilStop<'a, C, S> {
+    conn: Pin<&'a mut C>,
+    stop: Pin<&'a mut S>,
+    stop_waker: Arc<StopWaker>,
+    waker: std::task::Waker,
+}
+
+/// The waker `stop` is polled with: notes that it was woken and wakes the
+/// connection's task.
+#[derive(Default)]
+struct StopWaker {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for StopWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.task.wake();
+    }
+}
+
+impl<'a, C, S> UntilStop<'a, C, S> {
+    fn new(conn: Pin<&'a mut C>, stop: Pin<&'a mut S>) -> Self {
+        let stop_waker = Arc::new(StopWaker::default());
+        // `stop` has not been polled yet: its first poll registers what it waits on.
+        stop_waker.woken.store(true, Ordering::SeqCst);
+        let waker = std::task::Waker::from(stop_waker.clone());
+        Self { conn, stop, stop_waker, waker }
+    }
+}
+
+impl<C: Future, S: Future> Future for UntilStop<'_, C, S> {
+    type Output = Option<S::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.stop_waker.task.register(cx.waker());
+        if this.conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        if this.stop_waker.woken.swap(false, Ordering::SeqCst) {
+            if let Poll::Ready(stop) = this.stop.as_mut().poll(&mut Context::from_waker(&this.waker)) {
+                return Poll::Ready(Some(stop));
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -350,6 +420,58 @@ mod tests {
         let start = Instant::now();
         assert_eq!(watchdog.await.unwrap(), Closed::HeaderRead);
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn the_stop_future_is_polled_only_when_it_was_woken() {
+        let polls = AtomicUsize::new(0);
+        let notify = tokio::sync::Notify::new();
+        let stop = std::pin::pin!(async {
+            polls.fetch_add(1, Ordering::SeqCst);
+            notify.notified().await;
+            polls.fetch_add(1, Ordering::SeqCst);
+            "stopped"
+        });
+        // A connection woken 1,000 times (each yield wakes its task at once).
+        let conn = std::pin::pin!(async {
+            for _ in 0..1_000 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert_eq!(UntilStop::new(conn, stop).await, None);
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled on the connection's wake-ups");
+
+        // Woken by what it waits on, it is polled and ends the connection's wait.
+        let notify = tokio::sync::Notify::new();
+        let stop = std::pin::pin!(async {
+            notify.notified().await;
+            "stopped"
+        });
+        let conn = std::pin::pin!(async {
+            tokio::task::yield_now().await;
+            notify.notify_one();
+            std::future::pending::<()>().await
+        });
+        assert_eq!(UntilStop::new(conn, stop).await, Some("stopped"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_served_while_the_watchdog_sleeps_starts_the_idle_timeout() {
+        // The idle timeout shorter than the header-read one.
+        let limits =
+            Limits { header_read_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(2), ..limits() };
+        let a = Activity::new(false);
+        let start = Instant::now();
+        let watchdog = tokio::spawn({
+            let a = a.clone();
+            async move { a.expired(&limits).await }
+        });
+        tokio::task::yield_now().await; // the watchdog looks: no request yet
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a.read(b"GET / HTTP/1.1\r\n\r\n", true);
+        drop(a.start());
+        assert_eq!(watchdog.await.unwrap(), Closed::Idle);
+        assert_eq!(start.elapsed(), Duration::from_millis(2_500));
     }
 
     #[tokio::test(start_paused = true)]
