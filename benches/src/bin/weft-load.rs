@@ -420,17 +420,24 @@ struct Bulk {
     mb_s: f64,
     /// CPU seconds the setup's proxies (all processes) used per 10^9 bytes.
     cpu_s_per_gb: Option<f64>,
+    /// CPU seconds per 10^9 bytes of this process, where the sending client
+    /// and the sink run (and nothing else during the transfer): the ends'
+    /// share of the machine, for the arithmetic of what is left to the proxies.
+    ends_cpu_s_per_gb: f64,
 }
 
 /// Times one `bytes`-long transfer through `entry`, counting the CPU of the
 /// process trees under `pids` during it.
 async fn bulk_transfer(name: &'static str, what: &'static str, entry: SocketAddr, pids: &[u32], bytes: u64) -> Result<Bulk, String> {
     let procs: Vec<u32> = pids.iter().flat_map(|p| procstat::tree(*p)).collect();
-    let cpu0 = procstat::cpu_seconds(&procs);
+    let me = [std::process::id()];
+    let (cpu0, ends0) = (procstat::cpu_seconds(&procs), procstat::cpu_seconds(&me));
     let mb_s = tcp_bulk(entry, bytes).await.map_err(|e| format!("{name}: {e}"))?;
     let cpu = procstat::cpu_seconds(&procs) - cpu0;
-    let cpu_s_per_gb = (!pids.is_empty()).then(|| cpu / (bytes as f64 / 1e9));
-    Ok(Bulk { name, what, mb_s, cpu_s_per_gb })
+    let gb = bytes as f64 / 1e9;
+    let cpu_s_per_gb = (!pids.is_empty()).then(|| cpu / gb);
+    let ends_cpu_s_per_gb = (procstat::cpu_seconds(&me) - ends0) / gb;
+    Ok(Bulk { name, what, mb_s, cpu_s_per_gb, ends_cpu_s_per_gb })
 }
 
 /// Waits until `entry` accepts TCP connections.
@@ -816,6 +823,7 @@ fn print_table(r: &Report, args: &Args) {
     for b in &r.tcp_setups {
         let ratio = direct.map_or("-".into(), |d| format!("{:.2}", b.mb_s / d));
         let cpu = b.cpu_s_per_gb.map_or(String::new(), |c| format!(", proxies' CPU {c:.2} s/GB"));
+        let cpu = format!("{cpu}, client+sink {:.2} s/GB", b.ends_cpu_s_per_gb);
         println!("  TCP {:<18} {:>6.0} MB/s (x{ratio} of direct{cpu}): {}", b.name, b.mb_s, b.what);
     }
     println!("idle sidecar RSS (larger of the two, after start-up): {:.1} MiB", r.idle_sidecar_kib as f64 / 1024.0);
@@ -863,8 +871,8 @@ fn to_json(r: &Report, args: &Args) -> serde_json::Value {
 }
 
 /// `tcp_bulk`: the bytes, then per setup `<name>_mb_per_s`,
-/// `<name>_vs_direct` and `<name>_proxy_cpu_s_per_gb` (null for direct and
-/// for a setup that did not run).
+/// `<name>_vs_direct` and `<name>_proxy_cpu_s_per_gb` (none for direct;
+/// null for a setup that did not run), and `<name>_client_sink_cpu_s_per_gb`.
 fn tcp_json(r: &Report, args: &Args) -> serde_json::Value {
     let mut o = serde_json::Map::new();
     o.insert("bytes".into(), json!(args.tcp_bytes));
@@ -881,6 +889,7 @@ fn tcp_json(r: &Report, args: &Args) -> serde_json::Value {
             o.insert(format!("{name}_vs_direct"), json!(vs));
             o.insert(format!("{name}_proxy_cpu_s_per_gb"), json!(b.and_then(|b| b.cpu_s_per_gb)));
         }
+        o.insert(format!("{name}_client_sink_cpu_s_per_gb"), json!(b.map(|b| b.ends_cpu_s_per_gb)));
     }
     serde_json::Value::Object(o)
 }
