@@ -122,8 +122,9 @@ pub fn start_tcp(
         ),
         Hop::Plain => (String::new(), String::new()),
     };
-    let server_conf =
-        format!("{common}frontend hop\n  bind {tls}{bind_tls}\n  default_backend app\nbackend app\n  server app {app}\n");
+    let server_conf = format!(
+        "{common}frontend hop\n  bind {tls}{bind_tls}\n  default_backend app\nbackend app\n  server app {app}\n"
+    );
     let client_conf = format!(
         "{common}frontend plain\n  bind {entry}\n  default_backend peer\nbackend peer\n  server peer {tls}{server_tls}\n"
     );

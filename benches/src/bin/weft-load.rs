@@ -428,7 +428,13 @@ struct Bulk {
 
 /// Times one `bytes`-long transfer through `entry`, counting the CPU of the
 /// process trees under `pids` during it.
-async fn bulk_transfer(name: &'static str, what: &'static str, entry: SocketAddr, pids: &[u32], bytes: u64) -> Result<Bulk, String> {
+async fn bulk_transfer(
+    name: &'static str,
+    what: &'static str,
+    entry: SocketAddr,
+    pids: &[u32],
+    bytes: u64,
+) -> Result<Bulk, String> {
     let procs: Vec<u32> = pids.iter().flat_map(|p| procstat::tree(*p)).collect();
     let me = [std::process::id()];
     let (cpu0, ends0) = (procstat::cpu_seconds(&procs), procstat::cpu_seconds(&me));
@@ -678,7 +684,10 @@ async fn tcp_peers(
                     wait_listening(name, pair.entry, logs).await
                 };
                 let r = match ready.await {
-                    Ok(()) => bulk_transfer(name, what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes).await,
+                    Ok(()) => {
+                        bulk_transfer(name, what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 match r {
@@ -700,7 +709,10 @@ async fn tcp_peers(
             let logs = || format!("{}\n{}", pair.client.log_text(), pair.server.log_text());
             let what = "nginx stream pair, mTLS 1.3 between";
             let r = match wait_listening("nginx stream", pair.entry, logs).await {
-                Ok(()) => bulk_transfer("nginx", what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes).await,
+                Ok(()) => {
+                    bulk_transfer("nginx", what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
+                        .await
+                }
                 Err(e) => Err(e),
             };
             match r {
