@@ -5,9 +5,10 @@
 //! one HTTP/2 stream window, 1 MiB, of received DATA waiting to be read).
 //! With glibc's start-up settings the freed top of the heap is returned to
 //! the kernel as soon as it exceeds 128 KiB (`M_TRIM_THRESHOLD`), so the next
-//! buffers fault fresh zeroed pages back in: about 95,000 page faults per GiB
-//! tunnelled on each sidecar, 7–10 % of its CPU (docs/performance.md, "Fourth
-//! session: TCP tunnel").
+//! buffers fault fresh zeroed pages back in: about 100,000 page faults per
+//! GiB tunnelled on each sidecar, 13–22 % of its CPU samples; without them
+//! each sidecar spends 23–32 % less CPU per GiB (docs/performance.md,
+//! "Fourth session (2026-11-30): TCP tunnel").
 //!
 //! glibc raises that threshold itself, to twice the size of the block, when
 //! a block it had mapped with `mmap` is freed (its dynamic mmap threshold,
