@@ -5,6 +5,9 @@
 //! side does not check the server's (nginx can only match DNS names, and an
 //! SVID has none); neither checks SPIFFE IDs, keeps per-request metrics or
 //! applies policy, so nginx does somewhat less work than weft.
+//!
+//! [`start_stream`] starts the TCP equivalent (the `stream` module) for the
+//! bulk-transfer row, where this nginx has that module ([`stream_module`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,5 +79,90 @@ pub fn start(nginx: &Path, dir: &Path, app: SocketAddr, client: Identity<'_>, se
     };
     let server = spawn("server", server_conf);
     let client = spawn("client", client_conf);
+    Pair { entry, tls, client, server }
+}
+
+/// Where this nginx's `stream` module (TCP relaying) is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamModule {
+    /// Compiled in (`--with-stream`).
+    BuiltIn,
+    /// A dynamic module to `load_module` (`--with-stream=dynamic`, file present).
+    Dynamic(PathBuf),
+    /// Neither: Debian's nginx-light is built with `--with-stream=dynamic`
+    /// but ships no module file (the `libnginx-mod-stream` package has it).
+    Missing,
+}
+
+/// Whether `nginx` can relay TCP, from `nginx -V` and the module directory.
+pub fn stream_module(nginx: &Path) -> StreamModule {
+    let Ok(out) = std::process::Command::new(nginx).arg("-V").output() else { return StreamModule::Missing };
+    // nginx prints its build flags on stderr.
+    let flags = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if flags.split_whitespace().any(|f| f == "--with-stream") {
+        return StreamModule::BuiltIn;
+    }
+    if flags.split_whitespace().any(|f| f == "--with-stream=dynamic") {
+        let modules = flags
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("--modules-path="))
+            .map_or_else(|| PathBuf::from("/usr/lib/nginx/modules"), PathBuf::from);
+        let so = modules.join("ngx_stream_module.so");
+        if so.is_file() {
+            return StreamModule::Dynamic(so);
+        }
+    }
+    StreamModule::Missing
+}
+
+/// Starts a `stream` pair in `dir`: client side on a free port → server
+/// side (mutual TLS 1.3 with the SVIDs; the server checks the client's
+/// chain, as in [`start`]) → `app`, one TCP connection's bytes relayed.
+/// `module` is what [`stream_module`] found (not `Missing`).
+pub fn start_stream(
+    nginx: &Path,
+    dir: &Path,
+    module: &StreamModule,
+    app: SocketAddr,
+    client: Identity<'_>,
+    server: Identity<'_>,
+) -> Pair {
+    let (entry, tls) = (free_addr(), free_addr());
+    let load = match module {
+        StreamModule::Dynamic(so) => format!("load_module {};\n", so.display()),
+        _ => String::new(),
+    };
+    let common = |name: &str| {
+        format!(
+            "{load}worker_processes 2;\nuser root;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}.err warn;\n\
+             daemon off;\nevents {{ worker_connections 4096; }}\n",
+            dir = dir.display()
+        )
+    };
+    let server_conf = format!(
+        "{}stream {{\n  server {{\n    listen {tls} ssl;\n    ssl_protocols TLSv1.3;\n    \
+         ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n    \
+         ssl_verify_client on;\n    ssl_verify_depth 3;\n    ssl_session_tickets off;\n    proxy_pass {app};\n  }}\n}}\n",
+        common("stream-server"),
+        server.chain.display(),
+        server.key.display(),
+        server.bundle.display()
+    );
+    let client_conf = format!(
+        "{}stream {{\n  server {{\n    listen {entry};\n    proxy_pass {tls};\n    proxy_ssl on;\n    \
+         proxy_ssl_protocols TLSv1.3;\n    proxy_ssl_certificate {};\n    proxy_ssl_certificate_key {};\n    \
+         proxy_ssl_verify off;\n    proxy_ssl_session_reuse off;\n  }}\n}}\n",
+        common("stream-client"),
+        client.chain.display(),
+        client.key.display(),
+    );
+    let spawn = |name: &str, conf: String| {
+        let path = dir.join(format!("nginx-{name}.conf"));
+        std::fs::write(&path, conf).expect("write nginx config");
+        let args = ["-p", &dir.display().to_string(), "-c", &path.display().to_string()].map(String::from);
+        Proc::spawn(&format!("nginx-{name}"), nginx, &args, dir)
+    };
+    let server = spawn("stream-server", server_conf);
+    let client = spawn("stream-client", client_conf);
     Pair { entry, tls, client, server }
 }

@@ -28,6 +28,7 @@ pub mod detect;
 pub mod error;
 pub mod extended_connect;
 pub mod grpc;
+pub mod heap;
 pub mod http;
 pub mod identity;
 pub mod inbound;

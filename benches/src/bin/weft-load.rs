@@ -14,7 +14,11 @@
 //! that rate, their peak RSS (VmHWM, all processes), and the new mutual-TLS
 //! connections per second the server-side proxy accepts. Then, weft vs
 //! direct: a gRPC bidirectional stream (messages/s) and a bulk TCP transfer
-//! through an `--upstream` tunnel (MB/s). The peers' columns are also given
+//! through an `--upstream` tunnel (MB/s), beside the same bytes through an
+//! HAProxy pair in TCP mode doing the same mutual TLS 1.3 between its two
+//! instances, through the same pair relaying plain TCP (what relaying alone
+//! costs here), and through an nginx `stream` pair where nginx has that
+//! module, each with its proxies' CPU seconds per GB. The peers' columns are also given
 //! as a ratio to the best peer (nginx or HAProxy, whichever is better on that
 //! column). Install the peers with `benches/install-peers.sh`.
 //!
@@ -407,6 +411,60 @@ async fn tcp_bulk(addr: SocketAddr, bytes: u64) -> Result<f64, String> {
         .map_err(|e| format!("TCP transfer to {addr}: {e}"))
 }
 
+/// One bulk transfer through one setup.
+struct Bulk {
+    /// `tcp_bulk`'s name for the setup (`direct`, `weft`, `haproxy`, ...).
+    name: &'static str,
+    /// How the setup carries the bytes, for the text output.
+    what: &'static str,
+    mb_s: f64,
+    /// CPU seconds the setup's proxies (all processes) used per 10^9 bytes.
+    cpu_s_per_gb: Option<f64>,
+    /// CPU seconds per 10^9 bytes of this process, where the sending client
+    /// and the sink run (and nothing else during the transfer): the ends'
+    /// share of the machine, for the arithmetic of what is left to the proxies.
+    ends_cpu_s_per_gb: f64,
+}
+
+/// Times one `bytes`-long transfer through `entry`, counting the CPU of the
+/// process trees under `pids` during it.
+async fn bulk_transfer(
+    name: &'static str,
+    what: &'static str,
+    entry: SocketAddr,
+    pids: &[u32],
+    bytes: u64,
+) -> Result<Bulk, String> {
+    let procs: Vec<u32> = pids.iter().flat_map(|p| procstat::tree(*p)).collect();
+    let me = [std::process::id()];
+    let (cpu0, ends0) = (procstat::cpu_seconds(&procs), procstat::cpu_seconds(&me));
+    let mb_s = tcp_bulk(entry, bytes).await.map_err(|e| format!("{name}: {e}"))?;
+    let cpu = procstat::cpu_seconds(&procs) - cpu0;
+    let gb = bytes as f64 / 1e9;
+    let cpu_s_per_gb = (!pids.is_empty()).then(|| cpu / gb);
+    let ends_cpu_s_per_gb = (procstat::cpu_seconds(&me) - ends0) / gb;
+    Ok(Bulk { name, what, mb_s, cpu_s_per_gb, ends_cpu_s_per_gb })
+}
+
+/// Waits until `entry` accepts TCP connections.
+async fn wait_listening(name: &str, entry: SocketAddr, logs: impl Fn() -> String) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(entry).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("the {name} pair does not listen on {entry}; logs:\n{}", logs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// A sidecar's SVID files: chain, key, trust bundle.
+type IdFiles = (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf);
+
+fn ident(x: &IdFiles) -> weft_benches::nginx::Identity<'_> {
+    weft_benches::nginx::Identity { chain: &x.0, key: &x.1, bundle: &x.2 }
+}
+
 /// The TCP sink: reads an 8-byte length, that many bytes, and answers the count.
 async fn sink() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -476,6 +534,8 @@ struct Report {
     setups: Vec<Setup>,
     grpc: [Option<f64>; 2],
     tcp: [Option<f64>; 2],
+    /// Every bulk transfer that completed: direct, weft, then the peers.
+    tcp_setups: Vec<Bulk>,
     idle_sidecar_kib: u64,
     notes: Vec<String>,
 }
@@ -518,9 +578,6 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
 
     let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
     let (c, s) = (id(&web), id(&api));
-    fn ident(x: &(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)) -> weft_benches::nginx::Identity<'_> {
-        weft_benches::nginx::Identity { chain: &x.0, key: &x.1, bundle: &x.2 }
-    }
     match weft_benches::nginx::binary() {
         Some(bin) => {
             let dir = cp.dir.path().join("nginx");
@@ -565,17 +622,106 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
         }
     }
     let mut tcp = [None, None];
+    let mut tcp_setups = Vec::new();
     if args.tcp_bytes > 0 {
-        for (i, addr) in [apps.sink, web.upstream("bulk")].into_iter().enumerate() {
-            match tcp_bulk(addr, args.tcp_bytes).await {
-                Ok(r) => tcp[i] = Some(r),
+        let weft_pids = [web.proc_.pid(), bulk.proc_.pid()];
+        let ours = [
+            ("direct", "straight to the sink", apps.sink, &[][..]),
+            ("weft", "weft --upstream tunnel (HTTP/2 CONNECT over mTLS 1.3)", web.upstream("bulk"), &weft_pids[..]),
+        ];
+        for (i, (name, what, addr, pids)) in ours.into_iter().enumerate() {
+            match bulk_transfer(name, what, addr, pids, args.tcp_bytes).await {
+                Ok(b) => {
+                    tcp[i] = Some(b.mb_s);
+                    tcp_setups.push(b);
+                }
                 Err(e) => notes.push(e),
             }
         }
+        let (c, s) = (id(&web), id(&bulk));
+        tcp_peers(&cp, &apps, &args, (&c, &s), &mut tcp_setups, &mut notes).await;
     }
     drop(grpc);
     drop(bulk);
-    Ok(Report { setups, grpc: grpc_rates, tcp, idle_sidecar_kib, notes })
+    Ok(Report { setups, grpc: grpc_rates, tcp, tcp_setups, idle_sidecar_kib, notes })
+}
+
+/// The bulk transfer through the peers: an HAProxy pair in TCP mode with
+/// mutual TLS 1.3 between its instances (the bulk sidecar's SVID on the
+/// server side, web's on the client side), the same pair relaying plain
+/// TCP, and an nginx `stream` pair with mutual TLS where nginx has the module.
+async fn tcp_peers(
+    cp: &ControlPlane,
+    apps: &Apps,
+    args: &Args,
+    (c, s): (&IdFiles, &IdFiles),
+    out: &mut Vec<Bulk>,
+    notes: &mut Vec<String>,
+) {
+    use weft_benches::haproxy::{self, Hop};
+    use weft_benches::nginx::{self, StreamModule};
+    let dir = cp.dir.path().join("tcp-peers");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return notes.push(format!("{}: {e}", dir.display()));
+    }
+    match haproxy::binary() {
+        Some(bin) => {
+            let hops = [
+                ("haproxy", "HAProxy pair, TCP mode, mTLS 1.3 between", Hop::MutualTls),
+                ("haproxy_plain_tcp", "HAProxy pair, TCP mode, plain TCP between (no TLS)", Hop::Plain),
+            ];
+            for (name, what, hop) in hops {
+                let pair = match haproxy::start_tcp(&bin, &dir, name, apps.sink, hop, ident(c), ident(s)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        notes.push(format!("{name}: config: {e}"));
+                        continue;
+                    }
+                };
+                let logs = || format!("{}\n{}", pair.client.log_text(), pair.server.log_text());
+                let ready = async {
+                    wait_listening(name, pair.tls, logs).await?;
+                    wait_listening(name, pair.entry, logs).await
+                };
+                let r = match ready.await {
+                    Ok(()) => {
+                        bulk_transfer(name, what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(b) => out.push(b),
+                    Err(e) => notes.push(e),
+                }
+            }
+        }
+        None => notes.push("haproxy not installed (benches/install-peers.sh): no HAProxy TCP transfer".into()),
+    }
+    match nginx::binary().map(|b| (nginx::stream_module(&b), b)) {
+        Some((StreamModule::Missing, _)) => notes.push(
+            "nginx: no TCP transfer: this nginx has no stream module (Debian's nginx-light is built with \
+             --with-stream=dynamic and ships no module file; libnginx-mod-stream has it)"
+                .into(),
+        ),
+        Some((module, bin)) => {
+            let pair = nginx::start_stream(&bin, &dir, &module, apps.sink, ident(c), ident(s));
+            let logs = || format!("{}\n{}", pair.client.log_text(), pair.server.log_text());
+            let what = "nginx stream pair, mTLS 1.3 between";
+            let r = match wait_listening("nginx stream", pair.entry, logs).await {
+                Ok(()) => {
+                    bulk_transfer("nginx", what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(b) => out.push(b),
+                Err(e) => notes.push(e),
+            }
+        }
+        None => notes.push("nginx not installed (benches/install-peers.sh): no nginx TCP transfer".into()),
+    }
 }
 
 /// The best peer's (nginx, HAProxy) value of a column, by `better`.
@@ -685,6 +831,13 @@ fn print_table(r: &Report, args: &Args) {
     };
     pair("gRPC bidi stream (64 B messages, 32 in flight)", "msg/s", &r.grpc);
     pair(&format!("TCP transfer of {} bytes through an --upstream tunnel", args.tcp_bytes), "MB/s", &r.tcp);
+    let direct = r.tcp[0];
+    for b in &r.tcp_setups {
+        let ratio = direct.map_or("-".into(), |d| format!("{:.2}", b.mb_s / d));
+        let cpu = b.cpu_s_per_gb.map_or(String::new(), |c| format!(", proxies' CPU {c:.2} s/GB"));
+        let cpu = format!("{cpu}, client+sink {:.2} s/GB", b.ends_cpu_s_per_gb);
+        println!("  TCP {:<18} {:>6.0} MB/s (x{ratio} of direct{cpu}): {}", b.name, b.mb_s, b.what);
+    }
     println!("idle sidecar RSS (larger of the two, after start-up): {:.1} MiB", r.idle_sidecar_kib as f64 / 1024.0);
     for n in &r.notes {
         println!("note: {n}");
@@ -723,10 +876,34 @@ fn to_json(r: &Report, args: &Args) -> serde_json::Value {
         "rate_duration_s": args.rate_duration.as_secs_f64(),
         "setups": setups,
         "grpc_bidi_msg_per_s": { "direct": r.grpc[0], "weft": r.grpc[1] },
-        "tcp_bulk": { "bytes": args.tcp_bytes, "direct_mb_per_s": r.tcp[0], "weft_mb_per_s": r.tcp[1] },
+        "tcp_bulk": tcp_json(r, args),
         "idle_sidecar_rss_mib": r.idle_sidecar_kib as f64 / 1024.0,
         "notes": r.notes,
     })
+}
+
+/// `tcp_bulk`: the bytes, then per setup `<name>_mb_per_s`,
+/// `<name>_vs_direct` and `<name>_proxy_cpu_s_per_gb` (none for direct;
+/// null for a setup that did not run), and `<name>_client_sink_cpu_s_per_gb`.
+fn tcp_json(r: &Report, args: &Args) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    o.insert("bytes".into(), json!(args.tcp_bytes));
+    let names = ["direct", "weft", "haproxy", "haproxy_plain_tcp", "nginx"];
+    for name in names {
+        let b = r.tcp_setups.iter().find(|b| b.name == name);
+        let mb_s = b.map(|b| b.mb_s);
+        let vs = match (mb_s, r.tcp[0]) {
+            (Some(v), Some(d)) if d > 0.0 && name != "direct" => Some(v / d),
+            _ => None,
+        };
+        o.insert(format!("{name}_mb_per_s"), json!(mb_s));
+        if name != "direct" {
+            o.insert(format!("{name}_vs_direct"), json!(vs));
+            o.insert(format!("{name}_proxy_cpu_s_per_gb"), json!(b.and_then(|b| b.cpu_s_per_gb)));
+        }
+        o.insert(format!("{name}_client_sink_cpu_s_per_gb"), json!(b.map(|b| b.ends_cpu_s_per_gb)));
+    }
+    serde_json::Value::Object(o)
 }
 
 fn main() -> std::process::ExitCode {

@@ -3,7 +3,9 @@
 //! sidecar, and the `web` sidecar calling both. Prints the addresses to load
 //! and the sidecars' PIDs (`key=value` lines), optionally measures a TCP
 //! transfer through web's `--upstream bulk` tunnel, then waits until stdin
-//! closes. `benches/callgrind.sh` runs it with the sidecars under
+//! closes. With `--tcp-bytes` it also prints the CPU milliseconds each of
+//! `web` and `bulk` used during the tunnel transfer (`/proc/<pid>/stat`;
+//! steadier than MB/s on a shared machine). `benches/callgrind.sh` runs it with the sidecars under
 //! `valgrind --tool=callgrind` to count instructions per request.
 //!
 //! ```sh
@@ -93,10 +95,18 @@ fn main() -> std::process::ExitCode {
         println!("sink={sink}");
         println!("pids={} {} {}", web.proc_.pid(), api.proc_.pid(), bulk.proc_.pid());
         if tcp_bytes > 0 {
+            let sidecars = [("web", web.proc_.pid()), ("bulk", bulk.proc_.pid())];
             for (name, addr) in [("direct", sink), ("tunnel", web.upstream("bulk"))] {
+                let cpu0 = sidecars.map(|(_, p)| weft_benches::procstat::cpu_seconds(&[p]));
                 match transfer(addr, tcp_bytes).await {
                     Ok(mbs) => println!("tcp_{name}_mb_s={mbs:.0}"),
                     Err(e) => println!("tcp_{name}_error={e}"),
+                }
+                if name == "tunnel" {
+                    for ((who, p), c0) in sidecars.into_iter().zip(cpu0) {
+                        let ms = (weft_benches::procstat::cpu_seconds(&[p]) - c0) * 1000.0;
+                        println!("tcp_tunnel_cpu_ms_{who}={ms:.0}");
+                    }
                 }
             }
         }
