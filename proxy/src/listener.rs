@@ -17,10 +17,11 @@
 //!
 //! Requests starting and ending do not wake the watchdog (that was two extra
 //! polls of the whole connection task per request): it sleeps until the
-//! earliest moment a limit could be broken and looks again then. While a
-//! request is in flight, or while an HTTP/1.1 connection idles with no head
-//! begun (one may begin at any moment), that is one header-read timeout
-//! ahead, so a head that begins is still closed exactly at its deadline.
+//! current deadline, or for the shorter of the two timeouts if that is
+//! sooner, and looks again then. A change it was not told of (a request
+//! starting or ending, a head beginning) can only bring a deadline at least
+//! that far ahead, so every deadline is still kept exactly. The drain and
+//! the watchdog are polled only when they wake ([`UntilStop`]).
 
 use std::future::Future;
 use std::pin::Pin;
