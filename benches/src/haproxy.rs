@@ -70,15 +70,7 @@ pub fn start(
         combined_pem(dir, "haproxy-client", &client)?.display(),
         client.bundle.display()
     );
-    let spawn = |name: &str, conf: String| -> std::io::Result<Proc> {
-        let path = dir.join(format!("haproxy-{name}.cfg"));
-        std::fs::write(&path, conf)?;
-        let args = ["-db", "-f", &path.display().to_string()].map(String::from);
-        Ok(Proc::spawn(&format!("haproxy-{name}"), haproxy, &args, dir))
-    };
-    let server = spawn("server", server_conf)?;
-    let client = spawn("client", client_conf)?;
-    Ok(Pair { entry, tls, client, server })
+    spawn_pair(haproxy, dir, "haproxy", (server_conf, client_conf), entry, tls)
 }
 
 /// Between the two instances of a [`start_tcp`] pair.
@@ -128,6 +120,19 @@ pub fn start_tcp(
     let client_conf = format!(
         "{common}frontend plain\n  bind {entry}\n  default_backend peer\nbackend peer\n  server peer {tls}{server_tls}\n"
     );
+    spawn_pair(haproxy, dir, name, (server_conf, client_conf), entry, tls)
+}
+
+/// Writes the two configs (server side, client side) to `dir` as
+/// `{name}-server.cfg` and `{name}-client.cfg` and starts an HAProxy on each.
+fn spawn_pair(
+    haproxy: &Path,
+    dir: &Path,
+    name: &str,
+    (server_conf, client_conf): (String, String),
+    entry: SocketAddr,
+    tls: SocketAddr,
+) -> std::io::Result<Pair> {
     let spawn = |side: &str, conf: String| -> std::io::Result<Proc> {
         let path = dir.join(format!("{name}-{side}.cfg"));
         std::fs::write(&path, conf)?;

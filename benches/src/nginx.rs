@@ -71,15 +71,7 @@ pub fn start(nginx: &Path, dir: &Path, app: SocketAddr, client: Identity<'_>, se
         client.chain.display(),
         client.key.display(),
     );
-    let spawn = |name: &str, conf: String| {
-        let path = dir.join(format!("nginx-{name}.conf"));
-        std::fs::write(&path, conf).expect("write nginx config");
-        let args = ["-p", &dir.display().to_string(), "-c", &path.display().to_string()].map(String::from);
-        Proc::spawn(&format!("nginx-{name}"), nginx, &args, dir)
-    };
-    let server = spawn("server", server_conf);
-    let client = spawn("client", client_conf);
-    Pair { entry, tls, client, server }
+    spawn_pair(nginx, dir, "", (server_conf, client_conf), entry, tls)
 }
 
 /// Where this nginx's `stream` module (TCP relaying) is.
@@ -156,13 +148,28 @@ pub fn start_stream(
         client.chain.display(),
         client.key.display(),
     );
-    let spawn = |name: &str, conf: String| {
-        let path = dir.join(format!("nginx-{name}.conf"));
+    spawn_pair(nginx, dir, "stream-", (server_conf, client_conf), entry, tls)
+}
+
+/// Writes the two configs (server side, client side) to `dir` as
+/// `nginx-{prefix}server.conf` and `nginx-{prefix}client.conf` and starts
+/// an nginx on each.
+fn spawn_pair(
+    nginx: &Path,
+    dir: &Path,
+    prefix: &str,
+    (server_conf, client_conf): (String, String),
+    entry: SocketAddr,
+    tls: SocketAddr,
+) -> Pair {
+    let spawn = |side: &str, conf: String| {
+        let name = format!("nginx-{prefix}{side}");
+        let path = dir.join(format!("{name}.conf"));
         std::fs::write(&path, conf).expect("write nginx config");
         let args = ["-p", &dir.display().to_string(), "-c", &path.display().to_string()].map(String::from);
-        Proc::spawn(&format!("nginx-{name}"), nginx, &args, dir)
+        Proc::spawn(&name, nginx, &args, dir)
     };
-    let server = spawn("stream-server", server_conf);
-    let client = spawn("stream-client", client_conf);
+    let server = spawn("server", server_conf);
+    let client = spawn("client", client_conf);
     Pair { entry, tls, client, server }
 }

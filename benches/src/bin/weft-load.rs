@@ -683,17 +683,8 @@ async fn tcp_peers(
                     wait_listening(name, pair.tls, logs).await?;
                     wait_listening(name, pair.entry, logs).await
                 };
-                let r = match ready.await {
-                    Ok(()) => {
-                        bulk_transfer(name, what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(b) => out.push(b),
-                    Err(e) => notes.push(e),
-                }
+                let pids = [pair.client.pid(), pair.server.pid()];
+                peer_transfer((name, what), pair.entry, &pids, ready, args.tcp_bytes, out, notes).await;
             }
         }
         None => notes.push("haproxy not installed (benches/install-peers.sh): no HAProxy TCP transfer".into()),
@@ -708,19 +699,33 @@ async fn tcp_peers(
             let pair = nginx::start_stream(&bin, &dir, &module, apps.sink, ident(c), ident(s));
             let logs = || format!("{}\n{}", pair.client.log_text(), pair.server.log_text());
             let what = "nginx stream pair, mTLS 1.3 between";
-            let r = match wait_listening("nginx stream", pair.entry, logs).await {
-                Ok(()) => {
-                    bulk_transfer("nginx", what, pair.entry, &[pair.client.pid(), pair.server.pid()], args.tcp_bytes)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(b) => out.push(b),
-                Err(e) => notes.push(e),
-            }
+            let ready = wait_listening("nginx stream", pair.entry, logs);
+            let pids = [pair.client.pid(), pair.server.pid()];
+            peer_transfer(("nginx", what), pair.entry, &pids, ready, args.tcp_bytes, out, notes).await;
         }
         None => notes.push("nginx not installed (benches/install-peers.sh): no nginx TCP transfer".into()),
+    }
+}
+
+/// The transfer of `bytes` through a peer pair (`name`, `what`) entered at
+/// `entry`, counting the CPU of `pids`, once `ready` (its listeners
+/// answer): into `out`, or, failed, into `notes`.
+async fn peer_transfer(
+    (name, what): (&'static str, &'static str),
+    entry: SocketAddr,
+    pids: &[u32],
+    ready: impl std::future::Future<Output = Result<(), String>>,
+    bytes: u64,
+    out: &mut Vec<Bulk>,
+    notes: &mut Vec<String>,
+) {
+    let r = match ready.await {
+        Ok(()) => bulk_transfer(name, what, entry, pids, bytes).await,
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(b) => out.push(b),
+        Err(e) => notes.push(e),
     }
 }
 
