@@ -46,7 +46,7 @@ fn combined_pem(dir: &Path, name: &str, id: &Identity<'_>) -> std::io::Result<Pa
 }
 
 /// Starts the pair in `dir`: client side on a free port → server side (mTLS,
-/// h2) → `app`, two threads each (as the sidecars have two worker threads).
+/// h2) → `app`, two threads each (one per core here, as HAProxy would pick).
 pub fn start(
     haproxy: &Path,
     dir: &Path,
