@@ -19,7 +19,7 @@ pub fn binary() -> Option<PathBuf> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
-/// Both nginx processes; killed on drop.
+/// Both nginx processes; stopped on drop.
 pub struct Pair {
     /// Where the load goes (the client-side nginx).
     pub entry: SocketAddr,
@@ -27,6 +27,17 @@ pub struct Pair {
     pub tls: SocketAddr,
     pub client: Proc,
     pub server: Proc,
+}
+
+impl Drop for Pair {
+    /// SIGTERM to each master, which stops its workers: killing the master
+    /// alone (what dropping a [`Proc`] does) left the workers running,
+    /// orphaned, with their listening sockets, into the next run.
+    fn drop(&mut self) {
+        for side in [&mut self.client, &mut self.server] {
+            side.terminate(std::time::Duration::from_secs(5));
+        }
+    }
 }
 
 /// One side's SVID: its chain, key and the trust bundle, as files.
