@@ -118,11 +118,12 @@ pub struct Args {
     /// Log format: human or json.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
-    /// Threads that run the sidecar's connections: 1 (the default) runs
-    /// everything on one thread, so a request is never handed between
-    /// threads (a sidecar usually gets about one core); N > 1 a pool of N
-    /// threads sharing the work; 0 or auto, one per CPU core the process may
-    /// use. 1 to 1024, 0 or auto.
+    /// Threads that run the sidecar's connections, each with its own event
+    /// loop: a connection stays on the thread it was handed to, with the
+    /// connections it opens to peers and to the app, so a request is never
+    /// handed between threads. 1 (the default) runs everything on one thread
+    /// (a sidecar usually gets about one core); 0 or auto, one per CPU core
+    /// the process may use. 1 to 1024, 0 or auto.
     #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "1", allow_negative_numbers = true, value_parser = parse_worker_threads)]
     pub worker_threads: WorkerThreads,
 }
@@ -154,26 +155,23 @@ impl WorkerThreads {
         }
     }
 
-    /// The tokio runtime to run the sidecar on: the current-thread scheduler
-    /// for one thread (every task on the thread that calls `block_on`: no
-    /// cross-thread wake-ups between a client connection's task and the task
-    /// driving the shared HTTP/2 connection to a peer), the multi-thread
-    /// (work-stealing) scheduler for more. Blocking work (`spawn_blocking`,
-    /// DNS lookups) goes to tokio's blocking pool either way.
+    /// The tokio runtime the sidecar starts on: always the current-thread
+    /// scheduler (worker 0, which also runs the accept loops and the
+    /// control-plane streams); [`WorkerThreads::start_workers`] adds the
+    /// others. Blocking work (`spawn_blocking`, DNS lookups) goes to tokio's
+    /// blocking pool.
     ///
-    /// Errors: the OS refused a thread or the I/O driver (epoll) could not be
-    /// created.
+    /// Errors: the I/O driver (epoll) could not be created.
     pub fn runtime(self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = match self.resolve() {
-            1 => tokio::runtime::Builder::new_current_thread(),
-            n => {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(n);
-                b
-            }
-        };
-        // Named for `top -H` and /proc/PID/task/*/comm (workers and the blocking pool).
-        builder.thread_name(THREAD_NAME).enable_all().build()
+        // Named for `top -H` and /proc/PID/task/*/comm (the blocking pool; workers are named at start).
+        tokio::runtime::Builder::new_current_thread().thread_name(THREAD_NAME).enable_all().build()
+    }
+
+    /// Starts the worker threads beyond the calling runtime's
+    /// (`weft_runtime::workers`: thread-per-core, one current-thread runtime
+    /// each), named [`THREAD_NAME`]. Call it inside [`WorkerThreads::runtime`].
+    pub fn start_workers(self) -> Result<(), weft_runtime::workers::StartError> {
+        weft_runtime::workers::start(self.resolve(), THREAD_NAME)
     }
 }
 
@@ -275,13 +273,12 @@ pub fn main(args: Args) -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(source) => return weft_runtime::exit_code(Err(RunError::Runtime { threads: threads.resolve(), source })),
     };
-    let workers = runtime.handle().metrics().num_workers();
-    let flavor = match runtime.handle().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
-        _ => "multi-thread",
-    };
-    tracing::info!(worker_threads = workers, "runtime: {flavor}, {workers} worker thread(s)");
-    weft_runtime::exit_code(runtime.block_on(run(args)))
+    weft_runtime::exit_code(runtime.block_on(async move {
+        threads.start_workers().map_err(|e| RunError::Workers { threads: threads.resolve(), source: e })?;
+        let workers = weft_runtime::workers::count();
+        tracing::info!(worker_threads = workers, "runtime: current-thread, {workers} worker thread(s)");
+        run(args).await
+    }))
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -336,6 +333,9 @@ pub enum RunError {
     /// The tokio runtime could not be built (threads, epoll).
     #[error("cannot start the runtime with {threads} worker thread(s): {source}; try fewer with --worker-threads")]
     Runtime { threads: usize, source: std::io::Error },
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start {threads} worker thread(s): {source}; try fewer with --worker-threads")]
+    Workers { threads: usize, source: weft_runtime::workers::StartError },
 }
 
 #[cfg(test)]
@@ -356,12 +356,9 @@ mod tests {
     }
 
     #[test]
-    fn one_worker_thread_is_the_current_thread_scheduler() {
-        let rt = WorkerThreads::Count(1).runtime().unwrap();
-        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread);
+    fn every_worker_is_a_current_thread_scheduler() {
         let rt = WorkerThreads::Count(3).runtime().unwrap();
-        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::MultiThread);
-        assert_eq!(rt.handle().metrics().num_workers(), 3);
+        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread);
     }
 
     #[test]

@@ -283,13 +283,15 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// `--worker-threads` (or `WEFT_PROXY_WORKER_THREADS`) picks the runtime: by
-/// default one thread (tokio's current-thread scheduler), N > 1 a pool of N
-/// worker threads; traffic flows through a pair with one of each. A value
-/// that is not a thread count stops the sidecar at start-up with a message
-/// naming the flag and what it accepts.
+/// `--worker-threads` (or `WEFT_PROXY_WORKER_THREADS`) sets how many
+/// threads run the connections, each its own event loop (thread-per-core):
+/// by default one. A connection stays on the thread it was handed to, with
+/// the connections it opens, so with two workers the client connections of
+/// `web` are spread over both and each worker opens its own pooled
+/// connection to `api`. A value that is not a thread count stops the
+/// sidecar at start-up with a message naming the flag and what it accepts.
 #[tokio::test(flavor = "multi_thread")]
-async fn worker_threads_pick_the_runtime_and_bad_values_are_refused() {
+async fn worker_threads_spread_connections_and_bad_values_are_refused() {
     let cp = ControlPlane::start(TD, &[]).await;
     let token = cp.token_file("spiffe://example.org/ns/default/sa/web");
     for bad in ["two", "-1", "1025"] {
@@ -308,6 +310,10 @@ async fn worker_threads_pick_the_runtime_and_bad_values_are_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--worker-threads") && err.contains("\"many\""), "{err}");
+    let help = std::process::Command::new(weft_testkit::bin("weft-proxy")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flag = help.split("--worker-threads").nth(1).unwrap_or_default();
+    assert!(flag.contains("[default: 1]"), "one worker thread by default: {help}");
 
     let app = servers::http("api").await;
     let api = Sidecar::start(
@@ -323,15 +329,38 @@ async fn worker_threads_pick_the_runtime_and_bad_values_are_refused() {
     )
     .await;
     let web_app = servers::http("web").await;
-    let web = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
+    let web = Sidecar::start(
+        &cp,
+        TD,
+        SidecarSpec { extra_args: &["--worker-threads", "2"], ..SidecarSpec::new("web", web_app.addr) },
+    )
+    .await;
     web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
-    let (body, err) = curl(&["-H", "Host: api", &format!("http://{}/threads", web.outbound)]);
-    assert_eq!(body, "api /threads", "{err}");
+    // Four keep-alive client connections, each answered and held open: handed
+    // out round robin, they land on both of web's workers.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+        c.write_all(format!("GET /threads{i} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes()).await.unwrap();
+        let want = format!("api /threads{i}");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).ends_with(&want) {
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.expect("answer in time").unwrap();
+            assert!(n > 0, "connection {i} closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        held.push(c);
+    }
+    let pooled = metric_sum(&web.metrics().await, "weft_proxy_pool_connections", &[]);
+    assert_eq!(pooled, 2.0, "one pooled connection to api per worker of web");
 
     let (web_log, api_log) = (web.proc_.log_text(), api.proc_.log_text());
-    assert!(web_log.contains("runtime: current-thread, 1 worker thread(s)"), "{web_log}");
-    assert!(api_log.contains("runtime: multi-thread, 3 worker thread(s)"), "{api_log}");
-    // The runtime's threads (workers, and the blocking pool's if any) are named weft-worker.
+    assert!(web_log.contains("runtime: current-thread, 2 worker thread(s)"), "{web_log}");
+    assert!(api_log.contains("runtime: current-thread, 3 worker thread(s)"), "{api_log}");
+    // The worker threads beyond the main one are named weft-worker.
     let workers = thread_names(api.proc_.pid()).iter().filter(|n| *n == "weft-worker").count();
-    assert!(workers >= 3, "{:?}", thread_names(api.proc_.pid()));
+    assert!(workers >= 2, "{:?}", thread_names(api.proc_.pid()));
 }

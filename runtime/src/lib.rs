@@ -2,6 +2,7 @@
 //!
 //! - [`serve`]: the one accept loop behind every TCP listener (back-off on
 //!   accept errors, TCP_NODELAY, a task per connection, drain, optional cap).
+//! - [`workers`]: thread-per-core (connections spread over N current-thread runtimes).
 //! - [`drain`]: graceful drain on shutdown (stop accepting, let connections finish).
 //! - [`tls_accept`]: the TLS handshake of a server connection and what it
 //!   proved about the peer (SPIFFE ID), or a refusal reason for metrics.
@@ -21,6 +22,7 @@ pub mod serve;
 pub mod signal;
 pub mod state_lock;
 pub mod tls_accept;
+pub mod workers;
 
 pub use drain::{Drain, DrainTrigger};
 pub use exit::exit_code;

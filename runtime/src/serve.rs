@@ -10,6 +10,8 @@
 //!   writes that must not wait for Nagle).
 //! - Each connection runs in its own task holding a [`Drain`], so a drain
 //!   waits for it; on drain the loop stops accepting and drops the listener.
+//! - With several [`workers`](crate::workers), each connection is handed to
+//!   one of them, round robin, and runs there to its end.
 //! - [`Server::max_connections`] caps the connections open at once: at the
 //!   cap the loop stops accepting (new connections wait in the kernel's
 //!   backlog) until one closes.
@@ -102,12 +104,14 @@ impl Server {
     /// `handle(stream, remote address, drain)` in a task of its own. The
     /// handler gets a [`Drain`] to finish its connection gracefully
     /// ([`Drain::watch`]); the task holds one too, so a drain waits for the
-    /// handler's future to complete either way.
+    /// handler's future to complete either way. The handler runs on the
+    /// worker ([`crate::workers`]) the connection is handed to.
     pub async fn serve<H, F>(self, listener: TcpListener, drain: Drain, handle: H)
     where
-        H: Fn(TcpStream, SocketAddr, Drain) -> F,
+        H: Fn(TcpStream, SocketAddr, Drain) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
+        let handle = Arc::new(handle);
         let mut backoff: Option<Duration> = None;
         loop {
             let Some(permit) = self.slot(&drain).await else { return };
@@ -123,11 +127,7 @@ impl Server {
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     self.stats.open.fetch_add(1, Ordering::Relaxed);
                     let slot = Slot { stats: self.stats.clone(), _permit: permit, _drain: drain.clone() };
-                    let conn = handle(tcp, remote, drain.clone());
-                    tokio::spawn(async move {
-                        conn.await;
-                        drop(slot);
-                    });
+                    self.run_conn(tcp, remote, slot, &drain, &handle);
                 }
                 // The client gave up before we took its connection: nothing to wait for.
                 Err(e) if is_per_connection(&e) => {
@@ -148,6 +148,40 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Runs `handle` for one accepted connection in a task of its own: on
+    /// the next worker when there are several (the socket moves to that
+    /// worker's I/O driver), else on this runtime. `slot` is held to the end.
+    fn run_conn<H, F>(&self, tcp: TcpStream, remote: SocketAddr, slot: Slot, drain: &Drain, handle: &Arc<H>)
+    where
+        H: Fn(TcpStream, SocketAddr, Drain) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Some(worker) = crate::workers::next() else {
+            let conn = handle(tcp, remote, drain.clone());
+            tokio::spawn(async move {
+                conn.await;
+                drop(slot);
+            });
+            return;
+        };
+        // Registered with this runtime's epoll until moved: the worker registers it with its own.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(listener = self.name, error = %e, "cannot hand the connection to a worker; closing it");
+                return;
+            }
+        };
+        let (handle, drain, name) = (handle.clone(), drain.clone(), self.name);
+        worker.spawn(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => handle(tcp, remote, drain).await,
+                Err(e) => tracing::warn!(listener = name, error = %e, "worker cannot take the connection; closing it"),
+            }
+            drop(slot);
+        });
     }
 
     /// Waits for room under the cap; `None` when drain came first.
@@ -175,7 +209,7 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 /// `name` in logs) until `drain`, one task per connection.
 pub async fn serve<H, F>(listener: TcpListener, drain: Drain, name: &'static str, handle: H)
 where
-    H: Fn(TcpStream, SocketAddr, Drain) -> F,
+    H: Fn(TcpStream, SocketAddr, Drain) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     Server::new(name).serve(listener, drain, handle).await

@@ -2,7 +2,10 @@
 //! on four setups in front of one app server and prints one table:
 //!
 //! - `direct`: straight to the app (the ceiling);
-//! - `weft`: two sidecars (`web` → `api`), mutual TLS 1.3 and HTTP/2 between them;
+//! - `weft`: two sidecars (`web` → `api`), mutual TLS 1.3 and HTTP/2 between them,
+//!   each on its default one thread;
+//! - `weft_<N>t`: the same with `--worker-threads N` (`--weft-threads`, default
+//!   2: as many threads as each peer runs here; 1 leaves the row out);
 //! - `nginx`: two nginx processes, mutual TLS 1.3 and HTTP/1.1 keep-alive between them;
 //! - `haproxy`: two HAProxy processes, mutual TLS 1.3 and HTTP/2 between them.
 //!
@@ -46,7 +49,7 @@ const TD: &str = "example.org";
 const PATH: &str = "/bench";
 const USAGE: &str = "usage: weft-load [--duration SECS] [--warmup SECS] [--connections N] [--rate REQ_PER_S] \
 [--rate-duration SECS] [--rate-connections N] [--grpc-duration SECS] [--handshake-duration SECS] \
-[--tcp-bytes BYTES] [--json]";
+[--tcp-bytes BYTES] [--weft-threads N] [--json]";
 
 #[derive(Clone, Copy)]
 struct Args {
@@ -64,6 +67,8 @@ struct Args {
     handshake_duration: Duration,
     /// Bytes of the bulk TCP transfer.
     tcp_bytes: u64,
+    /// `--worker-threads` of the second weft pair (`weft_<N>t`); 0 or 1: no second pair.
+    weft_threads: u64,
     json: bool,
 }
 
@@ -79,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         grpc_duration: secs(3),
         handshake_duration: secs(3),
         tcp_bytes: 1 << 30,
+        weft_threads: 2,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -97,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
             "--grpc-duration" => a.grpc_duration = secs(value("--grpc-duration")?),
             "--handshake-duration" => a.handshake_duration = secs(value("--handshake-duration")?),
             "--tcp-bytes" => a.tcp_bytes = value("--tcp-bytes")?,
+            "--weft-threads" => a.weft_threads = value("--weft-threads")?,
             "--json" => a.json = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -104,6 +111,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.connections == 0 || a.rate_connections == 0 || a.rate == 0 || a.duration.is_zero() {
         return Err("--connections, --rate-connections, --rate and --duration must be positive".into());
+    }
+    if a.weft_threads > 1024 {
+        return Err("--weft-threads: at most 1024 (weft-proxy --worker-threads)".into());
     }
     if a.duration + a.rate_duration > secs(60) {
         return Err("--duration + --rate-duration above 60 s: keep the whole run within a few minutes".into());
@@ -143,7 +153,12 @@ enum Pace {
 
 /// One keep-alive connection sending GETs until `end`; latencies are
 /// recorded from `measure_from` on.
-async fn connection(addr: SocketAddr, pace: Pace, measure_from: Instant, end: Instant) -> (u64, u64, Histogram<u64>) {
+async fn connection(
+    (addr, host): Entry,
+    pace: Pace,
+    measure_from: Instant,
+    end: Instant,
+) -> (u64, u64, Histogram<u64>) {
     let mut hist = histogram();
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut ticks = match pace {
@@ -181,7 +196,7 @@ async fn connection(addr: SocketAddr, pace: Pace, measure_from: Instant, end: In
                 errors += 1;
                 continue 'reconnect;
             }
-            let req = http::Request::get(PATH).header("host", "api").body(Empty::<Bytes>::new()).expect("request");
+            let req = http::Request::get(PATH).header("host", host).body(Empty::<Bytes>::new()).expect("request");
             let resp = match send.send_request(req).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -209,8 +224,12 @@ async fn connection(addr: SocketAddr, pace: Pace, measure_from: Instant, end: In
     (ok, errors, hist)
 }
 
+/// Where a setup takes the load: its entry address and the `Host` its
+/// requests carry (the service a weft pair routes them to).
+type Entry = (SocketAddr, &'static str);
+
 async fn run(
-    addr: SocketAddr,
+    (addr, host): Entry,
     connections: usize,
     pace: impl Fn(usize) -> Pace,
     warmup: Duration,
@@ -219,7 +238,8 @@ async fn run(
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
-    let tasks: Vec<_> = (0..connections).map(|i| tokio::spawn(connection(addr, pace(i), measure_from, end))).collect();
+    let tasks: Vec<_> =
+        (0..connections).map(|i| tokio::spawn(connection((addr, host), pace(i), measure_from, end))).collect();
     let mut total = Run { requests: 0, errors: 0, elapsed: duration, latency_us: histogram() };
     for t in tasks {
         let (ok, errors, hist) = t.await.expect("load task");
@@ -250,7 +270,7 @@ struct Setup {
 
 /// Runs the saturation and fixed-rate loads against `entry`, counting the
 /// CPU of the processes under `pids` during the fixed-rate run.
-async fn measure(name: &'static str, entry: SocketAddr, pids: &[u32], args: &Args) -> Setup {
+async fn measure(name: &'static str, entry: Entry, pids: &[u32], args: &Args) -> Setup {
     let saturation = run(entry, args.connections, |_| Pace::Closed, args.warmup, args.duration).await;
     let n = args.rate_connections;
     let period = Duration::from_secs_f64(n as f64 / args.rate as f64);
@@ -516,10 +536,10 @@ fn start_apps() -> Apps {
 }
 
 /// Waits until `entry` answers the benchmark's GET.
-async fn wait_answering(name: &str, entry: SocketAddr, logs: impl Fn() -> String) -> Result<(), String> {
+async fn wait_answering(name: &str, (entry, host): Entry, logs: impl Fn() -> String) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok((200, _)) = weft_testkit::http_get_host(entry, "api", PATH).await {
+        if let Ok((200, _)) = weft_testkit::http_get_host(entry, host, PATH).await {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -564,17 +584,20 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_sidecar_kib =
         [&api, &web].iter().map(|s| procstat::status_kib(&[s.proc_.pid()], "VmRSS")).max().unwrap_or(0);
-    wait_answering("weft", web.outbound, || web.proc_.log_text()).await?;
+    wait_answering("weft", (web.outbound, "api"), || web.proc_.log_text()).await?;
     let hs_tls = handshake_tls(&web.state_dir, &cp.trust_bundle())?;
 
-    let mut setups = vec![measure("direct", apps.http, &[], &args).await];
-    let mut weft = measure("weft", web.outbound, &[web.proc_.pid(), api.proc_.pid()], &args).await;
+    let mut setups = vec![measure("direct", (apps.http, "api"), &[], &args).await];
+    let mut weft = measure("weft", (web.outbound, "api"), &[web.proc_.pid(), api.proc_.pid()], &args).await;
     let (rate, failed) = handshakes(api.inbound, hs_tls.clone(), args.handshake_duration).await;
     weft.handshakes = Some(rate);
     if failed > 0 {
         notes.push(format!("weft: {failed} mTLS handshakes failed"));
     }
     setups.push(weft);
+    if args.weft_threads > 1 {
+        setups.push(weft_threaded(&cp, &apps, web_app.addr, &hs_tls, &args, &mut notes).await?);
+    }
 
     let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
     let (c, s) = (id(&web), id(&api));
@@ -583,9 +606,11 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
             let dir = cp.dir.path().join("nginx");
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let pair = weft_benches::nginx::start(&bin, &dir, apps.http, ident(&c), ident(&s));
-            wait_answering("nginx", pair.entry, || format!("{}\n{}", pair.client.log_text(), pair.server.log_text()))
-                .await?;
-            let mut r = measure("nginx", pair.entry, &[pair.client.pid(), pair.server.pid()], &args).await;
+            wait_answering("nginx", (pair.entry, "api"), || {
+                format!("{}\n{}", pair.client.log_text(), pair.server.log_text())
+            })
+            .await?;
+            let mut r = measure("nginx", (pair.entry, "api"), &[pair.client.pid(), pair.server.pid()], &args).await;
             let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
             r.handshakes = Some(rate);
             if failed > 0 {
@@ -601,9 +626,11 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let pair = weft_benches::haproxy::start(&bin, &dir, apps.http, ident(&c), ident(&s))
                 .map_err(|e| format!("haproxy config: {e}"))?;
-            wait_answering("haproxy", pair.entry, || format!("{}\n{}", pair.client.log_text(), pair.server.log_text()))
-                .await?;
-            let mut r = measure("haproxy", pair.entry, &[pair.client.pid(), pair.server.pid()], &args).await;
+            wait_answering("haproxy", (pair.entry, "api"), || {
+                format!("{}\n{}", pair.client.log_text(), pair.server.log_text())
+            })
+            .await?;
+            let mut r = measure("haproxy", (pair.entry, "api"), &[pair.client.pid(), pair.server.pid()], &args).await;
             let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
             r.handshakes = Some(rate);
             if failed > 0 {
@@ -644,6 +671,33 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
     drop(grpc);
     drop(bulk);
     Ok(Report { setups, grpc: grpc_rates, tcp, tcp_setups, idle_sidecar_kib, notes })
+}
+
+/// The `weft_<N>t` row: a second pair (`web-mt` → `api-mt`, the same
+/// app) whose sidecars run `--worker-threads N`, measured like the first;
+/// its sidecars stop when it returns.
+async fn weft_threaded(
+    cp: &ControlPlane,
+    apps: &Apps,
+    web_app: SocketAddr,
+    hs_tls: &Arc<rustls::ClientConfig>,
+    args: &Args,
+    notes: &mut Vec<String>,
+) -> Result<Setup, String> {
+    let threads = args.weft_threads.to_string();
+    let extra = ["--worker-threads", threads.as_str()];
+    let api = Sidecar::start(cp, TD, SidecarSpec { extra_args: &extra, ..SidecarSpec::new("api-mt", apps.http) }).await;
+    let web = Sidecar::start(cp, TD, SidecarSpec { extra_args: &extra, ..SidecarSpec::new("web-mt", web_app) }).await;
+    web.wait_endpoints("api-mt", 1, Duration::from_secs(10)).await;
+    let name: &'static str = Box::leak(format!("weft_{threads}t").into_boxed_str());
+    wait_answering(name, (web.outbound, "api-mt"), || web.proc_.log_text()).await?;
+    let mut r = measure(name, (web.outbound, "api-mt"), &[web.proc_.pid(), api.proc_.pid()], args).await;
+    let (rate, failed) = handshakes(api.inbound, hs_tls.clone(), args.handshake_duration).await;
+    r.handshakes = Some(rate);
+    if failed > 0 {
+        notes.push(format!("{name}: {failed} mTLS handshakes failed"));
+    }
+    Ok(r)
 }
 
 /// The bulk transfer through the peers: an HAProxy pair in TCP mode with

@@ -97,13 +97,13 @@ impl Inbound {
         }
         let client = if app_h2 {
             parts.version = Version::HTTP_2;
-            &self.h2
+            self.h2.get()
         } else {
             parts.version = Version::HTTP_11;
             if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
                 parts.headers.insert(header::HOST, host);
             }
-            &self.h1
+            self.h1.get()
         };
         match client.request(Request::from_parts(parts, boxed(body))).await {
             Ok(resp) => {

@@ -50,6 +50,7 @@ use ratelimit::RateLimit;
 use std::convert::Infallible;
 use tower::{ServiceBuilder, ServiceExt};
 use weft_runtime::drain::Drain;
+use weft_runtime::workers::PerWorker;
 
 /// Counts each HTTP request by caller and status, and its latency.
 #[derive(Clone)]
@@ -124,8 +125,10 @@ pub struct Inbound {
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
-    h1: AppClient,
-    h2: AppClient,
+    /// Clients to the app, one per worker thread (`weft_runtime::workers`):
+    /// a request goes out on a connection driven by its own thread.
+    h1: PerWorker<AppClient>,
+    h2: PerWorker<AppClient>,
     /// The HTTP versions the app speaks, as declared or learned.
     app_versions: app_protocol::AppProtocols,
     /// Whether the app accepts connections (`/ready`, callers' probes).
@@ -141,7 +144,8 @@ impl Inbound {
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Arc<Self> {
-        let (h1, h2) = (AppClient::http1(app, &limits), AppClient::h2(app, &limits));
+        let (h1, h2) =
+            (PerWorker::new(|_| AppClient::http1(app, &limits)), PerWorker::new(|_| AppClient::h2(app, &limits)));
         let app_versions = app_protocol::AppProtocols::new(app, app_protocol);
         let readiness = readiness::AppReadiness::new(app);
         Arc::new(Self { app, app_protocol, service, state, metrics, limits, h1, h2, app_versions, readiness })

@@ -63,13 +63,16 @@ impl Pool {
         &self.limits
     }
 
-    /// A stream on a pooled connection to `ep`: the first one with a free
-    /// stream, else a new one. Concurrent callers for one peer wait for a
-    /// single connection attempt.
+    /// A stream on a pooled connection to `ep` driven by the caller's worker
+    /// thread (`weft_runtime::workers`): the first one with a free stream,
+    /// else a new one. Concurrent callers for one peer wait for a single
+    /// connection attempt.
     pub async fn get(&self, ep: &Endpoint) -> Result<Lease, ProxyError> {
+        let worker = weft_runtime::workers::index();
         let mut conns = ep.state.conn.lock().await;
         conns.retain(|c| !c.sender.is_closed());
-        let free = |c: &&Pooled| c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION);
+        let free =
+            |c: &&Pooled| c.worker == worker && c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION);
         if let Some(c) = conns.iter().find(free) {
             return Ok(Lease { sender: c.sender.clone(), guard: c.streams.open_one() });
         }
@@ -84,7 +87,7 @@ impl Pool {
             }
             source => ProxyError::ConnectFailed { peer: (*ep.spiffe_id).clone(), source: Box::new(source) },
         })?;
-        let pooled = Pooled::new(sender.clone(), streams, &self.metrics.pool_connections);
+        let pooled = Pooled::new(sender.clone(), streams, worker, &self.metrics.pool_connections);
         let lease = Lease { sender, guard: pooled.streams.open_one() };
         tokio::spawn(close_when_idle(
             Arc::downgrade(&ep.state),
@@ -92,7 +95,7 @@ impl Pool {
             self.limits.pool_idle_timeout(),
         ));
         conns.push(pooled);
-        if conns.len() > 1 {
+        if conns.iter().filter(|c| c.worker == worker).count() > 1 {
             tracing::debug!(addr = %ep.address, connections = conns.len(), "every pooled connection is at its stream limit; opened another");
         }
         Ok(lease)

@@ -64,12 +64,15 @@ pub struct Pooled {
     pub sender: SendRequest<Body>,
     /// Streams (requests, tunnels) open on it now.
     pub streams: Arc<StreamCount>,
+    /// The worker thread (`weft_runtime::workers`) driving it: only that
+    /// worker's requests use it, so none is handed between threads.
+    pub worker: usize,
     _live: Live,
 }
 
 impl Pooled {
-    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, gauge: &Gauge) -> Self {
-        Self { sender, streams, _live: Live::new(gauge) }
+    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, worker: usize, gauge: &Gauge) -> Self {
+        Self { sender, streams, worker, _live: Live::new(gauge) }
     }
 }
 

@@ -1,0 +1,76 @@
+//! Thread-per-core through the real accept loop: with three workers, the
+//! connections a listener accepts are handed out round robin, each handler
+//! runs (and does its I/O) on its worker's own thread, and a drain still
+//! waits for connections running on the other workers. One test in this
+//! binary: `workers::start` is once per process.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_runtime::serve::Server;
+use weft_runtime::{drain, workers};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+#[test]
+fn connections_are_spread_over_the_workers_and_drained_from_each() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        workers::start(3, "test-worker").unwrap();
+        assert_eq!(workers::count(), 3);
+        assert!(matches!(workers::start(2, "again"), Err(workers::StartError::AlreadyStarted)));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, d) = drain::channel();
+        // (worker index, thread name) of each handler; the handler answers with its index.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(Server::new("test").serve(listener, d, move |mut tcp, _, _| {
+            let record = record.clone();
+            async move {
+                let index = workers::index();
+                let name = std::thread::current().name().unwrap_or_default().to_string();
+                record.lock().unwrap().push((index, name));
+                let _ = tcp.write_all(&[index as u8]).await;
+                // Held until the client closes: the drain below must wait for it.
+                let mut rest = Vec::new();
+                let _ = tcp.read_to_end(&mut rest).await;
+            }
+        }));
+
+        let mut clients = Vec::new();
+        let mut answered = Vec::new();
+        for _ in 0..6 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::time::timeout(LIMIT, c.read_exact(&mut b)).await.expect("answer in time").unwrap();
+            answered.push(b[0] as usize);
+            clients.push(c);
+        }
+        // Round robin: each run of three consecutive connections covers every worker.
+        assert_eq!(answered[..3].iter().copied().collect::<HashSet<_>>(), HashSet::from([0, 1, 2]), "{answered:?}");
+        assert_eq!(answered[3..].iter().copied().collect::<HashSet<_>>(), HashSet::from([0, 1, 2]), "{answered:?}");
+        for (index, name) in seen.lock().unwrap().iter() {
+            // Worker 0 is this (the main) thread; the others are the started threads.
+            let want = if *index == 0 {
+                std::thread::current().name().unwrap_or_default().to_string()
+            } else {
+                "test-worker".into()
+            };
+            assert_eq!(name, &want, "worker {index} ran on the wrong thread");
+        }
+
+        // A drain waits for the connections open on every worker...
+        let drained = tokio::spawn(trigger.drain(LIMIT));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!drained.is_finished(), "drain finished with connections still open");
+        // ...and ends once each has closed.
+        drop(clients);
+        let finished = tokio::time::timeout(LIMIT, drained).await.expect("drain returns").unwrap();
+        assert!(finished, "drain timed out although every connection ended");
+    });
+}
