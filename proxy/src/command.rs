@@ -121,10 +121,10 @@ pub struct Args {
     /// Threads that run the sidecar's connections, each with its own event
     /// loop: a connection stays on the thread it was handed to, with the
     /// connections it opens to peers and to the app, so a request is never
-    /// handed between threads. 1 (the default) runs everything on one thread
-    /// (a sidecar usually gets about one core); 0 or auto, one per CPU core
-    /// the process may use. 1 to 1024, 0 or auto.
-    #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "1", allow_negative_numbers = true, value_parser = parse_worker_threads)]
+    /// handed between threads. auto (the default; or 0): one per CPU core the
+    /// process may use, as its CPU limit (cgroup quota) and affinity allow;
+    /// N: exactly N. 1 to 1024, 0 or auto.
+    #[arg(long, env = "WEFT_PROXY_WORKER_THREADS", default_value = "auto", allow_negative_numbers = true, value_parser = parse_worker_threads)]
     pub worker_threads: WorkerThreads,
 }
 

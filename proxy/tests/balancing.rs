@@ -418,7 +418,10 @@ struct TcpReplica {
 
 impl TcpReplica {
     async fn start(name: &'static str) -> Self {
-        Self::serve(name, TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        // Outside the ephemeral range and claimed across test processes: while
+        // stopped, no other test's socket may take the port (a listener there
+        // would make the stopped app look up again).
+        Self::serve(name, TcpListener::bind(weft_testkit::free_addr()).await.expect("bind"))
     }
 
     fn serve(name: &'static str, l: TcpListener) -> Self {

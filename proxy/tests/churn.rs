@@ -46,17 +46,20 @@ async fn relay(to: SocketAddr, open: Arc<AtomicUsize>) -> (SocketAddr, JoinHandl
     (addr, task)
 }
 
+/// `web`'s worker threads: each keeps its own pooled connections.
+const WEB_WORKERS: usize = 2;
+
 /// The value of a gauge on a sidecar's /metrics.
 async fn gauge(sidecar: &Sidecar, name: &str) -> f64 {
     metric_sum(&sidecar.metrics().await, name, &[])
 }
 
-/// Waits until `name` on `sidecar` is `want`; panics after `timeout`.
-async fn wait_gauge(sidecar: &Sidecar, name: &str, want: f64, timeout: Duration) {
+/// Waits until `name` on `sidecar` passes `ok` (described by `want`); panics after `timeout`.
+async fn wait_gauge(sidecar: &Sidecar, name: &str, ok: impl Fn(f64) -> bool, want: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let v = gauge(sidecar, name).await;
-        if v == want {
+        if ok(v) {
             return;
         }
         assert!(Instant::now() < deadline, "{name} = {v}, want {want} within {timeout:?}");
@@ -119,8 +122,12 @@ async fn churn_round(cp: &ControlPlane, identity: &Identity, api: &Sidecar, web:
     drop(streams);
     // Generous: every departure is a new snapshot to every stream still open.
     web.wait_endpoints("api", 1, Duration::from_secs(60)).await;
-    wait_gauge(web, "weft_proxy_balancer_endpoints", base.0, Duration::from_secs(20)).await;
-    wait_gauge(web, "weft_proxy_pool_connections", base.1, Duration::from_secs(20)).await;
+    let endpoints = format!("{}", base.0);
+    wait_gauge(web, "weft_proxy_balancer_endpoints", |v| v == base.0, &endpoints, Duration::from_secs(20)).await;
+    // Left: the connections to the real api, at most one per worker of web.
+    let at_most = format!("at most {WEB_WORKERS} (one per worker, to the real api)");
+    let left = |v: f64| v <= WEB_WORKERS as f64;
+    wait_gauge(web, "weft_proxy_pool_connections", left, &at_most, Duration::from_secs(20)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while open.load(Ordering::SeqCst) > 0 {
         assert!(Instant::now() < deadline, "{} pooled connections still open", open.load(Ordering::SeqCst));
@@ -138,7 +145,9 @@ async fn endpoint_churn_leaves_no_state_behind() {
     let api_app = servers::http("api").await;
     let web_app = servers::http("web").await;
     let api = Sidecar::start(&cp, TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
+    let workers = WEB_WORKERS.to_string();
+    let web_spec = SidecarSpec { extra_args: &["--worker-threads", &workers], ..SidecarSpec::new("web", web_app.addr) };
+    let web = Sidecar::start(&cp, TD, web_spec).await;
     web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
     let (status, _) = http_get_host(web.outbound, "api", "/warm").await.expect("warm-up call");
     assert_eq!(status, 200);

@@ -3,9 +3,9 @@
 //!
 //! - `direct`: straight to the app (the ceiling);
 //! - `weft`: two sidecars (`web` → `api`), mutual TLS 1.3 and HTTP/2 between them,
-//!   each on its default one thread;
+//!   as they start by default (one worker thread per core: two here, as each peer runs);
 //! - `weft_<N>t`: the same with `--worker-threads N` (`--weft-threads`, default
-//!   2: as many threads as each peer runs here; 1 leaves the row out);
+//!   1: a sidecar given one core; 0 leaves the row out);
 //! - `nginx`: two nginx processes, mutual TLS 1.3 and HTTP/1.1 keep-alive between them;
 //! - `haproxy`: two HAProxy processes, mutual TLS 1.3 and HTTP/2 between them.
 //!
@@ -67,7 +67,7 @@ struct Args {
     handshake_duration: Duration,
     /// Bytes of the bulk TCP transfer.
     tcp_bytes: u64,
-    /// `--worker-threads` of the second weft pair (`weft_<N>t`); 0 or 1: no second pair.
+    /// `--worker-threads` of the second weft pair (`weft_<N>t`); 0: no second pair.
     weft_threads: u64,
     json: bool,
 }
@@ -84,7 +84,7 @@ fn parse_args() -> Result<Args, String> {
         grpc_duration: secs(3),
         handshake_duration: secs(3),
         tcp_bytes: 1 << 30,
-        weft_threads: 2,
+        weft_threads: 1,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -595,7 +595,7 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
         notes.push(format!("weft: {failed} mTLS handshakes failed"));
     }
     setups.push(weft);
-    if args.weft_threads > 1 {
+    if args.weft_threads > 0 {
         setups.push(weft_threaded(&cp, &apps, web_app.addr, &hs_tls, &args, &mut notes).await?);
     }
 
