@@ -11,7 +11,7 @@
 //! - Each connection runs in its own task holding a [`Drain`], so a drain
 //!   waits for it; on drain the loop stops accepting and drops the listener.
 //! - With several [`workers`](crate::workers), each connection is handed to
-//!   one of them, round robin, and runs there to its end.
+//!   one of them, round robin per listener, and runs there to its end.
 //! - [`Server::max_connections`] caps the connections open at once: at the
 //!   cap the loop stops accepting (new connections wait in the kernel's
 //!   backlog) until one closes.
@@ -113,6 +113,9 @@ impl Server {
     {
         let handle = Arc::new(handle);
         let mut backoff: Option<Duration> = None;
+        // This listener's round robin over the workers (others, e.g. the
+        // admin port, do not shift it).
+        let mut turn = 0usize;
         loop {
             let Some(permit) = self.slot(&drain).await else { return };
             let accepted = tokio::select! {
@@ -127,7 +130,8 @@ impl Server {
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     self.stats.open.fetch_add(1, Ordering::Relaxed);
                     let slot = Slot { stats: self.stats.clone(), _permit: permit, _drain: drain.clone() };
-                    self.run_conn(tcp, remote, slot, &drain, &handle);
+                    self.run_conn(tcp, remote, slot, &drain, &handle, turn);
+                    turn = turn.wrapping_add(1);
                 }
                 // The client gave up before we took its connection: nothing to wait for.
                 Err(e) if is_per_connection(&e) => {
@@ -151,14 +155,22 @@ impl Server {
     }
 
     /// Runs `handle` for one accepted connection in a task of its own: on
-    /// the next worker when there are several (the socket moves to that
-    /// worker's I/O driver), else on this runtime. `slot` is held to the end.
-    fn run_conn<H, F>(&self, tcp: TcpStream, remote: SocketAddr, slot: Slot, drain: &Drain, handle: &Arc<H>)
-    where
+    /// worker `turn` (mod their count) when there are several (the socket
+    /// moves to that worker's I/O driver), else on this runtime. `slot` is
+    /// held to the end.
+    fn run_conn<H, F>(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        slot: Slot,
+        drain: &Drain,
+        handle: &Arc<H>,
+        turn: usize,
+    ) where
         H: Fn(TcpStream, SocketAddr, Drain) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let Some(worker) = crate::workers::next() else {
+        let Some(worker) = crate::workers::nth(turn) else {
             let conn = handle(tcp, remote, drain.clone());
             tokio::spawn(async move {
                 conn.await;

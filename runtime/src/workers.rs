@@ -6,7 +6,7 @@
 //! to a peer, a keep-alive connection to the app) run on different threads,
 //! so every request is a cross-thread wake-up (futex, eventfd, context
 //! switch) each way. Here a connection accepted by [`crate::serve`] is handed
-//! to one worker, round robin, and stays there: its tasks, its timers and the
+//! to one worker, round robin per listener, and stays there: its tasks, its timers and the
 //! connections it opens run on that worker's thread. Shared per-worker
 //! things ([`PerWorker`], or anything keyed by [`index`]) keep each worker's
 //! outgoing connections its own.
@@ -18,7 +18,6 @@
 //! runtime, and connections run where they are accepted.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
@@ -33,7 +32,6 @@ thread_local! {
 
 struct Workers {
     handles: Vec<Handle>,
-    next: AtomicUsize,
 }
 
 /// Why [`start`] failed.
@@ -82,7 +80,7 @@ pub fn start(n: usize, name: &str) -> Result<(), StartError> {
             .map_err(|source| StartError::Thread { index, source })?;
         handles.push(handle);
     }
-    WORKERS.set(Workers { handles, next: AtomicUsize::new(0) }).map_err(|_| StartError::AlreadyStarted)
+    WORKERS.set(Workers { handles }).map_err(|_| StartError::AlreadyStarted)
 }
 
 /// How many workers this process runs (1 without [`start`]).
@@ -95,12 +93,12 @@ pub fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
-/// The worker to take the next connection, round robin; `None` when there
-/// is only one (run it where it is).
-pub(crate) fn next() -> Option<&'static Handle> {
+/// The worker whose turn `turn` is (a listener's count of connections, so
+/// each listener deals its own round robin); `None` when there is only one
+/// (run it where it is).
+pub(crate) fn nth(turn: usize) -> Option<&'static Handle> {
     let w = WORKERS.get().filter(|w| w.handles.len() > 1)?;
-    let i = w.next.fetch_add(1, Ordering::Relaxed) % w.handles.len();
-    Some(&w.handles[i])
+    Some(&w.handles[turn % w.handles.len()])
 }
 
 /// One `T` per worker, each used only by its own worker's tasks (e.g. a

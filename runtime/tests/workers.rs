@@ -1,5 +1,6 @@
 //! Thread-per-core through the real accept loop: with three workers, the
-//! connections a listener accepts are handed out round robin, each handler
+//! connections a listener accepts are handed out round robin (each listener
+//! its own, whatever the others accept in between), each handler
 //! runs (and does its I/O) on its worker's own thread, and a drain still
 //! waits for connections running on the other workers. One test in this
 //! binary: `workers::start` is once per process.
@@ -23,37 +24,44 @@ fn connections_are_spread_over_the_workers_and_drained_from_each() {
         assert_eq!(workers::count(), 3);
         assert!(matches!(workers::start(2, "again"), Err(workers::StartError::AlreadyStarted)));
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (trigger, d) = drain::channel();
         // (worker index, thread name) of each handler; the handler answers with its index.
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        tokio::spawn(Server::new("test").serve(listener, d, move |mut tcp, _, _| {
-            let record = record.clone();
-            async move {
-                let index = workers::index();
-                let name = std::thread::current().name().unwrap_or_default().to_string();
-                record.lock().unwrap().push((index, name));
-                let _ = tcp.write_all(&[index as u8]).await;
-                // Held until the client closes: the drain below must wait for it.
-                let mut rest = Vec::new();
-                let _ = tcp.read_to_end(&mut rest).await;
-            }
-        }));
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            let record = seen.clone();
+            tokio::spawn(Server::new("test").serve(listener, d.clone(), move |mut tcp, _, _| {
+                let record = record.clone();
+                async move {
+                    let index = workers::index();
+                    let name = std::thread::current().name().unwrap_or_default().to_string();
+                    record.lock().unwrap().push((index, name));
+                    let _ = tcp.write_all(&[index as u8]).await;
+                    // Held until the client closes: the drain below must wait for it.
+                    let mut rest = Vec::new();
+                    let _ = tcp.read_to_end(&mut rest).await;
+                }
+            }));
+        }
+        drop(d);
 
         let mut clients = Vec::new();
-        let mut answered = Vec::new();
-        for _ in 0..6 {
-            let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut answered = [Vec::new(), Vec::new()];
+        // One connection to the first listener, two to the second, three times:
+        // one round robin shared by both would give the first the same worker each time.
+        for which in [0, 1, 1, 0, 1, 1, 0, 1, 1] {
+            let mut c = TcpStream::connect(addrs[which]).await.unwrap();
             let mut b = [0u8; 1];
             tokio::time::timeout(LIMIT, c.read_exact(&mut b)).await.expect("answer in time").unwrap();
-            answered.push(b[0] as usize);
+            answered[which].push(b[0] as usize);
             clients.push(c);
         }
-        // Round robin: each run of three consecutive connections covers every worker.
-        assert_eq!(answered[..3].iter().copied().collect::<HashSet<_>>(), HashSet::from([0, 1, 2]), "{answered:?}");
-        assert_eq!(answered[3..].iter().copied().collect::<HashSet<_>>(), HashSet::from([0, 1, 2]), "{answered:?}");
+        let all = HashSet::from([0, 1, 2]);
+        assert_eq!(answered[0].iter().copied().collect::<HashSet<_>>(), all, "{answered:?}");
+        assert_eq!(answered[1][..3].iter().copied().collect::<HashSet<_>>(), all, "{answered:?}");
+        assert_eq!(answered[1][3..].iter().copied().collect::<HashSet<_>>(), all, "{answered:?}");
         for (index, name) in seen.lock().unwrap().iter() {
             // Worker 0 is this (the main) thread; the others are the started threads.
             let want = if *index == 0 {
