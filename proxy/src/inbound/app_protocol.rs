@@ -10,6 +10,7 @@
 //! speaks h2 — a malformed HTTP/1.1 request that HTTP/1.1 servers refuse.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,9 +36,42 @@ pub enum Version {
 pub struct AppProtocols {
     app: SocketAddr,
     fixed: AppProtocol,
-    /// Per version: unknown (None), or whether the app answered it.
-    http1: Mutex<Option<bool>>,
-    h2c: Mutex<Option<bool>>,
+    http1: Known,
+    h2c: Known,
+}
+
+/// What is known of one version: read without a lock by every request (on
+/// every worker thread), probed under the lock so concurrent requests wait
+/// for one probe.
+#[derive(Default)]
+struct Known {
+    /// [`UNKNOWN`], [`SPEAKS`] or [`SILENT`].
+    answer: AtomicU8,
+    probing: Mutex<()>,
+}
+
+const UNKNOWN: u8 = 0;
+const SPEAKS: u8 = 1;
+const SILENT: u8 = 2;
+
+impl Known {
+    /// Unknown (None), or whether the app answered the version.
+    fn get(&self) -> Option<bool> {
+        match self.answer.load(Ordering::Acquire) {
+            SPEAKS => Some(true),
+            SILENT => Some(false),
+            _ => None,
+        }
+    }
+
+    fn set(&self, known: Option<bool>) {
+        let v = match known {
+            Some(true) => SPEAKS,
+            Some(false) => SILENT,
+            None => UNKNOWN,
+        };
+        self.answer.store(v, Ordering::Release);
+    }
 }
 
 /// What decides the version of one request.
@@ -53,7 +87,7 @@ pub struct Ask {
 
 impl AppProtocols {
     pub fn new(app: SocketAddr, fixed: AppProtocol) -> Self {
-        Self { app, fixed, http1: Mutex::new(None), h2c: Mutex::new(None) }
+        Self { app, fixed, http1: Known::default(), h2c: Known::default() }
     }
 
     /// The version to speak to the app for a request.
@@ -87,8 +121,8 @@ impl AppProtocols {
     /// may have been replaced by one speaking another version).
     pub async fn forget(&self) {
         if self.fixed == AppProtocol::Auto {
-            *self.http1.lock().await = None;
-            *self.h2c.lock().await = None;
+            self.http1.set(None);
+            self.h2c.set(None);
         }
     }
 
@@ -99,18 +133,23 @@ impl AppProtocols {
             Version::Http1 => &self.http1,
             Version::H2c => &self.h2c,
         };
+        if let Some(known) = slot.get() {
+            return Some(known);
+        }
         // Held across the probe: concurrent requests wait for one probe.
-        let mut known = slot.lock().await;
+        let _probing = slot.probing.lock().await;
+        let mut known = slot.get();
         if known.is_none() {
-            *known = probe(self.app, v).await;
-            let speaks = match *known {
+            known = probe(self.app, v).await;
+            slot.set(known);
+            let speaks = match known {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "unknown (no answer)",
             };
             tracing::info!(app = %self.app, version = ?v, speaks, "probed the local app's HTTP version");
         }
-        *known
+        known
     }
 }
 
@@ -225,7 +264,7 @@ mod tests {
         let p = AppProtocols::new(both, AppProtocol::Auto);
         assert_eq!(p.choose(ask(false)).await, Version::Http1, "the caller's version");
         assert_eq!(p.choose(ask(true)).await, Version::H2c, "the caller's version");
-        assert_eq!((*p.http1.lock().await, *p.h2c.lock().await), (Some(true), Some(true)));
+        assert_eq!((p.http1.get(), p.h2c.get()), (Some(true), Some(true)));
         let (h2_only, handled_h2) = hyper_app(false).await;
         let p = AppProtocols::new(h2_only, AppProtocol::Auto);
         assert_eq!(p.choose(ask(false)).await, Version::H2c);
@@ -238,6 +277,6 @@ mod tests {
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let p = AppProtocols::new(gone, AppProtocol::Auto);
         assert_eq!(p.choose(ask(true)).await, Version::H2c, "the caller's version");
-        assert_eq!(*p.h2c.lock().await, None, "nothing learned");
+        assert_eq!(p.h2c.get(), None, "nothing learned");
     }
 }
