@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_runtime::workers::PerWorker;
 
 use hyper::client::conn::http2::SendRequest;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use weft_certs::SpiffeId;
+use weft_runtime::workers::PerWorker;
 
 use super::endpoint_stats::EndpointStats;
 use crate::http::Body;
