@@ -11,6 +11,7 @@ use hyper::client::conn::http2::SendRequest;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use weft_certs::SpiffeId;
+use weft_runtime::workers::PerWorker;
 
 use super::endpoint_stats::EndpointStats;
 use crate::http::Body;
@@ -41,10 +42,13 @@ fn ser_id<S: serde::Serializer>(id: &Arc<SpiffeId>, s: S) -> Result<S::Ok, S::Er
 #[derive(Debug)]
 pub struct EndpointState {
     pub stats: EndpointStats,
-    /// The pooled connections (one, more while every one's streams are in
-    /// use); the lock also makes concurrent callers wait for a single
-    /// connection attempt.
-    pub conn: tokio::sync::Mutex<Vec<Pooled>>,
+    /// The pooled connections of each worker thread (`weft_runtime::workers`:
+    /// one, more while every one's streams are in use), driven by that
+    /// worker. The lock makes a worker's concurrent callers wait for a
+    /// single connection attempt; one per worker, so a worker opening its
+    /// connection (a slow TLS handshake) never stalls another worker's
+    /// requests on the connection it already has.
+    pub conn: PerWorker<tokio::sync::Mutex<Vec<Pooled>>>,
     /// Counts this endpoint in `weft_proxy_balancer_endpoints`.
     _live: Live,
 }
@@ -53,7 +57,7 @@ impl EndpointState {
     /// Fresh state as of `now` (endpoints first seen together start
     /// equal), counted in `gauge` for as long as it lives.
     pub fn new(gauge: &Gauge, now: Instant) -> Self {
-        Self { stats: EndpointStats::new(now), conn: Default::default(), _live: Live::new(gauge) }
+        Self { stats: EndpointStats::new(now), conn: PerWorker::new(|_| Default::default()), _live: Live::new(gauge) }
     }
 }
 
@@ -64,15 +68,12 @@ pub struct Pooled {
     pub sender: SendRequest<Body>,
     /// Streams (requests, tunnels) open on it now.
     pub streams: Arc<StreamCount>,
-    /// The worker thread (`weft_runtime::workers`) driving it: only that
-    /// worker's requests use it, so none is handed between threads.
-    pub worker: usize,
     _live: Live,
 }
 
 impl Pooled {
-    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, worker: usize, gauge: &Gauge) -> Self {
-        Self { sender, streams, worker, _live: Live::new(gauge) }
+    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, gauge: &Gauge) -> Self {
+        Self { sender, streams, _live: Live::new(gauge) }
     }
 }
 
