@@ -109,6 +109,11 @@ pub struct Carried(Arc<Mutex<Option<(Kind, Method, Body)>>>);
 pub struct CallerUpgrade {
     pub on_upgrade: OnUpgrade,
     pub requested: HeaderValue,
+    /// The caller's connection's drain (a request extension its listener
+    /// set): held by the spliced connection, so a SIGTERM drain waits for it
+    /// (up to `--drain-timeout`) as it does for a TCP tunnel. Once upgraded,
+    /// the connection is no longer the HTTP server's, whose task ends at the 101.
+    pub drain: Option<weft_runtime::drain::Drain>,
 }
 
 /// The Upgrade value of a carried 101 (a response extension; `Upgrade`
@@ -121,7 +126,11 @@ pub struct UpgradedTo(pub HeaderValue);
 /// answers itself). The request is then routed like any other.
 pub fn take_caller(req: &mut Request<Incoming>, kind: &Kind) -> Option<CallerUpgrade> {
     match kind {
-        Kind::Upgrade(v) => Some(CallerUpgrade { on_upgrade: hyper::upgrade::on(&mut *req), requested: v.clone() }),
+        Kind::Upgrade(v) => Some(CallerUpgrade {
+            on_upgrade: hyper::upgrade::on(&mut *req),
+            requested: v.clone(),
+            drain: req.extensions().get::<weft_runtime::drain::Drain>().cloned(),
+        }),
         Kind::Continue => {
             req.headers_mut().remove(header::EXPECT);
             None
@@ -231,9 +240,17 @@ pub fn upgrade_headers(headers: &mut http::HeaderMap, value: &HeaderValue) {
 }
 
 /// Splices two upgraded connections until both directions end, counting the
-/// connection (`protocol="upgrade"`) and its bytes.
-pub fn splice(a: OnUpgrade, b: OnUpgrade, metrics: Arc<Metrics>, direction: &'static str) {
+/// connection (`protocol="upgrade"`) and its bytes; `hold` (a drain) is
+/// held until then.
+pub fn splice(
+    a: OnUpgrade,
+    b: OnUpgrade,
+    metrics: Arc<Metrics>,
+    direction: &'static str,
+    hold: Option<weft_runtime::drain::Drain>,
+) {
     tokio::spawn(async move {
+        let _hold = hold;
         let (a, b) = match tokio::try_join!(a, b) {
             Ok(both) => both,
             Err(e) => return tracing::info!(direction, error = %e, "upgrade did not complete"),

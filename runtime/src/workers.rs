@@ -115,7 +115,13 @@ impl<T> PerWorker<T> {
     /// The calling worker's `T`.
     pub fn get(&self) -> &T {
         // `%`: a thread that is not one of the workers counted at `new` uses one of them.
-        &self.0[index() % self.0.len()]
+        self.at(index())
+    }
+
+    /// Worker `index`'s `T` (`index` modulo the workers counted at `new`),
+    /// for a task that must reach the `T` of the worker it was started for.
+    pub fn at(&self, index: usize) -> &T {
+        &self.0[index % self.0.len()]
     }
 }
 

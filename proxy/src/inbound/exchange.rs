@@ -119,7 +119,7 @@ impl Inbound {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             extended_connect::upgrade_headers(resp.headers_mut(), upgraded_to.as_ref().unwrap_or(value));
             let app = hyper::upgrade::on(&mut resp);
-            extended_connect::splice(on_stream, app, self.metrics.clone(), "inbound");
+            extended_connect::splice(on_stream, app, self.metrics.clone(), "inbound", None);
         }
         Ok(resp.map(boxed))
     }

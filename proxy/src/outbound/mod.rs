@@ -159,7 +159,10 @@ impl Outbound {
         let activity = Activity::new(false);
         let counted = activity.clone();
         let metrics = self.metrics.clone();
-        let svc = service_fn(move |req| {
+        let held = drain.clone();
+        let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            // For an upgrade: the spliced connection outlives this task (`CallerUpgrade::drain`).
+            req.extensions_mut().insert(held.clone());
             let this = self.clone();
             let guard = counted.start();
             let aimed = aimed.clone();
@@ -329,7 +332,7 @@ impl Outbound {
         let value = to.map(|t| t.0).unwrap_or(caller.requested);
         extended_connect::upgrade_headers(resp.headers_mut(), &value);
         let peer = hyper::upgrade::on(&mut *resp);
-        extended_connect::splice(caller.on_upgrade, peer, self.metrics.clone(), "outbound");
+        extended_connect::splice(caller.on_upgrade, peer, self.metrics.clone(), "outbound", caller.drain);
     }
 
     /// The response for a failed request, with the endpoint it failed at.

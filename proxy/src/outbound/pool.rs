@@ -65,10 +65,12 @@ impl Pool {
 
     /// A stream on a pooled connection to `ep` driven by the caller's worker
     /// thread (`weft_runtime::workers`): the first one with a free stream,
-    /// else a new one. Concurrent callers for one peer on one worker wait
-    /// for a single connection attempt.
+    /// else a new one. Concurrent callers on one worker for one peer wait
+    /// for a single connection attempt; other workers' callers do not wait
+    /// for it.
     pub async fn get(&self, ep: &Endpoint) -> Result<Lease, ProxyError> {
-        let mut conns = ep.state.conn.get().lock().await;
+        let worker = weft_runtime::workers::index();
+        let mut conns = ep.state.conn.at(worker).lock().await;
         conns.retain(|c| !c.sender.is_closed());
         let free = |c: &&Pooled| c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION);
         if let Some(c) = conns.iter().find(free) {
@@ -89,6 +91,7 @@ impl Pool {
         let lease = Lease { sender, guard: pooled.streams.open_one() };
         tokio::spawn(close_when_idle(
             Arc::downgrade(&ep.state),
+            worker,
             pooled.streams.clone(),
             self.limits.pool_idle_timeout(),
         ));
@@ -164,14 +167,14 @@ impl Pool {
 }
 
 /// Drops the pooled connection counted by `streams` from the endpoint's
-/// pool once it has had no stream for `idle`; hyper closes it when the last
-/// sender is gone. Runs on the worker whose pool holds the connection.
-async fn close_when_idle(ep: std::sync::Weak<EndpointState>, streams: Arc<StreamCount>, idle: Duration) {
+/// pool of `worker` once it has had no stream for `idle`; hyper closes it
+/// when the last sender is gone.
+async fn close_when_idle(ep: std::sync::Weak<EndpointState>, worker: usize, streams: Arc<StreamCount>, idle: Duration) {
     loop {
         let wait = idle.saturating_sub(streams.idle_for()).max(idle / 4);
         tokio::time::sleep(wait).await;
         let Some(ep) = ep.upgrade() else { return };
-        let mut conns = ep.conn.get().lock().await;
+        let mut conns = ep.conn.at(worker).lock().await;
         let Some(i) = conns.iter().position(|c| Arc::ptr_eq(&c.streams, &streams)) else { return };
         if conns[i].sender.is_closed() {
             conns.remove(i);

@@ -42,11 +42,12 @@ fn ser_id<S: serde::Serializer>(id: &Arc<SpiffeId>, s: S) -> Result<S::Ok, S::Er
 #[derive(Debug)]
 pub struct EndpointState {
     pub stats: EndpointStats,
-    /// The pooled connections of each worker thread
-    /// (`weft_runtime::workers`; one, more while every one's streams are in
-    /// use): a worker's requests use only the connections it drives, and no
-    /// worker waits on another's lock. The lock also makes a worker's
-    /// concurrent callers wait for a single connection attempt.
+    /// The pooled connections of each worker thread (`weft_runtime::workers`:
+    /// one, more while every one's streams are in use), driven by that
+    /// worker. The lock makes a worker's concurrent callers wait for a
+    /// single connection attempt; one per worker, so a worker opening its
+    /// connection (a slow TLS handshake) never stalls another worker's
+    /// requests on the connection it already has.
     pub conn: PerWorker<tokio::sync::Mutex<Vec<Pooled>>>,
     /// Counts this endpoint in `weft_proxy_balancer_endpoints`.
     _live: Live,
