@@ -161,8 +161,12 @@ impl Outbound {
         let metrics = self.metrics.clone();
         let held = drain.clone();
         let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-            // For an upgrade: the spliced connection outlives this task (`CallerUpgrade::drain`).
-            req.extensions_mut().insert(held.clone());
+            // For an upgrade: the spliced connection outlives this task
+            // (`CallerUpgrade::drain`). Only then: an extension costs every
+            // other request an allocation.
+            if req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(held.clone());
+            }
             let this = self.clone();
             let guard = counted.start();
             let aimed = aimed.clone();
