@@ -1,9 +1,9 @@
 //! weft-load: the end-to-end load harness. In one run it puts the same load
-//! on four setups in front of one app server and prints one table:
+//! on these setups in front of one app server and prints one table:
 //!
 //! - `direct`: straight to the app (the ceiling);
 //! - `weft`: two sidecars (`web` → `api`), mutual TLS 1.3 and HTTP/2 between them,
-//!   as they start by default (one worker thread per core: two here, as each peer runs);
+//!   as they start by default (one worker thread per core the process may use);
 //! - `weft_<N>t`: the same with `--worker-threads N` (`--weft-threads`, default
 //!   1: a sidecar given one core; 0 leaves the row out);
 //! - `nginx`: two nginx processes, mutual TLS 1.3 and HTTP/1.1 keep-alive between them;
