@@ -436,10 +436,14 @@ pub enum ClaimError {
 }
 
 /// A failed TLS handshake with `addr`, with a hint when the member closed
-/// the connection at once: what a plaintext etcd does with a ClientHello.
+/// the connection at once: what a plaintext etcd does with a ClientHello,
+/// with a FIN (end of file) or, when it closes with the hello unread, a
+/// reset.
 fn tls_hint(addr: &str, e: std::io::Error) -> std::io::Error {
-    let eof = e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string().to_lowercase().contains("eof");
-    let hint = if eof {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let closed = matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted)
+        || e.to_string().to_lowercase().contains("eof");
+    let hint = if closed {
         " (etcd may be serving plaintext on this port: drop --store-ca/--store-cert/--store-key, \
          or start etcd with --cert-file/--key-file and https:// client URLs)"
     } else {
@@ -551,8 +555,21 @@ impl Store for EtcdStore {
 
 #[cfg(test)]
 mod tests {
-    use super::Reachability;
+    use super::{tls_hint, Reachability};
     use std::time::{Duration, Instant};
+
+    /// A member that closes at once, by FIN or by reset (a plaintext etcd
+    /// given a ClientHello), gets the plaintext hint; other failures do not.
+    #[test]
+    fn a_member_closing_the_handshake_hints_at_plaintext() {
+        use std::io::{Error, ErrorKind};
+        for kind in [ErrorKind::UnexpectedEof, ErrorKind::ConnectionReset, ErrorKind::ConnectionAborted] {
+            let e = tls_hint("127.0.0.1:2379", Error::from(kind));
+            assert!(e.to_string().contains("may be serving plaintext"), "{kind:?}: {e}");
+        }
+        let e = tls_hint("127.0.0.1:2379", Error::new(ErrorKind::InvalidData, "invalid peer certificate"));
+        assert!(!e.to_string().contains("plaintext"), "{e}");
+    }
 
     #[test]
     fn removals_are_held_while_calls_fail_and_for_the_grace_after() {
