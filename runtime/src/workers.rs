@@ -6,8 +6,8 @@
 //! to a peer, a keep-alive connection to the app) run on different threads,
 //! so every request is a cross-thread wake-up (futex, eventfd, context
 //! switch) each way. Here a connection accepted by [`crate::serve`] is handed
-//! to one worker, round robin per listener, and stays there: its tasks, its timers and the
-//! connections it opens run on that worker's thread. Shared per-worker
+//! to one worker, round robin per listener, and stays there: its tasks, its
+//! timers and the connections it opens run on that worker's thread. Shared per-worker
 //! things ([`PerWorker`], or anything keyed by [`index`]) keep each worker's
 //! outgoing connections its own.
 //!
@@ -53,6 +53,10 @@ pub enum StartError {
 /// thread or an epoll instance.
 pub fn start(n: usize, name: &str) -> Result<(), StartError> {
     let main = Handle::try_current().map_err(|_| StartError::NoRuntime)?;
+    // Checked before any thread starts: a second call must not leave threads behind.
+    if WORKERS.get().is_some() {
+        return Err(StartError::AlreadyStarted);
+    }
     let mut handles = vec![main];
     for index in 1..n.max(1) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);

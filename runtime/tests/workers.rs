@@ -23,6 +23,12 @@ fn connections_are_spread_over_the_workers_and_drained_from_each() {
         workers::start(3, "test-worker").unwrap();
         assert_eq!(workers::count(), 3);
         assert!(matches!(workers::start(2, "again"), Err(workers::StartError::AlreadyStarted)));
+        let strays = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "again")
+            .count();
+        assert_eq!(strays, 0, "a refused second start left worker threads running");
 
         let (trigger, d) = drain::channel();
         // (worker index, thread name) of each handler; the handler answers with its index.
