@@ -1,9 +1,45 @@
 //! Link options for the sidecar binary (docs/performance.md, "Fourth
-//! session: memory"): its machine code and the tables the dynamic loader
-//! reads at start-up are most of a sidecar's resident memory.
+//! session: memory" and "Sixth session: code layout"): its machine code and
+//! the tables the dynamic loader reads at start-up are most of a sidecar's
+//! resident memory.
+use std::process::Command;
+
 fn main() {
     // Relative relocations packed as DT_RELR (glibc >= 2.36, lld, GNU ld >= 2.38):
     // the position-independent binary's ~0.65 MB `.rela.dyn`, read in full
     // by the dynamic loader at every start, shrinks to a few KB.
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+
+    // The functions a running sidecar executes, laid out first and together
+    // (benches/symbol-order.sh writes the file): the kernel maps code in
+    // 64 KiB blocks around each page touched, so scattered hot code made
+    // nearly all of `.text` resident. lld only; names the binary lacks
+    // (another profile or toolchain, since changed code) are skipped
+    // without a warning.
+    let order = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("symbol-order.txt");
+    println!("cargo:rerun-if-changed={}", order.display());
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    if links_with_lld() && order.exists() {
+        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", order.display());
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
+/// Whether rustc links this build with its bundled lld: the default for
+/// x86_64-unknown-linux-gnu since Rust 1.90, unless a linker is configured
+/// (cargo passes `target.<triple>.linker` as `RUSTC_LINKER`) or rustflags
+/// pick one. GNU ld and gold do not know `--symbol-ordering-file`.
+fn links_with_lld() -> bool {
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if target != "x86_64-unknown-linux-gnu" || std::env::var_os("RUSTC_LINKER").is_some() || flags.contains("link")
+    {
+        return false;
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = Command::new(rustc).arg("-V").output() else { return false };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let version = String::from_utf8_lossy(&out.stdout);
+    let minor = version.split_whitespace().nth(1).and_then(|v| v.split('.').nth(1)).and_then(|m| m.parse::<u32>().ok());
+    minor.is_some_and(|m| m >= 90)
 }

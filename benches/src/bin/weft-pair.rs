@@ -1,7 +1,7 @@
 //! A weft sidecar pair held up for profiling (issue 10): one control plane,
 //! an HTTP app behind the `api` sidecar, a TCP sink behind the `bulk`
 //! sidecar, and the `web` sidecar calling both. Prints the addresses to load
-//! and the sidecars' PIDs (`key=value` lines), optionally measures a TCP
+//! and the sidecars' PIDs and admin listeners (`key=value` lines), optionally measures a TCP
 //! transfer through web's `--upstream bulk` tunnel, then waits until stdin
 //! closes. With `--tcp-bytes` it also prints the CPU milliseconds each of
 //! `web` and `bulk` used during the tunnel transfer (`/proc/<pid>/stat`;
@@ -93,6 +93,8 @@ fn main() -> std::process::ExitCode {
         println!("outbound={}", web.outbound);
         println!("tunnel={}", web.upstream("bulk"));
         println!("sink={sink}");
+        // `pids=` last: scripts wait for it, and then have the lines above.
+        println!("admins={} {} {}", web.admin, api.admin, bulk.admin);
         println!("pids={} {} {}", web.proc_.pid(), api.proc_.pid(), bulk.proc_.pid());
         if tcp_bytes > 0 {
             let sidecars = [("web", web.proc_.pid()), ("bulk", bulk.proc_.pid())];
