@@ -11,24 +11,22 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
 
     // The functions a running sidecar executes, laid out first and together
-    // (benches/symbol-order.sh writes the file): the kernel maps code in
-    // 64 KiB blocks around each page touched, so scattered hot code made
-    // nearly all of `.text` resident. lld only; names the binary lacks
-    // (another profile or toolchain, since changed code) are skipped
-    // without a warning.
-    let order = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("symbol-order.txt");
-    println!("cargo:rerun-if-changed={}", order.display());
+    // (benches/hot-text.sh writes the linker script): the kernel maps code
+    // in 64 KiB blocks around each page touched, so executed code scattered
+    // over `.text` made nearly all of it resident. The script only adds an
+    // output section (`INSERT BEFORE .text`); the default layout stays.
+    let script = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("hot-text.ld");
+    println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
-    if links_with_lld() && order.exists() {
-        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", order.display());
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    if links_with_lld() && script.exists() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
     }
 }
 
 /// Whether rustc links this build with its bundled lld: the default for
 /// x86_64-unknown-linux-gnu since Rust 1.90, unless a linker is configured
 /// (cargo passes `target.<triple>.linker` as `RUSTC_LINKER`) or rustflags
-/// pick one. GNU ld and gold do not know `--symbol-ordering-file`.
+/// pick one. The script is checked with lld only (gold has no `INSERT`).
 fn links_with_lld() -> bool {
     let target = std::env::var("TARGET").unwrap_or_default();
     let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();

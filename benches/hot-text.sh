@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The sidecar's code layout (issue 10, docs/performance.md "Sixth session:
+# code layout"): writes proxy/hot-text.ld, a linker script that gathers the
+# functions a running sidecar executes, hottest first, into one output
+# section (`.text.hot`) ahead of the rest of `.text`; proxy/build.rs hands
+# it to the linker. The kernel maps a binary's code into a process 64 KiB
+# at a time around each page touched (fault-around), so executed code
+# scattered over the 6.5 MB `.text` made nearly all of it resident in every
+# sidecar.
+#
+# The profile: weft-pair with every sidecar (web, api, bulk) under
+# `valgrind --tool=callgrind --demangle=no`: start-up, config from the
+# control plane, HTTP/1.1 keep-alive and new-connection GETs, h2c GETs,
+# POSTs with a body, a TCP transfer through an `--upstream` tunnel, and a
+# `/metrics` scrape of each admin listener.
+#
+# The script matches input sections (`.text.<symbol>`, one per function)
+# by name patterns, not exact symbols: a symbol's hash (`17h<16 hex>E`)
+# changes with the toolchain and with the features cargo unifies for the
+# packages built together, and fat LTO numbers the local copies of inline
+# functions (`.1428`) anew whenever any code changes. So each pattern is the
+# name up to its hash: every instance of a hot generic function comes
+# along, and the file stays right across most changes. Functions it misses
+# keep their place in `.text`: a stale file costs memory, never
+# correctness. `--check` says how many patterns still match.
+#
+#   cargo build --profile dist -p weft-proxy -p weft-control-plane -p weft-benches --bins
+#   benches/hot-text.sh            # rewrite proxy/hot-text.ld
+#   benches/hot-text.sh --check    # how much of it matches target/dist/weft-proxy
+set -euo pipefail
+root=$(realpath "$(dirname "$0")/..")
+script=$root/proxy/hot-text.ld
+export PROFILE=${PROFILE:-dist}
+proxy_bin=$(realpath "${PROXY:-${CARGO_TARGET_DIR:-$root/target}/$PROFILE/weft-proxy}")
+# The functions `nm` lists in .text (t/T/w/W): the names lld can order.
+text_symbols() { nm "$1" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u; }
+
+if [ "${1:-}" = "--check" ]; then
+  python3 - "$script" <(text_symbols "$proxy_bin") <<'PY'
+import sys
+pats = [l.strip()[len("*(.text."):-len("*)")] for l in open(sys.argv[1]) if l.strip().startswith("*(.text.")]
+names = sorted(l.strip() for l in open(sys.argv[2]))
+import bisect
+def hit(p):
+    i = bisect.bisect_left(names, p)
+    return i < len(names) and names[i].startswith(p)
+found = sum(map(hit, pats))
+print(f"{found} of {len(pats)} patterns in proxy/hot-text.ld match functions of the binary ({100 * found // len(pats)} %)")
+if found * 10 < len(pats) * 9:
+    print("stale: regenerate with benches/hot-text.sh")
+PY
+  exit 0
+fi
+
+export CALLGRIND_ARGS="--demangle=no" TCP_BYTES=4000000
+. "$root/benches/callgrind-pair.sh"
+for _ in $(seq 1 600); do grep -q '^tcp_tunnel_cpu_ms_bulk=' "$dir/pair.out" && break; sleep 0.5; done
+curl -s -o /dev/null -H 'Host: api' "http://$out/bench?[1-300]"
+for i in $(seq 1 20); do
+  curl -s -o /dev/null -H 'Host: api' "http://$out/new-connection?$i"
+  curl -s -o /dev/null --http2-prior-knowledge -H 'Host: api' "http://$out/h2c?$i"
+  curl -s -o /dev/null -H 'Host: api' --data-binary @"$root/Cargo.lock" "http://$out/post?$i"
+done
+for a in "${admins[@]}"; do curl -s -o /dev/null "http://$a/metrics"; done
+for p in $web $api $bulk; do callgrind_control -d "$p" >/dev/null 2>&1; done
+sleep 1
+exec 3>&-
+wait $pair || true
+
+# Self cost per function over the three sidecars' dumps (name compression:
+# `fn=(id) name` once, `fn=(id)` after; the cost line after `calls=` is the
+# call's inclusive cost, not the caller's own).
+python3 - "$dir"/cg.*.[0-9]* > "$dir/executed.txt" <<'PY'
+import collections, re, sys
+cost = collections.Counter()
+for path in sys.argv[1:]:
+    names, cur, skip = {}, None, False
+    for line in open(path, errors="replace"):
+        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+        if m:
+            kind, i, name = m.groups()
+            if name is not None:
+                names[i] = name
+                cost.setdefault(name, 0)
+            if kind == "fn":
+                cur = names.get(i)
+        elif line.startswith("calls="):
+            skip = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            parts = line.split()
+            if skip:
+                skip = False
+            elif cur and len(parts) >= 2:
+                cost[cur] += int(parts[1])
+for name, c in sorted(cost.items(), key=lambda kv: -kv[1]):
+    print(name)
+PY
+# Only this binary's functions; each name cut at its hash or LTO suffix.
+python3 - "$dir/executed.txt" <(text_symbols "$proxy_bin") > "$script" \
+  "$(git -C "$root" rev-parse --short HEAD)" "$(rustc -V)" <<'PY'
+import re, sys
+executed, symbols, commit, rustc = sys.argv[1:5]
+have = set(l.strip() for l in open(symbols))
+print(f"/* Generated by benches/hot-text.sh from {commit} ({rustc}); read by proxy/build.rs. */")
+print("SECTIONS {\n  .text.hot : {")
+seen = set()
+for name in (l.strip() for l in open(executed)):
+    if name not in have:
+        continue
+    stem = re.sub(r"(\.llvm)?\.\d+$", "", name)
+    stem = re.sub(r"17h[0-9a-f]{16}E$", "17h", stem)
+    if stem not in seen:
+        seen.add(stem)
+        print(f"    *(.text.{stem}*)")
+print("  }\n} INSERT BEFORE .text;")
+PY
+echo "$(grep -c '^    \*(' "$script") patterns written to proxy/hot-text.ld (profile: $dir)"
