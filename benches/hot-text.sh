@@ -14,7 +14,8 @@
 # POSTs with a body, a TCP transfer through an `--upstream` tunnel, and a
 # `/metrics` scrape of each admin listener.
 #
-# The script matches input sections (`.text.<symbol>`, one per function)
+# The script matches input sections (`.text.<symbol>`, one per function;
+# `.text.unlikely.<symbol>` for those marked cold)
 # by name patterns, not exact symbols: a symbol's hash (`17h<16 hex>E`)
 # changes with the toolchain and with the features cargo unifies for the
 # packages built together, and fat LTO numbers the local copies of inline
@@ -38,7 +39,7 @@ text_symbols() { nm "$1" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u; }
 if [ "${1:-}" = "--check" ]; then
   python3 - "$script" <(text_symbols "$proxy_bin") <<'PY'
 import sys
-pats = [l.strip()[len("*(.text."):-len("*)")] for l in open(sys.argv[1]) if l.strip().startswith("*(.text.")]
+pats = [l.split()[0][len("*(.text."):-1] for l in open(sys.argv[1]) if l.strip().startswith("*(.text.")]
 names = sorted(l.strip() for l in open(sys.argv[2]))
 import bisect
 def hit(p):
@@ -111,7 +112,9 @@ for name in (l.strip() for l in open(executed)):
     stem = re.sub(r"17h[0-9a-f]{16}E$", "17h", stem)
     if stem not in seen:
         seen.add(stem)
-        print(f"    *(.text.{stem}*)")
+        # LLVM puts functions marked cold (`RawVec::grow_one`) in
+        # `.text.unlikely.<symbol>`: executed all the same.
+        print(f"    *(.text.{stem}* .text.unlikely.{stem}*)")
 print("  }\n} INSERT BEFORE .text;")
 PY
 echo "$(grep -c '^    \*(' "$script") patterns written to proxy/hot-text.ld (profile: $dir)"

@@ -16,15 +16,15 @@ use http::HeaderMap;
 /// Bytes of headers a request or response may carry, by default (64 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// HTTP/2 flow-control window of one stream between sidecars (bytes). Large
-/// windows let many streams send without waiting for WINDOW_UPDATEs, and h2's
-/// guard against floods of small DATA frames scales with the connection window.
 /// At most this many header fields in an HTTP/1.1 request (from the app) or
 /// response (from the app); hyper's default is 100, too few for real
 /// clients. Past it hyper itself answers 431 (request) or fails the response
 /// (502). Each field is a slot the parser allocates per message (32 bytes).
 pub const HTTP1_MAX_HEADER_FIELDS: usize = 256;
 
+/// HTTP/2 flow-control window of one stream between sidecars (bytes). Large
+/// windows let many streams send without waiting for WINDOW_UPDATEs, and h2's
+/// guard against floods of small DATA frames scales with the connection window.
 pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 flow-control window of a whole sidecar-to-sidecar connection (bytes).
 /// h2 allows buffered small DATA frames worth half of it (see h2's
