@@ -15,15 +15,16 @@
 # `/metrics` scrape of each admin listener.
 #
 # The script matches input sections (`.text.<symbol>`, one per function;
-# `.text.unlikely.<symbol>` for those marked cold)
-# by name patterns, not exact symbols: a symbol's hash (`17h<16 hex>E`)
-# changes with the toolchain and with the features cargo unifies for the
-# packages built together, and fat LTO numbers the local copies of inline
-# functions (`.1428`) anew whenever any code changes. So each pattern is the
-# name up to its hash: every instance of a hot generic function comes
-# along, and the file stays right across most changes. Functions it misses
-# keep their place in `.text`: a stale file costs memory, never
-# correctness. `--check` says how many patterns still match.
+# `.text.unlikely.<symbol>` for those marked cold), first by exact symbol,
+# then by the name up to its hash. Exact symbols alone do not last: a
+# symbol's hash (`17h<16 hex>E`) changes with the toolchain and with the
+# features cargo unifies for the packages built together, and fat LTO
+# numbers the local copies of inline functions (`.1428`) anew whenever any
+# code changes. The patterns find the hot code in any such build, every
+# instance of a hot generic function coming along (after the exact names,
+# in the section's cold tail). Functions it misses keep their place in
+# `.text`: a stale file costs memory, never correctness. `--check` says
+# how many names and patterns still match.
 #
 #   cargo build --profile dist -p weft-proxy -p weft-control-plane -p weft-benches --bins
 #   benches/hot-text.sh            # rewrite proxy/hot-text.ld
@@ -38,10 +39,9 @@ text_symbols() { nm "$1" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u; }
 
 if [ "${1:-}" = "--check" ]; then
   python3 - "$script" <(text_symbols "$proxy_bin") <<'PY'
-import sys
+import bisect, sys
 pats = [l.split()[0][len("*(.text."):-1] for l in open(sys.argv[1]) if l.strip().startswith("*(.text.") and l.strip().endswith("*)")]
 names = sorted(l.strip() for l in open(sys.argv[2]))
-import bisect
 def hit(p):
     i = bisect.bisect_left(names, p)
     return i < len(names) and names[i].startswith(p)
