@@ -26,7 +26,7 @@
 # `.text`: a stale file costs memory, never correctness. `--check` says
 # how many names and patterns still match.
 #
-#   cargo build --profile dist -p weft-proxy -p weft-control-plane -p weft-benches --bins
+#   cargo build --profile dist -p weft -p weft-control-plane -p weft-proxy -p weft-benches --bins   # as the README
 #   benches/hot-text.sh            # rewrite proxy/hot-text.ld
 #   benches/hot-text.sh --check    # how much of it matches target/dist/weft-proxy
 set -euo pipefail
