@@ -1,4 +1,4 @@
-# Sourced by benches/callgrind.sh and benches/symbol-order.sh: starts
+# Sourced by benches/callgrind.sh and benches/hot-text.sh: starts
 # `weft-pair` (control plane, sidecars web, api, bulk and their apps) with
 # every sidecar under `valgrind --tool=callgrind $CALLGRIND_ARGS`, and waits
 # until it has printed its addresses. Sets: dir (dumps go to $dir/cg.<pid>.*),

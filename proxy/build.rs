@@ -19,7 +19,11 @@ fn main() {
     println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if links_with_lld() && script.exists() {
-        println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+        // `-Xlinker`, not `-Wl,-T,<path>`: cc splits `-Wl,` at commas, so a
+        // checkout whose path has one would fail the link.
+        for arg in ["-Xlinker", "-T", "-Xlinker", &script.display().to_string()] {
+            println!("cargo:rustc-link-arg-bins={arg}");
+        }
     }
 }
 
