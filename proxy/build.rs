@@ -28,9 +28,11 @@ fn main() {
 }
 
 /// Whether rustc links this build with its bundled lld: the default for
-/// x86_64-unknown-linux-gnu since Rust 1.90, unless a linker is configured
-/// (cargo passes `target.<triple>.linker` as `RUSTC_LINKER`) or rustflags
-/// pick one. The script is checked with lld only (gold has no `INSERT`).
+/// x86_64-unknown-linux-gnu since Rust 1.90 in the Rust project's own
+/// builds (those that ship `gcc-ld/ld.lld` in the sysroot; a distribution's
+/// rustc may link with the system's `ld`, and gold rejects the script),
+/// unless a linker is configured (cargo passes `target.<triple>.linker` as
+/// `RUSTC_LINKER`) or rustflags pick one.
 fn links_with_lld() -> bool {
     let target = std::env::var("TARGET").unwrap_or_default();
     let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
@@ -38,9 +40,14 @@ fn links_with_lld() -> bool {
         return false;
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("-V").output() else { return false };
+    let run = |args: &[&str]| {
+        Command::new(&rustc).args(args).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
     // "rustc 1.95.0 (59807616e 2026-04-14)"
-    let version = String::from_utf8_lossy(&out.stdout);
+    let version = run(&["-V"]).unwrap_or_default();
     let minor = version.split_whitespace().nth(1).and_then(|v| v.split('.').nth(1)).and_then(|m| m.parse::<u32>().ok());
-    minor.is_some_and(|m| m >= 90)
+    let bundled = run(&["--print", "sysroot"]).is_some_and(|sysroot| {
+        std::path::Path::new(&sysroot).join("lib/rustlib").join(&target).join("bin/gcc-ld/ld.lld").exists()
+    });
+    minor.is_some_and(|m| m >= 90) && bundled
 }

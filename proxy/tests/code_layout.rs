@@ -44,7 +44,7 @@ fn hot_functions_are_gathered_ahead_of_the_rest_of_the_code() {
     let Some((_, hot, hot_size)) = find(".text.hot") else {
         panic!(
             "{binary} has no .text.hot section: proxy/build.rs links proxy/hot-text.ld only when rustc \
-             links with its bundled lld (x86_64-unknown-linux-gnu, Rust >= 1.90, no linker configured)"
+             links with its bundled lld (x86_64-unknown-linux-gnu, a Rust >= 1.90 from the Rust project, whose sysroot has gcc-ld/ld.lld, and no linker configured)"
         )
     };
     let (_, text, _) = find(".text").expect(".text section");
