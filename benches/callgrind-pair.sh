@@ -20,7 +20,7 @@ ln -s "$(realpath "$bin/weft-control-plane")" "$dir/weft-control-plane"
 for b in "$bin/weft" "$target/debug/weft"; do [ -x "$b" ] && { ln -s "$(realpath "$b")" "$dir/weft"; break; }; done
 cat > "$dir/weft-proxy" <<WRAP
 #!/bin/sh
-exec valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file=$dir/cg.%p "$proxy" "\$@"
+exec valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$dir/cg.%p" "$proxy" "\$@"
 WRAP
 chmod +x "$dir/weft-proxy"
 mkfifo "$dir/hold"
@@ -32,6 +32,7 @@ for _ in $(seq 1 600); do
   kill -0 $pair 2>/dev/null || { cat "$dir/pair.err"; exit 1; }
   sleep 0.5
 done
+grep -q '^pids=' "$dir/pair.out" || { echo "weft-pair printed no pids= within 300 s; its log: $dir/pair.err" >&2; exit 1; }
 out=$(sed -n 's/^outbound=//p' "$dir/pair.out")
 read -r web api bulk < <(sed -n 's/^pids=//p' "$dir/pair.out")
 read -r -a admins < <(sed -n 's/^admins=//p' "$dir/pair.out") || true
