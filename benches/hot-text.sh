@@ -12,7 +12,13 @@
 # `valgrind --tool=callgrind --demangle=no`: start-up, config from the
 # control plane, HTTP/1.1 keep-alive and new-connection GETs, h2c GETs,
 # POSTs with a body, a TCP transfer through an `--upstream` tunnel, and a
-# `/metrics` scrape of each admin listener.
+# `/metrics` scrape of each admin listener. Then weft-load's weft pair, under
+# callgrind the same way, with a short run of its load (`--no-peers`): 64
+# connections at once, the fixed-rate run, the mTLS handshake storm, a gRPC
+# stream and a tunnel, so what concurrency, connection churn and gRPC
+# execute (h2 flow control and resets, connection teardown, error paths)
+# is gathered too; left in `.text`, each such function made its 64 KiB
+# resident (0.6-0.9 MiB per sidecar under weft-load).
 #
 # The script matches input sections (`.text.<symbol>`, one per function;
 # `.text.unlikely.<symbol>` for those marked cold), first by exact symbol,
@@ -71,10 +77,36 @@ sleep 1
 exec 3>&-
 wait $pair || true
 
+# weft-load kills each sidecar with SIGKILL, which a process under valgrind
+# does not survive to dump its profile: the wrapper runs valgrind in the
+# background, so valgrind outlives the wrapper weft-load kills, and is
+# dumped (`callgrind_control -d`) and killed once weft-load is done.
+# A directory beside the profile's, not in it: testkit looks for the
+# binaries in the parent of a binary's directory first.
+load=$dir-load
+mkdir "$load"
+ln "$bin/weft-load" "$load/weft-load" 2>/dev/null || cp "$bin/weft-load" "$load/weft-load"
+for b in weft-control-plane weft; do ln -s "$(readlink -f "$dir/$b")" "$load/$b"; done
+cat > "$load/weft-proxy" <<WRAP
+#!/bin/sh
+valgrind --tool=callgrind --demangle=no --callgrind-out-file="$load/cg.%p" "$proxy" "\$@" &
+echo \$! >> "$load/valgrind.pids"
+wait
+WRAP
+chmod +x "$load/weft-proxy"
+stop_load_sidecars() { [ -f "$load/valgrind.pids" ] && xargs -r kill -9 < "$load/valgrind.pids" 2>/dev/null; true; }
+trap stop_load_sidecars EXIT
+"$load/weft-load" --no-peers --weft-threads 0 --duration 2 --warmup 1 --rate 100 --rate-duration 2 \
+  --grpc-duration 1 --handshake-duration 1 --tcp-bytes 4000000 > "$load/load.out" 2>&1 \
+  || { echo "weft-load under callgrind failed; its output: $load/load.out" >&2; exit 1; }
+while read -r p; do callgrind_control -d "$p" >/dev/null 2>&1 || true; done < "$load/valgrind.pids"
+sleep 1
+stop_load_sidecars
+
 # Self cost per function over the three sidecars' dumps (name compression:
 # `fn=(id) name` once, `fn=(id)` after; the cost line after `calls=` is the
 # call's inclusive cost, not the caller's own).
-python3 - "$dir"/cg.*.[0-9]* > "$dir/executed.txt" <<'PY'
+python3 - "$dir"/cg.*.[0-9]* "$load"/cg.*.[0-9]* > "$dir/executed.txt" <<'PY'
 import collections, re, sys
 cost = collections.Counter()
 for path in sys.argv[1:]:

@@ -1,4 +1,6 @@
 use clap::Parser;
+// Defines `exp` and `pow`, so the sidecar does not load libm (its memory).
+use weft_libm_shim as _;
 
 // No `#[tokio::main]`: `--worker-threads` picks the runtime, and it is read
 // before there is one (`command::main`).

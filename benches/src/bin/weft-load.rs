@@ -23,7 +23,8 @@
 //! costs here), and through an nginx `stream` pair where nginx has that
 //! module, each with its proxies' CPU seconds per GB. The peers' columns are also given
 //! as a ratio to the best peer (nginx or HAProxy, whichever is better on that
-//! column). Install the peers with `benches/install-peers.sh`.
+//! column). Install the peers with `benches/install-peers.sh`; `--no-peers`
+//! leaves them out (the weft rows only, as `benches/hot-text.sh` profiles).
 //!
 //! ```text
 //! cargo build --profile dist -p weft -p weft-control-plane -p weft-proxy -p weft-benches --bins
@@ -49,7 +50,7 @@ const TD: &str = "example.org";
 const PATH: &str = "/bench";
 const USAGE: &str = "usage: weft-load [--duration SECS] [--warmup SECS] [--connections N] [--rate REQ_PER_S] \
 [--rate-duration SECS] [--rate-connections N] [--grpc-duration SECS] [--handshake-duration SECS] \
-[--tcp-bytes BYTES] [--weft-threads N] [--json]";
+[--tcp-bytes BYTES] [--weft-threads N] [--no-peers] [--json]";
 
 #[derive(Clone, Copy)]
 struct Args {
@@ -69,6 +70,8 @@ struct Args {
     tcp_bytes: u64,
     /// `--worker-threads` of the second weft pair (`weft_<N>t`); 0: no second pair.
     weft_threads: u64,
+    /// Leave out the nginx and HAProxy pairs (rows and TCP transfers).
+    no_peers: bool,
     json: bool,
 }
 
@@ -85,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
         handshake_duration: secs(3),
         tcp_bytes: 1 << 30,
         weft_threads: 1,
+        no_peers: false,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -104,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
             "--handshake-duration" => a.handshake_duration = secs(value("--handshake-duration")?),
             "--tcp-bytes" => a.tcp_bytes = value("--tcp-bytes")?,
             "--weft-threads" => a.weft_threads = value("--weft-threads")?,
+            "--no-peers" => a.no_peers = true,
             "--json" => a.json = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -601,7 +606,7 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
 
     let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
     let (c, s) = (id(&web), id(&api));
-    match weft_benches::nginx::binary() {
+    match weft_benches::nginx::binary().filter(|_| !args.no_peers) {
         Some(bin) => {
             let dir = cp.dir.path().join("nginx");
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -618,9 +623,10 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
             }
             setups.push(r);
         }
+        None if args.no_peers => {}
         None => notes.push("nginx not installed (benches/install-peers.sh): no nginx row".into()),
     }
-    match weft_benches::haproxy::binary() {
+    match weft_benches::haproxy::binary().filter(|_| !args.no_peers) {
         Some(bin) => {
             let dir = cp.dir.path().join("haproxy");
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -638,6 +644,7 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
             }
             setups.push(r);
         }
+        None if args.no_peers => {}
         None => notes.push("haproxy not installed (benches/install-peers.sh): no haproxy row".into()),
     }
 
@@ -665,8 +672,10 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
                 Err(e) => notes.push(e),
             }
         }
-        let (c, s) = (id(&web), id(&bulk));
-        tcp_peers(&cp, &apps, &args, (&c, &s), &mut tcp_setups, &mut notes).await;
+        if !args.no_peers {
+            let (c, s) = (id(&web), id(&bulk));
+            tcp_peers(&cp, &apps, &args, (&c, &s), &mut tcp_setups, &mut notes).await;
+        }
     }
     drop(grpc);
     drop(bulk);
