@@ -24,7 +24,8 @@
 //! module, each with its proxies' CPU seconds per GB. The peers' columns are also given
 //! as a ratio to the best peer (nginx or HAProxy, whichever is better on that
 //! column). Install the peers with `benches/install-peers.sh`; `--no-peers`
-//! leaves them out (the weft rows only, as `benches/hot-text.sh` profiles).
+//! leaves them out (direct and weft only, as `benches/hot-text.sh` profiles;
+//! the `xbest` columns are then `-`).
 //!
 //! ```text
 //! cargo build --profile dist -p weft -p weft-control-plane -p weft-proxy -p weft-benches --bins
@@ -834,7 +835,9 @@ fn print_table(r: &Report, args: &Args) {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average()
     );
-    println!("(xbest = the value / the best peer's, nginx or HAProxy, on that column)");
+    if !args.no_peers {
+        println!("(xbest = the value / the best peer's, nginx or HAProxy, on that column)");
+    }
     println!(
         "{:<8} {:>9} {:>6} {:>7} {:>7} {:>6} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6} {:>6}",
         "setup",
