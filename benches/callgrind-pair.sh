@@ -7,7 +7,8 @@
 # it, `exec 3>&-`, to stop the pair).
 #
 # In: PROFILE (release), PROXY (another build of the sidecar), TCP_BYTES
-# (passed to weft-pair --tcp-bytes, default 0), CALLGRIND_ARGS.
+# (passed to weft-pair --tcp-bytes, default 0), CALLGRIND_ARGS,
+# WEFT_TEST_READY_TIMEOUT (seconds a sidecar may take to be ready, 120).
 target=${CARGO_TARGET_DIR:-$(dirname "${BASH_SOURCE[0]}")/../target}
 bin=$target/${PROFILE:-release}
 proxy=$(realpath "${PROXY:-$bin/weft-proxy}")   # PROXY=path: another build of the sidecar
@@ -23,6 +24,9 @@ cat > "$dir/weft-proxy" <<WRAP
 exec valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$dir/cg.%p" "$proxy" "\$@"
 WRAP
 chmod +x "$dir/weft-proxy"
+# A sidecar under valgrind starts ~50 times slower: more than testkit's
+# default 20 s to answer /ready on a busy machine.
+export WEFT_TEST_READY_TIMEOUT=${WEFT_TEST_READY_TIMEOUT:-120}
 mkfifo "$dir/hold"
 "$dir/weft-pair" --tcp-bytes "${TCP_BYTES:-0}" < "$dir/hold" > "$dir/pair.out" 2> "$dir/pair.err" &
 pair=$!

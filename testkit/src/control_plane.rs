@@ -18,8 +18,6 @@ use weft_proto::identity::v1::{AttestRequest, X509SvidResponse};
 
 use crate::{free_addr, http_get, ControlPlane};
 
-/// How long a control plane may take to become ready (debug build, busy CI).
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Upper bound for any single gRPC call or process run in the tests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -124,8 +122,9 @@ impl ControlPlane {
                 eprintln!("control plane ready in {:?} (grpc {}, admin {})", started.elapsed(), self.addr, self.admin);
                 return Ok(());
             }
-            if started.elapsed() > READY_TIMEOUT {
-                return Err(NotReady(format!("not ready after {READY_TIMEOUT:?}; log:\n{}", self.log_text())));
+            let timeout = crate::ready_timeout();
+            if started.elapsed() > timeout {
+                return Err(NotReady(format!("not ready after {timeout:?}; log:\n{}", self.log_text())));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -106,6 +106,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     http_get_host(addr, &addr.to_string(), path).await
 }
 
+/// How long a started process (control plane, sidecar) may take to answer
+/// `/ready`: 20 s (a debug build on a busy CI machine), or
+/// `WEFT_TEST_READY_TIMEOUT` seconds, which `benches/callgrind-pair.sh` sets
+/// for processes under valgrind. Panics on a value that is not a whole
+/// number of seconds above 0.
+pub fn ready_timeout() -> Duration {
+    ready_timeout_from(std::env::var("WEFT_TEST_READY_TIMEOUT").ok().as_deref())
+}
+
+fn ready_timeout_from(value: Option<&str>) -> Duration {
+    match value.map(|v| (v, v.trim().parse::<u64>())) {
+        None => Duration::from_secs(20),
+        Some((_, Ok(secs))) if secs > 0 => Duration::from_secs(secs),
+        Some((v, _)) => panic!("WEFT_TEST_READY_TIMEOUT={v:?}: give whole seconds above 0 (default 20)"),
+    }
+}
+
 /// Polls `http://addr/path` until it answers 200, or panics after `timeout`
 /// with the process log to explain why.
 pub async fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration, proc_: Option<&Proc>) {
@@ -170,7 +187,7 @@ impl ControlPlane {
     pub async fn restart(&mut self) {
         self.proc_.kill();
         self.proc_ = Self::spawn(self.dir.path(), &self.pki, &self.state, self.addr, self.admin, &self.extra_args);
-        wait_ok(self.admin, "/ready", Duration::from_secs(20), Some(&self.proc_)).await;
+        wait_ok(self.admin, "/ready", ready_timeout(), Some(&self.proc_)).await;
     }
 
     /// Starts the control plane again on the same addresses and state and
@@ -284,7 +301,7 @@ impl Sidecar {
         args.extend(spec.extra_args.iter().map(|s| s.to_string()));
         let name = format!("sidecar-{}-{}", spec.service, admin.port());
         let proc_ = Proc::spawn(&name, &bin("weft-proxy"), &args, cp.dir.path());
-        wait_ok(admin, "/ready", Duration::from_secs(20), Some(&proc_)).await;
+        wait_ok(admin, "/ready", ready_timeout(), Some(&proc_)).await;
         Self { service: spec.service.into(), inbound, outbound, admin, upstreams, state_dir, args, proc_ }
     }
 
@@ -383,7 +400,7 @@ impl Sidecar {
         }
         let name = format!("sidecar-{}-{}", self.service, self.admin.port());
         self.proc_ = Proc::spawn(&name, &bin("weft-proxy"), &self.args, cp.dir.path());
-        wait_ok(self.admin, "/ready", Duration::from_secs(20), Some(&self.proc_)).await;
+        wait_ok(self.admin, "/ready", ready_timeout(), Some(&self.proc_)).await;
     }
 }
 
@@ -394,4 +411,21 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_timeout_is_20_s_unless_the_environment_gives_whole_seconds() {
+        assert_eq!(ready_timeout_from(None), Duration::from_secs(20));
+        assert_eq!(ready_timeout_from(Some("120")), Duration::from_secs(120));
+        assert_eq!(ready_timeout_from(Some(" 5 ")), Duration::from_secs(5));
+        for bad in ["0", "", "2.5", "-1", "20s"] {
+            let err = std::panic::catch_unwind(|| ready_timeout_from(Some(bad))).expect_err(bad);
+            let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(msg.contains("WEFT_TEST_READY_TIMEOUT") && msg.contains("whole seconds"), "{bad:?}: {msg}");
+        }
+    }
 }
