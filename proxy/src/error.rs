@@ -35,8 +35,33 @@ pub enum ConnectError {
     Tls { addr: SocketAddr, id: SpiffeId, source: std::io::Error },
     #[error("peer {addr} did not negotiate ALPN h2")]
     NoH2 { addr: SocketAddr },
-    #[error("HTTP/2 handshake with {addr}: {}", cause(.source))]
-    H2 { addr: SocketAddr, source: hyper::Error },
+    #[error("HTTP/2 handshake with {addr}: {}", cause(&**.source))]
+    H2 { addr: SocketAddr, source: crate::http::BoxError },
+}
+
+/// A stream to a peer's sidecar that failed: hyper's error (tunnels,
+/// carried exchanges) or h2's (plain requests, `outbound/h2_client.rs`).
+/// Shown as the error it holds; boxed twice so that [`ProxyError`] stays
+/// two words smaller than a fat pointer would make it.
+#[derive(Debug)]
+pub struct PeerError(Box<crate::http::BoxError>);
+
+impl PeerError {
+    pub fn new(e: impl Into<crate::http::BoxError>) -> Self {
+        Self(Box::new(e.into()))
+    }
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for PeerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// A failure on the request path: what failed, and where (the service, the
@@ -86,7 +111,7 @@ pub enum ProxyError {
     RequestTimeout { service: String, timeout: Duration, peer: Option<SpiffeId> },
     /// Outbound: the connection to the endpoint's sidecar failed mid-request.
     #[error("upstream {addr}: {} (caller's sidecar → the sidecar of {peer})", cause(.source))]
-    UpstreamReset { addr: SocketAddr, peer: SpiffeId, source: hyper::Error },
+    UpstreamReset { addr: SocketAddr, peer: SpiffeId, source: PeerError },
     /// Outbound TCP: the endpoint's sidecar refused the CONNECT tunnel.
     #[error("peer {addr} refused the tunnel: {status}")]
     TunnelRefused { addr: SocketAddr, status: StatusCode },
@@ -552,7 +577,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_reset() {
-        let e = ProxyError::UpstreamReset { addr: addr(), peer: id(), source: hyper_error().await };
+        let e = ProxyError::UpstreamReset { addr: addr(), peer: id(), source: PeerError::new(hyper_error().await) };
         assert!(e.is_connection_failure());
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
@@ -689,7 +714,7 @@ mod tests {
                 "weft: connect to 127.0.0.1:9 timed out",
             ),
             (
-                ProxyError::UpstreamReset { addr: addr(), peer: id(), source: hyper_error().await },
+                ProxyError::UpstreamReset { addr: addr(), peer: id(), source: PeerError::new(hyper_error().await) },
                 14,
                 "weft: upstream 127.0.0.1:9: ",
             ),

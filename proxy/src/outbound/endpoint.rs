@@ -20,10 +20,10 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use tower::Service;
 use weft_certs::SpiffeId;
 
-use super::pool::{Lease, Pool};
+use super::pool::{ConnKind, Lease, PeerSender, Pool};
 use super::probe;
 use crate::context::{Deadline, RequestContext, ServedBy};
-use crate::error::{HeaderHop, ProxyError, LOCAL_LIMIT};
+use crate::error::{HeaderHop, PeerError, ProxyError, LOCAL_LIMIT};
 use crate::extended_connect::{self, Carried};
 use crate::grpc;
 use crate::http::{boxed, strip_hop_by_hop, Body, UNSENT};
@@ -76,7 +76,8 @@ impl Service<Request<Body>> for EndpointService {
             for _ in 0..MAX_CONNECT_TRIES {
                 let Some((ep, mut in_flight)) = balance::pick(&candidates) else { break };
                 let (addr, id) = (ep.address, ep.spiffe_id.clone());
-                let result = match limit.run(this.pool.get(ep)).await {
+                let kind = req.as_ref().map_or(ConnKind::Requests, Unsent::conn_kind);
+                let result = match limit.run(this.pool.get(ep, kind)).await {
                     Err(_elapsed) => Err(limit.error(service, &id, addr)),
                     Ok(Err(e)) => {
                         tracing::warn!(endpoint = %addr, error = %e, "no connection to endpoint");
@@ -188,6 +189,16 @@ struct Kept {
 }
 
 impl Unsent {
+    /// The kind of pooled connection it goes on: a carried exchange needs
+    /// hyper's upgrades.
+    fn conn_kind(&self) -> ConnKind {
+        if self.req.extensions().get::<Carried>().is_some() {
+            ConnKind::Upgrades
+        } else {
+            ConnKind::Requests
+        }
+    }
+
     /// [`Unsent::keep`] without waiting: the request back when its body
     /// is to be buffered first.
     // The request handed back is as large as `Self` (the Ok side): boxing
@@ -325,17 +336,35 @@ impl EndpointService {
         limit: &AttemptLimit,
         service: &str,
     ) -> Sent {
-        let Lease { mut sender, guard } = lease;
+        let Lease { sender, guard } = lease;
         let (mut req, again) = unsent.split();
         // A carried exchange (upgrade, 100-continue) goes on after the CONNECT's answer.
         let carried = req.extensions_mut().remove::<Carried>();
         let can_resend = carried.is_none();
         let exchange = async move {
-            let resp = sender.try_send_request(req).await.map_err(|mut e| (e.take_message(), e.into_error()))?;
-            match carried {
-                // Boxed: rare (upgrades, 100-continue), and large inline.
-                Some(carried) => Box::pin(extended_connect::finish(resp, carried)).await.map_err(|e| (None, e)),
-                None => Ok(resp),
+            match sender {
+                PeerSender::Requests(mut sender) => {
+                    sender.send(req, guard).await.map_err(|e| (e.unsent, PeerError::new(e.source)))
+                }
+                PeerSender::Upgrades(mut sender) => {
+                    let fail = |e: hyper::Error| (None, PeerError::new(e));
+                    let resp = sender
+                        .try_send_request(req)
+                        .await
+                        .map_err(|mut e| (e.take_message(), PeerError::new(e.into_error())))?;
+                    let resp = match carried {
+                        // Boxed: rare (upgrades, 100-continue), and large inline.
+                        Some(carried) => Box::pin(extended_connect::finish(resp, carried)).await.map_err(fail)?,
+                        None => resp,
+                    };
+                    // The stream stays counted on its connection until the body ends.
+                    Ok(resp.map(|body| {
+                        boxed(body.map_frame(move |f| {
+                            let _held = &guard;
+                            f
+                        }))
+                    }))
+                }
             }
         };
         match limit.run(exchange).await {
@@ -354,15 +383,7 @@ impl EndpointService {
                     });
                 }
                 strip_hop_by_hop(&mut parts.headers);
-                let resp = Response::from_parts(
-                    parts,
-                    boxed(body.map_frame(move |f| {
-                        // The stream stays counted on its connection until the body ends.
-                        let _held = &guard;
-                        f
-                    })),
-                );
-                Sent::Answered(resp, again)
+                Sent::Answered(Response::from_parts(parts, body), again)
             }
             Ok(Err((Some(req), source))) if can_resend => {
                 let e = ProxyError::UpstreamReset { addr, peer: id.clone(), source };

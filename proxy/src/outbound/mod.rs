@@ -8,6 +8,7 @@
 //! pick, `pool.rs` connection) → the peer sidecar. TCP: `tunnel.rs`.
 
 pub mod endpoint;
+pub mod h2_client;
 pub mod intercept;
 pub mod pool;
 pub mod probe;

@@ -3,6 +3,11 @@
 //! that discovery gave for it. The connections are kept in the endpoint's
 //! state (`state::EndpointState`), so they leave with the endpoint.
 //!
+//! Plain requests go on connections of our raw HTTP/2 client
+//! (`h2_client.rs`); CONNECT tunnels and carried exchanges (upgrades,
+//! 100-continue) on hyper's, which has the upgrade machinery. So a peer
+//! that is sent both has one connection of each kind per worker.
+//!
 //! Each stream (request until its response body ends, tunnel until it
 //! closes) holds a [`Lease`] on its connection. A caller gets the first
 //! connection with a free stream under the peer's
@@ -22,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use weft_certs::{IdMatcher, SpiffeId, SpiffeVerifier};
 
+use super::h2_client;
 use crate::error::{ConnectError, ProxyError};
 use crate::http::Body;
 use crate::identity::Identity;
@@ -40,8 +46,56 @@ pub struct Pool {
 /// of the connection's open streams, until dropped.
 #[derive(Debug)]
 pub struct Lease {
-    pub sender: SendRequest<Body>,
+    pub sender: PeerSender,
     pub guard: StreamGuard,
+}
+
+/// Which client a pooled connection runs (see the module's doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnKind {
+    /// Plain requests: raw HTTP/2 ([`h2_client`]).
+    Requests,
+    /// CONNECT tunnels and carried exchanges: hyper's client, for its upgrades.
+    Upgrades,
+}
+
+/// A pooled connection's request handle.
+#[derive(Clone, Debug)]
+pub enum PeerSender {
+    Requests(h2_client::Sender),
+    Upgrades(SendRequest<Body>),
+}
+
+impl PeerSender {
+    pub fn kind(&self) -> ConnKind {
+        match self {
+            Self::Requests(_) => ConnKind::Requests,
+            Self::Upgrades(_) => ConnKind::Upgrades,
+        }
+    }
+
+    /// Whether the connection has ended (or, raw, refused a stream on GOAWAY).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Self::Requests(s) => s.is_closed(),
+            Self::Upgrades(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Self::Requests(s) => !s.is_closed(),
+            Self::Upgrades(s) => s.is_ready(),
+        }
+    }
+
+    /// hyper's sender, for a lease taken with [`ConnKind::Upgrades`].
+    pub fn upgrades(&self) -> Option<SendRequest<Body>> {
+        match self {
+            Self::Upgrades(s) => Some(s.clone()),
+            Self::Requests(_) => None,
+        }
+    }
 }
 
 /// Streams one connection carries at most, whatever the peer allows: hyper's
@@ -63,16 +117,18 @@ impl Pool {
         &self.limits
     }
 
-    /// A stream on a pooled connection to `ep` driven by the caller's worker
+    /// A stream on a pooled connection of `kind` to `ep` driven by the caller's worker
     /// thread (`weft_runtime::workers`): the first one with a free stream,
     /// else a new one. Concurrent callers on one worker for one peer wait
     /// for a single connection attempt; other workers' callers do not wait
     /// for it.
-    pub async fn get(&self, ep: &Endpoint) -> Result<Lease, ProxyError> {
+    pub async fn get(&self, ep: &Endpoint, kind: ConnKind) -> Result<Lease, ProxyError> {
         let worker = weft_runtime::workers::index();
         let mut conns = ep.state.conn.at(worker).lock().await;
         conns.retain(|c| !c.sender.is_closed());
-        let free = |c: &&Pooled| c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION);
+        let free = |c: &&Pooled| {
+            c.sender.kind() == kind && c.sender.is_ready() && c.streams.has_room(MAX_STREAMS_PER_CONNECTION)
+        };
         if let Some(c) = conns.iter().find(free) {
             return Ok(Lease { sender: c.sender.clone(), guard: c.streams.open_one() });
         }
@@ -80,13 +136,14 @@ impl Pool {
         // Boxed: the TCP + TLS + h2 handshake future is kilobytes, and inline it
         // would make every request's future (which holds this one) that large,
         // copied on each move, for a path taken once per connection.
-        let sender = Box::pin(self.connect(ep.address, &ep.spiffe_id, streams.clone())).await.map_err(|e| match e {
-            // A certificate the verifier refused: not the identity discovery named.
-            ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
-                ProxyError::PeerIdentity { addr, expected: id, source }
-            }
-            source => ProxyError::ConnectFailed { peer: (*ep.spiffe_id).clone(), source: Box::new(source) },
-        })?;
+        let sender =
+            Box::pin(self.connect(ep.address, &ep.spiffe_id, kind, streams.clone())).await.map_err(|e| match e {
+                // A certificate the verifier refused: not the identity discovery named.
+                ConnectError::Tls { addr, id, source } if bad_certificate(&source) => {
+                    ProxyError::PeerIdentity { addr, expected: id, source }
+                }
+                source => ProxyError::ConnectFailed { peer: (*ep.spiffe_id).clone(), source: Box::new(source) },
+            })?;
         let pooled = Pooled::new(sender.clone(), streams, &self.metrics.pool_connections);
         let lease = Lease { sender, guard: pooled.streams.open_one() };
         tokio::spawn(close_when_idle(
@@ -106,8 +163,9 @@ impl Pool {
         &self,
         addr: SocketAddr,
         id: &SpiffeId,
+        kind: ConnKind,
         streams: Arc<StreamCount>,
-    ) -> Result<SendRequest<Body>, ConnectError> {
+    ) -> Result<PeerSender, ConnectError> {
         let verifier = SpiffeVerifier::new(self.identity.bundle.clone(), IdMatcher::Exact(id.clone()));
         let tls =
             weft_certs::tls::client_config(Some(self.identity.resolver.clone()), verifier, &[weft_certs::tls::ALPN_H2]);
@@ -130,6 +188,30 @@ impl Pool {
             return Err(ConnectError::NoH2 { addr });
         }
         self.metrics.handshake("outbound", "ok");
+        let open = OpenConn::new(&self.metrics, "outbound", "mtls");
+        let peer = id.clone();
+        if kind == ConnKind::Requests {
+            let mut builder = h2::client::Builder::new();
+            builder
+                .initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
+                .initial_window_size(limits::H2_STREAM_WINDOW)
+                .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+                .max_frame_size(limits::H2_MAX_FRAME_SIZE)
+                .max_header_list_size(self.limits.parser_bytes_u32())
+                .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+                .enable_push(false);
+            let on_settings = move |max| streams.set_max(max);
+            let on_end = move |r: Result<(), h2_client::ConnError>| {
+                let _open = open;
+                log_end(addr, &peer, r.err().as_ref().map(|e| e as _));
+            };
+            let keep_alive = (limits::H2_KEEP_ALIVE_INTERVAL, limits::H2_KEEP_ALIVE_TIMEOUT);
+            let sender = h2_client::handshake(tls, &builder, keep_alive, on_settings, on_end)
+                .await
+                .map_err(|source| ConnectError::H2 { addr, source: Box::new(source) })?;
+            tracing::debug!(%addr, peer = %id, "pooled connection open");
+            return Ok(PeerSender::Requests(sender));
+        }
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
@@ -141,9 +223,7 @@ impl Pool {
             .max_header_list_size(self.limits.parser_bytes_u32())
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(|source| ConnectError::H2 { addr, source })?;
-        let open = OpenConn::new(&self.metrics, "outbound", "mtls");
-        let peer = id.clone();
+            .map_err(|source| ConnectError::H2 { addr, source: Box::new(source) })?;
         tokio::spawn(async move {
             let _open = open;
             let mut conn = std::pin::pin!(conn);
@@ -153,16 +233,30 @@ impl Pool {
                 streams.set_max(conn.current_max_send_streams());
                 r
             });
-            // Every request and tunnel on it fails with it: say which peer.
-            if let Err(e) = done.await {
-                let error = crate::error::cause(&e);
-                tracing::warn!(%addr, %peer, %error, "HTTP/2 connection to the peer's sidecar failed");
-            } else {
-                tracing::debug!(%addr, %peer, "HTTP/2 connection to the peer's sidecar closed");
-            }
+            let r = done.await;
+            log_end(addr, &peer, r.as_ref().err().map(|e| e as _));
         });
         tracing::debug!(%addr, peer = %id, "pooled connection open");
-        Ok(sender)
+        Ok(PeerSender::Upgrades(sender))
+    }
+}
+
+/// Streams the raw client may open before the peer's SETTINGS say how
+/// many it allows (hyper's default).
+const H2_INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// Bytes of request body a raw stream buffers before it waits for the
+/// peer's window (hyper's default).
+const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Logs how a pooled connection ended: every request and tunnel on it
+/// fails with it, so a failure says which peer.
+fn log_end(addr: SocketAddr, peer: &SpiffeId, error: Option<&(dyn std::error::Error + 'static)>) {
+    match error {
+        Some(e) => {
+            let error = crate::error::cause(e);
+            tracing::warn!(%addr, %peer, %error, "HTTP/2 connection to the peer's sidecar failed");
+        }
+        None => tracing::debug!(%addr, %peer, "HTTP/2 connection to the peer's sidecar closed"),
     }
 }
 

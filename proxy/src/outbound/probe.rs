@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Version};
 
-use super::pool::Pool;
+use super::pool::{ConnKind, PeerSender, Pool};
 use crate::http::{empty, PROBE, UNSENT};
 use crate::metrics::{Metrics, ProbeLabels};
 use crate::state::balance;
@@ -32,13 +32,13 @@ pub async fn run(pool: Arc<Pool>, metrics: Arc<Metrics>, ep: Endpoint, service: 
 }
 
 async fn probe(pool: &Pool, ep: &Endpoint, service: &str) -> bool {
-    let Ok(lease) = pool.get(ep).await else { return false };
-    let mut sender = lease.sender.clone();
+    let Ok(lease) = pool.get(ep, ConnKind::Requests).await else { return false };
+    let PeerSender::Requests(mut sender) = lease.sender else { return false };
     let Ok(req) = Request::get(format!("http://{service}/")).version(Version::HTTP_2).header(PROBE, "1").body(empty())
     else {
         return false;
     };
-    match sender.send_request(req).await {
+    match sender.send(req, lease.guard).await {
         // A sidecar of an older version forwards the probe to its app:
         // any answer but a server error shows it serves.
         Ok(resp) => !resp.status().is_server_error() && !resp.headers().contains_key(UNSENT),

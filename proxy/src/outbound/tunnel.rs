@@ -13,9 +13,9 @@ use http::{Method, Request, StatusCode, Version};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-use super::pool::Lease;
+use super::pool::{ConnKind, Lease};
 use super::{probe, Outbound};
-use crate::error::ProxyError;
+use crate::error::{PeerError, ProxyError};
 use crate::http::{empty, UNSENT};
 use crate::limits;
 use crate::metrics::{ConnLabels, OpenConn};
@@ -103,15 +103,23 @@ impl Outbound {
     /// One CONNECT to `ep`'s sidecar.
     async fn attempt(&self, ep: &Endpoint, service: &str) -> Result<(Lease, Upgraded), Attempt> {
         let addr = ep.address;
-        let lease = self.pool.get(ep).await.map_err(Attempt::Unsent)?;
-        let mut sender = lease.sender.clone();
+        let lease = self.pool.get(ep, ConnKind::Upgrades).await.map_err(Attempt::Unsent)?;
+        let Some(mut sender) = lease.sender.upgrades() else {
+            return Err(Attempt::Refused(ProxyError::Internal { what: "a tunnel leased a raw HTTP/2 connection" }));
+        };
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(format!("{service}:0"))
             .version(Version::HTTP_2)
             .body(empty())
             .map_err(|source| Attempt::Refused(ProxyError::BadTarget { source }))?;
-        let reset = |source| Attempt::Unsent(ProxyError::UpstreamReset { addr, peer: (*ep.spiffe_id).clone(), source });
+        let reset = |source: hyper::Error| {
+            Attempt::Unsent(ProxyError::UpstreamReset {
+                addr,
+                peer: (*ep.spiffe_id).clone(),
+                source: PeerError::new(source),
+            })
+        };
         let resp = sender.send_request(req).await.map_err(reset)?;
         let status = resp.status();
         if status != StatusCode::OK {

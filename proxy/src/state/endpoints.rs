@@ -7,15 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::client::conn::http2::SendRequest;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use weft_certs::SpiffeId;
 use weft_runtime::workers::PerWorker;
 
 use super::endpoint_stats::EndpointStats;
-use crate::http::Body;
 use crate::metrics::Live;
+use crate::outbound::pool::PeerSender;
 
 /// An endpoint of a service, with the identity its sidecar must prove.
 #[derive(Debug, Clone, Serialize)]
@@ -65,14 +64,14 @@ impl EndpointState {
 /// `weft_proxy_pool_connections` while the pool holds it.
 #[derive(Debug)]
 pub struct Pooled {
-    pub sender: SendRequest<Body>,
+    pub sender: PeerSender,
     /// Streams (requests, tunnels) open on it now.
     pub streams: Arc<StreamCount>,
     _live: Live,
 }
 
 impl Pooled {
-    pub fn new(sender: SendRequest<Body>, streams: Arc<StreamCount>, gauge: &Gauge) -> Self {
+    pub fn new(sender: PeerSender, streams: Arc<StreamCount>, gauge: &Gauge) -> Self {
         Self { sender, streams, _live: Live::new(gauge) }
     }
 }
