@@ -355,3 +355,38 @@ async fn worker_threads_spread_connections_and_bad_values_are_refused() {
     let workers = thread_names(web.proc_.pid()).iter().filter(|n| *n == "weft-worker").count();
     assert!(workers >= 1, "{:?}", thread_names(web.proc_.pid()));
 }
+
+/// The callee sidecar's side of a caller's pooled connection has TCP
+/// keepalive on the caller's ping schedule (probes after 20 s idle), so a
+/// caller whose host vanishes without a FIN is found even with streams
+/// open; the kernel's socket table (`ss -o`) shows the timer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callee_side_of_a_peer_connection_has_tcp_keepalive() {
+    let m = mesh(servers::http("api").await, "auto", &[]).await;
+    let (body, err) = curl(&["-H", "Host: api", &format!("http://{}/", m.client.outbound)]);
+    assert!(err.is_empty(), "{err}");
+    assert!(body.contains("api"), "{body}");
+    let port = m.server.inbound.port();
+    let table = || {
+        let out = Command::new("ss").args(["-tnoH", "state", "established", &format!("( sport = :{port} )")]).output();
+        String::from_utf8_lossy(&out.expect("ss (iproute2) is installed").stdout).into_owned()
+    };
+    // A socket with bytes not yet acknowledged shows its retransmission
+    // timer instead (`timer:(on,…)`): look again once they are.
+    let mut seen = table();
+    for _ in 0..50 {
+        if !seen.is_empty() && seen.lines().all(|l| l.contains("keepalive")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = table();
+    }
+    let conns: Vec<&str> = seen.lines().collect();
+    assert!(!conns.is_empty(), "no established connection on the callee's inbound port {port}");
+    for conn in conns {
+        // e.g. `timer:(keepalive,19sec,0)`
+        let timer = conn.split("timer:(keepalive,").nth(1).unwrap_or_else(|| panic!("no keepalive timer: {conn}"));
+        let secs: u64 = timer.split("sec").next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        assert!(secs <= 20, "first probe in {secs} s, after 20 s idle at most: {conn}");
+    }
+}

@@ -165,8 +165,8 @@ impl Inbound {
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
             .max_frame_size(limits::H2_MAX_FRAME_SIZE)
             .max_header_list_size(limits.parser_bytes_u32())
-            .keep_alive_interval(limits::H2_KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(limits::H2_KEEP_ALIVE_TIMEOUT)
+            // No HTTP/2 keepalive of the server's own: the caller pings, and
+            // the socket has TCP keepalive (`limits::set_peer_keepalive`).
             // RFC 8441: upgrades and 100-continue arrive as extended CONNECT.
             .enable_connect_protocol();
         let builder = Arc::new(builder);
@@ -176,6 +176,9 @@ impl Inbound {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 async move {
+                    if let Err(e) = limits::set_peer_keepalive(&tcp) {
+                        tracing::debug!(%remote, error = %e, "TCP keepalive not set on a peer's connection");
+                    }
                     let (tls, peer) =
                         match weft_runtime::tls_accept::tls_accept(&acceptor, tcp).await.and_then(|a| a.require_peer())
                         {
