@@ -8,7 +8,7 @@
 //! on every frame. Here the caller's task opens the stream and waits for the
 //! response itself (h2 shares the connection's state behind its own lock),
 //! a request body is piped by a task only when there is one, and the
-//! connection is pinged by a timer ([`drive`]). That is ~10 % of the
+//! connection is pinged by a timer ([`drive`]). That took 13 % off the
 //! caller's sidecar's instructions per request (docs/performance.md,
 //! "Eighth session").
 //!
@@ -47,13 +47,13 @@ impl Sender {
 
     /// Sends `req` and waits for the response head. The response's body
     /// returns the connection's flow-control window as it is read; dropping
-    /// the future or the body resets the stream (CANCEL).
+    /// the future or the body resets the stream (CANCEL). `hold` is dropped
+    /// with the response body (or on failure): a stream's lease on its
+    /// connection.
     ///
     /// Errors: the request back when it was never sent (the connection is
     /// closed or going away), with h2's error; else the stream's or the
     /// connection's error (RST_STREAM, GOAWAY, I/O).
-    /// `hold` is dropped with the response body (or on failure): a stream's
-    /// lease on its connection.
     pub async fn send<H>(&mut self, req: Request<Body>, hold: H) -> Result<Response<Body>, SendError>
     where
         H: Send + Sync + Unpin + 'static,
