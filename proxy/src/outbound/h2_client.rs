@@ -323,6 +323,15 @@ mod tests {
         (client, server.unwrap().unwrap(), rx)
     }
 
+    /// The server's first stream; the connection is driven on after it.
+    async fn first_stream(
+        mut server: h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) -> (Request<RecvStream>, h2::server::SendResponse<Bytes>) {
+        let first = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        first
+    }
+
     #[tokio::test]
     async fn a_get_gets_its_body_and_trailers() {
         let (mut client, mut server, _) = pair(65_535).await;
@@ -345,10 +354,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_larger_than_the_window_arrives_whole_with_its_trailers() {
-        let (mut client, mut server, _) = pair(16_384).await;
+        let (mut client, server, _) = pair(16_384).await;
         let got = tokio::spawn(async move {
-            let (req, mut respond) = server.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let (req, mut respond) = first_stream(server).await;
             let (head, mut body) = req.into_parts();
             let mut n = 0;
             while let Some(chunk) = body.data().await {
@@ -390,10 +398,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_ending_with_an_empty_frame_ends_its_stream() {
-        let (mut client, mut server, _) = pair(65_535).await;
+        let (mut client, server, _) = pair(65_535).await;
         let got = tokio::spawn(async move {
-            let (req, mut respond) = server.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let (req, mut respond) = first_stream(server).await;
             let mut body = req.into_body();
             let mut all = Vec::new();
             while let Some(chunk) = body.data().await {
@@ -412,11 +419,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_known_length_is_announced() {
-        let (mut client, mut server, _) = pair(65_535).await;
+        let (mut client, server, _) = pair(65_535).await;
         let got = tokio::spawn(async move {
-            let (req, mut respond) = server.accept().await.unwrap().unwrap();
+            let (req, mut respond) = first_stream(server).await;
             respond.send_response(Response::new(()), true).unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
             req.headers().get("content-length").cloned()
         });
         let req = Request::post("http://api/").body(boxed(Full::new(Bytes::from_static(b"12345")))).unwrap();
@@ -426,10 +432,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_response_body_resets_the_stream_and_releases_the_hold() {
-        let (mut client, mut server, _) = pair(65_535).await;
+        let (mut client, server, _) = pair(65_535).await;
         let reset = tokio::spawn(async move {
-            let (_req, mut respond) = server.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let (_req, mut respond) = first_stream(server).await;
             let mut tx = respond.send_response(Response::new(()), false).unwrap();
             tx.send_data(Bytes::from_static(b"part"), false).unwrap();
             poll_fn(|cx| tx.poll_reset(cx)).await.unwrap()
