@@ -56,7 +56,7 @@ impl Sender {
     /// connection's error (RST_STREAM, GOAWAY, I/O).
     pub async fn send<H>(&mut self, req: Request<Body>, hold: H) -> Result<Response<Body>, SendError>
     where
-        H: Send + Sync + Unpin + 'static,
+        H: Send + Sync + 'static,
     {
         let ready = match poll_fn(|cx| self.send.poll_ready(cx)).await {
             Ok(()) => Ok(()),
@@ -75,11 +75,17 @@ impl Sender {
             .send
             .send_request(Request::from_parts(head, ()), end)
             .map_err(|source| SendError { unsent: None, source })?;
+        // The stream lives while its body is piped or its response is read:
+        // the lease is held by both, and the caller giving up (this future
+        // or the response body dropped) stops the pipe, which resets the
+        // stream (CANCEL) rather than leave it open at the peer.
+        let hold = Arc::new(hold);
+        let (cancel, cancelled) = futures::channel::oneshot::channel::<std::convert::Infallible>();
         if !end {
-            tokio::spawn(pipe(body, stream));
+            tokio::spawn(pipe(body, stream, cancelled, hold.clone()));
         }
         let resp = response.await.map_err(|source| SendError { unsent: None, source })?;
-        Ok(resp.map(|rx| boxed(RecvBody { rx, data_done: false, _hold: hold })))
+        Ok(resp.map(|rx| boxed(RecvBody { rx, data_done: false, _cancel: cancel, _hold: hold })))
     }
 }
 
@@ -191,14 +197,26 @@ fn set_content_length(method: &http::Method, headers: &mut HeaderMap, body: &Bod
 
 /// Copies a request body into its stream as the peer's flow-control window
 /// allows, then its trailers or END_STREAM; stops when the peer resets the
-/// stream. A body that fails resets the stream (CANCEL), so the far side
-/// sees a broken request, not a short one.
-async fn pipe(mut body: Body, mut tx: SendStream<Bytes>) {
+/// stream. A body that fails, or a caller that gave up (`cancelled`: its
+/// sender dropped), resets the stream (CANCEL), so the far side sees a
+/// broken request, not a short one, and stops waiting for the rest. `_hold`
+/// (the stream's lease) is kept until then.
+async fn pipe<H>(
+    mut body: Body,
+    mut tx: SendStream<Bytes>,
+    mut cancelled: futures::channel::oneshot::Receiver<std::convert::Infallible>,
+    _hold: Arc<H>,
+) {
     let result: Result<(), Option<h2::Error>> = async {
         loop {
             let frame = poll_fn(|cx| {
                 if let Poll::Ready(r) = tx.poll_reset(cx) {
                     return Poll::Ready(Err(r.err()));
+                }
+                if Pin::new(&mut cancelled).poll(cx).is_ready() {
+                    tracing::debug!("the caller gave up on the request; resetting its stream");
+                    tx.send_reset(Reason::CANCEL);
+                    return Poll::Ready(Err(None));
                 }
                 Pin::new(&mut body).poll_frame(cx).map(Ok)
             })
@@ -224,6 +242,10 @@ async fn pipe(mut body: Body, mut tx: SendStream<Bytes>) {
                         let cap = poll_fn(|cx| {
                             if let Poll::Ready(r) = tx.poll_reset(cx) {
                                 return Poll::Ready(Err(r.err()));
+                            }
+                            if Pin::new(&mut cancelled).poll(cx).is_ready() {
+                                tx.send_reset(Reason::CANCEL);
+                                return Poll::Ready(Err(None));
                             }
                             // poll_capacity wakes on an increase only: capacity
                             // already assigned is read first.
@@ -266,10 +288,12 @@ async fn pipe(mut body: Body, mut tx: SendStream<Bytes>) {
 struct RecvBody<H> {
     rx: RecvStream,
     data_done: bool,
-    _hold: H,
+    /// Dropped with the body: stops a request body's pipe ([`pipe`]).
+    _cancel: futures::channel::oneshot::Sender<std::convert::Infallible>,
+    _hold: Arc<H>,
 }
 
-impl<H: Unpin> http_body::Body for RecvBody<H> {
+impl<H> http_body::Body for RecvBody<H> {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -299,6 +323,7 @@ impl<H: Unpin> http_body::Body for RecvBody<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use http_body_util::{BodyExt, Full, StreamBody};
 
     const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::from_secs(10));
@@ -446,6 +471,36 @@ mod tests {
         drop(resp);
         assert_eq!(Arc::strong_count(&hold), 1);
         assert_eq!(reset.await.unwrap(), Reason::CANCEL);
+    }
+
+    #[tokio::test]
+    async fn a_caller_giving_up_mid_upload_resets_the_stream_and_releases_the_hold() {
+        let (mut client, server, _) = pair(65_535).await;
+        let reset = tokio::spawn(async move {
+            let (req, mut respond) = first_stream(server).await;
+            let mut body = req.into_body();
+            let first = body.data().await.unwrap().unwrap();
+            assert_eq!(first, "part");
+            // Neither more body nor an answer: the caller's route timeout ends it.
+            let reason = poll_fn(|cx| respond.poll_reset(cx)).await.unwrap();
+            (reason, body)
+        });
+        // An upload that sends one chunk and then stays open.
+        let chunk = futures::stream::iter([Ok::<_, BodyError>(Frame::data(Bytes::from_static(b"part")))]);
+        let body = boxed(StreamBody::new(chunk.chain(futures::stream::pending())));
+        let hold = Arc::new(());
+        let req = Request::post("http://api/up").body(body).unwrap();
+        let sent = tokio::time::timeout(Duration::from_millis(200), client.send(req, hold.clone())).await;
+        assert!(sent.is_err(), "no answer: the caller gave up");
+        let (reason, _body) = tokio::time::timeout(Duration::from_secs(5), reset).await.expect("reset").unwrap();
+        assert_eq!(reason, Reason::CANCEL);
+        for _ in 0..100 {
+            if Arc::strong_count(&hold) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(Arc::strong_count(&hold), 1, "the lease ends with the stream");
     }
 
     #[tokio::test]
