@@ -51,24 +51,33 @@ pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// See [`H2_KEEP_ALIVE_INTERVAL`].
 pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Turns on TCP keepalive for a peer's connection to the inbound listener,
-/// on the same schedule as the caller's HTTP/2 pings: probes after
-/// [`H2_KEEP_ALIVE_INTERVAL`] without traffic, three of them over
-/// [`H2_KEEP_ALIVE_TIMEOUT`], so a caller whose host vanished (no FIN, no
-/// RST) is found and its streams end. The kernel does this at no cost per
-/// request, where hyper's HTTP/2 server keepalive takes a lock and reads the
-/// clock on every frame (~2 % of the callee sidecar's instructions). The
-/// caller pings the connection itself, so the server does not.
+/// Has the kernel find a caller whose host vanished (no FIN, no RST) on a
+/// peer's connection to the inbound listener, on the schedule of the
+/// caller's HTTP/2 pings, so that the connection and its streams end:
+/// - idle, by TCP keepalive: probes after [`H2_KEEP_ALIVE_INTERVAL`]
+///   without traffic, three of them over [`H2_KEEP_ALIVE_TIMEOUT`];
+/// - with bytes unacknowledged (a response streaming, WINDOW_UPDATEs of an
+///   upload), when keepalive sends no probes, by `TCP_USER_TIMEOUT`: data
+///   unacknowledged for the sum of the two, 30 s, ends the connection
+///   (a caller that is alive but slow still acknowledges, with a zero
+///   window if it must).
+///
+/// The kernel does this at no cost per request, where hyper's HTTP/2 server
+/// keepalive takes a lock and reads the clock on every frame (~1–2 % of the
+/// callee sidecar's instructions). The caller pings the connection itself,
+/// so the server does not.
 ///
 /// Errors: the socket refused an option (logged by the caller; the
-/// connection is served without keepalive).
+/// connection is served without it).
 pub fn set_peer_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     let probes = 3;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(H2_KEEP_ALIVE_INTERVAL)
         .with_interval(H2_KEEP_ALIVE_TIMEOUT / probes)
         .with_retries(probes);
-    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(H2_KEEP_ALIVE_INTERVAL + H2_KEEP_ALIVE_TIMEOUT))
 }
 
 /// The sidecar's per-hop limits, from its flags.

@@ -357,9 +357,9 @@ async fn worker_threads_spread_connections_and_bad_values_are_refused() {
 }
 
 /// The callee sidecar's side of a caller's pooled connection has TCP
-/// keepalive on the caller's ping schedule (probes after 20 s idle), so a
-/// caller whose host vanishes without a FIN is found even with streams
-/// open; the kernel's socket table (`ss -o`) shows the timer.
+/// keepalive on the caller's ping schedule (probes after 20 s idle), so an
+/// idle caller whose host vanishes without a FIN is found; the kernel's
+/// socket table (`ss -o`) shows the timer.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_callee_side_of_a_peer_connection_has_tcp_keepalive() {
     let m = mesh(servers::http("api").await, "auto", &[]).await;
@@ -389,4 +389,100 @@ async fn the_callee_side_of_a_peer_connection_has_tcp_keepalive() {
         let secs: u64 = timer.split("sec").next().and_then(|s| s.parse().ok()).unwrap_or(0);
         assert!(secs <= 20, "first probe in {secs} s, after 20 s idle at most: {conn}");
     }
+}
+
+/// iptables rules (`-I …` as given), deleted again when dropped, so a
+/// failing test leaves none behind.
+struct Rules(Vec<Vec<String>>);
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        for rule in &self.0 {
+            let mut delete = rule.clone();
+            delete[0] = "-D".into();
+            let _ = Command::new("iptables").arg("-w").args(&delete).output();
+        }
+    }
+}
+
+/// An HTTP/1.1 app that answers every request with an endless chunked
+/// body, 1,000 bytes every 50 ms.
+async fn endless_app() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                let chunk = format!("{:x}\r\n{}\r\n", 1000, "x".repeat(1000));
+                while s.write_all(chunk.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A caller whose host vanishes mid-response (every packet between the two
+/// sidecars dropped, no FIN, no RST) is found by the callee: its side of
+/// the connection has bytes unacknowledged, so TCP keepalive sends no probe,
+/// and `TCP_USER_TIMEOUT` (30 s) ends it. Without that, the callee kept the
+/// connection, the stream and the app's request for the kernel's
+/// retransmission limit (about 15 minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callee_drops_a_caller_that_vanished_mid_response() {
+    let app = endless_app().await;
+    let cp = ControlPlane::start(TD, &[]).await;
+    let web_app = servers::http("web").await;
+    let spec =
+        SidecarSpec { service: "api", app, upstreams: &[], labels: &[], extra_args: &["--app-protocol", "http1"] };
+    let api = Sidecar::start(&cp, TD, spec).await;
+    let spec = SidecarSpec { service: "web", app: web_app.addr, upstreams: &[], labels: &[], extra_args: &[] };
+    let web = Sidecar::start(&cp, TD, spec).await;
+    web.wait_endpoints("api", 1, Duration::from_secs(10)).await;
+
+    let mut client = tokio::net::TcpStream::connect(web.outbound).await.expect("connect");
+    client.write_all(b"GET /download HTTP/1.1\r\nHost: api\r\n\r\n").await.expect("send");
+    // Keep reading, so the response keeps flowing until the cut.
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let inbound = api.inbound.port().to_string();
+    let out = Command::new("ss").args(["-tnH", "state", "established", &format!("( sport = :{inbound} )")]).output();
+    let table = String::from_utf8_lossy(&out.expect("ss (iproute2) is installed").stdout).into_owned();
+    // The caller's port of each connection to the callee's inbound listener.
+    let ports: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).and_then(|peer| peer.rsplit(':').next()).map(str::to_string))
+        .collect();
+    assert!(!ports.is_empty(), "no connection to the callee's inbound port: {table}");
+    let open = |m: &str| metric_sum(m, "weft_proxy_open_connections", &["direction=\"inbound\""]);
+    assert!(open(&api.metrics().await) >= 1.0);
+
+    let mut rules = Rules(Vec::new());
+    for port in &ports {
+        for (from, to) in [(port.as_str(), inbound.as_str()), (inbound.as_str(), port.as_str())] {
+            let rule: Vec<String> =
+                ["-I", "INPUT", "-i", "lo", "-p", "tcp", "--sport", from, "--dport", to, "-j", "DROP"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect();
+            let status = Command::new("iptables").arg("-w").args(&rule).status().expect("iptables is installed");
+            assert!(status.success(), "iptables {rule:?}");
+            rules.0.push(rule);
+        }
+    }
+    let cut = std::time::Instant::now();
+    while open(&api.metrics().await) > 0.0 {
+        assert!(cut.elapsed() < Duration::from_secs(50), "the callee still holds the vanished caller's connection");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    drop(rules);
+    // Not before the caller had its 30 s: a slow caller is not cut off.
+    assert!(cut.elapsed() > Duration::from_secs(20), "closed after {:?}", cut.elapsed());
 }
