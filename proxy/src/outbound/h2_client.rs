@@ -24,6 +24,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::Either;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Request, Response};
@@ -56,7 +57,7 @@ impl Sender {
     /// connection's error (RST_STREAM, GOAWAY, I/O).
     pub async fn send<H>(&mut self, req: Request<Body>, hold: H) -> Result<Response<Body>, SendError>
     where
-        H: Send + Sync + 'static,
+        H: Send + Sync + Unpin + 'static,
     {
         let ready = match poll_fn(|cx| self.send.poll_ready(cx)).await {
             Ok(()) => Ok(()),
@@ -79,13 +80,17 @@ impl Sender {
         // the lease is held by both, and the caller giving up (this future
         // or the response body dropped) stops the pipe, which resets the
         // stream (CANCEL) rather than leave it open at the peer.
-        let hold = Arc::new(hold);
-        let (cancel, cancelled) = futures::channel::oneshot::channel::<std::convert::Infallible>();
-        if !end {
+        // (No allocation for either when there is no body to pipe.)
+        let keep = if end {
+            Either::Left(hold)
+        } else {
+            let hold = Arc::new(hold);
+            let (cancel, cancelled) = futures::channel::oneshot::channel::<std::convert::Infallible>();
             tokio::spawn(pipe(body, stream, cancelled, hold.clone()));
-        }
+            Either::Right((cancel, hold))
+        };
         let resp = response.await.map_err(|source| SendError { unsent: None, source })?;
-        Ok(resp.map(|rx| boxed(RecvBody { rx, data_done: false, _cancel: cancel, _hold: hold })))
+        Ok(resp.map(|rx| boxed(RecvBody { rx, data_done: false, _keep: keep })))
     }
 }
 
@@ -285,15 +290,15 @@ async fn pipe<H>(
 
 /// A response body read from its stream: DATA, then trailers. Each chunk's
 /// bytes go back to the stream's window as it is handed on.
-struct RecvBody<H> {
+struct RecvBody<K> {
     rx: RecvStream,
     data_done: bool,
-    /// Dropped with the body: stops a request body's pipe ([`pipe`]).
-    _cancel: futures::channel::oneshot::Sender<std::convert::Infallible>,
-    _hold: Arc<H>,
+    /// Dropped with the body: the lease, and with a request body being
+    /// piped, the sender whose drop stops the pipe ([`pipe`]).
+    _keep: K,
 }
 
-impl<H> http_body::Body for RecvBody<H> {
+impl<K: Unpin> http_body::Body for RecvBody<K> {
     type Data = Bytes;
     type Error = BodyError;
 
