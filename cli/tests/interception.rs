@@ -796,9 +796,15 @@ fn an_app_that_knows_nothing_of_the_mesh_is_carried_over_mtls() {
         "br",
         "tcpdump",
         None,
-        &["tcpdump", "-i", "v3", "-U", "-s", "0", "-w", &pcap.display().to_string(), "tcp"].map(String::from),
+        &["tcpdump", "-i", "v3", "--immediate-mode", "-U", "-s", "0", "-w", &pcap.display().to_string(), "tcp"]
+            .map(String::from),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Not a fixed pause, and packets handed over as they come (libpcap
+    // otherwise batches them for up to a second, and a SIGINT before that
+    // left an empty capture: "18 packets received by filter, 0 captured").
+    lab.wait("tcpdump to listen", Duration::from_secs(20), || {
+        std::fs::read_to_string(lab.dir.path().join("tcpdump.log")).is_ok_and(|l| l.contains("listening on"))
+    });
     let marker = "/plaintext-marker-7f3a";
     let (code, body) = lab.curl("client", &[], &format!("http://{}:8080{marker}", ip(3)));
     assert_eq!(code, 0, "{body}\n{}", lab.logs());

@@ -247,8 +247,11 @@ fn sidecars_on_separate_hosts_talk_over_mtls_and_survive_the_loss_of_their_repli
 
     // Capture everything crossing the bridge from here on.
     let pcap = lab.path().join("bridge.pcap").display().to_string();
-    lab.spawn("br", "tcpdump", &["tcpdump", "-i", "br0", "-U", "-s", "0", "-w", &pcap, "tcp"].map(String::from));
-    std::thread::sleep(Duration::from_millis(500));
+    let tcpdump = ["tcpdump", "-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w", &pcap, "tcp"];
+    lab.spawn("br", "tcpdump", &tcpdump.map(String::from));
+    // Not a fixed pause, and packets handed over as they come (libpcap
+    // otherwise batches them for up to a second).
+    lab.wait("tcpdump to listen", Duration::from_secs(20), || lab.log("tcpdump").contains("listening on"));
 
     // Load from web's app to api, across the bridge.
     let load = lab.write("load.py", LOAD).display().to_string();
