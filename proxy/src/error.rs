@@ -40,28 +40,14 @@ pub enum ConnectError {
 }
 
 /// A stream to a peer's sidecar that failed: hyper's error (tunnels,
-/// carried exchanges) or h2's (plain requests, `outbound/h2_client.rs`).
-/// Shown as the error it holds; boxed twice so that [`ProxyError`] stays
-/// two words smaller than a fat pointer would make it.
-#[derive(Debug)]
-pub struct PeerError(Box<crate::http::BoxError>);
+/// carried exchanges) or h2's (plain requests, `outbound/h2_client.rs`),
+/// shown as the error it holds. Boxed: inline, its fat pointer would make
+/// every [`ProxyError`] larger.
+pub type PeerError = Box<crate::http::BodyError>;
 
-impl PeerError {
-    pub fn new(e: impl Into<crate::http::BoxError>) -> Self {
-        Self(Box::new(e.into()))
-    }
-}
-
-impl std::fmt::Display for PeerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for PeerError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
-    }
+/// A [`PeerError`] holding `e`.
+pub fn peer_error(e: impl Into<crate::http::BoxError>) -> PeerError {
+    Box::new(crate::http::BodyError::new(e))
 }
 
 /// A failure on the request path: what failed, and where (the service, the
@@ -577,7 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_reset() {
-        let e = ProxyError::UpstreamReset { addr: addr(), peer: id(), source: PeerError::new(hyper_error().await) };
+        let e = ProxyError::UpstreamReset { addr: addr(), peer: id(), source: peer_error(hyper_error().await) };
         assert!(e.is_connection_failure());
         let (code, body, _) = answer(e).await;
         assert_eq!(code, 502);
@@ -714,7 +700,7 @@ mod tests {
                 "weft: connect to 127.0.0.1:9 timed out",
             ),
             (
-                ProxyError::UpstreamReset { addr: addr(), peer: id(), source: PeerError::new(hyper_error().await) },
+                ProxyError::UpstreamReset { addr: addr(), peer: id(), source: peer_error(hyper_error().await) },
                 14,
                 "weft: upstream 127.0.0.1:9: ",
             ),

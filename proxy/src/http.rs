@@ -10,8 +10,10 @@ use http_body_util::{BodyExt, Empty, Full};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BodyError>;
 
-/// The error of any body the sidecar relays. A concrete type rather than a
-/// boxed trait object keeps hyper's `Send` bounds provable in spawned tasks.
+/// The error of any body the sidecar relays, and (boxed, as
+/// [`crate::error::PeerError`]) of a stream to a peer's sidecar. A concrete
+/// type rather than a boxed trait object keeps hyper's `Send` bounds
+/// provable in spawned tasks.
 #[derive(Debug)]
 pub struct BodyError(BoxError);
 

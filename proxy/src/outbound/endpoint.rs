@@ -23,7 +23,7 @@ use weft_certs::SpiffeId;
 use super::pool::{ConnKind, Lease, PeerSender, Pool};
 use super::probe;
 use crate::context::{Deadline, RequestContext, ServedBy};
-use crate::error::{HeaderHop, PeerError, ProxyError, LOCAL_LIMIT};
+use crate::error::{peer_error, HeaderHop, ProxyError, LOCAL_LIMIT};
 use crate::extended_connect::{self, Carried};
 use crate::grpc;
 use crate::http::{boxed, strip_hop_by_hop, Body, UNSENT};
@@ -344,14 +344,14 @@ impl EndpointService {
         let exchange = async move {
             match sender {
                 PeerSender::Requests(mut sender) => {
-                    sender.send(req, guard).await.map_err(|e| (e.unsent, PeerError::new(e.source)))
+                    sender.send(req, guard).await.map_err(|e| (e.unsent, peer_error(e.source)))
                 }
                 PeerSender::Upgrades(mut sender) => {
-                    let fail = |e: hyper::Error| (None, PeerError::new(e));
+                    let fail = |e: hyper::Error| (None, peer_error(e));
                     let resp = sender
                         .try_send_request(req)
                         .await
-                        .map_err(|mut e| (e.take_message(), PeerError::new(e.into_error())))?;
+                        .map_err(|mut e| (e.take_message(), peer_error(e.into_error())))?;
                     let resp = match carried {
                         // Boxed: rare (upgrades, 100-continue), and large inline.
                         Some(carried) => Box::pin(extended_connect::finish(resp, carried)).await.map_err(fail)?,

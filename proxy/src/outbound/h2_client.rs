@@ -59,14 +59,8 @@ impl Sender {
     where
         H: Send + Sync + Unpin + 'static,
     {
-        let ready = match poll_fn(|cx| self.send.poll_ready(cx)).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.closed.store(true, Ordering::Relaxed);
-                Err(e)
-            }
-        };
-        if let Err(source) = ready {
+        if let Err(source) = poll_fn(|cx| self.send.poll_ready(cx)).await {
+            self.closed.store(true, Ordering::Relaxed);
             return Err(SendError { unsent: Some(req), source });
         }
         let (mut head, body) = req.into_parts();

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::pool::{ConnKind, Lease};
 use super::{probe, Outbound};
-use crate::error::{PeerError, ProxyError};
+use crate::error::{peer_error, ProxyError};
 use crate::http::{empty, UNSENT};
 use crate::limits;
 use crate::metrics::{ConnLabels, OpenConn};
@@ -117,7 +117,7 @@ impl Outbound {
             Attempt::Unsent(ProxyError::UpstreamReset {
                 addr,
                 peer: (*ep.spiffe_id).clone(),
-                source: PeerError::new(source),
+                source: peer_error(source),
             })
         };
         let resp = sender.send_request(req).await.map_err(reset)?;
