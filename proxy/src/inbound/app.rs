@@ -54,6 +54,22 @@ impl tower::Service<Request<Incoming>> for AppService {
     }
 }
 
+/// Whether the app's kernel reset the connection (`ECONNRESET`, or `EPIPE`
+/// on a write after the reset). A socket closed with data unread, or a
+/// queued connection whose listener closed, is reset; an app that read the
+/// whole request and then closed sends FIN instead, so a reset means the app
+/// did not read all of it.
+fn reset_by_app(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The layers run behind the inbound connection, which always sets the context.
 pub(crate) const MISSING_CONTEXT: &str = "request without caller context";
 
@@ -119,13 +135,16 @@ impl Inbound {
                 tracing::warn!(app = %self.app, error = %source, "local app request failed");
                 // It may have been answered in a version the app no longer speaks.
                 self.app_versions.forget().await;
-                let unsent = source.is_connect();
+                // Refused before a byte was sent, or reset unread by an app
+                // that now refuses connections (its listener closed with our
+                // connection still queued, or it closed an idle connection as
+                // the request arrived): it never saw the request.
+                let unsent = source.is_connect() || (reset_by_app(&source) && self.readiness.refuses_now().await);
                 let e = ProxyError::AppFailed { app: self.app, source };
                 if !unsent {
                     return Err(e);
                 }
-                // Refused before a byte was sent: not ready, and the caller
-                // may send the request to another endpoint.
+                // Not ready, and the caller may send the request to another endpoint.
                 self.readiness.refused(&e);
                 let mut resp = crate::error::respond(&e, grpc);
                 resp.headers_mut().insert(UNSENT, HeaderValue::from_static("app-refused"));

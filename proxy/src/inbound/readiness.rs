@@ -62,22 +62,30 @@ impl AppReadiness {
         }
     }
 
-    /// Connects to the app now; Ok when it accepts (and marks it so).
+    /// Connects to the app now; Ok when it accepts (and marks it so), else
+    /// the reason it is not ready (and marks it refusing).
     pub async fn check(self: &Arc<Self>) -> Result<(), String> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.app)).await {
-            Ok(Ok(_)) => {
-                self.accepted();
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                self.refused(&e);
-                Err(self.refusing.borrow().clone().unwrap_or_default())
-            }
-            Err(_) => {
-                self.refused(&"connection attempt timed out");
-                Err(self.refusing.borrow().clone().unwrap_or_default())
-            }
+        self.attempt().await.map_err(|_| self.refusing.borrow().clone().unwrap_or_default())
+    }
+
+    /// Connects to the app now: true only when the connection is refused
+    /// (nothing listens at the app's port). A timeout is not a refusal: a
+    /// full accept queue says nothing of whether the app still listens.
+    pub async fn refuses_now(self: &Arc<Self>) -> bool {
+        matches!(self.attempt().await, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+
+    /// One connection attempt to the app, marking it accepting or refusing.
+    async fn attempt(self: &Arc<Self>) -> std::io::Result<()> {
+        let r = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.app)).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connection attempt timed out")),
+        };
+        match &r {
+            Ok(()) => self.accepted(),
+            Err(e) => self.refused(e),
         }
+        r
     }
 
     async fn watch(self: Arc<Self>) {
