@@ -115,8 +115,8 @@ pub enum ProxyError {
     #[error("rate limit exceeded")]
     RateLimited { limit: String, retry_after: Duration },
     /// Inbound: the local app failed to answer the request.
-    #[error("local app at {app} failed: {} (callee's sidecar → its local app)", app_cause(.source))]
-    AppFailed { app: SocketAddr, source: hyper_util::client::legacy::Error },
+    #[error("local app at {app} failed: {source} (callee's sidecar → its local app)")]
+    AppFailed { app: SocketAddr, source: crate::inbound::app_client::AppError },
     /// Inbound TCP: the local app's port cannot be reached.
     #[error("local app at {app}: {} (callee's sidecar → its local app)", cause(.source))]
     AppUnreachable { app: SocketAddr, source: std::io::Error },
@@ -154,18 +154,6 @@ pub fn cause(err: &(dyn std::error::Error + 'static)) -> String {
         cur = e.source();
     }
     parts.join(": ")
-}
-
-/// The cause of a failed request to the local app. hyper-util's own text
-/// ("client error (SendRequest)") names its step, not the cause; the cause
-/// is in its source chain.
-fn app_cause(err: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error as _;
-    let step = if err.is_connect() { "cannot connect" } else { "no response" };
-    match err.source() {
-        Some(source) => format!("{step}: {}", cause(source)),
-        None => step.to_string(),
-    }
 }
 
 /// Where a header section over the limit was met.
@@ -422,16 +410,20 @@ mod tests {
         send.send_request(http::Request::new(crate::http::empty())).await.unwrap_err()
     }
 
-    async fn app_error() -> hyper_util::client::legacy::Error {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<crate::http::Body>();
-        // A port nothing listens on: bound, then released.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let uri = format!("http://{closed}/");
-        client.get(uri.parse().unwrap()).await.unwrap_err()
+    /// A request to the local app through the sidecar's own client.
+    async fn app_request(app: SocketAddr) -> crate::inbound::app_client::AppError {
+        let client = crate::inbound::app_client::AppClient::http1(app, &crate::limits::Limits::default());
+        let req = http::Request::get(format!("http://{app}/")).body(crate::http::empty()).unwrap();
+        client.request(req).await.unwrap_err()
     }
 
-    async fn app_closes() -> hyper_util::client::legacy::Error {
+    async fn app_error() -> crate::inbound::app_client::AppError {
+        // A port nothing listens on: bound, then released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        app_request(closed).await
+    }
+
+    async fn app_closes() -> crate::inbound::app_client::AppError {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -441,9 +433,7 @@ mod tests {
             let _ = tcp.read(&mut buf).await;
             // Closed without a response.
         });
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<crate::http::Body>();
-        client.get(format!("http://{at}/").parse().unwrap()).await.unwrap_err()
+        app_request(at).await
     }
 
     /// The status, body and Retry-After of `err`'s response.
