@@ -185,8 +185,13 @@ impl Pool {
         // A caller waiting on `Expect: 100-continue` sends its body only once
         // the app agrees: buffering it first would take that choice from the app.
         let expects = parts.headers.contains_key(http::header::EXPECT);
+        let (mut conn, reused) = match self.checkout() {
+            Some(conn) => (conn, true),
+            None => (self.connect().await?, false),
+        };
+        // Only a reused connection's request is retried: a fresh one's needs no copy.
         let replayable =
-            body.is_end_stream() || (!expects && body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX));
+            reused && (body.is_end_stream() || (!expects && body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX)));
         // The copy for the one retry: the head without the extensions (the
         // sidecar's own, of no use to the app's connection), and the body.
         let (req, copy) = if !replayable {
@@ -208,10 +213,6 @@ impl Pool {
                     (Request::from_parts(parts, boxed(broken)), None)
                 }
             }
-        };
-        let (mut conn, reused) = match self.checkout() {
-            Some(conn) => (conn, true),
-            None => (self.connect().await?, false),
         };
         let read_before = conn.read.load(Ordering::Relaxed);
         let err = match conn.tx.try_send_request(req).await {
@@ -393,16 +394,11 @@ impl http_body::Body for AppBody {
 }
 
 /// Puts the request target in origin form (`/path?query`), as an HTTP/1.1
-/// request to an origin server has it, the authority moving to `Host`
-/// unless one is set.
+/// request to an origin server has it. `Host` is the caller's to set
+/// (`app.rs` sets it from the authority).
 fn origin_form(parts: &mut http::request::Parts) {
     if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
         return;
-    }
-    if let Some(host) = parts.uri.authority().filter(|_| !parts.headers.contains_key(http::header::HOST)) {
-        if let Ok(v) = http::HeaderValue::from_str(host.as_str()) {
-            parts.headers.insert(http::header::HOST, v);
-        }
     }
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     parts.uri = http::Uri::from(path);
