@@ -141,17 +141,22 @@ fn last_peer(peer: &Option<SpiffeId>) -> String {
     peer.as_ref().map(|p| format!(" (last attempt: the sidecar of {p})")).unwrap_or_default()
 }
 
+/// `err` and the errors it wraps, outermost first (its `source()` chain).
+pub fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
+}
+
 /// An error and its causes, outermost first (`a: b: c`), each said once:
 /// wrappers that repeat their source's text, or add nothing, are skipped.
 pub fn cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(err);
-    while let Some(e) = cur {
+    for e in chain(err) {
         let text = e.to_string();
         if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
-        cur = e.source();
     }
     parts.join(": ")
 }

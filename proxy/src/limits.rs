@@ -148,14 +148,7 @@ pub fn request_header_size<B>(req: &http::Request<B>) -> usize {
 /// Whether `err` (or an error it wraps) is a parser refusing a header section
 /// as too large: hyper's HTTP/1.1 head over its buffer.
 pub fn is_header_overflow(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse_too_large) {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    crate::error::chain(err).any(|e| e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse_too_large))
 }
 
 #[cfg(test)]

@@ -60,14 +60,9 @@ impl tower::Service<Request<Incoming>> for AppService {
 /// whole request and then closed sends FIN instead, so a reset means the app
 /// did not read all of it.
 fn reset_by_app(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(e);
-    while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
-        }
-        next = e.source();
-    }
-    false
+    crate::error::chain(e)
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
 }
 
 /// The layers run behind the inbound connection, which always sets the context.
