@@ -10,7 +10,11 @@
 //! - `haproxy`: two HAProxy processes, mutual TLS 1.3 and HTTP/2 between them.
 //!
 //! The peers use the sidecars' own SVIDs (issued by the weft PKI the run
-//! starts). Per setup: saturation (req/s over `--connections` keep-alive
+//! starts). All setups are started first, then loaded in `--rounds`
+//! interleaved rounds (default 3; each round starts one setup further on),
+//! and each column shows the median of the rounds (peak RSS: the largest),
+//! so a burst of load on a shared host during one setup's turn does not
+//! decide the ratios; the per-round figures follow the table. Per setup: saturation (req/s over `--connections` keep-alive
 //! HTTP/1.1 connections sending back to back), latency at a fixed
 //! `--rate` (open loop, measured from each request's scheduled time, so a
 //! stall is not hidden), CPU seconds per 1,000 requests of both proxies at
@@ -51,7 +55,7 @@ const TD: &str = "example.org";
 const PATH: &str = "/bench";
 const USAGE: &str = "usage: weft-load [--duration SECS] [--warmup SECS] [--connections N] [--rate REQ_PER_S] \
 [--rate-duration SECS] [--rate-connections N] [--grpc-duration SECS] [--handshake-duration SECS] \
-[--tcp-bytes BYTES] [--weft-threads N] [--no-peers] [--json]";
+[--tcp-bytes BYTES] [--weft-threads N] [--rounds N] [--no-peers] [--json]";
 
 #[derive(Clone, Copy)]
 struct Args {
@@ -73,6 +77,8 @@ struct Args {
     weft_threads: u64,
     /// Leave out the nginx and HAProxy pairs (rows and TCP transfers).
     no_peers: bool,
+    /// Rounds of saturation and fixed-rate runs over all setups, interleaved.
+    rounds: usize,
     json: bool,
 }
 
@@ -90,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
         tcp_bytes: 1 << 30,
         weft_threads: 1,
         no_peers: false,
+        rounds: 3,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -110,6 +117,7 @@ fn parse_args() -> Result<Args, String> {
             "--tcp-bytes" => a.tcp_bytes = value("--tcp-bytes")?,
             "--weft-threads" => a.weft_threads = value("--weft-threads")?,
             "--no-peers" => a.no_peers = true,
+            "--rounds" => a.rounds = value("--rounds")? as usize,
             "--json" => a.json = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -117,6 +125,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.connections == 0 || a.rate_connections == 0 || a.rate == 0 || a.duration.is_zero() {
         return Err("--connections, --rate-connections, --rate and --duration must be positive".into());
+    }
+    if !(1..=10).contains(&a.rounds) {
+        return Err(format!("--rounds {}: from 1 to 10", a.rounds));
     }
     if a.weft_threads > 1024 {
         return Err("--weft-threads: at most 1024 (weft-proxy --worker-threads)".into());
@@ -256,9 +267,24 @@ async fn run(
     total
 }
 
-/// What one setup measured.
-struct Setup {
+/// A setup under load: its name, where the load enters, its proxies'
+/// processes (none for direct) and the server-side proxy's mutual-TLS
+/// listener (for the handshake rate).
+struct Target {
     name: &'static str,
+    entry: Entry,
+    pids: Vec<u32>,
+    tls: Option<SocketAddr>,
+}
+
+/// The order of the setups in round `round` (0-based): each round starts
+/// one setup further on, so no setup is always measured first or last.
+fn round_order(setups: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..setups).map(move |i| (i + round) % setups)
+}
+
+/// What one round measured of one setup.
+struct Setup {
     saturation: Run,
     fixed: Run,
     /// Both proxies' CPU seconds per 1,000 requests at the fixed rate.
@@ -268,15 +294,47 @@ struct Setup {
     /// Both proxies' context switches per request at the fixed rate (each
     /// is a thread going to sleep, mostly in `epoll_wait`, and being woken).
     switches_per_request: Option<f64>,
-    /// Both proxies' peak RSS (sum of VmHWM), KiB.
+    /// Both proxies' peak RSS (sum of VmHWM, since they started), KiB.
     peak_rss_kib: Option<u64>,
-    /// New mutual-TLS connections per second the server-side proxy accepted.
+}
+
+/// One setup over all rounds: each column is the median of its rounds
+/// (peak RSS: the largest), so one round that a burst on the host slowed
+/// does not decide a ratio.
+struct Row {
+    name: &'static str,
+    rounds: Vec<Setup>,
+    /// New mutual-TLS connections per second the server-side proxy accepted
+    /// (measured once, after the rounds).
     handshakes: Option<f64>,
+}
+
+impl Row {
+    fn values(&self, f: fn(&Setup) -> Option<f64>) -> Vec<f64> {
+        self.rounds.iter().filter_map(f).collect()
+    }
+    fn median(&self, f: fn(&Setup) -> Option<f64>) -> Option<f64> {
+        median(self.values(f))
+    }
+    fn errors(&self) -> u64 {
+        self.rounds.iter().map(|s| s.saturation.errors + s.fixed.errors).sum()
+    }
+}
+
+/// The median (the mean of the middle two for an even count); `None` for none.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// Runs the saturation and fixed-rate loads against `entry`, counting the
 /// CPU of the processes under `pids` during the fixed-rate run.
-async fn measure(name: &'static str, entry: Entry, pids: &[u32], args: &Args) -> Setup {
+async fn measure(entry: Entry, pids: &[u32], args: &Args) -> Setup {
     let saturation = run(entry, args.connections, |_| Pace::Closed, args.warmup, args.duration).await;
     let n = args.rate_connections;
     let period = Duration::from_secs_f64(n as f64 / args.rate as f64);
@@ -291,14 +349,12 @@ async fn measure(name: &'static str, entry: Entry, pids: &[u32], args: &Args) ->
     let switches = procstat::context_switches(&procs) - switches0;
     let per_1k = 1000.0 / fixed.requests.max(1) as f64;
     let mut setup = Setup {
-        name,
         saturation,
         fixed,
         cpu_per_1k: None,
         cpu_split_per_1k: None,
         switches_per_request: None,
         peak_rss_kib: None,
-        handshakes: None,
     };
     if !pids.is_empty() {
         let (user, system) = ((user1 - user0) * per_1k, (system1 - system0) * per_1k);
@@ -557,7 +613,9 @@ async fn wait_answering(name: &str, (entry, host): Entry, logs: impl Fn() -> Str
 
 /// Everything the run measured.
 struct Report {
-    setups: Vec<Setup>,
+    setups: Vec<Row>,
+    /// `/proc/loadavg` when the rounds began.
+    load_at_start: String,
     grpc: [Option<f64>; 2],
     tcp: [Option<f64>; 2],
     /// Every bulk transfer that completed: direct, weft, then the peers.
@@ -593,21 +651,28 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
     wait_answering("weft", (web.outbound, "api"), || web.proc_.log_text()).await?;
     let hs_tls = handshake_tls(&web.state_dir, &cp.trust_bundle())?;
 
-    let mut setups = vec![measure("direct", (apps.http, "api"), &[], &args).await];
-    let mut weft = measure("weft", (web.outbound, "api"), &[web.proc_.pid(), api.proc_.pid()], &args).await;
-    let (rate, failed) = handshakes(api.inbound, hs_tls.clone(), args.handshake_duration).await;
-    weft.handshakes = Some(rate);
-    if failed > 0 {
-        notes.push(format!("weft: {failed} mTLS handshakes failed"));
-    }
-    setups.push(weft);
-    if args.weft_threads > 0 {
-        setups.push(weft_threaded(&cp, &apps, web_app.addr, &hs_tls, &args, &mut notes).await?);
-    }
+    // Every setup is started first and kept running, then measured in
+    // `--rounds` interleaved rounds: the host's load moves over a run of
+    // minutes, and a setup always measured last (or first) would carry that
+    // drift in its ratio to the others.
+    let mut targets = vec![Target { name: "direct", entry: (apps.http, "api"), pids: vec![], tls: None }];
+    targets.push(Target {
+        name: "weft",
+        entry: (web.outbound, "api"),
+        pids: vec![web.proc_.pid(), api.proc_.pid()],
+        tls: Some(api.inbound),
+    });
+    let _threaded = if args.weft_threads > 0 {
+        let (target, sidecars) = weft_threaded(&cp, &apps, web_app.addr, &args).await?;
+        targets.push(target);
+        Some(sidecars)
+    } else {
+        None
+    };
 
     let id = |s: &Sidecar| (s.state_dir.join("svid.pem"), s.state_dir.join("svid.key"), cp.trust_bundle());
     let (c, s) = (id(&web), id(&api));
-    match weft_benches::nginx::binary().filter(|_| !args.no_peers) {
+    let _nginx = match weft_benches::nginx::binary().filter(|_| !args.no_peers) {
         Some(bin) => {
             let dir = cp.dir.path().join("nginx");
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -616,18 +681,17 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
                 format!("{}\n{}", pair.client.log_text(), pair.server.log_text())
             })
             .await?;
-            let mut r = measure("nginx", (pair.entry, "api"), &[pair.client.pid(), pair.server.pid()], &args).await;
-            let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
-            r.handshakes = Some(rate);
-            if failed > 0 {
-                notes.push(format!("nginx: {failed} mTLS handshakes failed"));
-            }
-            setups.push(r);
+            let pids = vec![pair.client.pid(), pair.server.pid()];
+            targets.push(Target { name: "nginx", entry: (pair.entry, "api"), pids, tls: Some(pair.tls) });
+            Some(pair)
         }
-        None if args.no_peers => {}
-        None => notes.push("nginx not installed (benches/install-peers.sh): no nginx row".into()),
-    }
-    match weft_benches::haproxy::binary().filter(|_| !args.no_peers) {
+        None if args.no_peers => None,
+        None => {
+            notes.push("nginx not installed (benches/install-peers.sh): no nginx row".into());
+            None
+        }
+    };
+    let _haproxy = match weft_benches::haproxy::binary().filter(|_| !args.no_peers) {
         Some(bin) => {
             let dir = cp.dir.path().join("haproxy");
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -637,16 +701,33 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
                 format!("{}\n{}", pair.client.log_text(), pair.server.log_text())
             })
             .await?;
-            let mut r = measure("haproxy", (pair.entry, "api"), &[pair.client.pid(), pair.server.pid()], &args).await;
-            let (rate, failed) = handshakes(pair.tls, hs_tls.clone(), args.handshake_duration).await;
-            r.handshakes = Some(rate);
-            if failed > 0 {
-                notes.push(format!("haproxy: {failed} mTLS handshakes failed"));
-            }
-            setups.push(r);
+            let pids = vec![pair.client.pid(), pair.server.pid()];
+            targets.push(Target { name: "haproxy", entry: (pair.entry, "api"), pids, tls: Some(pair.tls) });
+            Some(pair)
         }
-        None if args.no_peers => {}
-        None => notes.push("haproxy not installed (benches/install-peers.sh): no haproxy row".into()),
+        None if args.no_peers => None,
+        None => {
+            notes.push("haproxy not installed (benches/install-peers.sh): no haproxy row".into());
+            None
+        }
+    };
+
+    let load_at_start = load_average();
+    let mut setups: Vec<Row> =
+        targets.iter().map(|t| Row { name: t.name, rounds: Vec::new(), handshakes: None }).collect();
+    for round in 0..args.rounds {
+        for i in round_order(targets.len(), round) {
+            let t = &targets[i];
+            setups[i].rounds.push(measure(t.entry, &t.pids, &args).await);
+        }
+    }
+    for (t, row) in targets.iter().zip(&mut setups) {
+        let Some(tls) = t.tls else { continue };
+        let (rate, failed) = handshakes(tls, hs_tls.clone(), args.handshake_duration).await;
+        row.handshakes = Some(rate);
+        if failed > 0 {
+            notes.push(format!("{}: {failed} mTLS handshakes failed", t.name));
+        }
     }
 
     let mut grpc_rates = [None, None];
@@ -680,20 +761,18 @@ async fn main_async(args: Args, apps: Apps) -> Result<Report, String> {
     }
     drop(grpc);
     drop(bulk);
-    Ok(Report { setups, grpc: grpc_rates, tcp, tcp_setups, idle_sidecar_kib, notes })
+    Ok(Report { setups, load_at_start, grpc: grpc_rates, tcp, tcp_setups, idle_sidecar_kib, notes })
 }
 
 /// The `weft_<N>t` row: a second pair (`web-mt` → `api-mt`, the same
-/// app) whose sidecars run `--worker-threads N`, measured like the first;
-/// its sidecars stop when it returns.
+/// app) whose sidecars run `--worker-threads N`; they stop when the
+/// returned sidecars are dropped.
 async fn weft_threaded(
     cp: &ControlPlane,
     apps: &Apps,
     web_app: SocketAddr,
-    hs_tls: &Arc<rustls::ClientConfig>,
     args: &Args,
-    notes: &mut Vec<String>,
-) -> Result<Setup, String> {
+) -> Result<(Target, [Sidecar; 2]), String> {
     let threads = args.weft_threads.to_string();
     let extra = ["--worker-threads", threads.as_str()];
     let api = Sidecar::start(cp, TD, SidecarSpec { extra_args: &extra, ..SidecarSpec::new("api-mt", apps.http) }).await;
@@ -701,13 +780,13 @@ async fn weft_threaded(
     web.wait_endpoints("api-mt", 1, Duration::from_secs(10)).await;
     let name: &'static str = Box::leak(format!("weft_{threads}t").into_boxed_str());
     wait_answering(name, (web.outbound, "api-mt"), || web.proc_.log_text()).await?;
-    let mut r = measure(name, (web.outbound, "api-mt"), &[web.proc_.pid(), api.proc_.pid()], args).await;
-    let (rate, failed) = handshakes(api.inbound, hs_tls.clone(), args.handshake_duration).await;
-    r.handshakes = Some(rate);
-    if failed > 0 {
-        notes.push(format!("{name}: {failed} mTLS handshakes failed"));
-    }
-    Ok(r)
+    let target = Target {
+        name,
+        entry: (web.outbound, "api-mt"),
+        pids: vec![web.proc_.pid(), api.proc_.pid()],
+        tls: Some(api.inbound),
+    };
+    Ok((target, [web, api]))
 }
 
 /// The bulk transfer through the peers: an HAProxy pair in TCP mode with
@@ -793,10 +872,10 @@ async fn peer_transfer(
     }
 }
 
-/// The best peer's (nginx, HAProxy) value of a column, by `better`.
-fn best_peer(setups: &[Setup], f: impl Fn(&Setup) -> Option<f64>, better: fn(f64, f64) -> bool) -> Option<f64> {
-    setups.iter().filter(|s| s.name == "nginx" || s.name == "haproxy").filter_map(&f).reduce(|a, b| {
-        if better(b, a) {
+/// The best peer's (nginx, HAProxy) value of a column.
+fn best_peer(rows: &[Row], c: &Column) -> Option<f64> {
+    rows.iter().filter(|r| r.name == "nginx" || r.name == "haproxy").filter_map(|r| c.value(r)).reduce(|a, b| {
+        if (c.better)(b, a) {
             b
         } else {
             a
@@ -811,28 +890,61 @@ fn lower(a: f64, b: f64) -> bool {
     a < b
 }
 
-type Column = (&'static str, fn(&Setup) -> Option<f64>, fn(f64, f64) -> bool);
+/// How a column's rounds make its one value.
+#[derive(Clone, Copy, PartialEq)]
+enum Combine {
+    Median,
+    Largest,
+    /// Measured once, after the rounds (the handshake rate).
+    Once,
+}
+
+/// A column of the table: its name in `--json`, its value in one round,
+/// how the rounds combine, and which way is better.
+struct Column {
+    name: &'static str,
+    round: fn(&Setup) -> Option<f64>,
+    combine: Combine,
+    better: fn(f64, f64) -> bool,
+}
+
+impl Column {
+    fn value(&self, r: &Row) -> Option<f64> {
+        match self.combine {
+            Combine::Median => r.median(self.round),
+            Combine::Largest => r.values(self.round).into_iter().reduce(f64::max),
+            Combine::Once => r.handshakes,
+        }
+    }
+}
 
 const COLUMNS: [Column; 7] = [
-    ("saturation_rps", |s| Some(s.saturation.rps()), higher),
-    ("p50_ms", |s| Some(s.fixed.ms(0.5)), lower),
-    ("p99_ms", |s| Some(s.fixed.ms(0.99)), lower),
-    ("p999_ms", |s| Some(s.fixed.ms(0.999)), lower),
-    ("cpu_s_per_1k", |s| s.cpu_per_1k, lower),
-    ("peak_rss_mib", |s| s.peak_rss_kib.map(|k| k as f64 / 1024.0), lower),
-    ("mtls_conn_per_s", |s| s.handshakes, higher),
+    Column { name: "saturation_rps", round: |s| Some(s.saturation.rps()), combine: Combine::Median, better: higher },
+    Column { name: "p50_ms", round: |s| Some(s.fixed.ms(0.5)), combine: Combine::Median, better: lower },
+    Column { name: "p99_ms", round: |s| Some(s.fixed.ms(0.99)), combine: Combine::Median, better: lower },
+    Column { name: "p999_ms", round: |s| Some(s.fixed.ms(0.999)), combine: Combine::Median, better: lower },
+    Column { name: "cpu_s_per_1k", round: |s| s.cpu_per_1k, combine: Combine::Median, better: lower },
+    Column {
+        name: "peak_rss_mib",
+        round: |s| s.peak_rss_kib.map(|k| k as f64 / 1024.0),
+        combine: Combine::Largest,
+        better: lower,
+    },
+    Column { name: "mtls_conn_per_s", round: |_| None, combine: Combine::Once, better: higher },
 ];
 
 fn print_table(r: &Report, args: &Args) {
     println!(
-        "weft-load: saturation over {} keep-alive HTTP/1.1 connections ({:?} + {:?} warm-up); latency and CPU at {} req/s over {} connections ({:?}); host {} CPUs, load average {}",
+        "weft-load: saturation over {} keep-alive HTTP/1.1 connections ({:?} + {:?} warm-up); latency and CPU at {} req/s over {} connections ({:?}); {} interleaved round(s), medians shown (RSS: the peak); host {} CPUs, load average {} at the start, {} at the end",
         args.connections,
         args.duration,
         args.warmup,
         args.rate,
         args.rate_connections,
         args.rate_duration,
+        args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        r.load_at_start,
         load_average()
     );
     if !args.no_peers {
@@ -856,11 +968,11 @@ fn print_table(r: &Report, args: &Args) {
         "xbest",
         "errors"
     );
-    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|(_, f, b)| best_peer(&r.setups, f, *b)).collect();
+    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|c| best_peer(&r.setups, c)).collect();
     for s in &r.setups {
         let mut line = format!("{:<8}", s.name);
-        for (i, (name, f, _)) in COLUMNS.iter().enumerate() {
-            let v = f(s);
+        for (i, c) in COLUMNS.iter().enumerate() {
+            let (name, v) = (&c.name, c.value(s));
             let width = if *name == "saturation_rps" {
                 9
             } else if i == 1 || i == 2 {
@@ -885,14 +997,35 @@ fn print_table(r: &Report, args: &Args) {
             };
             line.push_str(&format!(" {ratio:>6}"));
         }
-        line.push_str(&format!(" {:>6}", s.saturation.errors + s.fixed.errors));
+        line.push_str(&format!(" {:>6}", s.errors()));
         println!("{line}");
     }
     for s in &r.setups {
-        if let (Some((user, system)), Some(switches)) = (s.cpu_split_per_1k, s.switches_per_request) {
+        let user = s.median(|s| s.cpu_split_per_1k.map(|c| c.0));
+        let system = s.median(|s| s.cpu_split_per_1k.map(|c| c.1));
+        if let (Some(user), Some(system), Some(switches)) = (user, system, s.median(|s| s.switches_per_request)) {
             println!(
                 "{:<8} at {} req/s: CPU s/1k user {user:.3} + system {system:.3}; {switches:.2} context switches per request (both proxies)",
                 s.name, args.rate
+            );
+        }
+    }
+    if args.rounds > 1 {
+        for s in &r.setups {
+            let by_round = |c: &Column, prec: usize| {
+                let v: Vec<String> = s.values(c.round).iter().map(|v| format!("{v:.prec$}")).collect();
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(" ")
+                }
+            };
+            println!(
+                "{:<8} by round: sat req/s {}; p99 ms {}; CPU s/1k {}",
+                s.name,
+                by_round(&COLUMNS[0], 0),
+                by_round(&COLUMNS[2], 3),
+                by_round(&COLUMNS[4], 3)
             );
         }
     }
@@ -916,31 +1049,37 @@ fn print_table(r: &Report, args: &Args) {
 }
 
 fn to_json(r: &Report, args: &Args) -> serde_json::Value {
-    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|(_, f, b)| best_peer(&r.setups, f, *b)).collect();
+    let bests: Vec<Option<f64>> = COLUMNS.iter().map(|c| best_peer(&r.setups, c)).collect();
     let setups: Vec<_> = r
         .setups
         .iter()
         .map(|s| {
             let mut o = serde_json::Map::new();
             o.insert("name".into(), json!(s.name));
-            for (i, (name, f, _)) in COLUMNS.iter().enumerate() {
-                let v = f(s);
-                o.insert((*name).into(), json!(v));
+            for (i, c) in COLUMNS.iter().enumerate() {
+                let v = c.value(s);
+                o.insert(c.name.into(), json!(v));
                 let ratio = match (v, bests[i]) {
                     (Some(v), Some(b)) if b > 0.0 && s.name != "direct" => Some(v / b),
                     _ => None,
                 };
-                o.insert(format!("{name}_vs_best_peer"), json!(ratio));
+                o.insert(format!("{}_vs_best_peer", c.name), json!(ratio));
+                if c.combine != Combine::Once {
+                    o.insert(format!("{}_rounds", c.name), json!(s.values(c.round)));
+                }
             }
-            o.insert("errors".into(), json!(s.saturation.errors + s.fixed.errors));
-            o.insert("fixed_rate_requests".into(), json!(s.fixed.requests));
-            o.insert("cpu_user_s_per_1k".into(), json!(s.cpu_split_per_1k.map(|c| c.0)));
-            o.insert("cpu_system_s_per_1k".into(), json!(s.cpu_split_per_1k.map(|c| c.1)));
-            o.insert("context_switches_per_request".into(), json!(s.switches_per_request));
+            o.insert("errors".into(), json!(s.errors()));
+            o.insert("fixed_rate_requests".into(), json!(s.rounds.iter().map(|s| s.fixed.requests).sum::<u64>()));
+            o.insert("cpu_user_s_per_1k".into(), json!(s.median(|s| s.cpu_split_per_1k.map(|c| c.0))));
+            o.insert("cpu_system_s_per_1k".into(), json!(s.median(|s| s.cpu_split_per_1k.map(|c| c.1))));
+            o.insert("context_switches_per_request".into(), json!(s.median(|s| s.switches_per_request)));
             serde_json::Value::Object(o)
         })
         .collect();
     json!({
+        "rounds": args.rounds,
+        "load_average_at_start": r.load_at_start,
+        "load_average_at_end": load_average(),
         "connections": args.connections,
         "duration_s": args.duration.as_secs_f64(),
         "rate": args.rate,
@@ -1005,4 +1144,70 @@ fn main() -> std::process::ExitCode {
         print_table(&report, &args);
     }
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts_and_none() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![7.0]), Some(7.0));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn each_round_starts_one_setup_further_on_and_covers_all() {
+        let rounds: Vec<Vec<usize>> = (0..4).map(|r| round_order(4, r).collect()).collect();
+        assert_eq!(rounds[0], [0, 1, 2, 3]);
+        assert_eq!(rounds[1], [1, 2, 3, 0]);
+        assert_eq!(rounds[3], [3, 0, 1, 2]);
+        for r in &rounds {
+            let mut sorted = r.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3], "every setup once per round");
+        }
+        let firsts: Vec<usize> = rounds.iter().map(|r| r[0]).collect();
+        assert_eq!(firsts, [0, 1, 2, 3], "no setup is always first");
+    }
+
+    fn round(rps_requests: u64, p99_us: u64, rss_kib: u64) -> Setup {
+        let mut fixed = histogram();
+        fixed.record(p99_us).unwrap();
+        let sec = Duration::from_secs(1);
+        Setup {
+            saturation: Run { requests: rps_requests, errors: 1, elapsed: sec, latency_us: histogram() },
+            fixed: Run { requests: 10, errors: 0, elapsed: sec, latency_us: fixed },
+            cpu_per_1k: Some(0.1),
+            cpu_split_per_1k: Some((0.06, 0.04)),
+            switches_per_request: Some(4.0),
+            peak_rss_kib: Some(rss_kib),
+        }
+    }
+
+    #[test]
+    fn a_row_takes_the_median_of_its_rounds_and_the_largest_rss() {
+        let row = Row {
+            name: "weft",
+            rounds: vec![round(50_000, 9_000, 18_000), round(10_000, 1_000, 19_000), round(20_000, 2_000, 18_500)],
+            handshakes: Some(1500.0),
+        };
+        let col = |name: &str| COLUMNS.iter().find(|c| c.name == name).unwrap().value(&row);
+        assert_eq!(col("saturation_rps"), Some(20_000.0), "the slow and the fast round do not decide");
+        let p99 = col("p99_ms").unwrap();
+        assert!((p99 - 2.0).abs() < 0.01, "median p99 {p99} ms");
+        assert_eq!(col("peak_rss_mib"), Some(19_000.0 / 1024.0));
+        assert_eq!(col("mtls_conn_per_s"), Some(1500.0));
+        assert_eq!(row.errors(), 3);
+    }
+
+    #[test]
+    fn the_best_peer_is_the_better_of_nginx_and_haproxy_only() {
+        let row = |name, rps| Row { name, rounds: vec![round(rps, 1_000, 1_000)], handshakes: None };
+        let rows = [row("direct", 90_000), row("weft", 30_000), row("nginx", 20_000), row("haproxy", 25_000)];
+        assert_eq!(best_peer(&rows, &COLUMNS[0]), Some(25_000.0));
+        assert_eq!(best_peer(&rows, &COLUMNS[6]), None, "no handshake rate measured");
+    }
 }
