@@ -217,6 +217,7 @@ impl Inbound {
                     this.metrics.handshake("inbound", "ok");
                     let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
                     let peer = Arc::new(peer.spiffe_id);
+                    let peer_header = http::HeaderValue::from_str(peer.as_str()).ok();
                     let stack = ServiceBuilder::new()
                         .layer(RequestMetricsLayer {
                             metrics: this.metrics.clone(),
@@ -234,7 +235,8 @@ impl Inbound {
                     let readiness = this.readiness.clone();
                     let svc = service_fn(move |mut req: Request<Incoming>| {
                         // One config version for the whole request.
-                        let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
+                        let ctx =
+                            RequestContext::inbound_with_header(peer.clone(), peer_header.clone(), state.snapshot());
                         req.extensions_mut().insert(ctx);
                         // Counted in flight until the response body ends; a CONNECT
                         // tunnel takes its own count along (app.rs).
