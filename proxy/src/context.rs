@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
+
 use weft_certs::SpiffeId;
 
 use crate::state::routes::{Backend, Rule};
@@ -22,17 +24,26 @@ pub struct RequestContext {
     pub route: Option<Route>,
     /// Outbound: when the route's request timeout passes (set by the timeout layer).
     pub deadline: Option<Deadline>,
+    /// Inbound: `peer` as the value of the app's `x-weft-peer-id`, made once
+    /// per connection (cloning it shares the bytes; making it per request
+    /// was an allocation). None: made from `peer` when needed.
+    pub peer_header: Option<HeaderValue>,
 }
 
 impl RequestContext {
     /// The context of a request from `peer` (inbound).
     pub fn inbound(peer: Arc<SpiffeId>, snapshot: Arc<Snapshot>) -> Self {
-        Self { peer: Some(peer), snapshot, route: None, deadline: None }
+        Self { peer: Some(peer), snapshot, route: None, deadline: None, peer_header: None }
+    }
+
+    /// [`RequestContext::inbound`] with `peer`'s header value made beforehand.
+    pub fn inbound_with_header(peer: Arc<SpiffeId>, peer_header: Option<HeaderValue>, snapshot: Arc<Snapshot>) -> Self {
+        Self { peer_header, ..Self::inbound(peer, snapshot) }
     }
 
     /// The context of a routed request (outbound).
     pub fn outbound(snapshot: Arc<Snapshot>, rule: Arc<Rule>, backend: Arc<Backend>) -> Self {
-        Self { peer: None, snapshot, route: Some(Route { rule, backend }), deadline: None }
+        Self { peer: None, snapshot, route: Some(Route { rule, backend }), deadline: None, peer_header: None }
     }
 }
 

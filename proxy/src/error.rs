@@ -368,7 +368,7 @@ where
 {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Response<Body>, std::convert::Infallible>>;
+    type Future = RespondFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         // The inner services are always ready; a readiness error is answered on call.
@@ -380,8 +380,30 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let grpc = wants_grpc(req.headers());
-        let fut = self.inner.call(req);
-        Box::pin(async move { Ok(fut.await.unwrap_or_else(|e| respond(&e, grpc))) })
+        RespondFuture { fut: self.inner.call(req), grpc }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Respond`]'s future: a named type rather than a boxed one, which
+    /// would cost an allocation per request.
+    pub struct RespondFuture<F> {
+        #[pin]
+        fut: F,
+        grpc: bool,
+    }
+}
+
+impl<F> std::future::Future for RespondFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, ProxyError>>,
+{
+    type Output = Result<Response<Body>, std::convert::Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let r = std::task::ready!(this.fut.poll(cx));
+        std::task::Poll::Ready(Ok(r.unwrap_or_else(|e| respond(&e, *this.grpc))))
     }
 }
 

@@ -238,6 +238,12 @@ impl<B> Guarded<B> {
     pub fn new(inner: B, guard: InFlight) -> Self {
         Self { inner, guard: Some(guard) }
     }
+
+    /// A body that keeps nothing counted: the type of a guarded one, for a
+    /// response whose request is done counting.
+    pub fn unguarded(inner: B) -> Self {
+        Self { inner, guard: None }
+    }
 }
 
 impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {

@@ -103,7 +103,8 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         // Only the sidecar may say who the caller is.
         parts.headers.remove(PEER_ID);
-        if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+        let made = parts.extensions.get::<RequestContext>().and_then(|c| c.peer_header.clone());
+        if let Some(v) = made.or_else(|| HeaderValue::from_str(peer.as_str()).ok()) {
             parts.headers.insert(PEER_ID, v);
         }
         let client = if app_h2 {

@@ -48,13 +48,13 @@ impl Gate for Authz {
             },
         );
         let outcome = if decision.allowed { "allow" } else { "deny" };
-        self.metrics.authz_decision(&decision.policy, outcome, if tcp { "tcp" } else { "http" });
+        self.metrics.authz_decision(decision.policy, outcome, if tcp { "tcp" } else { "http" });
         if decision.allowed {
             return Ok(());
         }
         // No policy details leak to the caller; they are in logs and metrics.
         tracing::info!(peer = %peer, policy = %decision.policy, method = %req.method(), path = %req.uri().path(), "denied by policy");
-        Err(ProxyError::Denied { tcp, policy: decision.policy, peer: (**peer).clone() })
+        Err(ProxyError::Denied { tcp, policy: decision.policy.to_string(), peer: (**peer).clone() })
     }
 }
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::{ready, Either, Ready};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -49,13 +49,13 @@ pub struct Canonical<S> {
 
 impl<S, B> Service<Request<B>> for Canonical<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>, Error = ProxyError>,
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    /// The refusal at once, or the inner service's future as it is: no
+    /// allocation per request.
+    type Future = Either<Ready<Result<Response<Body>, ProxyError>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -63,7 +63,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(ctx) = req.extensions().get::<RequestContext>() else {
-            return Box::pin(async { Err(ProxyError::Internal { what: MISSING_CONTEXT }) });
+            return Either::Left(ready(Err(ProxyError::Internal { what: MISSING_CONTEXT })));
         };
         let slashes = ctx.snapshot.encoded_slashes();
         let peer = ctx.peer.clone();
@@ -75,12 +75,9 @@ where
             }
             let peer = peer.map(|p| p.to_string()).unwrap_or_default();
             tracing::info!(%peer, error = %e, "refused a request with no canonical form from a peer");
-            return Box::pin(async { Err(e) });
+            return Either::Left(ready(Err(e)));
         }
-        // The standard tower dance: call the clone that was made ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(Request::from_parts(parts, body)))
+        Either::Right(self.inner.call(Request::from_parts(parts, body)))
     }
 }
 

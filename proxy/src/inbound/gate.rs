@@ -5,7 +5,7 @@
 
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::{ready, Either, Ready};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
@@ -35,13 +35,13 @@ pub struct Gated<G, S> {
 impl<G, S, B> Service<http::Request<B>> for Gated<G, S>
 where
     G: Gate,
-    S: Service<http::Request<B>, Response = http::Response<Body>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = ProxyError>,
 {
     type Response = http::Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Self::Response, ProxyError>>;
+    /// The refusal at once, or the inner service's future as it is: no
+    /// allocation per request.
+    type Future = Either<Ready<Result<Self::Response, ProxyError>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -49,11 +49,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if let Err(e) = self.gate.check(&req) {
-            return Box::pin(async { Err(e) });
+            return Either::Left(ready(Err(e)));
         }
-        // The standard tower dance: call the clone that was made ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }

@@ -4,10 +4,10 @@
 //! carried), marked [`LOCAL_LIMIT`] so the caller's sidecar does not count it
 //! against this endpoint. The app may not set that mark itself.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use http::{Request, Response};
 
 use crate::error::{HeaderHop, ProxyError, LOCAL_LIMIT};
@@ -47,13 +47,11 @@ impl<S> HeaderLimit<S> {
 
 impl<S, B> tower::Service<Request<B>> for HeaderLimit<S>
 where
-    S: tower::Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: tower::Service<Request<B>, Response = Response<Body>, Error = ProxyError>,
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    type Future = HeaderLimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -63,26 +61,49 @@ where
         let size = request_header_size(&req);
         if size > self.limit {
             let e = self.refuse(HeaderHop::RequestFromPeer, Some(size));
-            return Box::pin(async move { Err(e) });
+            return HeaderLimitFuture::Refused { e: Some(e) };
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let this = HeaderLimit { inner: (), limit: self.limit, metrics: self.metrics.clone() };
-        Box::pin(async move {
-            match inner.call(req).await {
-                Ok(mut resp) => {
-                    resp.headers_mut().remove(LOCAL_LIMIT);
-                    let size = header_list_size(resp.headers());
-                    if size > this.limit {
-                        return Err(this.refuse(HeaderHop::ResponseFromApp, Some(size)));
-                    }
-                    Ok(resp)
-                }
-                Err(ProxyError::AppFailed { source, .. }) if is_header_overflow(&source) => {
-                    Err(this.refuse(HeaderHop::ResponseFromApp, None))
-                }
-                Err(e) => Err(e),
+        HeaderLimitFuture::Sent { fut: self.inner.call(req), this }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`HeaderLimit`]'s future: a named type rather than a boxed one, which
+    /// would cost an allocation per request.
+    #[project = HeaderLimitProj]
+    pub enum HeaderLimitFuture<F> {
+        Refused { e: Option<ProxyError> },
+        Sent { #[pin] fut: F, this: HeaderLimit<()> },
+    }
+}
+
+impl<F> std::future::Future for HeaderLimitFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let (fut, this) = match self.project() {
+            HeaderLimitProj::Refused { e } => {
+                return Poll::Ready(Err(e.take().expect("a refused request's future is polled once done")))
             }
+            HeaderLimitProj::Sent { fut, this } => (fut, this),
+        };
+        Poll::Ready(match std::task::ready!(fut.poll(cx)) {
+            Ok(mut resp) => {
+                resp.headers_mut().remove(LOCAL_LIMIT);
+                let size = header_list_size(resp.headers());
+                if size > this.limit {
+                    return Poll::Ready(Err(this.refuse(HeaderHop::ResponseFromApp, Some(size))));
+                }
+                Ok(resp)
+            }
+            Err(ProxyError::AppFailed { source, .. }) if is_header_overflow(&source) => {
+                Err(this.refuse(HeaderHop::ResponseFromApp, None))
+            }
+            Err(e) => Err(e),
         })
     }
 }
@@ -91,6 +112,7 @@ where
 mod tests {
     use super::*;
     use crate::http::empty;
+    use futures::future::BoxFuture;
     use tower::{Service, ServiceExt};
 
     fn app(

@@ -35,7 +35,7 @@ use weft_runtime::serve::Server;
 
 use crate::context::RequestContext;
 use crate::error::RespondLayer;
-use crate::http::{boxed, Body};
+use crate::http::Body;
 use crate::limits::{self, Limits};
 use crate::listener::{self, Activity, Guarded, Watched};
 use crate::metrics::{Metrics, OpenConn, RequestMeta};
@@ -44,7 +44,6 @@ use app::AppService;
 use app_client::AppClient;
 use authz::Authz;
 use canonical::CanonicalLayer;
-use futures::future::BoxFuture;
 use headers::HeaderLimitLayer;
 use ratelimit::RateLimit;
 use std::convert::Infallible;
@@ -56,7 +55,8 @@ use weft_runtime::workers::PerWorker;
 #[derive(Clone)]
 struct RequestMetricsLayer {
     metrics: Arc<Metrics>,
-    service: String,
+    /// Shared: the stack is cloned per request.
+    service: Arc<str>,
 }
 
 impl<S> tower::Layer<S> for RequestMetricsLayer {
@@ -70,39 +70,63 @@ impl<S> tower::Layer<S> for RequestMetricsLayer {
 struct RequestMetrics<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    service: String,
+    service: Arc<str>,
 }
 
 impl<S, B> tower::Service<Request<B>> for RequestMetrics<S>
 where
-    S: tower::Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: tower::Service<Request<B>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = RequestMetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         // Tunnels are counted as connections and bytes, not requests.
         let peer = (req.method() != Method::CONNECT)
             .then(|| req.extensions().get::<RequestContext>().and_then(|c| c.peer.clone()));
-        let (metrics, service) = (self.metrics.clone(), self.service.clone());
-        Box::pin(async move {
-            let start = Instant::now();
-            let resp = inner.call(req).await?;
-            // A carried exchange's 200 is counted when the app has answered.
-            let later = resp.extensions().get::<crate::extended_connect::CountedLater>().is_some();
-            let Some(peer) = peer.filter(|_| !later) else { return Ok(resp) };
-            let meta = RequestMeta { peer, ..Default::default() };
-            Ok(metrics.response("inbound", &service, meta, resp, start.elapsed().as_secs_f64()))
-        })
+        RequestMetricsFuture {
+            start: Instant::now(),
+            fut: self.inner.call(req),
+            peer,
+            metrics: self.metrics.clone(),
+            service: self.service.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`RequestMetrics`]' future: a named type rather than a boxed one,
+    /// which would cost an allocation per request.
+    struct RequestMetricsFuture<F> {
+        #[pin]
+        fut: F,
+        start: Instant,
+        peer: Option<Option<Arc<weft_certs::SpiffeId>>>,
+        metrics: Arc<Metrics>,
+        service: Arc<str>,
+    }
+}
+
+impl<F> std::future::Future for RequestMetricsFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.fut.poll(cx))?;
+        // A carried exchange's 200 is counted when the app has answered.
+        let later = resp.extensions().get::<crate::extended_connect::CountedLater>().is_some();
+        let Some(peer) = this.peer.take().filter(|_| !later) else { return std::task::Poll::Ready(Ok(resp)) };
+        let meta = RequestMeta { peer, ..Default::default() };
+        let secs = this.start.elapsed().as_secs_f64();
+        std::task::Poll::Ready(Ok(this.metrics.response("inbound", this.service, meta, resp, secs)))
     }
 }
 
@@ -193,8 +217,12 @@ impl Inbound {
                     this.metrics.handshake("inbound", "ok");
                     let _open = OpenConn::new(&this.metrics, "inbound", "mtls");
                     let peer = Arc::new(peer.spiffe_id);
+                    let peer_header = http::HeaderValue::from_str(peer.as_str()).ok();
                     let stack = ServiceBuilder::new()
-                        .layer(RequestMetricsLayer { metrics: this.metrics.clone(), service: this.service.clone() })
+                        .layer(RequestMetricsLayer {
+                            metrics: this.metrics.clone(),
+                            service: this.service.as_str().into(),
+                        })
                         .layer(RespondLayer)
                         .layer(HeaderLimitLayer { limit: this.limits.max_header_bytes, metrics: this.metrics.clone() })
                         .layer(CanonicalLayer::new(this.metrics.clone()))
@@ -207,7 +235,8 @@ impl Inbound {
                     let readiness = this.readiness.clone();
                     let svc = service_fn(move |mut req: Request<Incoming>| {
                         // One config version for the whole request.
-                        let ctx = RequestContext::inbound(peer.clone(), state.snapshot());
+                        let ctx =
+                            RequestContext::inbound_with_header(peer.clone(), peer_header.clone(), state.snapshot());
                         req.extensions_mut().insert(ctx);
                         // Counted in flight until the response body ends; a CONNECT
                         // tunnel takes its own count along (app.rs).
@@ -222,13 +251,16 @@ impl Inbound {
                         async move {
                             // A caller's probe of this endpoint: answered here, from the app's readiness.
                             if req.headers().contains_key(crate::http::PROBE) {
-                                return Ok(readiness::probe_answer(&readiness).await);
+                                let resp = readiness::probe_answer(&readiness).await;
+                                drop(guard);
+                                return Ok(resp.map(Guarded::unguarded));
                             }
                             let resp = match refused {
                                 Some(e) => Ok(crate::error::respond(&e, crate::error::wants_grpc(req.headers()))),
                                 None => stack.oneshot(req).await,
                             };
-                            resp.map(|r| r.map(|b| boxed(Guarded::new(b, guard))))
+                            // Not boxed again: hyper takes the guarded body as it is.
+                            resp.map(|r| r.map(|b| Guarded::new(b, guard)))
                         }
                     });
                     let conn = builder.serve_connection(TokioIo::new(Watched::new(tls, activity.clone())), svc);

@@ -211,8 +211,11 @@ impl Unsent {
             if parts.headers.contains_key(http::header::EXPECT) {
                 return Ok(Self { req: Request::from_parts(parts, body), copy: None });
             }
-            let req = Request::from_parts(clone_head(&parts), body);
-            return Ok(Self { req, copy: Some(Kept { parts, body: bytes::Bytes::new() }) });
+            let copy = head_only(&parts);
+            return Ok(Self {
+                req: Request::from_parts(parts, body),
+                copy: Some(Kept { parts: copy, body: bytes::Bytes::new() }),
+            });
         }
         Err(Request::from_parts(parts, body))
     }
@@ -229,14 +232,18 @@ impl Unsent {
             return Self { req: Request::from_parts(parts, body), copy: None };
         }
         if body.is_end_stream() {
-            let req = Request::from_parts(clone_head(&parts), body);
-            return Self { req, copy: Some(Kept { parts, body: bytes::Bytes::new() }) };
+            let copy = head_only(&parts);
+            return Self {
+                req: Request::from_parts(parts, body),
+                copy: Some(Kept { parts: copy, body: bytes::Bytes::new() }),
+            };
         }
         match body.collect().await {
             Ok(b) => {
                 let body = b.to_bytes();
-                let req = Request::from_parts(clone_head(&parts), boxed(Full::new(body.clone())));
-                Self { req, copy: Some(Kept { parts, body }) }
+                let copy = head_only(&parts);
+                let req = Request::from_parts(parts, boxed(Full::new(body.clone())));
+                Self { req, copy: Some(Kept { parts: copy, body }) }
             }
             // The caller's body broke: the request fails with that error.
             Err(e) => {
@@ -255,7 +262,7 @@ impl Unsent {
 impl Kept {
     /// The kept request, to send to another endpoint (and kept again).
     fn resend(self) -> Unsent {
-        let req = Request::from_parts(clone_head(&self.parts), boxed(Full::new(self.body.clone())));
+        let req = Request::from_parts(head_only(&self.parts), boxed(Full::new(self.body.clone())));
         Unsent { req, copy: Some(self) }
     }
 }
@@ -397,14 +404,17 @@ impl EndpointService {
     }
 }
 
-/// A copy of a request head (method, URI, version, headers, extensions).
-fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
+/// A copy of a request head (method, URI, version, headers) without its
+/// extensions: a kept request is never a carried exchange, the only kind
+/// whose extensions the send reads, so the copy needs none, and copying
+/// them cost three allocations per request. The first endpoint is sent the
+/// original.
+fn head_only(parts: &http::request::Parts) -> http::request::Parts {
     let mut req = Request::new(());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
-    *req.extensions_mut() = parts.extensions.clone();
     req.into_parts().0
 }
 

@@ -173,7 +173,8 @@ impl Outbound {
             let aimed = aimed.clone();
             async move {
                 let resp = this.route_http(req, aimed.as_deref()).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|b| boxed(Guarded::new(b, guard))))
+                // Not boxed again: hyper takes the guarded body as it is.
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Guarded::new(b, guard)))
             }
         });
         let io = TokioIo::new(Watched::new(io, activity.clone()));

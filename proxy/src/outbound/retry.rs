@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http::Method;
 use tower::{Layer, Service, ServiceExt};
 
@@ -64,15 +64,15 @@ where
 {
     type Response = http::Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Self::Response, ProxyError>>;
+    /// A request without a retry policy goes on as the inner service's own
+    /// future (no allocation); a retried one is boxed.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Self::Response, ProxyError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let ctx = req.extensions().get::<RequestContext>();
         let route = ctx.and_then(|c| c.route.clone());
         let deadline = ctx.and_then(|c| c.deadline);
@@ -81,11 +81,14 @@ where
             use http_body::Body as _;
             idempotent(req.method()) && req.body().is_end_stream()
         });
-        let (Some(route), Some((retry, budget))) = (route, policy) else { return Box::pin(inner.call(req)) };
+        let (Some(route), Some((retry, budget))) = (route, policy) else { return Either::Left(self.inner.call(req)) };
+        // The standard tower dance: the clone that was made ready goes with the retries.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         budget.deposit();
         let metrics = self.metrics.clone();
         let (head, _empty) = req.into_parts();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -108,7 +111,7 @@ where
                 }
                 tokio::time::sleep(retry.backoff.map(|d| d.0).unwrap_or(Duration::from_millis(25))).await;
             }
-        })
+        }))
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use http::uri::PathAndQuery;
 use http::{header, HeaderName, HeaderValue, Request, Uri, Version};
 use weft_config::HeaderModifier;
 
@@ -71,7 +72,9 @@ pub fn route(snapshot: &Arc<Snapshot>, req: Request<Body>, meta: &mut RequestMet
     parts.headers.remove(PROBE);
     parts.headers.insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
     modify_headers(&rule.request_headers, &mut parts.headers);
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // The request's own path (a shared buffer: no copy, and the endpoint
+    // layer's copy of the head clones it without allocating).
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     // The canonical host, without the port the app may have named: the
     // callee's sidecar and app see the service name.
     parts.uri = match Uri::builder().scheme("http").authority(service.as_str()).path_and_query(path).build() {

@@ -6,9 +6,10 @@
 //! reports it to outlier detection as a failure of that endpoint (a future
 //! dropped from outside could as well be a caller that went away).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -38,7 +39,7 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    type Future = TimeoutFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -55,13 +56,47 @@ where
             Some((deadline, service))
         });
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            let Some((deadline, service)) = limit else { return fut.await };
-            match tokio::time::timeout_at(deadline.at, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(ProxyError::RequestTimeout { service, timeout: deadline.timeout, peer: None }),
-            }
-        })
+        match limit {
+            None => TimeoutFuture::Plain { fut },
+            // Boxed: the timer is as large as the rest of a request's state,
+            // and only routes with a timeout need it.
+            Some((deadline, service)) => TimeoutFuture::Timed {
+                fut: Box::pin(tokio::time::timeout_at(deadline.at, fut)),
+                deadline,
+                service: Some(service),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Timeout`]'s future: the inner one as it is when the route has no
+    /// timeout (no allocation per request), under the deadline when it has.
+    #[project = TimeoutProj]
+    pub enum TimeoutFuture<F> {
+        Plain { #[pin] fut: F },
+        Timed { fut: Pin<Box<tokio::time::Timeout<F>>>, deadline: Deadline, service: Option<String> },
+    }
+}
+
+impl<F> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            TimeoutProj::Plain { fut } => fut.poll(cx),
+            TimeoutProj::Timed { fut, deadline, service } => match std::task::ready!(fut.as_mut().poll(cx)) {
+                Ok(r) => Poll::Ready(r),
+                Err(_) => Poll::Ready(Err(ProxyError::RequestTimeout {
+                    service: service.take().unwrap_or_default(),
+                    timeout: deadline.timeout,
+                    peer: None,
+                })),
+            },
+        }
     }
 }
 

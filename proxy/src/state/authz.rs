@@ -19,10 +19,11 @@ pub struct Request<'a> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+pub struct Decision<'a> {
     pub allowed: bool,
-    /// The deciding policy, or `default` / `no-allow-match`.
-    pub policy: String,
+    /// The deciding policy, or `default` / `no-allow-match`. Borrowed: the
+    /// check runs per request, and only a denial needs its own copy.
+    pub policy: &'a str,
 }
 
 /// The policies that apply to one service.
@@ -71,17 +72,17 @@ impl Authorizer {
         self.port
     }
 
-    pub fn check(&self, peer: &SpiffeId, req: &Request<'_>) -> Decision {
+    pub fn check(&self, peer: &SpiffeId, req: &Request<'_>) -> Decision<'_> {
         if let Some(p) = self.deny.iter().find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req))) {
-            return Decision { allowed: false, policy: p.name.clone() };
+            return Decision { allowed: false, policy: &p.name };
         }
         if let Some(p) = self.allow.iter().find(|p| p.spec.rules.iter().any(|r| rule_matches(r, peer, req))) {
-            return Decision { allowed: true, policy: p.name.clone() };
+            return Decision { allowed: true, policy: &p.name };
         }
         if !self.allow.is_empty() {
-            return Decision { allowed: false, policy: "no-allow-match".into() };
+            return Decision { allowed: false, policy: "no-allow-match" };
         }
-        Decision { allowed: !self.default_deny, policy: "default".into() }
+        Decision { allowed: !self.default_deny, policy: "default" }
     }
 }
 
@@ -135,7 +136,7 @@ spec:
         ];
         for (peer, method, path, allowed, policy) in cases {
             let d = a.check(&id(peer), &Request { method: Some(method), path: Some(path), port: 8080 });
-            assert_eq!(d, Decision { allowed, policy: policy.into() }, "{peer} {method} {path}");
+            assert_eq!(d, Decision { allowed, policy }, "{peer} {method} {path}");
         }
         // TCP: path/method rules do not match; the namespace rule does.
         assert!(
@@ -148,11 +149,11 @@ spec:
     fn default_policy() {
         let req = Request { method: Some(&Method::GET), path: Some("/"), port: 8080 };
         let open = Authorizer::new(&cfg(""), "api");
-        assert_eq!(open.check(&id("spiffe://td/x"), &req), Decision { allowed: true, policy: "default".into() });
+        assert_eq!(open.check(&id("spiffe://td/x"), &req), Decision { allowed: true, policy: "default" });
         let closed =
             cfg("---\napiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {defaultPolicy: deny}\n");
         let closed = Authorizer::new(&closed, "api");
-        assert_eq!(closed.check(&id("spiffe://td/x"), &req), Decision { allowed: false, policy: "default".into() });
+        assert_eq!(closed.check(&id("spiffe://td/x"), &req), Decision { allowed: false, policy: "default" });
         // A deny-only policy with an open mesh leaves everything else allowed.
         let deny_only = POLICIES.split("---").nth(2).unwrap();
         let a = Authorizer::new(&cfg(&format!("---{deny_only}")), "api");

@@ -40,6 +40,7 @@ use rand::Rng;
 
 pub use super::endpoint_stats::{BASE_EJECTION, EJECT_AFTER, MAX_EJECTION, SLOW_START};
 use super::endpoints::{Endpoint, EndpointState};
+use super::routes::Candidates;
 
 /// Cost ratio under which two endpoints count as equal (random choice).
 pub const TIE: f64 = 1.25;
@@ -115,9 +116,10 @@ impl Drop for InFlight {
 pub fn pick<'a>(endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
     let now = Instant::now();
     seed_unmeasured(endpoints, now);
-    let healthy: Vec<&'a Endpoint> = endpoints.iter().copied().filter(|e| e.state.stats.available(now)).collect();
+    // Inline: a collected Vec was an allocation per request.
+    let healthy: Candidates<'a> = endpoints.iter().copied().filter(|e| e.state.stats.available(now)).collect();
     // Never eject everything: with no healthy endpoint, use them all.
-    let pool = if healthy.is_empty() { endpoints.to_vec() } else { healthy };
+    let pool: &[&'a Endpoint] = if healthy.is_empty() { endpoints } else { &healthy };
     let ep = match pool.len() {
         0 => return None,
         1 => pool[0],

@@ -75,9 +75,13 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// Endpoints a request may go to: inline up to a few (no allocation per
+/// request for a service of a few endpoints).
+pub type Candidates<'a> = smallvec::SmallVec<[&'a Endpoint; 8]>;
+
 impl Backend {
     /// The endpoints of this backend among a service's endpoints.
-    pub fn select<'a>(&self, endpoints: &'a [Endpoint]) -> Vec<&'a Endpoint> {
+    pub fn select<'a>(&self, endpoints: &'a [Endpoint]) -> Candidates<'a> {
         endpoints.iter().filter(|e| self.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))).collect()
     }
 }
