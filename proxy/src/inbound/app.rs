@@ -124,6 +124,7 @@ impl Inbound {
                 strip_hop_by_hop(&mut parts.headers);
                 // Only this sidecar may say a request never reached the app.
                 parts.headers.remove(UNSENT);
+                crate::http::detach_header_values(&mut parts.headers);
                 parts.version = Version::HTTP_2;
                 Ok(Response::from_parts(parts, boxed(body)))
             }

@@ -65,6 +65,7 @@ impl Sender {
         }
         let (mut head, body) = req.into_parts();
         set_content_length(&head.method, &mut head.headers, &body);
+        crate::http::detach_header_values(&mut head.headers);
         let end = body.is_end_stream();
         let (response, stream) = self
             .send
