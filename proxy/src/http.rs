@@ -146,6 +146,18 @@ pub fn detach_header_values(headers: &mut HeaderMap) {
     }
 }
 
+/// A copy of a request head (method, URI, version, headers) without its
+/// extensions: the sidecar's own per-request state, which a copy kept for
+/// sending the request again does not need.
+pub fn head_only(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = http::Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())

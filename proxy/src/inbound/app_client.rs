@@ -198,13 +198,13 @@ impl Pool {
             (Request::from_parts(parts, body), None)
         } else if body.is_end_stream() {
             // Nothing to buffer (e.g. a GET): the body goes on as it is.
-            let copy = head_only(&parts);
+            let copy = crate::http::head_only(&parts);
             (Request::from_parts(parts, body), Some((copy, Bytes::new())))
         } else {
             match body.collect().await {
                 Ok(b) => {
                     let bytes = b.to_bytes();
-                    let copy = head_only(&parts);
+                    let copy = crate::http::head_only(&parts);
                     (Request::from_parts(parts, boxed(Full::new(bytes.clone()))), Some((copy, bytes)))
                 }
                 // The caller's body broke: let the request fail with that error.
@@ -402,16 +402,6 @@ fn origin_form(parts: &mut http::request::Parts) {
     }
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     parts.uri = http::Uri::from(path);
-}
-
-/// A copy of a request head without its extensions.
-fn head_only(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
 }
 
 /// A TCP connection to the app counting the bytes read from it.

@@ -211,7 +211,9 @@ impl Unsent {
             if parts.headers.contains_key(http::header::EXPECT) {
                 return Ok(Self { req: Request::from_parts(parts, body), copy: None });
             }
-            let copy = head_only(&parts);
+            // No extensions in the copy: a kept request is never a carried
+            // exchange, the only kind whose extensions the send reads.
+            let copy = crate::http::head_only(&parts);
             return Ok(Self {
                 req: Request::from_parts(parts, body),
                 copy: Some(Kept { parts: copy, body: bytes::Bytes::new() }),
@@ -232,7 +234,7 @@ impl Unsent {
             return Self { req: Request::from_parts(parts, body), copy: None };
         }
         if body.is_end_stream() {
-            let copy = head_only(&parts);
+            let copy = crate::http::head_only(&parts);
             return Self {
                 req: Request::from_parts(parts, body),
                 copy: Some(Kept { parts: copy, body: bytes::Bytes::new() }),
@@ -241,7 +243,7 @@ impl Unsent {
         match body.collect().await {
             Ok(b) => {
                 let body = b.to_bytes();
-                let copy = head_only(&parts);
+                let copy = crate::http::head_only(&parts);
                 let req = Request::from_parts(parts, boxed(Full::new(body.clone())));
                 Self { req, copy: Some(Kept { parts: copy, body }) }
             }
@@ -262,7 +264,7 @@ impl Unsent {
 impl Kept {
     /// The kept request, to send to another endpoint (and kept again).
     fn resend(self) -> Unsent {
-        let req = Request::from_parts(head_only(&self.parts), boxed(Full::new(self.body.clone())));
+        let req = Request::from_parts(crate::http::head_only(&self.parts), boxed(Full::new(self.body.clone())));
         Unsent { req, copy: Some(self) }
     }
 }
@@ -402,20 +404,6 @@ impl EndpointService {
             }
         }
     }
-}
-
-/// A copy of a request head (method, URI, version, headers) without its
-/// extensions: a kept request is never a carried exchange, the only kind
-/// whose extensions the send reads, so the copy needs none, and copying
-/// them cost three allocations per request. The first endpoint is sent the
-/// original.
-fn head_only(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
 }
 
 /// When one attempt must end: its per-try timeout or the route's request

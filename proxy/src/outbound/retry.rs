@@ -48,13 +48,9 @@ pub struct Retry<S> {
 
 /// A copy of a request head (method, URI, version, headers, extensions).
 fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = http::Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    *req.extensions_mut() = parts.extensions.clone();
-    req.into_parts().0
+    let mut head = crate::http::head_only(parts);
+    head.extensions = parts.extensions.clone();
+    head
 }
 
 impl<S> Service<http::Request<Body>> for Retry<S>
