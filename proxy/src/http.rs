@@ -124,13 +124,6 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 /// per 3,000 requests until the table's 4 KiB of entries pinned tens of
 /// buffers. Call it on a message about to be encoded into a long-lived
 /// HTTP/2 connection.
-///
-/// It also marks `date` never-indexed (RFC 7541 6.2.3), for the peer's
-/// decoder: h2 decodes each value into a 4 KiB scratch buffer and indexes
-/// a slice of it, so a value that changes every second, kept in the
-/// peer's table, pinned a new 4 KiB buffer every second, up to ~60 of them
-/// (240 KiB) per connection. Sent as a literal, `date` costs ~20 bytes more
-/// per response and pins nothing.
 pub fn detach_header_values(headers: &mut HeaderMap) {
     let total: usize = headers.values().map(HeaderValue::len).sum();
     if total == 0 {
@@ -142,11 +135,11 @@ pub fn detach_header_values(headers: &mut HeaderMap) {
     }
     let all = all.freeze();
     let mut at = 0;
-    for (name, v) in headers.iter_mut() {
+    for v in headers.values_mut() {
         let end = at + v.len();
         // Valid before, so valid as a copy; a failure would leave the value as it was.
         if let Ok(mut own) = HeaderValue::from_maybe_shared(all.slice(at..end)) {
-            own.set_sensitive(v.is_sensitive() || name == header::DATE);
+            own.set_sensitive(v.is_sensitive());
             *v = own;
         }
         at = end;
@@ -197,8 +190,6 @@ mod tests {
         }
         let sensitive: Vec<bool> = h.get_all("x-trace").iter().map(HeaderValue::is_sensitive).collect();
         assert_eq!(sensitive, [false, true]);
-        assert!(h["date"].is_sensitive(), "date goes out never-indexed");
-        assert!(!before["date"].is_sensitive());
     }
 
     use super::*;
