@@ -13,12 +13,17 @@
 //! them; what the sidecar still runs is faulted back from the page cache on
 //! first use (minor faults, no I/O), so its RSS becomes what it uses.
 //!
-//! Safe because only *clean* pages are released: file-backed, private,
-//! not writable, and with no page of the mapping copied on write (smaps
-//! `Anonymous: 0 kB`; RELRO data, which the dynamic linker wrote before
-//! making it read-only, is kept). Such a page holds exactly the file's
-//! bytes, and the kernel itself unmaps and drops such pages whenever it
-//! needs memory; `madvise(MADV_DONTNEED)` does the same now (madvise(2)).
+//! Safe because only *clean* pages of *loaded objects* are released: the
+//! read-only `PT_LOAD` segments of the executable and its shared libraries
+//! (`dl_iterate_phdr`), which stay mapped for the process's life, and of
+//! those only mappings that are file-backed, private, not writable, and
+//! have no page copied on write (smaps `Anonymous: 0 kB`; RELRO data, which
+//! the dynamic linker wrote before making it read-only, is kept). Such a
+//! page holds exactly the file's bytes, and the kernel itself unmaps and
+//! drops such pages whenever it needs memory; `madvise(MADV_DONTNEED)` does
+//! the same now (madvise(2)). A file some other code maps for a moment is
+//! left alone: its range could be unmapped and reused between reading smaps
+//! and the `madvise`.
 
 use std::fmt;
 
@@ -135,42 +140,98 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
     }
 }
 
-/// Unmaps this process's clean file-backed pages ([`clean_file_mappings`]
-/// of `/proc/self/smaps`) with `madvise(MADV_DONTNEED)`; the next access to
-/// any of them maps it again from the page cache. Call it once start-up is
-/// over. Returns what was released, and what of it was resident again
-/// right after (read from smaps a second time).
+/// The parts of `clean` mappings that lie in `segments` (`start..end`,
+/// page-aligned), in order: (start, end, index into `clean`).
+fn overlaps(clean: &[CleanMapping], segments: &[(usize, usize)]) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    for (i, m) in clean.iter().enumerate() {
+        for &(s, e) in segments {
+            let (lo, hi) = (m.start.max(s), m.end.min(e));
+            if lo < hi {
+                out.push((lo, hi, i));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The read-only `PT_LOAD` segments (no `PF_W`) of every object the
+/// dynamic linker has loaded: the executable and its shared libraries,
+/// `start..end` rounded out to whole pages, as the loader mapped them.
+/// They stay mapped for the life of the process (the executable and the
+/// libraries it needs are never unloaded), unlike a file another thread
+/// maps for a moment, whose range could be unmapped and reused for heap
+/// memory between reading smaps and `madvise`.
+fn loaded_read_only_segments() -> Vec<(usize, usize)> {
+    #[allow(unsafe_code)]
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: glibc passes a valid `dl_phdr_info` whose `dlpi_phdr`
+        // points to `dlpi_phnum` program headers, and `data` is the
+        // `Vec` below, borrowed for the call.
+        let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<(usize, usize)>>()) };
+        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+        for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W == 0) {
+            let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
+            out.push((start, start.wrapping_add(ph.p_memsz as usize)));
+        }
+        0
+    }
+    let mut segments: Vec<(usize, usize)> = Vec::new();
+    // SAFETY: `each` only reads what glibc hands it and pushes to `segments`,
+    // which outlives the call; sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let page = unsafe {
+        libc::dl_iterate_phdr(Some(each), (&mut segments as *mut Vec<(usize, usize)>).cast());
+        libc::sysconf(libc::_SC_PAGESIZE)
+    };
+    let page = usize::try_from(page).unwrap_or(4096).max(1);
+    segments.into_iter().map(|(s, e)| (s / page * page, e.div_ceil(page) * page)).collect()
+}
+
+/// Unmaps the clean file-backed pages of this process's executable and
+/// shared libraries: the parts of [`clean_file_mappings`] (of
+/// `/proc/self/smaps`) that are read-only `PT_LOAD` segments of a loaded
+/// object, with `madvise(MADV_DONTNEED)`; the next access to any of them
+/// maps it again from the page cache. Other file mappings are left alone.
+/// Call it once start-up is over. Returns what was released, and what of
+/// it was resident again right after (read from smaps a second time).
 ///
 /// Errors: smaps unreadable, or the first `madvise` that failed (the
-/// mappings before it are released, the rest kept).
+/// ranges before it are released, the rest kept).
 pub fn release_clean_file_pages() -> Result<Released, ReleaseError> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(ReleaseError::Smaps)?;
-    let mut released = Released::default();
     let clean = clean_file_mappings(&smaps);
-    let starts: Vec<usize> = clean.iter().map(|m| m.start).collect();
-    for m in clean {
-        // SAFETY: `m` is a private, read-only, file-backed mapping of this
-        // process with no page copied on write: every page holds the file's
-        // bytes, which the next access maps again (madvise(2): "repopulating
-        // the memory contents from the up-to-date contents of the
-        // underlying mapped file"). Nothing in this process writes to it
-        // (it is not writable), so no content is lost.
+    let ranges = overlaps(&clean, &loaded_read_only_segments());
+    let mut released = Released::default();
+    let mut counted = Vec::new();
+    for &(start, end, i) in &ranges {
+        // SAFETY: `start..end` is a read-only segment of a loaded object,
+        // mapped private and never unloaded, inside a mapping with no page
+        // copied on write: every page holds the file's bytes, which the
+        // next access maps again (madvise(2): "repopulating the memory
+        // contents from the up-to-date contents of the underlying mapped
+        // file"). Nothing can write to it, so no content is lost.
         #[allow(unsafe_code)]
-        let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.end - m.start, libc::MADV_DONTNEED) };
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(ReleaseError::Madvise {
-                path: m.path,
-                start: m.start,
-                end: m.end,
+                path: clean[i].path.clone(),
+                start,
+                end,
                 source: std::io::Error::last_os_error(),
             });
         }
-        released.mappings += 1;
-        released.rss_kib += m.rss_kib;
+        if !counted.contains(&i) {
+            counted.push(i);
+            released.mappings += 1;
+            released.rss_kib += clean[i].rss_kib;
+        }
     }
     // Read again: what the process touched between the two reads (this
     // function, the smaps read itself) is resident again already.
     if let Ok(after) = std::fs::read_to_string("/proc/self/smaps") {
+        let starts: Vec<usize> = counted.iter().map(|&i| clean[i].start).collect();
         released.rss_after_kib =
             Some(clean_file_mappings(&after).iter().filter(|m| starts.contains(&m.start)).map(|m| m.rss_kib).sum());
     }
@@ -263,33 +324,59 @@ Anonymous:             0 kB
     }
 
     #[test]
+    fn only_the_parts_inside_segments_are_released() {
+        let m = |start, end| CleanMapping { start, end, path: "/x".into(), rss_kib: 4 };
+        let clean = [m(0x1000, 0x5000), m(0x8000, 0x9000), m(0x10000, 0x11000)];
+        let segments = [(0x0, 0x2000), (0x3000, 0x9000)];
+        assert_eq!(
+            overlaps(&clean, &segments),
+            [(0x1000, 0x2000, 0), (0x3000, 0x5000, 0), (0x8000, 0x9000, 1)],
+            "a mapping outside every segment (a file mapped by other code) is left alone"
+        );
+    }
+
+    #[test]
+    fn the_executable_s_code_is_among_the_loaded_segments() {
+        let here = the_executable_s_code_is_among_the_loaded_segments as fn() as usize;
+        assert!(
+            loaded_read_only_segments().iter().any(|&(s, e)| (s..e).contains(&here)),
+            "{:x?}",
+            loaded_read_only_segments()
+        );
+    }
+
+    #[test]
     #[allow(unsafe_code)]
-    fn clean_pages_leave_the_rss_and_read_back_the_same_and_written_pages_stay() {
+    fn the_executable_s_pages_leave_the_rss_and_other_mappings_stay() {
         const LEN: usize = 256 * 1024;
         let mut f = tempfile::tempfile().unwrap();
         let bytes: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
         f.write_all(&bytes).unwrap();
         f.sync_all().unwrap();
 
-        let clean = map(&f, LEN, libc::PROT_READ);
-        assert_eq!(&clean[..], &bytes[..]);
+        // A clean file mapping that is no loaded object's: kept.
+        let other = map(&f, LEN, libc::PROT_READ);
+        assert_eq!(&other[..], &bytes[..]);
         // Like the dynamic linker's RELRO: written, then made read-only.
         let written = map(&f, LEN, libc::PROT_READ | libc::PROT_WRITE);
         written[5] = 0xee;
         // SAFETY: the mapping `written` covers, made read-only.
         assert_eq!(unsafe { libc::mprotect(written.as_mut_ptr().cast(), LEN, libc::PROT_READ) }, 0);
         std::hint::black_box(written.iter().map(|b| *b as u64).sum::<u64>());
-        let (clean_at, written_at) = (clean.as_ptr() as usize, written.as_ptr() as usize);
-        assert_eq!(rss_kib_at(clean_at), 256, "read: all resident");
+        let (other_at, written_at) = (other.as_ptr() as usize, written.as_ptr() as usize);
+        assert_eq!(rss_kib_at(other_at), 256, "read: all resident");
         assert_eq!(rss_kib_at(written_at), 256);
 
         let released = release_clean_file_pages().unwrap();
-        assert!(released.mappings >= 1 && released.rss_kib >= 256, "{released}");
+        // At least the test binary's code and read-only data.
+        assert!(released.mappings >= 2 && released.rss_kib > 0, "{released}");
         let after = released.rss_after_kib.expect("smaps read again");
-        assert!(after < released.rss_kib, "{released}");
-        assert_eq!(rss_kib_at(clean_at), 0, "the clean mapping is no longer resident");
+        assert!(after < released.rss_kib / 2, "{released}");
+        assert_eq!(rss_kib_at(other_at), 256, "a file mapping of no loaded object is kept");
         assert_eq!(rss_kib_at(written_at), 256, "a mapping with a page copied on write is kept");
         assert_eq!(written[5], 0xee, "and keeps what was written");
-        assert_eq!(&clean[..], &bytes[..], "the clean mapping reads the file's bytes again");
+        assert_eq!(&other[..], &bytes[..]);
+        // The released code still runs.
+        assert_eq!(clean_file_mappings(SMAPS).len(), 3);
     }
 }
