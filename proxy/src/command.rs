@@ -112,6 +112,12 @@ pub struct Args {
     /// it below the app's own keep-alive timeout.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     app_idle_timeout: Duration,
+    /// How often a ready sidecar releases the clean pages of its code and
+    /// read-only data again (it does once at readiness), so code that ran
+    /// once since (a config update, an SVID renewal) leaves its RSS; 0s:
+    /// only at readiness.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    release_pages_every: Duration,
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -312,6 +318,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         workload_api: args.workload_api,
         calls: args.calls,
         control_plane_wait: args.control_plane_wait,
+        release_pages_every: args.release_pages_every,
     })
     .await?;
     let signal = weft_runtime::shutdown_signal().await.map_err(RunError::Signal)?;

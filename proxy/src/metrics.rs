@@ -154,6 +154,9 @@ pub struct Metrics {
     pub config_updates: Family<OutcomeLabels, Counter>,
     pub svid_renewals: Family<OutcomeLabels, Counter>,
     pub svid_expiry: Gauge,
+    /// Releases of the clean pages of the sidecar's code and read-only data
+    /// (`weft-mapped-pages`), by outcome.
+    pub page_releases: Family<OutcomeLabels, Counter>,
     /// Endpoints the balancer keeps statistics for (live per-endpoint state).
     pub balancer_endpoints: Gauge,
     /// Pooled mTLS connections to peer sidecars held by the pool.
@@ -221,6 +224,7 @@ impl Default for Metrics {
             config_updates: Family::default(),
             svid_renewals: Family::default(),
             svid_expiry: Gauge::default(),
+            page_releases: Family::default(),
             balancer_endpoints: Gauge::default(),
             pool_connections: Gauge::default(),
             listener_timeouts: Family::default(),
@@ -273,6 +277,11 @@ impl Metrics {
             "svid_expiry_timestamp_seconds",
             "Expiry of the current SVID (Unix seconds)",
             self.svid_expiry.clone(),
+        );
+        reg.register(
+            "page_releases",
+            "Times the sidecar released the clean pages of its code and read-only data (at readiness, then every --release-pages-every), by outcome (ok/error)",
+            self.page_releases.clone(),
         );
         reg.register(
             "authz_decisions",

@@ -1,13 +1,14 @@
 //! A ready sidecar does not keep start-up's code and read-only data resident
 //! (issue 10, its memory): once its first config is applied it unmaps its
-//! clean file-backed pages (`weft-mapped-pages`), and keeps serving with
-//! what it runs mapped again on first use.
+//! clean file-backed pages (`weft-mapped-pages`), again every
+//! `--release-pages-every`, and keeps serving with what it runs mapped again
+//! on first use.
 
 use std::time::{Duration, Instant};
 
 use http::Method;
 use weft_testkit::mesh::App;
-use weft_testkit::{servers, ControlPlane, Sidecar, SidecarSpec};
+use weft_testkit::{metric_sum, servers, ControlPlane, Sidecar, SidecarSpec};
 
 const TD: &str = "example.org";
 
@@ -32,7 +33,12 @@ async fn a_ready_sidecar_releases_start_up_pages_and_keeps_serving() {
     let api_app = servers::http("api").await;
     let web_app = servers::http("web").await;
     let api = Sidecar::start(&cp, TD, SidecarSpec::new("api", api_app.addr)).await;
-    let web = Sidecar::start(&cp, TD, SidecarSpec::new("web", web_app.addr)).await;
+    let web = Sidecar::start(
+        &cp,
+        TD,
+        SidecarSpec { extra_args: &["--release-pages-every", "1s"], ..SidecarSpec::new("web", web_app.addr) },
+    )
+    .await;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let (kib, mappings, after) = loop {
@@ -56,6 +62,18 @@ async fn a_ready_sidecar_releases_start_up_pages_and_keeps_serving() {
         assert_eq!(r.status, 200, "{}", r.body);
         assert!(r.body.contains(&format!("/after-release/{i}")), "{}", r.body);
     }
+    // And again every --release-pages-every (web: 1 s); api keeps the
+    // default, 30 s.
+    let releases = |text: &str| metric_sum(text, "weft_proxy_page_releases_total", &["outcome=\"ok\""]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while releases(&web.metrics().await) < 3.0 {
+        assert!(Instant::now() < deadline, "web released fewer than 3 times in 15 s:\n{}", web.metrics().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (A second one would take a test run over 30 s.)
+    assert!((1.0..=2.0).contains(&releases(&api.metrics().await)), "{}", api.metrics().await);
+    let r = app.send(Method::GET, "api", "/after-releases", &[]).await.expect("request through the mesh");
+    assert_eq!(r.status, 200, "{}", r.body);
     for s in [&web, &api] {
         let log = s.proc_.log_text();
         assert!(!log.contains("panicked") && !log.contains("not released"), "{}:\n{log}", s.service);
