@@ -170,6 +170,9 @@ fn loaded_read_only_segments() -> Vec<(usize, usize)> {
         // points to `dlpi_phnum` program headers, and `data` is the
         // `Vec` below, borrowed for the call.
         let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<(usize, usize)>>()) };
+        if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
+            return 0;
+        }
         let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
         for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W == 0) {
             let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
