@@ -68,6 +68,9 @@ impl fmt::Display for Released {
 /// way: at worst it keeps pages it does not need.
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
+    /// The thread the caller ran the release on ended without a result.
+    #[error("the release's thread ended without finishing: {0}")]
+    Panicked(String),
     #[error("reading /proc/self/smaps (is /proc mounted?): {0}")]
     Smaps(#[source] std::io::Error),
     #[error("madvise(MADV_DONTNEED) on {path} ({start:#x}..{end:#x}): {source}")]
@@ -83,8 +86,9 @@ pub enum ReleaseError {
 /// The clean file-backed mappings in `smaps` (the text of
 /// `/proc/<pid>/smaps`, proc(5)): readable, private, neither writable nor
 /// locked (`VmFlags` `lo`) nor hugetlb (`ht`), backed by a file (a path
-/// starting with `/`), with resident pages and no anonymous (copied on
-/// write) ones.
+/// starting with `/`), with resident pages and none copied on write, in
+/// memory or swapped out (`Anonymous`, `Private_Dirty` and `Swap` all
+/// `0 kB`).
 pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
     struct Current {
         start: usize,
@@ -93,11 +97,14 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
         path: String,
         rss_kib: Option<u64>,
         anonymous_kib: Option<u64>,
+        private_dirty_kib: Option<u64>,
+        swap_kib: Option<u64>,
         flags_ok: bool,
     }
     fn finish(c: Option<Current>, out: &mut Vec<CleanMapping>) {
         if let Some(c) = c {
-            if c.candidate && c.flags_ok && c.anonymous_kib == Some(0) && c.rss_kib.is_some_and(|r| r > 0) {
+            let unwritten = [c.anonymous_kib, c.private_dirty_kib, c.swap_kib].iter().all(|k| *k == Some(0));
+            if c.candidate && c.flags_ok && unwritten && c.rss_kib.is_some_and(|r| r > 0) {
                 out.push(CleanMapping { start: c.start, end: c.end, path: c.path, rss_kib: c.rss_kib.unwrap_or(0) });
             }
         }
@@ -115,6 +122,10 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
             c.rss_kib = kib(v);
         } else if let Some(v) = line.strip_prefix("Anonymous:") {
             c.anonymous_kib = kib(v);
+        } else if let Some(v) = line.strip_prefix("Private_Dirty:") {
+            c.private_dirty_kib = kib(v);
+        } else if let Some(v) = line.strip_prefix("Swap:") {
+            c.swap_kib = kib(v);
         } else if let Some(v) = line.strip_prefix("VmFlags:") {
             c.flags_ok = !v.split_whitespace().any(|f| f == "lo" || f == "ht");
         }
@@ -133,7 +144,17 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
         let path = fields.next().unwrap_or("").trim_start().to_string();
         let p = perms.as_bytes();
         let candidate = p.len() == 4 && p[0] == b'r' && p[1] == b'-' && p[3] == b'p' && path.starts_with('/');
-        Some(Current { start, end, candidate, path, rss_kib: None, anonymous_kib: None, flags_ok: true })
+        Some(Current {
+            start,
+            end,
+            candidate,
+            path,
+            rss_kib: None,
+            anonymous_kib: None,
+            private_dirty_kib: None,
+            swap_kib: None,
+            flags_ok: true,
+        })
     }
     fn kib(v: &str) -> Option<u64> {
         v.trim().strip_suffix("kB")?.trim().parse().ok()
@@ -156,84 +177,116 @@ fn overlaps(clean: &[CleanMapping], segments: &[(usize, usize)]) -> Vec<(usize, 
     out
 }
 
-/// The read-only `PT_LOAD` segments (no `PF_W`) of every object the
-/// dynamic linker has loaded: the executable and its shared libraries,
-/// `start..end` rounded out to whole pages, as the loader mapped them.
-/// They stay mapped for the life of the process (the executable and the
-/// libraries it needs are never unloaded), unlike a file another thread
-/// maps for a moment, whose range could be unmapped and reused for heap
-/// memory between reading smaps and `madvise`.
-fn loaded_read_only_segments() -> Vec<(usize, usize)> {
+/// A loaded object's read-only segments (`start..end`); false stops the walk.
+type OnObject<'a> = dyn FnMut(&[(usize, usize)]) -> bool + 'a;
+
+/// Calls `f` with the read-only `PT_LOAD` segments (no `PF_W`) of each
+/// object the dynamic linker has loaded (the executable and its shared
+/// libraries), `start..end` rounded out to whole pages as the loader mapped
+/// them, until `f` returns false. `f` runs inside `dl_iterate_phdr`, under
+/// the loader's lock, which `dlclose` takes before it unmaps an object: the
+/// segments stay mapped while `f` runs. `f` must not panic (it is called
+/// from C) nor load or unload objects.
+fn each_loaded_object(f: &mut OnObject<'_>) {
+    struct Walk<'a> {
+        f: &'a mut OnObject<'a>,
+        page: usize,
+        segments: Vec<(usize, usize)>,
+    }
     #[allow(unsafe_code)]
     unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
         // SAFETY: glibc passes a valid `dl_phdr_info` whose `dlpi_phdr`
-        // points to `dlpi_phnum` program headers, and `data` is the
-        // `Vec` below, borrowed for the call.
-        let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<(usize, usize)>>()) };
+        // points to `dlpi_phnum` program headers, and `data` is the `Walk`
+        // below, borrowed for the call.
+        let (info, walk) = unsafe { (&*info, &mut *data.cast::<Walk<'_>>()) };
         if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
             return 0;
         }
         let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+        walk.segments.clear();
         for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W == 0) {
             let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
-            out.push((start, start.wrapping_add(ph.p_memsz as usize)));
+            let end = start.wrapping_add(ph.p_memsz as usize);
+            walk.segments.push((start / walk.page * walk.page, end.div_ceil(walk.page) * walk.page));
         }
-        0
+        if (walk.f)(&walk.segments) {
+            0
+        } else {
+            1
+        }
     }
-    let mut segments: Vec<(usize, usize)> = Vec::new();
-    // SAFETY: `each` only reads what glibc hands it and pushes to `segments`,
-    // which outlives the call; sysconf has no preconditions.
+    // SAFETY: sysconf has no preconditions.
     #[allow(unsafe_code)]
-    let page = unsafe {
-        libc::dl_iterate_phdr(Some(each), (&mut segments as *mut Vec<(usize, usize)>).cast());
-        libc::sysconf(libc::_SC_PAGESIZE)
-    };
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let page = usize::try_from(page).unwrap_or(4096).max(1);
-    segments.into_iter().map(|(s, e)| (s / page * page, e.div_ceil(page) * page)).collect()
+    let mut walk = Walk { f, page, segments: Vec::with_capacity(8) };
+    // SAFETY: `each` only reads what glibc hands it and uses `walk`, which
+    // outlives the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::dl_iterate_phdr(Some(each), (&mut walk as *mut Walk<'_>).cast());
+    }
+}
+
+/// This process's `/proc/self/smaps` (a path that is not UTF-8 comes out
+/// lossily; only the numbers and the leading `/` are read).
+fn read_smaps() -> std::io::Result<String> {
+    std::fs::read("/proc/self/smaps").map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Unmaps the clean file-backed pages of this process's executable and
 /// shared libraries: the parts of [`clean_file_mappings`] (of
 /// `/proc/self/smaps`) that are read-only `PT_LOAD` segments of a loaded
-/// object, with `madvise(MADV_DONTNEED)`; the next access to any of them
-/// maps it again from the page cache. Other file mappings are left alone.
-/// Call it once start-up is over. Returns what was released, and what of
-/// it was resident again right after (read from smaps a second time).
+/// object, with `madvise(MADV_DONTNEED)`, each while the loader's lock
+/// holds the object mapped; the next access to any of them maps it again
+/// from the page cache. Other file mappings are left alone. Call it once
+/// start-up is over (it reads smaps twice and makes some tens of system
+/// calls: from a blocking thread in async code). Returns what was
+/// released, and what of it was resident again right after (read from
+/// smaps a second time).
 ///
 /// Errors: smaps unreadable, or the first `madvise` that failed (the
 /// ranges before it are released, the rest kept).
 pub fn release_clean_file_pages() -> Result<Released, ReleaseError> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(ReleaseError::Smaps)?;
+    let smaps = read_smaps().map_err(ReleaseError::Smaps)?;
     let clean = clean_file_mappings(&smaps);
-    let ranges = overlaps(&clean, &loaded_read_only_segments());
     let mut released = Released::default();
-    let mut counted = Vec::new();
-    for &(start, end, i) in &ranges {
-        // SAFETY: `start..end` is a read-only segment of a loaded object,
-        // mapped private and never unloaded, inside a mapping with no page
-        // copied on write: every page holds the file's bytes, which the
-        // next access maps again (madvise(2): "repopulating the memory
-        // contents from the up-to-date contents of the underlying mapped
-        // file"). Nothing can write to it, so no content is lost.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(ReleaseError::Madvise {
-                path: clean[i].path.clone(),
-                start,
-                end,
-                source: std::io::Error::last_os_error(),
-            });
+    let mut counted: Vec<usize> = Vec::with_capacity(clean.len());
+    let mut failed = None;
+    each_loaded_object(&mut |segments| {
+        for (start, end, i) in overlaps(&clean, segments) {
+            // SAFETY: `start..end` is a read-only segment of a loaded
+            // object, mapped private and kept mapped by the loader's lock
+            // while this runs, inside a mapping with no page copied on
+            // write: every page holds the file's bytes, which the next
+            // access maps again (madvise(2): "repopulating the memory
+            // contents from the up-to-date contents of the underlying
+            // mapped file"). Nothing can write to it, so no content is lost.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                failed = Some(ReleaseError::Madvise {
+                    path: clean[i].path.clone(),
+                    start,
+                    end,
+                    source: std::io::Error::last_os_error(),
+                });
+                return false;
+            }
+            if !counted.contains(&i) {
+                counted.push(i);
+                released.mappings += 1;
+                released.rss_kib += clean[i].rss_kib;
+            }
         }
-        if !counted.contains(&i) {
-            counted.push(i);
-            released.mappings += 1;
-            released.rss_kib += clean[i].rss_kib;
-        }
+        true
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
     // Read again: what the process touched between the two reads (this
     // function, the smaps read itself) is resident again already.
-    if let Ok(after) = std::fs::read_to_string("/proc/self/smaps") {
+    if let Ok(after) = read_smaps() {
         let starts: Vec<usize> = counted.iter().map(|&i| clean[i].start).collect();
         released.rss_after_kib =
             Some(clean_file_mappings(&after).iter().filter(|m| starts.contains(&m.start)).map(|m| m.rss_kib).sum());
@@ -251,41 +304,74 @@ mod tests {
 Size:                832 kB
 Rss:                 832 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me sd
 55d1c0ad0000-55d1c1000000 r-xp 000d0000 fe:01 1234                       /usr/bin/weft-proxy
 Size:               5312 kB
 Rss:                2696 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 VmFlags: rd ex mr mw me sd
 55d1c1000000-55d1c1050000 r--p 00600000 fe:01 1234                       /usr/bin/weft-proxy
 Size:                320 kB
 Rss:                 316 kB
 Anonymous:           316 kB
+Private_Dirty:      316 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me ac sd
 55d1c1050000-55d1c1060000 rw-p 00650000 fe:01 1234                       /usr/bin/weft-proxy
 Size:                 64 kB
 Rss:                  64 kB
 Anonymous:            60 kB
+Private_Dirty:       60 kB
+Swap:                  0 kB
 VmFlags: rd wr mr mw me ac sd
 55d1c2000000-55d1c2100000 rw-p 00000000 00:00 0                          [heap]
 Rss:                 240 kB
 Anonymous:           240 kB
+Private_Dirty:      240 kB
+Swap:                  0 kB
 7f0000000000-7f0000010000 r-xp 00000000 fe:01 99                         /usr/lib/my lib (deleted)
 Rss:                  12 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 VmFlags: rd ex mr mw me
 7f0000010000-7f0000020000 r-xp 00000000 fe:01 98                         /usr/lib/cold.so
 Rss:                   0 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 7f0000020000-7f0000030000 r-xp 00000000 fe:01 97                         /usr/lib/locked.so
 Rss:                  64 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 VmFlags: rd ex mr mw me lo
 7f0000030000-7f0000040000 r--s 00000000 fe:01 96                         /dev/shm/shared
 Rss:                  64 kB
 Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
 7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
 Rss:                   8 kB
+Anonymous:             0 kB
+Private_Dirty:        0 kB
+Swap:                  0 kB
+7f0000040000-7f0000050000 r-xp 00000000 fe:01 95                         /usr/lib/swapped.so
+Rss:                  32 kB
+Anonymous:             0 kB
+Private_Dirty:         0 kB
+Swap:                  8 kB
+7f0000050000-7f0000060000 r-xp 00000000 fe:01 94                         /usr/lib/dirty.so
+Rss:                  32 kB
+Anonymous:             0 kB
+Private_Dirty:         4 kB
+Swap:                  0 kB
+7f0000060000-7f0000070000 r-xp 00000000 fe:01 93                         /usr/lib/no-swap-line.so
+Rss:                  32 kB
 Anonymous:             0 kB
 ";
 
@@ -300,7 +386,8 @@ Anonymous:             0 kB
                 (0x55d1c0ad0000, "/usr/bin/weft-proxy", 2696),
                 (0x7f0000000000, "/usr/lib/my lib (deleted)", 12),
             ],
-            "RELRO (copied on write), writable, heap, nothing resident, locked, shared and vdso mappings are kept"
+            "RELRO (copied on write), writable, heap, nothing resident, locked, shared, vdso, swapped-out or dirty \
+             copied pages, and a mapping smaps says too little about are kept"
         );
         assert_eq!(chosen[1].end, 0x55d1c1000000);
     }
@@ -341,11 +428,13 @@ Anonymous:             0 kB
     #[test]
     fn the_executable_s_code_is_among_the_loaded_segments() {
         let here = the_executable_s_code_is_among_the_loaded_segments as fn() as usize;
-        assert!(
-            loaded_read_only_segments().iter().any(|&(s, e)| (s..e).contains(&here)),
-            "{:x?}",
-            loaded_read_only_segments()
-        );
+        let mut all = Vec::new();
+        each_loaded_object(&mut |segments| {
+            all.extend_from_slice(segments);
+            true
+        });
+        assert!(all.iter().any(|&(s, e)| (s..e).contains(&here)), "{all:x?}");
+        assert!(all.iter().all(|&(s, e)| s < e && s % 4096 == 0 && e % 4096 == 0), "{all:x?}");
     }
 
     #[test]
@@ -376,8 +465,8 @@ Anonymous:             0 kB
         let after = released.rss_after_kib.expect("smaps read again");
         assert!(after < released.rss_kib / 2, "{released}");
         assert_eq!(rss_kib_at(other_at), 256, "a file mapping of no loaded object is kept");
-        assert_eq!(rss_kib_at(written_at), 256, "a mapping with a page copied on write is kept");
-        assert_eq!(written[5], 0xee, "and keeps what was written");
+        assert_eq!(rss_kib_at(written_at), 256, "so is one with a page copied on write");
+        assert_eq!(written[5], 0xee, "and it keeps what was written");
         assert_eq!(&other[..], &bytes[..]);
         // The released code still runs.
         assert_eq!(clean_file_mappings(SMAPS).len(), 3);

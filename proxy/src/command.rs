@@ -116,7 +116,7 @@ pub struct Args {
     /// read-only data again (it does once at readiness), so code that ran
     /// once since (a config update, an SVID renewal) leaves its RSS; 0s:
     /// only at readiness.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_release_pages_every)]
     release_pages_every: Duration,
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -212,6 +212,16 @@ fn parse_detect_timeout(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected a duration, e.g. 100ms"))?;
     if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&d) {
         return Err(format!("{s}: must be between 1ms and 10s (default 100ms)"));
+    }
+    Ok(d)
+}
+
+/// `--release-pages-every`: `0s` (only at readiness), or 1 s to 1 day (each
+/// release reads smaps twice: more often would be work for nothing).
+fn parse_release_pages_every(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}; expected a duration, e.g. 30s"))?;
+    if !d.is_zero() && !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+        return Err(format!("{s}: must be 0s (only at readiness) or between 1s and 1d (default 30s)"));
     }
     Ok(d)
 }
@@ -348,6 +358,21 @@ pub enum RunError {
 #[cfg(test)]
 mod tests {
     use super::WorkerThreads;
+
+    #[test]
+    fn release_pages_every_is_zero_or_a_second_to_a_day() {
+        use std::time::Duration;
+        assert_eq!(super::parse_release_pages_every("0s"), Ok(Duration::ZERO));
+        assert_eq!(super::parse_release_pages_every("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(super::parse_release_pages_every("1d"), Ok(Duration::from_secs(86_400)));
+        for bad in ["1ns", "500ms", "2d", "300000000000years"] {
+            let err = super::parse_release_pages_every(bad).unwrap_err();
+            assert!(err.contains("0s (only at readiness) or between 1s and 1d"), "{bad:?}: {err}");
+        }
+        for bad in ["abc", ""] {
+            assert!(super::parse_release_pages_every(bad).unwrap_err().contains("expected a duration"), "{bad:?}");
+        }
+    }
 
     #[test]
     fn worker_threads_are_a_count_zero_or_auto() {

@@ -450,7 +450,7 @@ fn report_ready(state: &Arc<State>, admin: &Arc<weft_admin::Admin>, metrics: &Ar
         // Start-up's code and data would otherwise stay resident for the
         // sidecar's life (~0.7 MiB of each sidecar's peak under load, ~1 MiB
         // idle); what serving needs is mapped again on first use.
-        release_pages(&metrics, true);
+        release_pages(&metrics, true).await;
         if release_every.is_zero() {
             return;
         }
@@ -461,15 +461,17 @@ fn report_ready(state: &Arc<State>, admin: &Arc<weft_admin::Admin>, metrics: &Ar
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            release_pages(&metrics, false);
+            release_pages(&metrics, false).await;
         }
     });
 }
 
-/// One release of the clean file-backed pages, counted and logged (at info
-/// the first time, at debug after).
-fn release_pages(metrics: &Metrics, first: bool) {
-    let outcome = match weft_mapped_pages::release_clean_file_pages() {
+/// One release of the clean file-backed pages, on a blocking thread (it
+/// reads smaps twice), counted and logged (at info the first time, at debug
+/// after).
+async fn release_pages(metrics: &Metrics, first: bool) {
+    let result = tokio::task::spawn_blocking(weft_mapped_pages::release_clean_file_pages).await;
+    let outcome = match result.unwrap_or_else(|e| Err(weft_mapped_pages::ReleaseError::Panicked(e.to_string()))) {
         Ok(released) if first => {
             tracing::info!("released start-up pages: {released}");
             "ok"
