@@ -68,9 +68,6 @@ impl fmt::Display for Released {
 /// way: at worst it keeps pages it does not need.
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    /// The thread the caller ran the release on ended without a result.
-    #[error("the release's thread ended without finishing: {0}")]
-    Panicked(String),
     #[error("reading /proc/self/smaps (is /proc mounted?): {0}")]
     Smaps(#[source] std::io::Error),
     #[error("madvise(MADV_DONTNEED) on {path} ({start:#x}..{end:#x}): {source}")]

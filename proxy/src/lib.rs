@@ -470,18 +470,22 @@ fn report_ready(state: &Arc<State>, admin: &Arc<weft_admin::Admin>, metrics: &Ar
 /// reads smaps twice), counted and logged (at info the first time, at debug
 /// after).
 async fn release_pages(metrics: &Metrics, first: bool) {
-    let result = tokio::task::spawn_blocking(weft_mapped_pages::release_clean_file_pages).await;
-    let outcome = match result.unwrap_or_else(|e| Err(weft_mapped_pages::ReleaseError::Panicked(e.to_string()))) {
-        Ok(released) if first => {
+    let outcome = match tokio::task::spawn_blocking(weft_mapped_pages::release_clean_file_pages).await {
+        Ok(Ok(released)) if first => {
             tracing::info!("released start-up pages: {released}");
             "ok"
         }
-        Ok(released) => {
+        Ok(Ok(released)) => {
             tracing::debug!("released pages: {released}");
             "ok"
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "pages not released; they stay resident, nothing else changes");
+            "error"
+        }
+        // The blocking thread panicked or the runtime is shutting down.
+        Err(e) => {
+            tracing::warn!(error = %e, "the page release did not finish; pages stay resident");
             "error"
         }
     };
