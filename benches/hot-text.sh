@@ -65,7 +65,7 @@ matched = sum(n in have for n in exact)
 print(f"{matched} of {len(exact)} exact names ({100 * matched // max(len(exact), 1)} %) and {found} of {len(pats)} patterns in proxy/hot-text.ld match functions of the binary")
 # The exact names are what keep the hot code together; the patterns match
 # almost any build but bring every instance of a generic along (a layout
-# with 59 % of its names left had the pair's peak ~2 MiB higher under
+# with 58 % of its names left had the pair's peak ~2 MiB higher under
 # weft-load than a fresh one).
 if not pats or found * 10 < len(pats) * 9 or matched * 10 < len(exact) * 9:
     print("stale: regenerate with benches/hot-text.sh (after the README's dist build)")
